@@ -1,0 +1,3 @@
+from tensormerge.cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""The Python surface: `plan(spec)` and `merge(spec)`. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tensormerge import constants as C
+from tensormerge.engine.plan import MergePlan, build_plan
+from tensormerge.engine.run import RunOptions, Runner
+from tensormerge.engine.sources import open_checkpoint
+from tensormerge.errors import OutputError, ParameterError
+from tensormerge.methods import get_method
+from tensormerge.sizes import parse_size
+
+
+@dataclass
+class MergeSpec:
+    method: str
+    inputs: list[str]
+    output: str | None = None
+    base: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    max_memory: int | str = C.DEFAULT_MAX_MEMORY
+    dtype: str = "auto"
+    shard_size: int | str = C.DEFAULT_SHARD_SIZE
+    device: str = "cpu"
+    overwrite: bool = False
+    report: str | None = None
+    quiet: bool = False
+
+
+def _validate(spec: MergeSpec) -> None:
+    if not spec.inputs:
+        raise ParameterError("--inputs: at least one model is needed")
+    if spec.dtype not in C.DTYPE_CHOICES:
+        raise ParameterError(f"--dtype: {spec.dtype!r} is not one of {', '.join(C.DTYPE_CHOICES)}")
+    dev = torch.device(spec.device) if spec.device else torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"--device {spec.device}: no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ParameterError(f"--device: {spec.device!r} is not cpu, cuda or cuda:N")
+
+
+def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
+    """Resolve inputs, parse parameters and build the plan; checkpoints close with `stack`."""
+    _validate(spec)
+    method = get_method(spec.method)
+    params = method.Params.from_strings(method.name, spec.params, len(spec.inputs))
+    inputs = []
+    for s in spec.inputs:
+        ck = open_checkpoint(s)
+        stack.callback(ck.close)
+        inputs.append(ck)
+    base = None
+    if spec.base:
+        base = open_checkpoint(spec.base)
+        stack.callback(base.close)
+    return build_plan(method, params, inputs, base, parse_size(spec.max_memory, "--max-memory"),
+                      C.DTYPE_CHOICES[spec.dtype])
+
+
+def plan(spec: MergeSpec) -> str:
+    """The plan table `tensormerge plan` prints; nothing is read beyond headers, nothing written."""
+    with ExitStack() as stack:
+        return open_plan(spec, stack).table()
+
+
+def merge(spec: MergeSpec) -> dict:
+    """Run the merge; returns the report (also written to `spec.report` when set)."""
+    if not spec.output:
+        raise ParameterError("--output is required")
+    out = os.path.abspath(spec.output)
+    if os.path.exists(out) and not spec.overwrite:
+        raise OutputError(f"{spec.output}: exists (pass --overwrite to replace it)")
+    for s in spec.inputs + ([spec.base] if spec.base else []):
+        if os.path.exists(s) and os.path.abspath(s) in (out, out + C.PARTIAL_SUFFIX):
+            raise OutputError(f"{spec.output}: is also an input")
+    with ExitStack() as stack:
+        merge_plan = open_plan(spec, stack)
+        settings = {k: v for k, v in asdict(spec).items() if k not in ("report", "quiet", "overwrite")}
+        opts = RunOptions(out, parse_size(spec.shard_size, "--shard-size"), spec.device or "cpu",
+                          spec.overwrite, spec.quiet, settings)
+        report = Runner(merge_plan, opts).execute()
+    if spec.report:
+        with open(spec.report, "w") as f:
+            json.dump(report, f, indent=2)
+    return report

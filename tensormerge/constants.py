@@ -1,0 +1,52 @@
+"""Names, limits and defaults shared across the package, in one place so they never drift."""
+
+import torch
+
+# Hugging Face file names, read and written.
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_SAFE = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+PROVENANCE = "tensormerge.json"
+PARTIAL_SUFFIX = ".partial"
+
+# Files copied from the base (or first input): everything a loader needs beside the weights.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+WEIGHT_INDEX_NAMES = (SAFE_INDEX, BIN_INDEX, "adapter_model.safetensors.index.json")
+
+# A safetensors header larger than this is refused before it is read: real headers are a few MB.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3  # "5GB" as transformers writes it
+DEFAULT_MAX_MEMORY = 4 * 1024**3
+
+# safetensors dtype names <-> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    SAFETENSORS_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
+    SAFETENSORS_DTYPES["F8_E5M2"] = torch.float8_e5m2
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+DTYPE_CHOICES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Hub: only these files are fetched for a repo id (weights are narrowed further at resolve time).
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken"]
+HUB_BIN_PATTERNS = ["*.bin"]

@@ -1,0 +1,46 @@
+"""Peak resident and anonymous memory of this process, sampled from /proc (Linux)."""
+
+from __future__ import annotations
+
+import threading
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class MemoryMonitor:
+    """Samples RssAnon every `interval` seconds; VmHWM gives the exact peak RSS at the end."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_anon = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="tensormerge-mem")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_anon = max(self.peak_anon, _status().get("RssAnon", 0))
+
+    def __enter__(self) -> "MemoryMonitor":
+        self.peak_anon = _status().get("RssAnon", 0)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_anon = max(self.peak_anon, _status().get("RssAnon", 0))
+
+    @property
+    def peak_rss(self) -> int:
+        return _status().get("VmHWM", 0)

@@ -1,0 +1,211 @@
+"""The merge plan: which blocks, in what order, cut into which row chunks, at what memory cost.
+
+Everything here is decided from headers alone, before any tensor byte is read, so `plan`
+prints exactly what `run` will do and a bad input is refused before work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from tensormerge.engine.safetensors_format import element_size
+from tensormerge.engine.sources import Checkpoint, TensorInfo
+from tensormerge.errors import BudgetError, InputError
+from tensormerge.methods.base import Method, Params
+from tensormerge.sizes import format_size
+
+
+@dataclass
+class Block:
+    """One output tensor: merged (floating point) or copied (integer buffers), maybe aliased."""
+
+    name: str
+    out_names: list[str]
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    kind: str  # "merge" | "copy"
+    reads: list[str]  # name to read in each checkpoint: inputs..., then base
+    read_bytes_per_row: int
+    work_bytes_per_row: int
+    chunks: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def out_bytes_per_row(self) -> int:
+        return (self.numel // self.rows if self.rows else 0) * element_size(self.out_dtype)
+
+    def chunk_bytes(self, rows: int) -> int:
+        """Bytes held for a chunk of `rows` rows: reads double-buffered, work, output write-behind."""
+        return rows * (2 * self.read_bytes_per_row + self.work_bytes_per_row + 2 * self.out_bytes_per_row)
+
+
+@dataclass
+class MergePlan:
+    method: Method
+    params: Params
+    inputs: list[Checkpoint]
+    base: Checkpoint | None
+    blocks: list[Block]
+    max_memory: int
+    passes: list[str]
+
+    @property
+    def ref(self) -> Checkpoint:
+        """The checkpoint whose names, order, dtypes and side files the output follows."""
+        return self.base if self.base is not None else self.inputs[0]
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return self.inputs + ([self.base] if self.base is not None else [])
+
+    @property
+    def merge_blocks(self) -> list[Block]:
+        return [b for b in self.blocks if b.kind == "merge"]
+
+    @property
+    def bytes_read_merge(self) -> int:
+        return sum(b.read_bytes_per_row * b.rows for b in self.blocks)
+
+    @property
+    def bytes_read_pass(self) -> int:
+        return sum(b.read_bytes_per_row * b.rows for b in self.merge_blocks)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(b.out_bytes_per_row * b.rows * len(b.out_names) for b in self.blocks)
+
+    @property
+    def peak_estimate(self) -> int:
+        return max((b.chunk_bytes(r1 - r0) for b in self.blocks for r0, r1 in b.chunks), default=0)
+
+    def table(self, limit: int = 40) -> str:
+        lines = [
+            f"method {self.method.name}  params {self.params.as_dict()}",
+            f"inputs {len(self.inputs)}" + (f" + base" if self.base is not None else "")
+            + f"  blocks {len(self.blocks)} ({len(self.merge_blocks)} merged)"
+            + f"  passes {' -> '.join(self.passes + ['merge'])}",
+            f"max memory {format_size(self.max_memory)}  estimated peak tensor memory {format_size(self.peak_estimate)}",
+            f"read {format_size(self.bytes_read_merge + len(self.passes) * self.bytes_read_pass)}"
+            f"  write {format_size(self.bytes_written)}",
+            "",
+            f"{'block':<60} {'shape':<18} {'dtype':<9} {'kind':<6} {'chunks':>6} {'chunk MiB':>9}",
+        ]
+        for b in self.blocks[:limit]:
+            big = max(r1 - r0 for r0, r1 in b.chunks)
+            name = b.name + (f" (+{len(b.out_names) - 1} tied)" if len(b.out_names) > 1 else "")
+            lines.append(f"{name[:60]:<60} {str(list(b.shape)):<18} {str(b.out_dtype).replace('torch.', ''):<9} "
+                         f"{b.kind:<6} {len(b.chunks):>6} {b.chunk_bytes(big) / 2**20:>9.1f}")
+        if len(self.blocks) > limit:
+            lines.append(f"... {len(self.blocks) - limit} more blocks")
+        return "\n".join(lines)
+
+
+def _tie_groups(ref: Checkpoint) -> dict[str, list[str]]:
+    """For each name of the reference, every name sharing its storage (itself first)."""
+    by_canon: dict[str, list[str]] = {}
+    for n in ref.tensors:
+        by_canon.setdefault(ref.canonical(n), []).append(n)
+    return {n: [n] + [m for m in by_canon[ref.canonical(n)] if m != n] for n in ref.tensors}
+
+
+def _resolve_name(ckpt: Checkpoint, group: list[str]) -> str | None:
+    """The name to read in `ckpt` for a reference tensor: tied names may be stored under another."""
+    for n in group:
+        if n in ckpt.tensors:
+            return ckpt.canonical(n)
+    return None
+
+
+def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
+    """All inputs hold the same tensors with the same shapes; every difference is listed."""
+    problems: list[str] = []
+    ref_names = set(ref.tensors)
+    groups = _tie_groups(ref)
+    for ck in others:
+        missing = [n for n in ref.tensors if _resolve_name(ck, groups[n]) is None]
+        extra = [n for n in ck.tensors if n not in ref_names and ck.canonical(n) not in ref_names]
+        if missing:
+            problems.append(f"{ck.spec} lacks {_few(missing)}")
+        if extra:
+            problems.append(f"{ck.spec} has extra {_few(extra)}")
+        for n, t in ref.tensors.items():
+            other = _resolve_name(ck, groups[n])
+            if other is not None and ck.tensors[other].shape != t.shape:
+                problems.append(f"{n!r} is {list(t.shape)} in {ref.spec} but {list(ck.tensors[other].shape)} in {ck.spec}")
+    if problems:
+        raise InputError("inputs differ: " + "; ".join(problems))
+
+
+def _few(names: list[str], n: int = 8) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: Checkpoint | None,
+               max_memory: int, dtype: torch.dtype | None) -> MergePlan:
+    if method.needs_base and base is None:
+        raise InputError(f"method {method.name!r} needs --base")
+    ref = base if base is not None else inputs[0]
+    everyone = inputs + ([base] if base is not None else [])
+    check_compatible(ref, [c for c in everyone if c is not ref])
+    passes = [p.name for p in method.passes(params)]
+
+    groups = _tie_groups(ref)
+    blocks: list[Block] = []
+    by_canonical: dict[str, Block] = {}
+    for name, info in ref.tensors.items():
+        canon = ref.canonical(name)
+        if canon in by_canonical:
+            by_canonical[canon].out_names.append(name)
+            continue
+        info = ref.tensors[canon]
+        block = _make_block(method, params, canon, info, everyone, groups[canon], base is not None, dtype, len(inputs))
+        by_canonical[canon] = block
+        blocks.append(block)
+    for b in blocks:
+        b.chunks = _chunks(method, b, max_memory)
+    return MergePlan(method, params, inputs, base, blocks, max_memory, passes)
+
+
+def _make_block(method: Method, params: Params, name: str, info: TensorInfo, everyone: list[Checkpoint],
+                group: list[str], has_base: bool, dtype: torch.dtype | None, n_inputs: int) -> Block:
+    reads = [_resolve_name(ck, group) for ck in everyone]
+    row_numel = info.row_numel
+    if info.is_float:
+        kind = "merge"
+        out_dtype = dtype or info.dtype
+        readers = everyone if (method.needs_base or not has_base) else everyone[:n_inputs]
+        work = method.work_bytes_per_element(n_inputs, params) * row_numel
+    else:
+        kind = "copy"
+        out_dtype = info.dtype
+        readers = everyone
+        work = 0
+    read_row = sum(row_numel * element_size(ck.tensors[r].dtype) for ck, r in zip(everyone, reads) if ck in readers)
+    return Block(name, [name], info.shape, out_dtype, kind, reads, read_row, work)
+
+
+def _chunks(method: Method, b: Block, max_memory: int) -> list[tuple[int, int]]:
+    whole = b.chunk_bytes(b.rows)
+    if whole <= max_memory or b.rows <= 1:
+        if whole > max_memory:
+            raise BudgetError(f"block {b.name!r} needs {format_size(whole)} but --max-memory is {format_size(max_memory)}")
+        return [(0, b.rows)]
+    if not method.row_split and b.kind == "merge":
+        raise BudgetError(f"block {b.name!r} cannot be split and needs {format_size(whole)}; "
+                          f"--max-memory is {format_size(max_memory)}")
+    per = b.chunk_bytes(1)
+    if per > max_memory:
+        raise BudgetError(f"block {b.name!r}: one row needs {format_size(per)} but --max-memory is {format_size(max_memory)}")
+    rows = max_memory // per
+    return [(r, min(r + rows, b.rows)) for r in range(0, b.rows, rows)]

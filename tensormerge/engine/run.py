@@ -1,0 +1,253 @@
+"""Spec -> plan -> global passes -> merge pass -> patches -> atomic finish -> report."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tensormerge import __version__
+from tensormerge.engine.executor import LocalExecutor, Task
+from tensormerge.engine.memory import MemoryMonitor
+from tensormerge.engine.plan import Block, MergePlan
+from tensormerge.engine.writer import ShardedWriter
+from tensormerge.errors import InputError
+from tensormerge.methods.base import BlockData
+
+
+@dataclass
+class BlockStats:
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    chunks: int = 0
+    crc32: int = 0
+
+
+@dataclass
+class RunOptions:
+    output: str
+    shard_size: int
+    device: str = "cpu"
+    overwrite: bool = False
+    quiet: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)  # recorded in provenance
+
+
+class Runner:
+    def __init__(self, plan: MergePlan, opts: RunOptions):
+        self.plan = plan
+        self.opts = opts
+        self.device = torch.device(opts.device)
+        self.executor = LocalExecutor(plan.max_memory)
+        self.stats: dict[str, BlockStats] = {b.name: BlockStats() for b in plan.blocks}
+        self.passes_report: list[dict] = []
+
+    # ------------------------------------------------------------------ stages
+    def _tasks(self, blocks: list[Block], with_output: bool):
+        for b in blocks:
+            for i, (r0, r1) in enumerate(b.chunks):
+                rows = r1 - r0
+                yield Task((b, r0, r1, i == len(b.chunks) - 1), rows * b.read_bytes_per_row,
+                           rows * b.work_bytes_per_row, rows * b.out_bytes_per_row if with_output else 0)
+
+    def _read(self, task: Task) -> BlockData:
+        b, r0, r1, _ = task.key
+        t0 = time.perf_counter()
+        n = len(self.plan.inputs)
+        cks = self.plan.checkpoints
+        inputs = [cks[i].read(b.reads[i], r0, r1) for i in range(n)]
+        base = None
+        if self.plan.base is not None and (self.plan.method.needs_base or b.kind == "copy"):
+            base = self.plan.base.read(b.reads[n], r0, r1)
+        self.stats[b.name].seconds += time.perf_counter() - t0
+        data = BlockData(b.name, inputs, base, b.shape, r0)
+        if self.device.type != "cpu":
+            data.inputs = [x.to(self.device, non_blocking=True) for x in data.inputs]
+            data.base = None if base is None else base.to(self.device, non_blocking=True)
+        return data
+
+    def _copy(self, b: Block, data: BlockData) -> torch.Tensor:
+        ref = data.base if data.base is not None else data.inputs[0]
+        for i, x in enumerate(data.inputs):
+            if not torch.equal(x, ref):
+                raise InputError(f"tensor {b.name!r}: {b.out_dtype} tensor differs between the base and "
+                                 f"{self.plan.inputs[i].spec} (non-floating-point tensors are copied, not merged)")
+        return ref
+
+    # ------------------------------------------------------------------ passes
+    def run_pass(self, gpass, state: dict) -> None:
+        acc = gpass.start(state)
+        t0 = time.perf_counter()
+        blocks = self.plan.merge_blocks
+        bar = self._bar(gpass.name, sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
+
+        def compute(task: Task, data: BlockData):
+            return gpass.map(data, state)
+
+        def collect(task: Task, partial) -> None:
+            nonlocal acc
+            b, r0, r1, last = task.key
+            acc = gpass.reduce(acc, partial, b.name)
+            if last:
+                acc = gpass.end_block(acc, b.name, b.numel)
+            self._advance(bar, task, last)
+
+        try:
+            self.executor.run(self._tasks(blocks, False), self._read, compute, collect=collect)
+        finally:
+            self._close(bar)
+        gpass.finish(acc, state)
+        self.passes_report.append({"name": gpass.name, "seconds": time.perf_counter() - t0,
+                                   "bytes_read": self.plan.bytes_read_pass})
+
+    def run_merge(self, writer: ShardedWriter, state: dict) -> list[Any]:
+        method, params = self.plan.method, self.plan.params
+        extras: list[Any] = []
+        bar = self._bar("merge", self.plan.bytes_read_merge, len(self.plan.blocks))
+
+        def compute(task: Task, data: BlockData) -> torch.Tensor:
+            b, r0, r1, last = task.key
+            t0 = time.perf_counter()
+            if b.kind == "copy":
+                out = self._copy(b, data)
+            else:
+                result = method.merge(data, params, state)
+                if isinstance(result, tuple):
+                    result, extra = result
+                    extras.append(extra)
+                if not bool(torch.isfinite(result).all()):
+                    raise InputError(f"tensor {b.name!r}: the merge produced NaN or Inf (non-finite input values?)")
+                out = result.to(b.out_dtype)
+            out = out.reshape((r1 - r0,) + b.shape[1:] if b.shape else ()).contiguous().cpu()
+            self.stats[b.name].seconds += time.perf_counter() - t0
+            return out
+
+        def write(task: Task, out: torch.Tensor) -> None:
+            b, r0, r1, last = task.key
+            t0 = time.perf_counter()
+            st = self.stats[b.name]
+            for name in b.out_names:
+                writer.write(name, r0 * b.out_bytes_per_row, out)
+            st.crc32 = zlib.crc32(out.reshape(-1).view(torch.uint8).numpy(), st.crc32)
+            st.bytes_read += task.read_bytes
+            st.bytes_written += out.numel() * out.element_size() * len(b.out_names)
+            st.chunks += 1
+            st.seconds += time.perf_counter() - t0
+            self._advance(bar, task, last)
+
+        try:
+            self.executor.run(self._tasks(self.plan.blocks, True), self._read, compute, write=write)
+        finally:
+            self._close(bar)
+        return extras
+
+    # ------------------------------------------------------------------ progress
+    def _bar(self, desc: str, total: int, blocks: int):
+        if self.opts.quiet:
+            return None
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"{desc:<10}", unit="B", unit_scale=True, unit_divisor=1024, leave=True,
+                   dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                   "[{elapsed}, {rate_fmt}{postfix}]")
+        bar.blocks_total = blocks
+        bar.blocks_done = 0
+        bar.set_postfix_str(f"blocks 0/{blocks}")
+        return bar
+
+    @staticmethod
+    def _advance(bar, task: Task, last: bool) -> None:
+        if bar is None:
+            return
+        if last:
+            bar.blocks_done += 1
+            bar.set_postfix_str(f"blocks {bar.blocks_done}/{bar.blocks_total}", refresh=False)
+        bar.update(task.read_bytes)
+
+    @staticmethod
+    def _close(bar) -> None:
+        if bar is not None:
+            bar.close()
+
+    # ------------------------------------------------------------------ whole run
+    def execute(self) -> dict:
+        plan, opts = self.plan, self.opts
+        names = [(n, b.out_dtype, b.shape) for b in plan.blocks for n in b.out_names]
+        order = {n: i for i, n in enumerate(plan.ref.tensors)}
+        names.sort(key=lambda t: order[t[0]])
+        writer = ShardedWriter(opts.output, names, opts.shard_size)
+        t_start = time.perf_counter()
+        with MemoryMonitor() as mem:
+            writer.create()
+            try:
+                state: dict = {}
+                for gpass in plan.method.passes(plan.params):
+                    self.run_pass(gpass, state)
+                t_merge = time.perf_counter()
+                extras = self.run_merge(writer, state)
+                merge_s = time.perf_counter() - t_merge
+                patched = self._apply_patches(writer, state, extras)
+                seconds = time.perf_counter() - t_start
+                provenance = self._provenance(seconds, patched)
+                writer.finish(plan.ref.config_dir, provenance, opts.overwrite)
+            except BaseException:
+                writer.abort()
+                raise
+        return {
+            "output": writer.out_dir,
+            "method": plan.method.name,
+            "params": plan.params.as_dict(),
+            "seconds": time.perf_counter() - t_start,
+            "merge_seconds": merge_s,
+            "passes": self.passes_report,
+            "peak_rss_bytes": mem.peak_rss,
+            "peak_anon_bytes": mem.peak_anon,
+            "peak_budgeted_bytes": self.executor.budget.peak,
+            "max_memory": plan.max_memory,
+            "bytes_read": plan.bytes_read_merge + len(self.passes_report) * plan.bytes_read_pass,
+            "bytes_written": plan.bytes_written,
+            "shards": writer.files,
+            "patched_entries": patched,
+            "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
+                        "seconds": self.stats[b.name].seconds,
+                        "bytes": self.stats[b.name].bytes_read + self.stats[b.name].bytes_written,
+                        "crc32": f"{self.stats[b.name].crc32:08x}"} for b in plan.blocks],
+        }
+
+    def _apply_patches(self, writer: ShardedWriter, state: dict, extras: list[Any]) -> int:
+        patches = self.plan.method.patches(self.plan.params, state, extras)
+        by_block = {n: b for b in self.plan.blocks for n in b.out_names}
+        touched = set()
+        count = 0
+        for p in patches:
+            for name in by_block[p.name].out_names:
+                writer.patch(name, p.index, p.values)
+            touched.add(p.name)
+            count += p.index.numel()
+        for name in touched:
+            data = writer.read_back(name)
+            self.stats[name].crc32 = zlib.crc32(data.reshape(-1).view(torch.uint8).numpy())
+        return count
+
+    def _provenance(self, seconds: float, patched: int) -> dict:
+        import safetensors
+
+        plan = self.plan
+        return {
+            "tensormerge": __version__,
+            "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__},
+            "method": plan.method.name,
+            "params": plan.params.as_dict(),
+            "inputs": [ck.fingerprint() for ck in plan.inputs],
+            "base": plan.base.fingerprint() if plan.base is not None else None,
+            "statistics": None,
+            "settings": self.opts.settings,
+            "seconds": round(seconds, 3),
+            "patched_entries": patched,
+            "blocks": {b.name: {"crc32": f"{self.stats[b.name].crc32:08x}", "chunks": len(b.chunks),
+                                "seconds": round(self.stats[b.name].seconds, 4)} for b in plan.blocks},
+        }

@@ -1,0 +1,259 @@
+"""Checkpoints as lazy, per-tensor and per-row-range readers.
+
+Every input form (a directory with one file or a sharded index, a single file, `.bin` files, a
+PEFT adapter, a hub repo id) becomes a `Checkpoint` that knows names, shapes and dtypes from
+headers alone and reads bytes only when a block asks for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from tensormerge import constants as C
+from tensormerge.engine.safetensors_format import TensorEntry, element_size, read_header, read_into
+from tensormerge.errors import InputError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return self.numel // self.rows if self.rows else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * element_size(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+class Checkpoint(ABC):
+    """A model's tensors. `aliases` maps a tied name to the name whose storage it shares."""
+
+    def __init__(self, spec: str, root: str, files: list[str]):
+        self.spec = spec
+        self.root = root
+        self.files = files
+        self.tensors: dict[str, TensorInfo] = {}  # in file order: the output keeps it
+        self.aliases: dict[str, str] = {}
+        self.config_dir: str | None = None  # where config/tokenizer files lie, for a model directory
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    @abstractmethod
+    def read(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+        """Rows [row_start, row_end) of tensor `name`, in its stored dtype, in a fresh buffer."""
+
+    def fingerprint(self) -> dict:
+        """What identifies this input for provenance and resume: names, shapes, dtypes, sizes."""
+        h = hashlib.sha256()
+        for name in sorted(self.tensors):
+            t = self.tensors[name]
+            h.update(f"{name}|{t.dtype}|{t.shape}|{self.aliases.get(name, '')}\n".encode())
+        sizes = {os.path.basename(f): os.path.getsize(f) for f in self.files}
+        h.update(json.dumps(sizes, sort_keys=True).encode())
+        return {"spec": self.spec, "files": sizes, "tensors": len(self.tensors), "sha256": h.hexdigest()}
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    def __init__(self, spec: str, root: str, files: list[str], weight_map: dict[str, str] | None = None):
+        super().__init__(spec, root, files)
+        self.entries: dict[str, TensorEntry] = {}
+        for path in files:
+            entries, _, aliases = read_header(path)
+            for name, entry in entries.items():
+                if name in self.entries:
+                    raise InputError(f"{path}: tensor {name!r} also appears in {self.entries[name].path}")
+                self.entries[name] = entry
+            self.aliases.update(dict(aliases))
+        if weight_map is not None:
+            missing = sorted(n for n, f in weight_map.items() if n not in self.entries)
+            if missing:
+                raise InputError(f"{root}: index lists tensors its shards lack: {', '.join(missing[:5])}"
+                                 + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+            for n, f in weight_map.items():
+                if os.path.basename(self.entries[n].path) != os.path.basename(f):
+                    raise InputError(f"{root}: index puts {n!r} in {f} but it is in {self.entries[n].path}")
+        order = sorted(self.entries.values(), key=lambda e: (files.index(e.path), e.begin, e.name))
+        self.tensors = {e.name: TensorInfo(e.name, e.dtype, e.shape) for e in order}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise InputError(f"{path}: cannot open ({e.strerror})") from None
+            return fd
+
+    def read(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+        e = self.entries[name]
+        rows = e.shape[0] if e.shape else 1
+        row_end = rows if row_end is None else row_end
+        nbytes = (row_end - row_start) * e.row_bytes
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            read_into(self._fd(e.path), e, buf, row_start * e.row_bytes, nbytes)
+        shape = ((row_end - row_start),) + e.shape[1:] if e.shape else ()
+        return buf.view(e.dtype).reshape(shape)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class BinCheckpoint(Checkpoint):
+    """`pytorch_model.bin` shards: unpickled with weights_only=True, storages memory-mapped.
+
+    torch's zip format gives no per-tensor offsets without unpickling, so these files are read
+    through the mapping; rows are copied out at once so no view outlives the block.
+    """
+
+    def __init__(self, spec: str, root: str, files: list[str]):
+        super().__init__(spec, root, files)
+        self._where: dict[str, str] = {}
+        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
+        for path in files:
+            sd = self._load(path)
+            seen: dict[tuple, str] = {}
+            for name, t in sd.items():
+                if not isinstance(t, torch.Tensor):
+                    raise InputError(f"{path}: entry {name!r} is not a tensor")
+                if name in self._where:
+                    raise InputError(f"{path}: tensor {name!r} also appears in {self._where[name]}")
+                self._where[name] = path
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+                if t.numel() and key in seen:
+                    self.aliases[name] = seen[key]
+                else:
+                    seen[key] = name
+                self.tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape))
+
+    def _load(self, path: str) -> dict[str, torch.Tensor]:
+        if path not in self._loaded:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types; all mean "not a safe weights file"
+                first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+                raise InputError(f"{path}: cannot load with weights_only=True ({first})") from None
+            if not isinstance(sd, dict):
+                raise InputError(f"{path}: does not hold a state dict")
+            self._loaded[path] = sd
+        return self._loaded[path]
+
+    def read(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+        t = self._load(self._where[name])[name]
+        if t.dim() == 0:
+            return t.clone()
+        return t[row_start:row_end].clone(memory_format=torch.contiguous_format)
+
+
+def _safe_join(root: str, rel: str, index_path: str) -> str:
+    if not isinstance(rel, str) or os.path.isabs(rel) or rel.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", rel):
+        raise InputError(f"{index_path}: weight_map entry {rel!r} points outside the checkpoint directory")
+    path = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
+        raise InputError(f"{index_path}: weight_map entry {rel!r} points outside the checkpoint directory")
+    if not os.path.isfile(path):
+        raise InputError(f"{index_path}: shard {rel!r} is missing")
+    return path
+
+
+def _from_index(spec: str, index_path: str) -> Checkpoint:
+    root = os.path.dirname(os.path.abspath(index_path))
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (OSError, ValueError, KeyError, AssertionError, TypeError):
+        raise InputError(f"{index_path}: not a valid index (needs a 'weight_map' object)") from None
+    files = sorted({_safe_join(root, f, index_path) for f in weight_map.values()})
+    if index_path.endswith(".bin.index.json"):
+        ck: Checkpoint = BinCheckpoint(spec, root, files)
+    else:
+        ck = SafetensorsCheckpoint(spec, root, files, weight_map)
+    ck.config_dir = root
+    return ck
+
+
+_DIR_CANDIDATES = (C.SAFE_INDEX, C.SAFE_SINGLE, C.ADAPTER_SAFE, C.BIN_INDEX, C.BIN_SINGLE, C.ADAPTER_BIN)
+
+
+def _from_path(spec: str, path: str) -> Checkpoint:
+    if os.path.isdir(path):
+        for cand in _DIR_CANDIDATES:
+            p = os.path.join(path, cand)
+            if os.path.isfile(p):
+                ck = _from_path(spec, p)
+                ck.config_dir = os.path.abspath(path)
+                return ck
+        raise InputError(f"{path}: no weights found (looked for {', '.join(_DIR_CANDIDATES)})")
+    root = os.path.dirname(os.path.abspath(path))
+    if path.endswith(".index.json"):
+        return _from_index(spec, path)
+    if path.endswith(".safetensors"):
+        return SafetensorsCheckpoint(spec, root, [os.path.abspath(path)])
+    if path.endswith((".bin", ".pt", ".pth")):
+        return BinCheckpoint(spec, root, [os.path.abspath(path)])
+    raise InputError(f"{path}: not a checkpoint (expected a directory, .safetensors, .bin or .index.json)")
+
+
+def _from_hub(spec: str) -> Checkpoint:
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = spec.partition("@")
+    try:
+        local = huggingface_hub.snapshot_download(repo_id, revision=revision or None, allow_patterns=C.HUB_ALLOW_PATTERNS)
+        if not any(os.path.isfile(os.path.join(local, c)) for c in _DIR_CANDIDATES):
+            local = huggingface_hub.snapshot_download(
+                repo_id, revision=revision or None, allow_patterns=C.HUB_ALLOW_PATTERNS + C.HUB_BIN_PATTERNS)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise InputError(f"{spec}: not a local path, and the hub could not resolve it ({first})") from None
+    return _from_path(spec, local)
+
+
+def open_checkpoint(spec: str) -> Checkpoint:
+    """Resolve what a user typed: an existing path first, else a hub id `org/name[@rev]`."""
+    spec = spec.strip()
+    if os.path.exists(spec):
+        return _from_path(spec, spec)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return _from_hub(spec)
+    raise InputError(f"{spec}: no such file or directory")

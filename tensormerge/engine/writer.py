@@ -1,0 +1,182 @@
+"""Sharded safetensors output, laid out before the first data byte and finished atomically.
+
+Every output name, shape and dtype is known from the plan, so each shard file and its header
+is created up front at its final size; a block or row chunk is then written at its offset, in
+any order, by any thread or worker. The directory is built as `OUT.partial` and renamed to
+`OUT` only when complete: an interrupted merge never leaves a complete-looking `OUT`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from tensormerge import constants as C
+from tensormerge.engine.safetensors_format import build_header, element_size
+from tensormerge.errors import OutputError
+
+
+@dataclass
+class Slot:
+    """Where one output tensor's data lies."""
+
+    file: str
+    begin: int  # absolute file offset
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def shard_layout(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[list[int]]:
+    """Greedy grouping in output order, as transformers does: a new shard when the next tensor
+    would push the current one past shard_size (a tensor larger than shard_size gets its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, dtype, shape) in enumerate(tensors):
+        n = math.prod(shape) * element_size(dtype)
+        if shards[-1] and size + n > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    return shards
+
+
+class ShardedWriter:
+    def __init__(self, out_dir: str, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int):
+        self.out_dir = os.path.abspath(out_dir)
+        self.partial = self.out_dir + C.PARTIAL_SUFFIX
+        self.tensors = tensors
+        groups = shard_layout(tensors, shard_size)
+        n = len(groups)
+        self.files = [C.SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.headers: list[bytes] = []
+        self.slots: dict[str, Slot] = {}
+        for fname, group in zip(self.files, groups):
+            header, offsets = build_header([tensors[i] for i in group], {"format": "pt"})
+            self.headers.append(header)
+            for i, (b, e) in zip(group, offsets):
+                name, dtype, shape = tensors[i]
+                self.slots[name] = Slot(fname, len(header) + b, e - b, dtype, shape)
+        self.total_size = sum(s.nbytes for s in self.slots.values())
+        self._fds: dict[str, int] = {}
+
+    def create(self) -> None:
+        """Fresh `OUT.partial` with every shard at its final size and its header in place."""
+        if os.path.exists(self.partial):
+            shutil.rmtree(self.partial)
+        try:
+            os.makedirs(self.partial)
+            for fname, header in zip(self.files, self.headers):
+                path = os.path.join(self.partial, fname)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds[fname] = fd
+                data = sum(s.nbytes for s in self.slots.values() if s.file == fname)
+                os.ftruncate(fd, len(header) + data)
+                self._pwrite(fd, header, 0, path)
+        except OSError as e:
+            raise OutputError(f"{self.partial}: cannot create output ({e.strerror})") from None
+
+    def _pwrite(self, fd: int, data, offset: int, path: str) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as e:
+            why = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
+            raise OutputError(f"{path}: write failed ({why})") from None
+
+    def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Write a contiguous CPU tensor's bytes at `byte_offset` inside tensor `name`."""
+        slot = self.slots[name]
+        raw = data.reshape(-1).view(torch.uint8).numpy()
+        assert byte_offset + raw.nbytes <= slot.nbytes, f"write past the end of {name}"
+        self._pwrite(self._fds[slot.file], raw, slot.begin + byte_offset, os.path.join(self.partial, slot.file))
+
+    def read_back(self, name: str) -> torch.Tensor:
+        slot = self.slots[name]
+        buf = torch.empty(slot.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()).cast("B")
+        os.preadv(self._fds[slot.file], [view], slot.begin)
+        return buf.view(slot.dtype).reshape(slot.shape)
+
+    def patch(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite single elements (flat indices) of a written tensor."""
+        slot = self.slots[name]
+        size = element_size(slot.dtype)
+        vals = values.to(slot.dtype).contiguous()
+        for i, v in zip(index.tolist(), vals.view(torch.uint8).reshape(-1, size)):
+            self._pwrite(self._fds[slot.file], v.numpy(), slot.begin + i * size, slot.file)
+
+    def finish(self, copy_from: str | None, provenance: dict, overwrite: bool) -> None:
+        """Index, copied config files, provenance, fsync, then rename `OUT.partial` -> `OUT`."""
+        try:
+            if len(self.files) > 1:
+                index = {"metadata": {"total_size": self.total_size},
+                         "weight_map": {n: s.file for n, s in self.slots.items()}}
+                self._write_json(C.SAFE_INDEX, index)
+            if copy_from:
+                for fname in sorted(os.listdir(copy_from)):
+                    src = os.path.join(copy_from, fname)
+                    if _is_side_file(fname) and os.path.isfile(src):
+                        shutil.copyfile(src, os.path.join(self.partial, fname))
+            self._write_json(C.PROVENANCE, provenance)
+            for fd in self._fds.values():
+                os.fsync(fd)
+                os.close(fd)
+            self._fds.clear()
+            _fsync_dir(self.partial)
+            if os.path.exists(self.out_dir):
+                if not overwrite:
+                    raise OutputError(f"{self.out_dir}: exists (pass --overwrite to replace it)")
+                old = self.out_dir + ".old"
+                if os.path.exists(old):
+                    shutil.rmtree(old)
+                os.rename(self.out_dir, old)
+                os.rename(self.partial, self.out_dir)
+                shutil.rmtree(old)
+            else:
+                os.rename(self.partial, self.out_dir)
+            _fsync_dir(os.path.dirname(self.out_dir))
+        except OSError as e:
+            raise OutputError(f"{self.out_dir}: cannot finish output ({e.strerror})") from None
+
+    def _write_json(self, fname: str, obj: dict) -> None:
+        path = os.path.join(self.partial, fname)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    def abort(self) -> None:
+        """Close files and remove `OUT.partial`, so a failed merge leaves nothing behind."""
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _is_side_file(fname: str) -> bool:
+    """Config, generation config, tokenizer and the like: anything that is not weights."""
+    if fname.startswith(".") or fname == C.PROVENANCE:
+        return False
+    if fname in C.WEIGHT_INDEX_NAMES or fname.endswith(".index.json"):
+        return False
+    return not fname.endswith(C.WEIGHT_SUFFIXES)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

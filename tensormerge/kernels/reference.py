@@ -1,0 +1,156 @@
+"""The definition of each method's arithmetic, in torch, for any device.
+
+Inputs arrive in their stored dtype (bf16, fp16, fp32, ...); every function computes in float32
+at least (float64 stays float64) and converts each input element once. Functions are pure and
+elementwise along the flattened tensor, so any row chunking of a block gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+SIGN_MODES = ("mass", "normfrac", "normmass", "none")
+TIES_MERGES = ("dis-mean", "dis-sum", "dis-max", "mean", "sum", "median", "magnitude")
+
+
+def work_dtype(*xs: torch.Tensor | None) -> torch.dtype:
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def weighted_sum(inputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ w_i θ_i, accumulated in place (each input converted once, no stacked copy)."""
+    acc = torch.zeros(inputs[0].shape, dtype=work_dtype(*inputs))
+    for x, w in zip(inputs, weights):
+        acc.add_(x, alpha=w)
+    return acc
+
+
+def task_arithmetic(inputs: list[torch.Tensor], base: torch.Tensor, lambdas: list[float]) -> torch.Tensor:
+    """θ_0 + Σ λ_i (θ_i − θ_0): task vectors formed explicitly so small deltas keep their bits."""
+    wd = work_dtype(base, *inputs)
+    base_w = base.to(wd)
+    acc = torch.zeros_like(base_w)
+    tmp = torch.empty_like(base_w)
+    for x, lam in zip(inputs, lambdas):
+        torch.sub(x, base_w, out=tmp)
+        acc.add_(tmp, alpha=lam)
+    return acc.add_(base_w)
+
+
+# ---------------------------------------------------------------------------------- DARE
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding 32-bit values (wraps are masked)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def dare_keys(seed: int, model: int, name: str) -> tuple[int, int]:
+    """Two 32-bit keys from (seed, model index, tensor name), stable across processes."""
+    digest = hashlib.blake2b(f"{seed}\x00{model}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def dare_keep(seed: int, model: int, name: str, flat_start: int, numel: int, p: float) -> torch.Tensor:
+    """Bernoulli(1 − p) keep mask of elements [flat_start, flat_start + numel) of a tensor.
+
+    A counter-based hash of (seed, model, name, element index): the mask of an element never
+    depends on chunking, order or worker, and a GPU kernel can reproduce it bit for bit.
+    """
+    k1, k2 = dare_keys(seed, model, name)
+    idx = torch.arange(flat_start, flat_start + numel, dtype=torch.int64)
+    x = _fmix32((idx & _M32) ^ k1)
+    x = _fmix32(x ^ (((idx >> 32) * 0x27D4EB2F + k2) & _M32))
+    cut = min(int(p * 2**32), 2**32)
+    return x >= cut
+
+
+def dare(inputs: list[torch.Tensor], base: torch.Tensor, p: float, lambdas: list[float], seed: int,
+         rescale: bool, name: str, flat_start: int) -> torch.Tensor:
+    wd = work_dtype(base, *inputs)
+    base_w = base.to(wd)
+    acc = torch.zeros_like(base_w)
+    tmp = torch.empty_like(base_w)
+    scale = 1.0 / (1.0 - p) if rescale else 1.0
+    for i, (x, lam) in enumerate(zip(inputs, lambdas)):
+        torch.sub(x, base_w, out=tmp)
+        if p > 0:
+            keep = dare_keep(seed, i, name, flat_start, tmp.numel(), p).reshape(tmp.shape)
+            tmp.mul_(keep)
+        acc.add_(tmp, alpha=lam * scale)
+    return acc.add_(base_w)
+
+
+# ---------------------------------------------------------------------------------- TIES
+def task_vectors(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """[N, numel] stacked τ_i = θ_i − θ_0 in the work dtype."""
+    wd = work_dtype(base, *inputs)
+    base_w = base.reshape(-1).to(wd)
+    out = torch.empty((len(inputs), base_w.numel()), dtype=wd)
+    for i, x in enumerate(inputs):
+        torch.sub(x.reshape(-1), base_w, out=out[i])
+    return out
+
+
+def ties_trim_(tau: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Zero entries with |τ_i| < v_i (ties at v_i kept, as in the reference), in place."""
+    for i, v in enumerate(thresholds):
+        if v > 0:
+            tau[i].mul_(tau[i].abs() >= v)
+    return tau
+
+
+def ties_elect(trimmed: torch.Tensor, mode: str, sq_norms: list[float] | None = None) -> torch.Tensor | None:
+    """Elected sign per entry (−1, 0, +1), before zero signs are resolved; None for mode none."""
+    if mode == "none":
+        return None
+    if mode == "mass":
+        return torch.sign(trimmed.sum(0))
+    norms = torch.tensor(sq_norms, dtype=trimmed.dtype).clamp_min(torch.finfo(trimmed.dtype).tiny).unsqueeze(1)
+    frac = trimmed.square() / norms
+    if mode == "normfrac":
+        pick = frac.argmax(0, keepdim=True)
+        return torch.sign(trimmed.gather(0, pick)).squeeze(0)
+    if mode == "normmass":
+        return torch.sign((torch.sign(trimmed) * frac).sum(0))
+    raise ValueError(f"unknown sign mode {mode!r}")
+
+
+def ties_disjoint(trimmed: torch.Tensor, sign: torch.Tensor | None, merge: str) -> torch.Tensor:
+    """Disjoint (or plain) aggregation of trimmed task vectors under the elected sign."""
+    if merge.startswith("dis-"):
+        selected = trimmed if sign is None else trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
+        kind = merge[4:]
+        if kind == "mean":
+            count = (selected != 0).sum(0).clamp_min(1)
+            return selected.sum(0) / count
+        if kind == "sum":
+            return selected.sum(0)
+        if kind == "max":
+            if sign is None:
+                return _magnitude(selected)
+            return selected.abs().amax(0) * sign
+        raise ValueError(f"unknown TIES merge {merge!r}")
+    if merge == "mean":
+        out = trimmed.mean(0)
+    elif merge == "sum":
+        out = trimmed.sum(0)
+    elif merge == "median":
+        out = trimmed.median(0).values
+    elif merge == "magnitude":
+        out = _magnitude(trimmed)
+    else:
+        raise ValueError(f"unknown TIES merge {merge!r}")
+    return out if sign is None else out.abs() * sign
+
+
+def _magnitude(t: torch.Tensor) -> torch.Tensor:
+    """Per column, the entry with the largest |·| (first model on ties)."""
+    return t.gather(0, t.abs().argmax(0, keepdim=True)).squeeze(0)

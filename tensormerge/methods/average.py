@@ -1,0 +1,40 @@
+"""Weighted average of the models themselves: Σ w_i θ_i (uniform 1/N by default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tensormerge.errors import ParameterError
+from tensormerge.kernels import reference as K
+from tensormerge.methods.base import BlockData, Method, Params, param, register
+
+
+@dataclass
+class AverageParams(Params):
+    weights: list[float] | None = param(None, "per-model weights (default uniform 1/N); used verbatim unless normalize")
+    normalize: bool = param(False, "divide the weights by their sum")
+
+    def validate(self, method: str, n_models: int) -> None:
+        super().validate(method, n_models)
+        if self.normalize and self.weights is not None and sum(self.weights) == 0:
+            raise ParameterError(f"{method}: parameter 'weights' sums to 0, cannot normalize")
+
+    def resolved(self, n: int) -> list[float]:
+        w = list(self.weights) if self.weights is not None else [1.0 / n] * n
+        if self.normalize:
+            total = sum(w)
+            w = [x / total for x in w]
+        return w
+
+
+@register
+class Average(Method):
+    name = "average"
+    summary = "Σ w_i θ_i over the models (no base needed)"
+    Params = AverageParams
+
+    def work_bytes_per_element(self, n_models: int, params: Params) -> int:
+        return 4
+
+    def merge(self, data: BlockData, params: AverageParams, state: dict):
+        return K.weighted_sum(data.inputs, params.resolved(len(data.inputs)))

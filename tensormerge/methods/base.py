@@ -1,0 +1,211 @@
+"""What a merge method is to the engine: typed parameters, needs, passes, and pure arithmetic.
+
+A method never opens a file or decides an order. It receives `BlockData` (the rows of one
+tensor from every model, in their stored dtypes) and returns the merged rows. Methods that need
+quantities over the whole model (TIES' global top-k) declare `GlobalPass`es, which the engine
+runs as map-reduce over the same blocks before the merge pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from abc import ABC, abstractmethod
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from tensormerge.errors import ParameterError
+
+
+@dataclass
+class BlockData:
+    """Rows [row_start, row_start + rows) of one tensor, from each model (and the base)."""
+
+    name: str
+    inputs: list[torch.Tensor]
+    base: torch.Tensor | None
+    full_shape: tuple[int, ...]
+    row_start: int = 0
+
+    @property
+    def flat_start(self) -> int:
+        """Index of this chunk's first element in the flattened tensor: DARE keys masks on it."""
+        row_numel = 1
+        for s in self.full_shape[1:]:
+            row_numel *= s
+        return self.row_start * row_numel
+
+
+def param(default: Any, help: str, *, key: str | None = None, choices: tuple | None = None) -> Any:
+    """A method parameter: its default, help text and (optionally) its CLI key and choices."""
+    meta = {"help": help, "key": key, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Params:
+    """Base of every method's parameters; subclasses are dataclasses built with `param`."""
+
+    @classmethod
+    def spec(cls) -> list[tuple[str, dataclasses.Field, Any]]:
+        hints = typing.get_type_hints(cls)
+        return [(f.metadata.get("key") or f.name, f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_strings(cls, method: str, raw: dict[str, Any], n_models: int) -> "Params":
+        fields = {key: (f, tp) for key, f, tp in cls.spec()}
+        values = {}
+        for key, text in raw.items():
+            if key not in fields:
+                known = ", ".join(fields) or "none"
+                raise ParameterError(f"method {method!r} has no parameter {key!r} (its parameters: {known})")
+            f, tp = fields[key]
+            values[f.name] = _convert(method, key, text, tp, f.metadata.get("choices"))
+        params = cls(**values)
+        params.validate(method, n_models)
+        return params
+
+    def validate(self, method: str, n_models: int) -> None:
+        """Range checks; subclasses extend. Per-model lists must have one value per model."""
+        for key, f, tp in self.spec():
+            value = getattr(self, f.name)
+            if isinstance(value, list) and len(value) != n_models:
+                raise ParameterError(f"{method}: parameter {key!r} has {len(value)} values for {n_models} models")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, f.name) for key, f, _ in self.spec()}
+
+
+def _convert(method: str, key: str, text: Any, tp: Any, choices: tuple | None) -> Any:
+    where = f"{method}: parameter {key!r}"
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    if optional:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if isinstance(text, str) and text.lower() in ("none", "null", ""):
+            return None
+    try:
+        if typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+            return [_scalar(item, x) for x in items]
+        value = _scalar(tp, text)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{where}: cannot read {text!r} as {getattr(tp, '__name__', tp)}") from None
+    if choices and value not in choices:
+        raise ParameterError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _scalar(tp: Any, text: Any) -> Any:
+    if tp is bool:
+        if isinstance(text, bool):
+            return text
+        low = str(text).strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if tp is float:
+        return float(text)
+    if tp is int:
+        return int(text)
+    return str(text).strip()
+
+
+class GlobalPass(ABC):
+    """A map-reduce over every floating-point block before the merge pass.
+
+    `map` runs on the compute thread per chunk and returns a small partial; `reduce` folds it
+    into the accumulator in plan order; `end_block` is told when a block's last chunk is in
+    (so per-tensor state can be compacted); `finish` turns the accumulator into method state.
+    """
+
+    name: str = "pass"
+
+    def start(self, state: dict) -> Any:
+        return {}
+
+    @abstractmethod
+    def map(self, data: BlockData, state: dict) -> Any:
+        """A small partial from one chunk (histograms, sums), computed off the main thread."""
+
+    @abstractmethod
+    def reduce(self, acc: Any, partial: Any, block: str) -> Any:
+        """Fold one partial into the accumulator; called in plan order, so sums are stable."""
+
+    def end_block(self, acc: Any, block: str, numel: int) -> Any:
+        return acc
+
+    def finish(self, acc: Any, state: dict) -> None:
+        state[self.name] = acc
+
+
+@dataclass
+class Patch:
+    """Elements of a written tensor to overwrite after the merge pass (flat indices, values)."""
+
+    name: str
+    index: torch.Tensor
+    values: torch.Tensor
+
+
+class Method(ABC):
+    """A merge method: subclasses set the class attributes and implement `merge`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type[Params]]
+    needs_base: ClassVar[bool] = False
+    row_split: ClassVar[bool] = True
+
+    def work_bytes_per_element(self, n_models: int, params: Params) -> int:
+        """Bytes of float32 intermediates per output element, for chunk sizing."""
+        return 4 * (n_models + 3)
+
+    def passes(self, params: Params) -> list[GlobalPass]:
+        return []
+
+    @abstractmethod
+    def merge(self, data: BlockData, params: Params, state: dict) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Merged rows (float32 or wider), optionally with an extra for `patches`."""
+
+    def patches(self, params: Params, state: dict, extras: list[Any]) -> list[Patch]:
+        """Fix-ups known only after every block was merged (TIES' global majority sign)."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "needs_base": self.needs_base,
+            "row_split": self.row_split,
+            "parameters": [
+                {"key": key, "default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                 "type": getattr(tp, "__name__", str(tp)), "help": f.metadata.get("help", ""),
+                 "choices": f.metadata.get("choices")}
+                for key, f, tp in self.Params.spec()
+            ],
+        }
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    from tensormerge import methods  # noqa: F401  (imports register every built-in method)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ParameterError(f"unknown method {name!r} (available: {', '.join(sorted(REGISTRY))})") from None

@@ -1,0 +1,31 @@
+"""Task arithmetic: θ_0 + λ Σ τ_i, a sum of task vectors (not a mean), or per-model λ_i."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tensormerge.kernels import reference as K
+from tensormerge.methods.base import BlockData, Method, Params, param, register
+
+
+@dataclass
+class TaskArithmeticParams(Params):
+    lambda_: float = param(0.3, "scale of the summed task vectors", key="lambda")
+    lambdas: list[float] | None = param(None, "per-model scales λ_i (override lambda)")
+
+    def resolved(self, n: int) -> list[float]:
+        return list(self.lambdas) if self.lambdas is not None else [self.lambda_] * n
+
+
+@register
+class TaskArithmetic(Method):
+    name = "task_arithmetic"
+    summary = "θ_0 + λ Σ (θ_i − θ_0)"
+    Params = TaskArithmeticParams
+    needs_base = True
+
+    def work_bytes_per_element(self, n_models: int, params: Params) -> int:
+        return 12
+
+    def merge(self, data: BlockData, params: TaskArithmeticParams, state: dict):
+        return K.task_arithmetic(data.inputs, data.base, params.resolved(len(data.inputs)))

@@ -1,0 +1,219 @@
+"""TIES-Merging: trim each task vector, elect a sign per entry, disjoint-merge, θ_0 + λ τ*.
+
+Defaults follow the TIES reference code: each task vector is trimmed over the whole model
+flattened (tied tensors once), keeping |τ| ≥ the (D − floor(D·k))-th smallest |τ|, and entries
+whose elected sign is exactly zero take the model-wide majority sign. Both need the whole
+model, so they come from streaming passes: two radix-histogram passes give the exact
+thresholds, and the majority sign, known only after the merge pass, is applied by patching the
+(rare) exactly-cancelling entries recorded during it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from tensormerge.errors import InputError, ParameterError
+from tensormerge.kernels import reference as K
+from tensormerge.kernels import select as S
+from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, Patch, param, register
+
+GLOBAL = "\x00global"
+NONFINITE_BIN = 0x7F80  # top 16 bits of +inf; NaNs lie above
+
+
+@dataclass
+class TiesParams(Params):
+    k: float = param(0.2, "fraction of each task vector kept (values > 1 are percent: 20 = 0.2)")
+    lambda_: float = param(1.0, "scale of the merged task vector", key="lambda")
+    sign: str = param("mass", "sign election", choices=K.SIGN_MODES)
+    merge: str = param("dis-mean", "aggregation of the trimmed task vectors", choices=K.TIES_MERGES)
+    scope: str = param("global", "trim over the whole model (TIES reference) or each tensor alone",
+                       choices=("global", "tensor"))
+    k_rule: str = param("reference", "reference keeps floor(D·k)+1 entries, exact keeps max(1, floor(D·k))",
+                        choices=("reference", "exact"))
+
+    def validate(self, method: str, n_models: int) -> None:
+        super().validate(method, n_models)
+        if self.k > 1:
+            self.k = self.k / 100.0
+        if not 0.0 < self.k <= 1.0:
+            raise ParameterError(f"{method}: parameter 'k' must be in (0, 1] or a percent in (1, 100], got {self.k}")
+
+    @property
+    def needs_norms(self) -> bool:
+        return self.sign in ("normfrac", "normmass")
+
+
+def _key(params: TiesParams, name: str) -> str:
+    return GLOBAL if params.scope == "global" else name
+
+
+class _HighPass(GlobalPass):
+    """Pass A: per model, a histogram of the top 16 bits of |τ| (with moments for norms)."""
+
+    name = "ties_high"
+
+    def __init__(self, params: TiesParams):
+        self.params = params
+
+    def start(self, state: dict) -> dict:
+        return {"hist": {}, "numel": {}, "result": {}}
+
+    def map(self, data: BlockData, state: dict) -> torch.Tensor:
+        tau = K.task_vectors(data.inputs, data.base).float()
+        hists = []
+        for i in range(tau.shape[0]):
+            bits = S.abs_bits(tau[i])
+            h = S.hist_high_moments(bits) if self.params.needs_norms else S.hist_high(bits).unsqueeze(0)
+            if h[0, NONFINITE_BIN:].any():
+                raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
+            hists.append(h)
+        return torch.stack(hists)
+
+    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
+        key = _key(self.params, block)
+        if key in acc["hist"]:
+            acc["hist"][key] += partial
+        else:
+            acc["hist"][key] = partial.clone()
+        acc["numel"][key] = acc["numel"].get(key, 0) + partial[0, 0].sum().item()
+        return acc
+
+    def end_block(self, acc: dict, block: str, numel: int) -> dict:
+        if self.params.scope == "tensor":
+            self._compact(acc, block)
+        return acc
+
+    def finish(self, acc: dict, state: dict) -> None:
+        if GLOBAL in acc["hist"]:
+            self._compact(acc, GLOBAL)
+        state[self.name] = acc["result"]
+
+    def _compact(self, acc: dict, key: str) -> None:
+        """Replace a key's histograms by what pass B needs: its bin, rank in bin, mass above."""
+        hist = acc["hist"].pop(key)
+        numel = acc["numel"].pop(key)
+        rank = S.keep_rank(numel, self.params.k, self.params.k_rule)
+        per_model = []
+        for h in hist:
+            if rank == 0:  # keep everything
+                above = S.square_norm_above(h, -1) if self.params.needs_norms else Fraction(0)
+                per_model.append((-1, 0, above))
+                continue
+            b, r = S.locate(h[0], rank)
+            above = S.square_norm_above(h, b) if self.params.needs_norms else Fraction(0)
+            per_model.append((b, r, above))
+        acc["result"][key] = per_model
+
+
+class _LowPass(GlobalPass):
+    """Pass B: inside each model's chosen top bin, a histogram of the low 16 bits -> exact v_i."""
+
+    name = "ties_low"
+
+    def __init__(self, params: TiesParams):
+        self.params = params
+
+    def start(self, state: dict) -> dict:
+        return {"hist": {}, "result": {}, "high": state[_HighPass.name]}
+
+    def map(self, data: BlockData, state: dict) -> torch.Tensor:
+        located = state[_HighPass.name][_key(self.params, data.name)]
+        tau = K.task_vectors(data.inputs, data.base).float()
+        out = torch.zeros(len(located), S.NBINS, dtype=torch.int64)
+        for i, (b, _, _) in enumerate(located):
+            if b >= 0:
+                out[i] = S.hist_low(S.abs_bits(tau[i]), b)
+        return out
+
+    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
+        key = _key(self.params, block)
+        if key in acc["hist"]:
+            acc["hist"][key] += partial
+        else:
+            acc["hist"][key] = partial.clone()
+        return acc
+
+    def end_block(self, acc: dict, block: str, numel: int) -> dict:
+        if self.params.scope == "tensor":
+            self._compact(acc, block)
+        return acc
+
+    def finish(self, acc: dict, state: dict) -> None:
+        if GLOBAL in acc["hist"]:
+            self._compact(acc, GLOBAL)
+        state[self.name] = acc["result"]
+
+    def _compact(self, acc: dict, key: str) -> None:
+        hist = acc["hist"].pop(key)
+        thresholds, sq_norms = [], []
+        for (b, r, above), lo in zip(acc["high"].pop(key), hist):
+            if b < 0:
+                thresholds.append(0.0)
+                sq_norms.append(float(above))
+                continue
+            low_bin, _ = S.locate(lo, r)
+            thresholds.append(S.bits_to_float((b << 16) | low_bin))
+            inside = S.square_norm_in_bin(lo, b, low_bin) if self.params.needs_norms else Fraction(0)
+            sq_norms.append(float(above + inside))
+        acc["result"][key] = {"v": thresholds, "sq": sq_norms}
+
+
+@dataclass
+class _Undecided:
+    """Entries of a chunk whose elected sign was exactly zero although some τ̂ was not."""
+
+    key: str
+    name: str
+    index: torch.Tensor  # flat indices in the tensor
+    columns: torch.Tensor  # [N, m] trimmed task vectors
+    base: torch.Tensor  # [m]
+
+
+@register
+class Ties(Method):
+    name = "ties"
+    summary = "trim, elect sign, disjoint merge (TIES); global top-k over the whole model by default"
+    Params = TiesParams
+    needs_base = True
+
+    def work_bytes_per_element(self, n_models: int, params: TiesParams) -> int:
+        return 4 * (2 * n_models + 4) + (32 if params.needs_norms else 8)
+
+    def passes(self, params: TiesParams) -> list[GlobalPass]:
+        return [_HighPass(params), _LowPass(params)]
+
+    def merge(self, data: BlockData, params: TiesParams, state: dict):
+        key = _key(params, data.name)
+        trim = state[_LowPass.name][key]
+        tau = K.task_vectors(data.inputs, data.base)
+        K.ties_trim_(tau, trim["v"])
+        sign = K.ties_elect(tau, params.sign, trim["sq"])
+        merged = K.ties_disjoint(tau, sign, params.merge)
+        base_w = data.base.reshape(-1).to(merged.dtype)
+        out = merged.mul_(params.lambda_).add_(base_w).reshape(data.base.shape)
+        if sign is None:
+            return out
+        votes = int(sign.sum().item())
+        zero = ((sign == 0) & (tau != 0).any(0)).nonzero().squeeze(1)
+        undecided = None
+        if zero.numel():
+            undecided = _Undecided(key, data.name, zero + data.flat_start, tau[:, zero].clone(), base_w[zero].clone())
+        return out, (key, votes, undecided)
+
+    def patches(self, params: TiesParams, state: dict, extras: list) -> list[Patch]:
+        votes: dict[str, int] = {}
+        for key, v, _ in extras:
+            votes[key] = votes.get(key, 0) + v
+        out = []
+        for key, _, u in extras:
+            if u is None:
+                continue
+            majority = float((votes[key] > 0) - (votes[key] < 0))
+            sign = torch.full((u.columns.shape[1],), majority, dtype=u.columns.dtype)
+            merged = K.ties_disjoint(u.columns, sign, params.merge)
+            out.append(Patch(u.name, u.index, merged.mul_(params.lambda_).add_(u.base)))
+        return out
