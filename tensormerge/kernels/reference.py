@@ -103,7 +103,10 @@ def ties_trim_(tau: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     """Zero entries with |τ_i| < v_i (ties at v_i kept, as in the reference), in place."""
     for i, v in enumerate(thresholds):
         if v > 0:
-            tau[i].mul_(tau[i].abs() >= v)
+            mag = tau[i].abs()
+            if mag.dtype != torch.float32:  # thresholds select among float32 magnitudes (monotone rounding)
+                mag = mag.float()
+            tau[i].mul_(mag >= v)
     return tau
 
 

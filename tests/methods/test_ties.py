@@ -1,0 +1,188 @@
+"""TIES through the engine against a float64 re-implementation of the reference code."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tensormerge.api import MergeSpec, merge
+from tests.conftest import write_family
+
+
+def reference_ties(base, fts, k=0.2, lam=1.0, sign="mass", merge_fn="dis-mean", scope="global", k_rule="reference"):
+    """The TIES reference, written from METHODS.md §3: fp32 task vectors, kthvalue threshold."""
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    tau32 = {n: torch.stack([ft[n].float() - base[n].float() for ft in fts]).reshape(len(fts), -1) for n in names}
+
+    def threshold(rows):  # rows [N, D]
+        D = rows.shape[1]
+        kept = math.floor(D * k)
+        if k_rule == "exact":
+            kept = max(1, kept)
+            r = D - kept + 1 if kept < D else 0
+        else:
+            r = D - kept
+        if r == 0:
+            return torch.zeros(rows.shape[0])
+        return rows.abs().kthvalue(r, dim=1).values
+
+    if scope == "global":
+        thr = threshold(torch.cat([tau32[n] for n in names], 1))
+        thrs = {n: thr for n in names}
+    else:
+        thrs = {n: threshold(tau32[n]) for n in names}
+    trimmed = {n: (tau32[n] * (tau32[n].abs() >= thrs[n][:, None])).double() for n in names}
+    groups = [names] if scope == "global" else [[n] for n in names]
+    out = {}
+    for group in groups:
+        flat = torch.cat([trimmed[n] for n in group], 1)
+        if sign == "none":
+            s = None
+        elif sign == "mass":
+            s = torch.sign(flat.sum(0))
+        else:
+            frac = flat**2 / (flat**2).sum(1, keepdim=True)
+            if sign == "normfrac":
+                s = torch.sign(flat[frac.argmax(0), torch.arange(flat.shape[1])])
+            else:
+                s = torch.sign((torch.sign(flat) * frac).sum(0))
+        if s is not None:
+            s[s == 0] = torch.sign(s.sum())
+        if merge_fn.startswith("dis"):
+            sel = flat if s is None else flat * torch.where(s > 0, flat > 0, flat < 0)
+            if merge_fn == "dis-mean":
+                m = sel.sum(0) / (sel != 0).sum(0).clamp(min=1)
+            elif merge_fn == "dis-sum":
+                m = sel.sum(0)
+            else:
+                m = sel.abs().max(0).values * s
+        else:
+            m = {"mean": lambda t: t.mean(0), "sum": lambda t: t.sum(0), "median": lambda t: t.median(0).values,
+                 "magnitude": lambda t: t[t.abs().argmax(0), torch.arange(t.shape[1])]}[merge_fn](flat)
+            if s is not None:
+                m = m.abs() * s
+        pos = 0
+        for n in group:
+            size = base[n].numel()
+            out[n] = (base[n].double() + lam * m[pos:pos + size].reshape(base[n].shape))
+            pos += size
+    return out
+
+
+def merged(base_path, ft_paths, tmp_path, tag, max_memory="64MiB", **params):
+    out = tmp_path / f"out-{tag}"
+    merge(MergeSpec("ties", ft_paths, str(out), base=base_path, params={k: str(v) for k, v in params.items()},
+                    max_memory=max_memory, quiet=True))
+    return load_file(str(out / "model.safetensors")), out
+
+
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"k": 0.5, "lambda": 0.7},
+    {"k": 20},
+    {"sign": "normfrac"},
+    {"sign": "normmass", "merge": "dis-sum"},
+    {"merge": "dis-max"},
+    {"sign": "none", "merge": "dis-mean"},
+    {"merge": "mean"},
+    {"merge": "median", "k": 0.6},
+    {"merge": "magnitude"},
+    {"scope": "tensor"},
+    {"scope": "tensor", "k_rule": "exact", "k": 0.1},
+    {"k": 1.0},
+])
+def test_ties_matches_reference(family, tmp_path, params):
+    base_path, ft_paths, base, fts = family
+    got, _ = merged(base_path, ft_paths, tmp_path, "x", **params)
+    ref_kwargs = {"k": params.get("k", 0.2), "lam": params.get("lambda", 1.0), "sign": params.get("sign", "mass"),
+                  "merge_fn": params.get("merge", "dis-mean"), "scope": params.get("scope", "global"),
+                  "k_rule": params.get("k_rule", "reference")}
+    if ref_kwargs["k"] > 1:
+        ref_kwargs["k"] /= 100
+    exp = reference_ties(base, fts, **ref_kwargs)
+    assert set(got) == set(base)
+    for n, t in got.items():
+        assert t.dtype == base[n].dtype
+        if n in exp:
+            torch.testing.assert_close(t.double(), exp[n].to(t.dtype).double(), rtol=0, atol=TOL[t.dtype])
+        else:
+            assert torch.equal(t, base[n])
+
+
+def test_worked_example(tmp_path):
+    tvs = np.array([[0.5, -0.1, 0.02, -0.4, 0.3], [-0.6, 0.2, 0.01, -0.3, -0.05], [0.1, 0.3, -0.02, 0.0, 0.2]])
+    d = tmp_path / "m"
+    paths = []
+    for i, row in enumerate([np.zeros(5)] + list(tvs)):
+        p = d / f"m{i}"
+        p.mkdir(parents=True)
+        save_file({"w": torch.tensor(row, dtype=torch.float64)}, str(p / "model.safetensors"))
+        paths.append(str(p))
+    got, _ = merged(paths[0], paths[1:], tmp_path, "w", k=0.4)
+    # worked_examples.py: keep |x| >= the (5 - int(5*0.4))-th smallest per row, elect, disjoint mean
+    trimmed = []
+    for row in tvs:
+        thr = np.sort(np.abs(row))[5 - int(5 * 0.4) - 1]
+        trimmed.append(row * (np.abs(row) >= thr))
+    trimmed = np.array(trimmed)
+    s = np.sign(trimmed.sum(0))
+    s[s == 0] = np.sign(s.sum())
+    sel = np.where(s > 0, trimmed > 0, trimmed < 0)
+    exp = (trimmed * sel).sum(0) / np.maximum(((trimmed * sel) != 0).sum(0), 1)
+    np.testing.assert_allclose(got["w"].numpy(), exp, rtol=0, atol=1e-12)
+    # the numbers worked_examples.py prints
+    np.testing.assert_allclose(exp, [0.3, 0.25, 0.0, -0.35, 0.25], atol=1e-12)
+
+
+@pytest.mark.parametrize("majority", [1.0, -1.0])
+def test_global_majority_sign_for_cancelling_entries(tmp_path, majority):
+    """An entry whose trimmed task vectors cancel exactly takes the model-wide majority sign,
+    even when the majority is decided by another tensor (so the engine must patch it)."""
+    d = tmp_path / "m"
+    base = {"a": torch.zeros(4), "z": torch.zeros(6)}
+    m1 = {"a": torch.tensor([0.5, 0.0, 0.0, 0.0]), "z": majority * torch.tensor([1.0, 1, 1, 1, 1, 1])}
+    m2 = {"a": torch.tensor([-0.5, 0.0, 0.0, 0.0]), "z": majority * torch.tensor([1.0, 1, 1, 1, 1, 1])}
+    paths = []
+    for i, sd in enumerate([base, m1, m2]):
+        p = d / f"m{i}"
+        p.mkdir(parents=True)
+        save_file(sd, str(p / "model.safetensors"))
+        paths.append(str(p))
+    got, out = merged(paths[0], paths[1:], tmp_path, "maj", k=1.0, max_memory="1KiB")
+    assert got["a"][0].item() == pytest.approx(0.5 * majority)
+    assert torch.equal(got["z"], majority * torch.ones(6))
+    import json
+
+    prov = json.loads((out / "tensormerge.json").read_text())
+    assert prov["patched_entries"] == 1
+    import zlib
+
+    assert prov["blocks"]["a"]["crc32"] == f"{zlib.crc32(got['a'].numpy().tobytes()):08x}"
+
+
+def test_tied_tensors_counted_once(tmp_path):
+    """A .bin checkpoint with one storage under two names: trimmed and merged once."""
+    g = torch.Generator().manual_seed(0)
+    d = tmp_path / "m"
+    base_w, other = torch.zeros(50), torch.zeros(30)
+    paths = []
+    for i in range(3):
+        w = base_w + (torch.randn(50, generator=g) if i else 0)
+        o = other + (torch.randn(30, generator=g) if i else 0)
+        sd = {"shared.weight": w, "encoder.embed_tokens.weight": w, "o": o}
+        p = d / f"m{i}"
+        p.mkdir(parents=True)
+        torch.save(sd, str(p / "pytorch_model.bin"))
+        paths.append(str(p))
+    got, _ = merged(paths[0], paths[1:], tmp_path, "tied", k=0.3)
+    loaded = [torch.load(str(d / f"m{i}" / "pytorch_model.bin"), weights_only=True) for i in range(3)]
+    exp = reference_ties({"shared.weight": loaded[0]["shared.weight"], "o": loaded[0]["o"]},
+                         [{"shared.weight": s["shared.weight"], "o": s["o"]} for s in loaded[1:]], k=0.3)
+    torch.testing.assert_close(got["shared.weight"].double(), exp["shared.weight"], rtol=0, atol=2e-6)
+    torch.testing.assert_close(got["encoder.embed_tokens.weight"], got["shared.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(got["o"].double(), exp["o"], rtol=0, atol=2e-6)
