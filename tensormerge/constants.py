@@ -50,3 +50,9 @@ DTYPE_CHOICES = {
 # Hub: only these files are fetched for a repo id (weights are narrowed further at resolve time).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken"]
 HUB_BIN_PATTERNS = ["*.bin"]
+
+# Methods compute on sub-chunks of about this many elements, so float32 intermediates stay in
+# cache and their memory is small and fixed, whatever the size of the chunk read from disk.
+SUB_CHUNK_ELEMENTS = 1 << 18
+# Global passes only histogram their sub-chunks: bigger ones amortise the fixed cost of the bins.
+PASS_SUB_FACTOR = 4

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tensormerge.constants import PASS_SUB_FACTOR, SUB_CHUNK_ELEMENTS
 from tensormerge.engine.safetensors_format import element_size
 from tensormerge.engine.sources import Checkpoint, TensorInfo
 from tensormerge.errors import BudgetError, InputError
@@ -31,6 +32,7 @@ class Block:
     read_bytes_per_row: int
     work_bytes_per_row: int
     chunks: list[tuple[int, int]] = field(default_factory=list)
+    sub_rows: int = 1  # rows per compute sub-chunk (intermediates are this size, not the chunk's)
 
     @property
     def rows(self) -> int:
@@ -45,8 +47,10 @@ class Block:
         return (self.numel // self.rows if self.rows else 0) * element_size(self.out_dtype)
 
     def chunk_bytes(self, rows: int) -> int:
-        """Bytes held for a chunk of `rows` rows: reads double-buffered, work, output write-behind."""
-        return rows * (2 * self.read_bytes_per_row + self.work_bytes_per_row + 2 * self.out_bytes_per_row)
+        """Bytes held for a chunk of `rows` rows: reads double-buffered, output written behind,
+        and the intermediates of one compute sub-chunk."""
+        return (rows * (2 * self.read_bytes_per_row + 2 * self.out_bytes_per_row)
+                + min(rows, self.sub_rows * PASS_SUB_FACTOR) * self.work_bytes_per_row)
 
 
 @dataclass
@@ -173,6 +177,8 @@ def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: C
         by_canonical[canon] = block
         blocks.append(block)
     for b in blocks:
+        row_numel = b.numel // b.rows if b.rows else 1
+        b.sub_rows = b.rows if not method.row_split else max(1, SUB_CHUNK_ELEMENTS // max(row_numel, 1))
         b.chunks = _chunks(method, b, max_memory)
     return MergePlan(method, params, inputs, base, blocks, max_memory, passes)
 

@@ -10,12 +10,25 @@ from typing import Any
 import torch
 
 from tensormerge import __version__
+from tensormerge.constants import PASS_SUB_FACTOR
 from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError
 from tensormerge.methods.base import BlockData
+
+
+def _sub_chunks(data: BlockData, rows: int):
+    """Row slices of a chunk (views, no copies), each a BlockData of its own."""
+    n = data.inputs[0].shape[0] if data.full_shape else 1
+    if not data.full_shape or rows >= n:
+        yield data
+        return
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        yield BlockData(data.name, [x[s:e] for x in data.inputs], None if data.base is None else data.base[s:e],
+                        data.full_shape, data.row_start + s)
 
 
 @dataclass
@@ -86,12 +99,13 @@ class Runner:
         bar = self._bar(gpass.name, sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
 
         def compute(task: Task, data: BlockData):
-            return gpass.map(data, state)
+            return [gpass.map(part, state) for part in _sub_chunks(data, task.key[0].sub_rows * PASS_SUB_FACTOR)]
 
-        def collect(task: Task, partial) -> None:
+        def collect(task: Task, partials) -> None:
             nonlocal acc
             b, r0, r1, last = task.key
-            acc = gpass.reduce(acc, partial, b.name)
+            for partial in partials:
+                acc = gpass.reduce(acc, partial, b.name)
             if last:
                 acc = gpass.end_block(acc, b.name, b.numel)
             self._advance(bar, task, last)
@@ -112,17 +126,23 @@ class Runner:
         def compute(task: Task, data: BlockData) -> torch.Tensor:
             b, r0, r1, last = task.key
             t0 = time.perf_counter()
+            shape = (r1 - r0,) + b.shape[1:] if b.shape else ()
             if b.kind == "copy":
-                out = self._copy(b, data)
+                out = self._copy(b, data).reshape(shape).contiguous().cpu()
             else:
-                result = method.merge(data, params, state)
-                if isinstance(result, tuple):
-                    result, extra = result
-                    extras.append(extra)
-                if not bool(torch.isfinite(result).all()):
-                    raise InputError(f"tensor {b.name!r}: the merge produced NaN or Inf (non-finite input values?)")
-                out = result.to(b.out_dtype)
-            out = out.reshape((r1 - r0,) + b.shape[1:] if b.shape else ()).contiguous().cpu()
+                out = torch.empty(shape, dtype=b.out_dtype)
+                for part in _sub_chunks(data, b.sub_rows):
+                    result = method.merge(part, params, state)
+                    if isinstance(result, tuple):
+                        result, extra = result
+                        extras.append(extra)
+                    if not bool(torch.isfinite(result).all()):
+                        raise InputError(f"tensor {b.name!r}: the merge produced NaN or Inf (non-finite input values?)")
+                    s0 = part.row_start - data.row_start
+                    if shape:
+                        out[s0:s0 + result.shape[0]].copy_(result)
+                    else:
+                        out.copy_(result)
             self.stats[b.name].seconds += time.perf_counter() - t0
             return out
 

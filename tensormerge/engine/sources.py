@@ -13,6 +13,7 @@ import math
 import os
 import re
 import threading
+import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -166,10 +167,11 @@ class BinCheckpoint(Checkpoint):
     def _load(self, path: str) -> dict[str, torch.Tensor]:
         if path not in self._loaded:
             try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # torch's zip format is memory-mapped; the legacy (pre-1.6) format cannot be, and
+                # is small enough in practice to be read whole (still weights_only).
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             except Exception as e:  # torch raises many types; all mean "not a safe weights file"
-                first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-                raise InputError(f"{path}: cannot load with weights_only=True ({first})") from None
+                raise InputError(f"{path}: cannot load with weights_only=True ({_load_failure(e)})") from None
             if not isinstance(sd, dict):
                 raise InputError(f"{path}: does not hold a state dict")
             self._loaded[path] = sd
@@ -180,6 +182,20 @@ class BinCheckpoint(Checkpoint):
         if t.dim() == 0:
             return t.clone()
         return t[row_start:row_end].clone(memory_format=torch.contiguous_format)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _load_failure(e: Exception) -> str:
+    """One plain line saying why torch.load refused a file: the unpickler's reason (which global
+    it met) when torch gives one, else the message's first line; terminal colour codes removed."""
+    text = _ANSI.sub("", str(e)).strip()
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please |\n|$)", text)
+    if m:
+        return m.group(1).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else e.__class__.__name__
 
 
 def _safe_join(root: str, rel: str, index_path: str) -> str:
