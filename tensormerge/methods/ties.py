@@ -21,7 +21,7 @@ from tensormerge.kernels import select as S
 from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, Patch, param, register
 
 GLOBAL = "\x00global"
-NONFINITE_BIN = 0x7F80  # top 16 bits of +inf; NaNs lie above
+NONFINITE_BIN = 0x7F80  # top 16 bits of +inf; NaNs fill the 127 bins above (sign bit is clear)
 
 
 @dataclass
@@ -68,7 +68,7 @@ class _HighPass(GlobalPass):
         for i in range(tau.shape[0]):
             bits = S.abs_bits(tau[i])
             h = S.hist_high_moments(bits) if self.params.needs_norms else S.hist_high(bits).unsqueeze(0)
-            if h[0, NONFINITE_BIN:].any():
+            if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
                 raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
             hists.append(h)
         return torch.stack(hists)
