@@ -1,0 +1,365 @@
+"""The command line (SPEC §1): methods, plan, inspect, run and its options, each run as a
+separate process (see helpers.run_cli)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import helpers as H  # noqa: E402
+
+# A family with few rows per tensor, so a tiny --max-memory gives a few dozen chunks, not hundreds.
+SMALL_SPEC = {
+    "w": ((24, 33), torch.float32),
+    "v": ((12, 19), torch.bfloat16),
+    "u": ((10, 7), torch.float16),
+    "b": ((5,), torch.float32),
+    "ids": ((1, 12), torch.int64),
+}
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fam")
+    base_spec, ft_specs, base, fts = H.write_family(root, n=3)
+    return root, base_spec, ft_specs, base, fts
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    base_spec, ft_specs, base, fts = H.write_family(root, n=3, seed=7, spec=SMALL_SPEC)
+    return root, base_spec, ft_specs, base, fts
+
+
+def ok(res: H.CliResult) -> H.CliResult:
+    assert res.returncode == 0, str(res)
+    assert "Traceback" not in res.stderr, str(res)
+    return res
+
+
+def run_args(method, inputs, base, out, *extra):
+    args = ["run", "--quiet", "--method", method, "--inputs", ",".join(map(str, inputs)), "--output", str(out)]
+    if base is not None:
+        args += ["--base", str(base)]
+    return args + [str(x) for x in extra]
+
+
+# ---------------------------------------------------------------------------------- methods
+def test_methods_lists_every_method(tmp_path):
+    res = ok(H.run_cli(["methods"], cwd=tmp_path))
+    lines = res.stdout.splitlines()
+    names = [ln.split()[0] for ln in lines if ln.strip()]
+    assert {"average", "task_arithmetic", "ties", "dare"} <= set(names)
+    for ln in lines:
+        if ln.split()[0] in ("ties", "dare", "task_arithmetic"):
+            assert ln.split()[1] == "base", ln
+        if ln.split()[0] == "average":
+            assert ln.split()[1] != "base", ln
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("ties", {"k": "0.2", "lambda": "1.0", "sign": "mass", "merge": "dis-mean", "scope": "global",
+              "k_rule": "reference"}),
+    ("dare", {"p": "0.5", "lambda": "1.0", "seed": "0", "rescale": "True"}),
+    ("task_arithmetic", {"lambda": "0.3"}),
+    ("average", {"weights": "None", "normalize": "False"}),
+])
+def test_methods_name_lists_parameters_and_defaults(tmp_path, method, expected):
+    res = ok(H.run_cli(["methods", method], cwd=tmp_path))
+    assert res.stdout.splitlines()[0].startswith(f"{method}:")
+    found = {}
+    for ln in res.stdout.splitlines():
+        ln = ln.strip()
+        if ln.startswith("-p "):
+            key, _, rest = ln[3:].partition("=")
+            found[key] = rest.split()[0]
+    for key, default in expected.items():
+        assert found.get(key) == default, (key, found)
+    if method == "ties":
+        assert "dis-mean | dis-sum" in res.stdout and "normfrac" in res.stdout
+        assert "needs base: yes" in res.stdout
+
+
+def test_version(tmp_path):
+    res = ok(H.run_cli(["--version"], cwd=tmp_path))
+    assert "tensormerge" in res.stdout
+
+
+# ---------------------------------------------------------------------------------- plan
+def test_plan_ties_prints_blocks_and_passes_and_writes_nothing(fam, tmp_path):
+    root, base_spec, ft_specs, base, _ = fam
+    before = sorted(os.listdir(root))
+    args = ["plan", "--method", "ties", "--inputs", ",".join(ft_specs), "--base", base_spec, "-p", "k=0.3",
+            "--max-memory", "8KiB"]
+    res = ok(H.run_cli(args, cwd=tmp_path))
+    out = res.stdout
+    assert "ties_high -> ties_low -> merge" in out
+    assert "method ties" in out and "'k': 0.3" in out
+    assert "inputs 3 + base" in out
+    for name in base:
+        assert name in out, name
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in base}
+    assert rows["position_ids"][-3] == "copy"
+    assert rows["embed.weight"][-3] == "merge"
+    assert int(rows["layer.0.attn.weight"][-2]) > 1  # chunks under 8KiB
+    assert "blocks 8 (7 merged)" in out
+    assert os.listdir(tmp_path) == []
+    assert sorted(os.listdir(root)) == before
+
+
+def test_plan_average_has_no_passes(fam, tmp_path):
+    _, _, ft_specs, _, _ = fam
+    res = ok(H.run_cli(["plan", "-m", "average", "-i", ft_specs[0], "-i", ",".join(ft_specs[1:])], cwd=tmp_path))
+    assert "passes merge" in res.stdout and "inputs 3 " in res.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_plan_accepts_the_same_arguments_as_run(fam, tmp_path):
+    """SPEC §1: `plan` takes the same arguments as `run`, so a run command line can be turned into
+    a plan by changing the verb. It must accept --output (and the run-only flags) and write nothing."""
+    _, base_spec, ft_specs, _, _ = fam
+    out = tmp_path / "out"
+    args = run_args("ties", ft_specs, base_spec, out, "--report", tmp_path / "r.json", "--overwrite")
+    args[0] = "plan"
+    res = ok(H.run_cli(args, cwd=tmp_path))
+    assert "ties_high" in res.stdout
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------- inspect
+def test_inspect_checkpoint(fam, tmp_path):
+    _, _, ft_specs, base, _ = fam
+    res = ok(H.run_cli(["inspect", ft_specs[0]], cwd=tmp_path))
+    lines = res.stdout.splitlines()
+    assert f"{len(base)} tensors in 1 file(s)" in lines[0]
+    assert any(ln.strip() == "file model.safetensors" for ln in lines)
+    for name, t in base.items():
+        row = next(ln for ln in lines if ln.split() and ln.split()[0] == name)
+        assert str(t.dtype).replace("torch.", "") in row and str(list(t.shape)) in row, row
+
+
+def test_inspect_sharded_tied_json(tmp_path):
+    t = torch.randn(6, 4)
+    sd = {"shared.weight": t, "encoder.embed_tokens.weight": t, "lm_head.weight": torch.randn(6, 4)}
+    d = H.save_sharded_bin(tmp_path / "m", sd, n_shards=1)
+    res = ok(H.run_cli(["inspect", d], cwd=tmp_path))
+    assert "(tied to shared.weight)" in res.stdout
+    # a tied tensor's bytes are counted once: 2 tensors * 24 floats * 4 bytes
+    assert f"{2 * 24 * 4 / 1e9:.3f} GB" in res.stdout.splitlines()[0]
+    d2 = H.save_sharded_safetensors(tmp_path / "s", {"a": torch.ones(3), "b": torch.zeros(2, 2, dtype=torch.bfloat16)},
+                                    n_shards=2)
+    res = ok(H.run_cli(["inspect", "--json", d2], cwd=tmp_path))
+    info = json.loads(res.stdout)
+    assert [pathlib.Path(f).name for f in info["files"]] == ["model-00001-of-00002.safetensors",
+                                                             "model-00002-of-00002.safetensors"]
+    assert info["tensors"] == {"a": {"dtype": "float32", "shape": [3]}, "b": {"dtype": "bfloat16", "shape": [2, 2]}}
+    assert info["aliases"] == {}
+
+
+# ---------------------------------------------------------------------------------- run
+def test_run_report_and_values(fam, tmp_path):
+    _, base_spec, ft_specs, base, fts = fam
+    out, rep = tmp_path / "out", tmp_path / "report.json"
+    res = ok(H.run_cli(run_args("task_arithmetic", ft_specs, base_spec, out, "--report", rep), cwd=tmp_path))
+    assert res.stdout == "" and res.stderr == ""  # --quiet
+    report = json.loads(rep.read_text())
+    assert report["seconds"] > 0 and report["peak_rss_bytes"] > 10 * 2**20
+    assert report["method"] == "task_arithmetic" and report["params"]["lambda"] == 0.3
+    assert report["output"] == str(out)
+    assert {b["name"] for b in report["blocks"]} == set(base)
+    for b in report["blocks"]:
+        assert b["chunks"] >= 1 and len(b["crc32"]) == 8
+        assert b["kind"] == ("copy" if b["name"] == "position_ids" else "merge")
+    merged = H.load_dir(out)
+    for n, e in H.expected_task_arithmetic(base, fts, 0.3).items():
+        H.assert_close(merged[n], e, base[n].dtype, n)
+    assert torch.equal(merged["position_ids"], base["position_ids"])
+
+
+def test_run_prints_summary_without_quiet(small, tmp_path):
+    _, base_spec, ft_specs, _, _ = small
+    out = tmp_path / "out"
+    args = [a for a in run_args("average", ft_specs, None, out) if a != "--quiet"]
+    res = ok(H.run_cli(args, cwd=tmp_path))
+    assert res.stdout.startswith(f"wrote {out} (1 shard(s))")
+
+
+def test_average_weights_honoured(fam, tmp_path):
+    _, _, ft_specs, base, fts = fam
+    out = tmp_path / "out"
+    ok(H.run_cli(run_args("average", ft_specs, None, out, "-p", "weights=0.5,0.3,0.2"), cwd=tmp_path))
+    merged = H.load_dir(out)
+    exp = H.expected_average(fts, [0.5, 0.3, 0.2])
+    uniform = H.expected_average(fts)
+    for n, e in exp.items():
+        H.assert_close(merged[n], e, fts[0][n].dtype, n)
+    # and the weights made a difference beyond tolerance
+    assert not torch.allclose(merged["embed.weight"].double(), uniform["embed.weight"], atol=1e-4)
+
+
+def test_average_weights_normalize(fam, tmp_path):
+    _, _, ft_specs, base, fts = fam
+    out = tmp_path / "out"
+    ok(H.run_cli(run_args("average", ft_specs, None, out, "-p", "weights=5,3,2", "-p", "normalize=true"),
+                 cwd=tmp_path))
+    merged = H.load_dir(out)
+    for n, e in H.expected_average(fts, [0.5, 0.3, 0.2]).items():
+        H.assert_close(merged[n], e, fts[0][n].dtype, n)
+
+
+def test_inputs_repeated_and_per_model_lambdas(fam, tmp_path):
+    _, base_spec, ft_specs, base, fts = fam
+    out = tmp_path / "out"
+    args = ["run", "-q", "-m", "task_arithmetic", "-i", ft_specs[0], "-i", f"{ft_specs[1]},{ft_specs[2]}",
+            "-b", base_spec, "-o", out, "-p", "lambdas=1.0,0.5,-0.25"]
+    ok(H.run_cli(args, cwd=tmp_path))
+    merged = H.load_dir(out)
+    for n, t in base.items():
+        if not t.dtype.is_floating_point:
+            continue
+        e = H.f64(t) + sum(lam * (H.f64(sd[n]) - H.f64(t)) for lam, sd in zip([1.0, 0.5, -0.25], fts))
+        H.assert_close(merged[n], e, t.dtype, n)
+
+
+def test_config_recipe(fam, tmp_path):
+    _, base_spec, ft_specs, base, fts = fam
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "method: task_arithmetic\n"
+        "inputs:\n" + "".join(f"  - {s}\n" for s in ft_specs)
+        + f"base: {base_spec}\n"
+        + f"output: {out}\n"
+        + "params:\n  lambda: 0.5\n"
+        + "dtype: float32\n"
+        + "shard_size: 20KB\n")
+    ok(H.run_cli(["run", "-q", "--config", recipe], cwd=tmp_path))
+    merged = H.load_dir(out)
+    assert (out / "model.safetensors.index.json").exists()  # shard_size from the recipe
+    for n, e in H.expected_task_arithmetic(base, fts, 0.5).items():
+        H.assert_close(merged[n], e, torch.float32, n)  # dtype from the recipe
+    prov = json.loads((out / "tensormerge.json").read_text())
+    assert prov["params"]["lambda"] == 0.5
+
+    # command-line options override the recipe
+    out2 = tmp_path / "out2"
+    ok(H.run_cli(["run", "-q", "--config", recipe, "--output", out2, "-p", "lambda=0.1", "--dtype", "auto"],
+                 cwd=tmp_path))
+    merged2 = H.load_dir(out2)
+    for n, e in H.expected_task_arithmetic(base, fts, 0.1).items():
+        H.assert_close(merged2[n], e, base[n].dtype, n)
+
+
+def test_config_recipe_unknown_key(fam, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: average\nlamda: 3\n")
+    res = H.run_cli(["run", "--config", recipe], cwd=tmp_path)
+    H.assert_clean_error(res, str(recipe), "lamda")
+
+
+@pytest.mark.parametrize("method,params", [
+    ("average", []),
+    ("task_arithmetic", ["-p", "lambda=0.7"]),
+    ("ties", ["-p", "k=0.3"]),
+    ("dare", ["-p", "p=0.4", "-p", "seed=3"]),
+])
+def test_tiny_max_memory_is_byte_identical(small, tmp_path, method, params):
+    _, base_spec, ft_specs, base, fts = small
+    big, tiny = tmp_path / "big", tmp_path / "tiny"
+    base_arg = None if method == "average" else base_spec
+    rb, rt = tmp_path / "big.json", tmp_path / "tiny.json"
+    ok(H.run_cli(run_args(method, ft_specs, base_arg, big, *params, "--report", rb), cwd=tmp_path))
+    ok(H.run_cli(run_args(method, ft_specs, base_arg, tiny, *params, "--max-memory", "4KiB", "--report", rt),
+                 cwd=tmp_path))
+    chunks_big = {b["name"]: b["chunks"] for b in json.loads(rb.read_text())["blocks"]}
+    report_tiny = json.loads(rt.read_text())
+    chunks_tiny = {b["name"]: b["chunks"] for b in report_tiny["blocks"]}
+    assert all(c == 1 for c in chunks_big.values())
+    assert chunks_tiny["w"] > 2 and chunks_tiny["v"] > 1, chunks_tiny
+    assert report_tiny["max_memory"] == 4096
+    assert H.sha256_file(big / "model.safetensors") == H.sha256_file(tiny / "model.safetensors")
+    merged = H.load_dir(tiny)
+    if method == "average":
+        exp = H.expected_average(fts)
+    elif method == "task_arithmetic":
+        exp = H.expected_task_arithmetic(base, fts, 0.7)
+    else:
+        exp = None
+    if exp is not None:
+        for n, e in exp.items():
+            H.assert_close(merged[n], e, base[n].dtype, n)
+    if method == "dare":
+        # about p of each task vector was dropped: the merge is not plain task arithmetic
+        ta = H.expected_task_arithmetic(base, fts, 1.0)["w"]
+        assert not torch.allclose(merged["w"].double(), ta, atol=1e-3)
+
+
+def test_tiny_max_memory_budget_is_respected(small, tmp_path):
+    """SPEC §1: --max-memory bounds the tensor bytes held at once. The executor's own count of
+    budgeted bytes (reads + intermediates + output buffers in flight) must stay under it, in
+    every run (the overshoot, when there is one, depends on thread timing: a few runs)."""
+    _, base_spec, ft_specs, _, _ = small
+    peaks = []
+    for i in range(4):
+        rep = tmp_path / f"r{i}.json"
+        ok(H.run_cli(run_args("task_arithmetic", ft_specs, base_spec, tmp_path / f"out{i}", "--max-memory", "4KiB",
+                              "--report", rep), cwd=tmp_path))
+        report = json.loads(rep.read_text())
+        assert report["max_memory"] == 4096
+        peaks.append(report["peak_budgeted_bytes"])
+    assert all(0 < p <= 4096 for p in peaks), peaks
+
+
+def test_dare_p0_is_task_arithmetic(small, tmp_path):
+    _, base_spec, ft_specs, base, fts = small
+    out = tmp_path / "out"
+    ok(H.run_cli(run_args("dare", ft_specs, base_spec, out, "-p", "p=0", "-p", "lambda=0.6"), cwd=tmp_path))
+    merged = H.load_dir(out)
+    for n, e in H.expected_task_arithmetic(base, fts, 0.6).items():
+        H.assert_close(merged[n], e, base[n].dtype, n)
+
+
+def test_ties_k1_sign_none_dis_sum_is_task_arithmetic(small, tmp_path):
+    """k=1 keeps everything, sign=none skips the election, dis-sum sums: θ_0 + λ Σ τ_i."""
+    _, base_spec, ft_specs, base, fts = small
+    out = tmp_path / "out"
+    ok(H.run_cli(run_args("ties", ft_specs, base_spec, out, "-p", "k=1", "-p", "sign=none", "-p", "merge=sum",
+                          "-p", "lambda=0.4"), cwd=tmp_path))
+    merged = H.load_dir(out)
+    for n, e in H.expected_task_arithmetic(base, fts, 0.4).items():
+        H.assert_close(merged[n], e, base[n].dtype, n)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                               ("float32", torch.float32)])
+def test_dtype_changes_output_dtype(small, tmp_path, dtype, torch_dtype):
+    _, base_spec, ft_specs, base, fts = small
+    out = tmp_path / "out"
+    ok(H.run_cli(run_args("average", ft_specs, None, out, "--dtype", dtype), cwd=tmp_path))
+    merged = H.load_dir(out)
+    exp = H.expected_average(fts)
+    for n, t in base.items():
+        if t.dtype.is_floating_point:
+            H.assert_close(merged[n], exp[n], torch_dtype, n)
+        else:
+            assert merged[n].dtype == t.dtype and torch.equal(merged[n], t)
+
+
+def test_dtype_auto_follows_base(small, tmp_path):
+    _, base_spec, ft_specs, base, fts = small
+    # fine-tunes stored in float32, base in mixed dtypes: the output takes the base's dtypes
+    root = tmp_path / "f32"
+    specs = [H.save(root / f"ft{i}", {k: (v.float() if v.dtype.is_floating_point else v) for k, v in sd.items()})
+             for i, sd in enumerate(fts)]
+    out = tmp_path / "out"
+    ok(H.run_cli(run_args("task_arithmetic", specs, base_spec, out), cwd=tmp_path))
+    merged = H.load_dir(out)
+    for n, t in base.items():
+        assert merged[n].dtype == t.dtype, n
