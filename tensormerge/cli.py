@@ -97,6 +97,11 @@ def merge_options(f):
         click.option("--shard-size", help="largest output shard [default: 5GB]"),
         click.option("--workers", type=int, help="dask LocalCluster workers"),
         click.option("--scheduler", help="dask scheduler address tcp://HOST:PORT"),
+        click.option("--output", "-o", help="output directory"),
+        click.option("--overwrite", is_flag=True, help="replace an existing output directory"),
+        click.option("--resume", is_flag=True, help="continue an interrupted merge"),
+        click.option("--report", type=click.Path(), help="write a JSON report of timings and memory"),
+        click.option("--quiet", "-q", is_flag=True, help="no progress bars"),
         click.option("--traceback", is_flag=True, help="show the Python stack on errors"),
     ]
     for o in reversed(opts):
@@ -112,11 +117,6 @@ def cli() -> None:
 
 @cli.command()
 @merge_options
-@click.option("--output", "-o", help="output directory")
-@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
-@click.option("--resume", is_flag=True, help="continue an interrupted merge")
-@click.option("--report", type=click.Path(), help="write a JSON report of timings and memory")
-@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def run(**kw) -> None:
     """Merge INPUTS (and BASE) into OUTPUT."""
     spec = _spec(kw)
@@ -129,7 +129,9 @@ def run(**kw) -> None:
 @cli.command()
 @merge_options
 def plan(**kw) -> None:
-    """Print the blocks, passes and memory estimate of a merge; reads headers only."""
+    """Print the blocks, passes and memory estimate of a merge; reads headers only.
+
+    Takes the same arguments as `run`; --output, --overwrite, --report and --quiet are ignored."""
     click.echo(api.plan(_spec(kw)))
 
 

@@ -1,8 +1,9 @@
 """Runs a sequence of chunk tasks as a three-stage pipeline: read ahead, compute, write behind.
 
 Reads (positioned reads, GIL released) and writes (pwrite) overlap with compute (torch's
-intra-op threads). Memory is counted in bytes: the reader waits while the bytes held by all
-stages plus its next chunk would pass the budget, so the budget bounds what is in flight. The
+intra-op threads). Memory is counted in bytes: before reading a chunk the reader reserves
+everything the chunk will hold (its reads, intermediates and output) and waits while that plus
+what the other stages hold would pass the budget, so the budget bounds what is in flight. The
 compute and write stages never wait on the budget, so the pipeline cannot deadlock: when the
 reader waits, the others are draining.
 """
@@ -24,9 +25,9 @@ class ByteBudget:
         self.peak = 0
         self._cv = threading.Condition()
 
-    def acquire(self, n: int, wait: bool, stop: threading.Event) -> None:
+    def acquire(self, n: int, stop: threading.Event) -> None:
         with self._cv:
-            while wait and self.used > 0 and self.used + n > self.cap and not stop.is_set():
+            while self.used > 0 and self.used + n > self.cap and not stop.is_set():
                 self._cv.wait(0.1)
             self.used += n
             self.peak = max(self.peak, self.used)
@@ -67,7 +68,7 @@ class LocalExecutor:
                 for task in tasks:
                     if stop.is_set():
                         return
-                    self.budget.acquire(task.read_bytes, True, stop)
+                    self.budget.acquire(task.read_bytes + task.work_bytes + task.out_bytes, stop)
                     data = read(task)
                     _put(inbox, (task, data), stop)
             except BaseException as e:  # handed to the main thread, re-raised there
@@ -103,7 +104,6 @@ class LocalExecutor:
                 if item is _DONE or stop.is_set():
                     break
                 task, data = item
-                self.budget.acquire(task.work_bytes + task.out_bytes, False, stop)
                 result = compute(task, data)
                 del data
                 self.budget.release(task.read_bytes + task.work_bytes)

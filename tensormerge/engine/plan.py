@@ -49,8 +49,11 @@ class Block:
     def chunk_bytes(self, rows: int) -> int:
         """Bytes held for a chunk of `rows` rows: reads double-buffered, output written behind,
         and the intermediates of one compute sub-chunk."""
-        return (rows * (2 * self.read_bytes_per_row + 2 * self.out_bytes_per_row)
-                + min(rows, self.sub_rows * PASS_SUB_FACTOR) * self.work_bytes_per_row)
+        return rows * (2 * self.read_bytes_per_row + 2 * self.out_bytes_per_row) + self.work_bytes(rows)
+
+    def work_bytes(self, rows: int) -> int:
+        """Intermediates of the largest compute sub-chunk (passes use the larger ones)."""
+        return min(rows, self.sub_rows * PASS_SUB_FACTOR) * self.work_bytes_per_row
 
 
 @dataclass
@@ -137,7 +140,10 @@ def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
     groups = _tie_groups(ref)
     for ck in others:
         missing = [n for n in ref.tensors if _resolve_name(ck, groups[n]) is None]
-        extra = [n for n in ck.tensors if n not in ref_names and ck.canonical(n) not in ref_names]
+        tied: dict[str, list[str]] = {}
+        for m in ck.tensors:
+            tied.setdefault(ck.canonical(m), []).append(m)
+        extra = [n for n in ck.tensors if not any(m in ref_names for m in tied[ck.canonical(n)])]
         if missing:
             problems.append(f"{ck.spec} lacks {_few(missing)}")
         if extra:

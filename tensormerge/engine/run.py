@@ -65,7 +65,7 @@ class Runner:
             for i, (r0, r1) in enumerate(b.chunks):
                 rows = r1 - r0
                 yield Task((b, r0, r1, i == len(b.chunks) - 1), rows * b.read_bytes_per_row,
-                           rows * b.work_bytes_per_row, rows * b.out_bytes_per_row if with_output else 0)
+                           b.work_bytes(rows), rows * b.out_bytes_per_row if with_output else 0)
 
     def _read(self, task: Task) -> BlockData:
         b, r0, r1, _ = task.key
