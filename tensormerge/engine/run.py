@@ -239,16 +239,18 @@ class Runner:
         }
 
     def _apply_patches(self, writer: ShardedWriter, state: dict, extras: list[Any]) -> int:
-        patches = self.plan.method.patches(self.plan.params, state, extras)
+        grouped: dict[str, list] = {}
+        for p in self.plan.method.patches(self.plan.params, state, extras):
+            grouped.setdefault(p.name, []).append(p)
         by_block = {n: b for b in self.plan.blocks for n in b.out_names}
-        touched = set()
         count = 0
-        for p in patches:
-            for name in by_block[p.name].out_names:
-                writer.patch(name, p.index, p.values)
-            touched.add(p.name)
-            count += p.index.numel()
-        for name in touched:
+        for name, group in grouped.items():
+            index = torch.cat([p.index for p in group])
+            values = torch.cat([p.values for p in group])
+            for out_name in by_block[name].out_names:
+                writer.patch(out_name, index, values)
+            count += index.numel()
+        for name in grouped:
             data = writer.read_back(name)
             self.stats[name].crc32 = zlib.crc32(data.reshape(-1).view(torch.uint8).numpy())
         return count

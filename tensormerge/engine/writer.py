@@ -22,6 +22,9 @@ from tensormerge.engine.safetensors_format import build_header, element_size
 from tensormerge.errors import OutputError
 
 
+PATCH_WINDOW_ELEMENTS = 1 << 22
+
+
 @dataclass
 class Slot:
     """Where one output tensor's data lies."""
@@ -108,12 +111,23 @@ class ShardedWriter:
         return buf.view(slot.dtype).reshape(slot.shape)
 
     def patch(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
-        """Overwrite single elements (flat indices) of a written tensor."""
+        """Overwrite elements (flat indices) of a written tensor: read-modify-write of the
+        windows that hold them, so millions of scattered entries cost a few sequential passes."""
         slot = self.slots[name]
         size = element_size(slot.dtype)
-        vals = values.to(slot.dtype).contiguous()
-        for i, v in zip(index.tolist(), vals.view(torch.uint8).reshape(-1, size)):
-            self._pwrite(self._fds[slot.file], v.numpy(), slot.begin + i * size, slot.file)
+        order = torch.argsort(index)
+        index, values = index[order], values[order].to(slot.dtype)
+        fd, path = self._fds[slot.file], os.path.join(self.partial, slot.file)
+        start = 0
+        while start < index.numel():
+            lo = int(index[start])
+            end = int(torch.searchsorted(index, lo + PATCH_WINDOW_ELEMENTS))
+            hi = int(index[end - 1]) + 1
+            buf = torch.empty((hi - lo) * size, dtype=torch.uint8)
+            os.preadv(fd, [memoryview(buf.numpy()).cast("B")], slot.begin + lo * size)
+            buf.view(slot.dtype)[index[start:end] - lo] = values[start:end]
+            self._pwrite(fd, buf.numpy(), slot.begin + lo * size, path)
+            start = end
 
     def finish(self, copy_from: str | None, provenance: dict, overwrite: bool) -> None:
         """Index, copied config files, provenance, fsync, then rename `OUT.partial` -> `OUT`."""

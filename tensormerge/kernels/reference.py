@@ -21,7 +21,7 @@ def work_dtype(*xs: torch.Tensor | None) -> torch.dtype:
 
 def weighted_sum(inputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Σ w_i θ_i, accumulated in place (each input converted once, no stacked copy)."""
-    acc = torch.zeros(inputs[0].shape, dtype=work_dtype(*inputs))
+    acc = torch.zeros(inputs[0].shape, dtype=work_dtype(*inputs), device=inputs[0].device)
     for x, w in zip(inputs, weights):
         acc.add_(x, alpha=w)
     return acc
@@ -58,14 +58,15 @@ def dare_keys(seed: int, model: int, name: str) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
 
-def dare_keep(seed: int, model: int, name: str, flat_start: int, numel: int, p: float) -> torch.Tensor:
+def dare_keep(seed: int, model: int, name: str, flat_start: int, numel: int, p: float,
+              device: torch.device | str = "cpu") -> torch.Tensor:
     """Bernoulli(1 − p) keep mask of elements [flat_start, flat_start + numel) of a tensor.
 
     A counter-based hash of (seed, model, name, element index): the mask of an element never
     depends on chunking, order or worker, and a GPU kernel can reproduce it bit for bit.
     """
     k1, k2 = dare_keys(seed, model, name)
-    idx = torch.arange(flat_start, flat_start + numel, dtype=torch.int64)
+    idx = torch.arange(flat_start, flat_start + numel, dtype=torch.int64, device=device)
     x = _fmix32((idx & _M32) ^ k1)
     x = _fmix32(x ^ (((idx >> 32) * 0x27D4EB2F + k2) & _M32))
     cut = min(int(p * 2**32), 2**32)
@@ -82,7 +83,7 @@ def dare(inputs: list[torch.Tensor], base: torch.Tensor, p: float, lambdas: list
     for i, (x, lam) in enumerate(zip(inputs, lambdas)):
         torch.sub(x, base_w, out=tmp)
         if p > 0:
-            keep = dare_keep(seed, i, name, flat_start, tmp.numel(), p).reshape(tmp.shape)
+            keep = dare_keep(seed, i, name, flat_start, tmp.numel(), p, tmp.device).reshape(tmp.shape)
             tmp.mul_(keep)
         acc.add_(tmp, alpha=lam * scale)
     return acc.add_(base_w)
@@ -93,7 +94,7 @@ def task_vectors(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor
     """[N, numel] stacked τ_i = θ_i − θ_0 in the work dtype."""
     wd = work_dtype(base, *inputs)
     base_w = base.reshape(-1).to(wd)
-    out = torch.empty((len(inputs), base_w.numel()), dtype=wd)
+    out = torch.empty((len(inputs), base_w.numel()), dtype=wd, device=base_w.device)
     for i, x in enumerate(inputs):
         torch.sub(x.reshape(-1), base_w, out=out[i])
     return out
@@ -115,9 +116,12 @@ def ties_elect(trimmed: torch.Tensor, mode: str, sq_norms: list[float] | None = 
     if mode == "none":
         return None
     if mode == "mass":
-        return torch.sign(trimmed.sum(0))
-    norms = torch.tensor(sq_norms, dtype=trimmed.dtype).clamp_min(torch.finfo(trimmed.dtype).tiny).unsqueeze(1)
-    frac = trimmed.square() / norms
+        total = trimmed[0].clone()
+        for t in trimmed[1:]:
+            total.add_(t)
+        return total.sign_()
+    norms = torch.tensor(sq_norms, dtype=trimmed.dtype, device=trimmed.device)
+    frac = trimmed.square() / norms.clamp_min(torch.finfo(trimmed.dtype).tiny).unsqueeze(1)
     if mode == "normfrac":
         pick = frac.argmax(0, keepdim=True)
         return torch.sign(trimmed.gather(0, pick)).squeeze(0)
@@ -126,21 +130,32 @@ def ties_elect(trimmed: torch.Tensor, mode: str, sq_norms: list[float] | None = 
     raise ValueError(f"unknown sign mode {mode!r}")
 
 
+def _selected(t: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
+    """1.0 where t agrees with the elected sign (any nonzero t when there is no election).
+
+    Kept as a float mask and built per model: reductions over a stacked bool tensor are an
+    order of magnitude slower in torch than these 1-D float ops.
+    """
+    return (t * sign).gt_(0) if sign is not None else t.abs().gt_(0)
+
+
 def ties_disjoint(trimmed: torch.Tensor, sign: torch.Tensor | None, merge: str) -> torch.Tensor:
     """Disjoint (or plain) aggregation of trimmed task vectors under the elected sign."""
-    if merge.startswith("dis-"):
-        selected = trimmed if sign is None else trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
-        kind = merge[4:]
-        if kind == "mean":
-            count = (selected != 0).sum(0).clamp_min(1)
-            return selected.sum(0) / count
-        if kind == "sum":
-            return selected.sum(0)
-        if kind == "max":
-            if sign is None:
-                return _magnitude(selected)
-            return selected.abs().amax(0) * sign
-        raise ValueError(f"unknown TIES merge {merge!r}")
+    if merge in ("dis-mean", "dis-sum"):
+        total = torch.zeros_like(trimmed[0])
+        count = torch.zeros_like(trimmed[0])
+        for t in trimmed:
+            sel = _selected(t, sign)
+            total.addcmul_(t, sel)
+            count.add_(sel)
+        return total if merge == "dis-sum" else total.div_(count.clamp_min_(1))
+    if merge == "dis-max":
+        if sign is None:
+            return _magnitude(trimmed)
+        biggest = torch.zeros_like(trimmed[0])
+        for t in trimmed:
+            torch.maximum(biggest, t.abs().mul_(_selected(t, sign)), out=biggest)
+        return biggest.mul_(sign)
     if merge == "mean":
         out = trimmed.mean(0)
     elif merge == "sum":
@@ -152,6 +167,14 @@ def ties_disjoint(trimmed: torch.Tensor, sign: torch.Tensor | None, merge: str) 
     else:
         raise ValueError(f"unknown TIES merge {merge!r}")
     return out if sign is None else out.abs() * sign
+
+
+def abs_mass(trimmed: torch.Tensor) -> torch.Tensor:
+    """Σ_i |τ̂_i| per entry: zero exactly when every trimmed task vector is zero there."""
+    mass = trimmed[0].abs()
+    for t in trimmed[1:]:
+        mass.add_(t.abs())
+    return mass
 
 
 def _magnitude(t: torch.Tensor) -> torch.Tensor:

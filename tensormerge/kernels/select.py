@@ -32,7 +32,7 @@ def hist_high_moments(bits: torch.Tensor) -> torch.Tensor:
     """Per top-16-bit bin: count, sum of low 16 bits, sum of their squares ([3, NBINS] int64)."""
     hi = (bits >> 16).long()
     lo = (bits & 0xFFFF).long()
-    out = torch.zeros(3, NBINS, dtype=torch.int64)
+    out = torch.zeros(3, NBINS, dtype=torch.int64, device=bits.device)
     out[0].index_add_(0, hi, torch.ones_like(lo))
     out[1].index_add_(0, hi, lo)
     out[2].index_add_(0, hi, lo * lo)

@@ -71,7 +71,7 @@ class _HighPass(GlobalPass):
             if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
                 raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
             hists.append(h)
-        return torch.stack(hists)
+        return torch.stack(hists).cpu()
 
     def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
         key = _key(self.params, block)
@@ -123,11 +123,11 @@ class _LowPass(GlobalPass):
     def map(self, data: BlockData, state: dict) -> torch.Tensor:
         located = state[_HighPass.name][_key(self.params, data.name)]
         tau = K.task_vectors(data.inputs, data.base).float()
-        out = torch.zeros(len(located), S.NBINS, dtype=torch.int64)
+        out = torch.zeros(len(located), S.NBINS, dtype=torch.int64, device=tau.device)
         for i, (b, _, _) in enumerate(located):
             if b >= 0:
                 out[i] = S.hist_low(S.abs_bits(tau[i]), b)
-        return out
+        return out.cpu()
 
     def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
         key = _key(self.params, block)
@@ -198,7 +198,7 @@ class Ties(Method):
         if sign is None:
             return out
         votes = int(sign.sum().item())
-        zero = ((sign == 0) & (tau != 0).any(0)).nonzero().squeeze(1)
+        zero = ((sign == 0) & (K.abs_mass(tau) > 0)).nonzero().squeeze(1)
         undecided = None
         if zero.numel():
             undecided = _Undecided(key, data.name, zero + data.flat_start, tau[:, zero].clone(), base_w[zero].clone())
@@ -213,7 +213,7 @@ class Ties(Method):
             if u is None:
                 continue
             majority = float((votes[key] > 0) - (votes[key] < 0))
-            sign = torch.full((u.columns.shape[1],), majority, dtype=u.columns.dtype)
+            sign = torch.full((u.columns.shape[1],), majority, dtype=u.columns.dtype, device=u.columns.device)
             merged = K.ties_disjoint(u.columns, sign, params.merge)
             out.append(Patch(u.name, u.index, merged.mul_(params.lambda_).add_(u.base)))
         return out
