@@ -56,3 +56,8 @@ HUB_BIN_PATTERNS = ["*.bin"]
 SUB_CHUNK_ELEMENTS = 1 << 18
 # Global passes only histogram their sub-chunks: bigger ones amortise the fixed cost of the bins.
 PASS_SUB_FACTOR = 4
+
+# No single read or output buffer is larger than this, even under a large --max-memory: glibc
+# serves allocations below its 32 MiB mmap ceiling from reusable heap memory, while larger ones
+# are fresh mappings whose page faults cost more than the reads themselves (0.7 vs 4 GB/s here).
+PIECE_BYTES = 24 * 1024 * 1024

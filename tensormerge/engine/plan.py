@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensormerge.constants import PASS_SUB_FACTOR, SUB_CHUNK_ELEMENTS
+from tensormerge.constants import PASS_SUB_FACTOR, PIECE_BYTES, SUB_CHUNK_ELEMENTS
 from tensormerge.engine.safetensors_format import element_size
 from tensormerge.engine.sources import Checkpoint, TensorInfo
 from tensormerge.errors import BudgetError, InputError
@@ -33,6 +33,7 @@ class Block:
     work_bytes_per_row: int
     chunks: list[tuple[int, int]] = field(default_factory=list)
     sub_rows: int = 1  # rows per compute sub-chunk (intermediates are this size, not the chunk's)
+    max_piece_row_bytes: int = 0  # bytes per row of the largest single read or output buffer
 
     @property
     def rows(self) -> int:
@@ -203,13 +204,16 @@ def _make_block(method: Method, params: Params, name: str, info: TensorInfo, eve
         out_dtype = info.dtype
         readers = everyone
         work = 0
-    read_row = sum(row_numel * element_size(ck.tensors[r].dtype) for ck, r in zip(everyone, reads) if ck in readers)
-    return Block(name, [name], info.shape, out_dtype, kind, reads, read_row, work)
+    sizes = [element_size(ck.tensors[r].dtype) for ck, r in zip(everyone, reads) if ck in readers]
+    block = Block(name, [name], info.shape, out_dtype, kind, reads, row_numel * sum(sizes), work)
+    block.max_piece_row_bytes = row_numel * max(sizes + [element_size(out_dtype)])
+    return block
 
 
 def _chunks(method: Method, b: Block, max_memory: int) -> list[tuple[int, int]]:
     whole = b.chunk_bytes(b.rows)
-    if whole <= max_memory or b.rows <= 1:
+    fits_piece = b.rows * b.max_piece_row_bytes <= PIECE_BYTES or not method.row_split
+    if (whole <= max_memory and fits_piece) or b.rows <= 1:
         if whole > max_memory:
             raise BudgetError(f"block {b.name!r} needs {format_size(whole)} but --max-memory is {format_size(max_memory)}")
         return [(0, b.rows)]
@@ -219,5 +223,5 @@ def _chunks(method: Method, b: Block, max_memory: int) -> list[tuple[int, int]]:
     per = b.chunk_bytes(1)
     if per > max_memory:
         raise BudgetError(f"block {b.name!r}: one row needs {format_size(per)} but --max-memory is {format_size(max_memory)}")
-    rows = max_memory // per
+    rows = max(1, min(max_memory // per, PIECE_BYTES // max(b.max_piece_row_bytes, 1)))
     return [(r, min(r + rows, b.rows)) for r in range(0, b.rows, rows)]

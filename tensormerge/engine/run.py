@@ -11,6 +11,7 @@ import torch
 
 from tensormerge import __version__
 from tensormerge.constants import PASS_SUB_FACTOR
+from tensormerge.engine.alloc import keep_freed_buffers
 from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.plan import Block, MergePlan
@@ -55,6 +56,7 @@ class Runner:
         self.plan = plan
         self.opts = opts
         self.device = torch.device(opts.device)
+        keep_freed_buffers()
         self.executor = LocalExecutor(plan.max_memory)
         self.stats: dict[str, BlockStats] = {b.name: BlockStats() for b in plan.blocks}
         self.passes_report: list[dict] = []
