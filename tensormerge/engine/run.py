@@ -32,6 +32,11 @@ def _sub_chunks(data: BlockData, rows: int):
                         data.full_shape, data.row_start + s)
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """NaN or Inf anywhere makes the sum non-finite; only then (or on overflow) look closer."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 @dataclass
 class BlockStats:
     seconds: float = 0.0
@@ -120,9 +125,9 @@ class Runner:
         self.passes_report.append({"name": gpass.name, "seconds": time.perf_counter() - t0,
                                    "bytes_read": self.plan.bytes_read_pass})
 
-    def run_merge(self, writer: ShardedWriter, state: dict) -> list[Any]:
+    def run_merge(self, writer: ShardedWriter, state: dict) -> Any:
         method, params = self.plan.method, self.plan.params
-        extras: list[Any] = []
+        extras = method.start_extras(params)
         bar = self._bar("merge", self.plan.bytes_read_merge, len(self.plan.blocks))
 
         def compute(task: Task, data: BlockData) -> torch.Tensor:
@@ -136,9 +141,10 @@ class Runner:
                 for part in _sub_chunks(data, b.sub_rows):
                     result = method.merge(part, params, state)
                     if isinstance(result, tuple):
+                        nonlocal extras
                         result, extra = result
-                        extras.append(extra)
-                    if not bool(torch.isfinite(result).all()):
+                        extras = method.add_extra(extras, extra)
+                    if not _all_finite(result):
                         raise InputError(f"tensor {b.name!r}: the merge produced NaN or Inf (non-finite input values?)")
                     s0 = part.row_start - data.row_start
                     if shape:
@@ -212,10 +218,12 @@ class Runner:
                 t_merge = time.perf_counter()
                 extras = self.run_merge(writer, state)
                 merge_s = time.perf_counter() - t_merge
+                t_patch = time.perf_counter()
                 patched = self._apply_patches(writer, state, extras)
-                seconds = time.perf_counter() - t_start
-                provenance = self._provenance(seconds, patched)
+                t_finish = time.perf_counter()
+                provenance = self._provenance(t_finish - t_start, patched)
                 writer.finish(plan.ref.config_dir, provenance, opts.overwrite)
+                finish_s = time.perf_counter() - t_finish
             except BaseException:
                 writer.abort()
                 raise
@@ -225,6 +233,8 @@ class Runner:
             "params": plan.params.as_dict(),
             "seconds": time.perf_counter() - t_start,
             "merge_seconds": merge_s,
+            "patch_seconds": t_finish - t_patch,
+            "finish_seconds": finish_s,
             "passes": self.passes_report,
             "peak_rss_bytes": mem.peak_rss,
             "peak_anon_bytes": mem.peak_anon,
@@ -240,7 +250,7 @@ class Runner:
                         "crc32": f"{self.stats[b.name].crc32:08x}"} for b in plan.blocks],
         }
 
-    def _apply_patches(self, writer: ShardedWriter, state: dict, extras: list[Any]) -> int:
+    def _apply_patches(self, writer: ShardedWriter, state: dict, extras: Any) -> int:
         grouped: dict[str, list] = {}
         for p in self.plan.method.patches(self.plan.params, state, extras):
             grouped.setdefault(p.name, []).append(p)

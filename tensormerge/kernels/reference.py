@@ -107,7 +107,7 @@ def ties_trim_(tau: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
             mag = tau[i].abs()
             if mag.dtype != torch.float32:  # thresholds select among float32 magnitudes (monotone rounding)
                 mag = mag.float()
-            tau[i].mul_(mag >= v)
+            tau[i].mul_(mag.ge_(v).to(tau.dtype))  # a float 0/1 mask: bool masks are slower in torch
     return tau
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from fractions import Fraction
 
 import torch
@@ -40,7 +41,10 @@ def hist_high_moments(bits: torch.Tensor) -> torch.Tensor:
 
 
 def hist_low(bits: torch.Tensor, hi_bin: int) -> torch.Tensor:
-    inside = bits[(bits >> 16) == hi_bin]
+    if sys.byteorder == "little":  # an int32's high int16 half is its top 16 bits (sign clear)
+        inside = bits[bits.view(torch.int16)[1::2] == hi_bin]
+    else:
+        inside = bits[(bits >> 16) == hi_bin]
     return torch.bincount(inside & 0xFFFF, minlength=NBINS)
 
 

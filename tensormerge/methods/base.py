@@ -175,7 +175,15 @@ class Method(ABC):
     def merge(self, data: BlockData, params: Params, state: dict) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Merged rows (float32 or wider), optionally with an extra for `patches`."""
 
-    def patches(self, params: Params, state: dict, extras: list[Any]) -> list[Patch]:
+    def start_extras(self, params: Params) -> Any:
+        """Accumulator for the extras `merge` returns, folded in as each chunk is merged."""
+        return []
+
+    def add_extra(self, acc: Any, extra: Any) -> Any:
+        acc.append(extra)
+        return acc
+
+    def patches(self, params: Params, state: dict, extras: Any) -> list[Patch]:
         """Fix-ups known only after every block was merged (TIES' global majority sign)."""
         return []
 
