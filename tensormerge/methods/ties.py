@@ -21,6 +21,7 @@ from tensormerge.kernels import select as S
 from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, Patch, param, register
 
 GLOBAL = "\x00global"
+RUNNING_VOTES = "ties_running_votes"
 NONFINITE_BIN = 0x7F80  # top 16 bits of +inf; NaNs fill the 127 bins above (sign bit is clear)
 
 
@@ -45,6 +46,10 @@ class TiesParams(Params):
     @property
     def needs_norms(self) -> bool:
         return self.sign in ("normfrac", "normmass")
+
+
+def _sign(x: int) -> int:
+    return (x > 0) - (x < 0)
 
 
 def _key(params: TiesParams, name: str) -> str:
@@ -172,33 +177,33 @@ class _UndecidedLog:
 
     def __init__(self) -> None:
         self.votes: dict[str, int] = {}
-        self.runs: list[tuple[str, str, int, torch.dtype]] = []  # (key, tensor, entries, dtype)
+        self.runs: list[tuple[str, str, int, torch.dtype, float]] = []  # key, tensor, entries, dtype, guess
         self.index = bytearray()
         self.columns = bytearray()  # [entries, N] trimmed task vectors, row-major
         self.base = bytearray()
         self.n_models = 0
 
-    def add(self, key: str, votes: int, name: str, index: torch.Tensor, columns: torch.Tensor,
+    def add(self, key: str, votes: int, guess: float, name: str, index: torch.Tensor, columns: torch.Tensor,
             base: torch.Tensor) -> None:
         self.votes[key] = self.votes.get(key, 0) + votes
         if index.numel():
             self.n_models = columns.shape[0]
-            self.runs.append((key, name, index.numel(), columns.dtype))
+            self.runs.append((key, name, index.numel(), columns.dtype, guess))
             self.index += memoryview(index.cpu().numpy()).cast("B")
             self.columns += memoryview(columns.t().contiguous().cpu().numpy()).cast("B")
             self.base += memoryview(base.cpu().numpy()).cast("B")
 
     def entries(self):
-        """(key, tensor name, flat indices, [N, m] columns, base values) per run, no copies."""
+        """(key, tensor, flat indices, [N, m] columns, base values, sign guessed) per run, no copies."""
         n_models = self.n_models
         pos_i = pos_c = pos_b = 0
-        for key, name, m, dtype in self.runs:
+        for key, name, m, dtype, guess in self.runs:
             size = torch.empty((), dtype=dtype).element_size()
             index = torch.frombuffer(self.index, dtype=torch.int64, count=m, offset=pos_i)
             columns = torch.frombuffer(self.columns, dtype=dtype, count=m * n_models, offset=pos_c)
             base = torch.frombuffer(self.base, dtype=dtype, count=m, offset=pos_b)
             pos_i, pos_c, pos_b = pos_i + 8 * m, pos_c + size * m * n_models, pos_b + size * m
-            yield key, name, index, columns.reshape(m, n_models).t(), base
+            yield key, name, index, columns.reshape(m, n_models).t(), base, guess
 
 
 @register
@@ -220,14 +225,23 @@ class Ties(Method):
         tau = K.task_vectors(data.inputs, data.base)
         K.ties_trim_(tau, trim["v"])
         sign = K.ties_elect(tau, params.sign, trim["sq"])
+        guess, votes = 0.0, 0
+        if sign is not None:
+            # Zero signs take the model-wide majority, known only after the last block. Guess it
+            # from the votes so far; `patches` rewrites the entries only where the guess was wrong.
+            running = state.setdefault(RUNNING_VOTES, {})
+            guess = float(_sign(running.get(key, 0)))
+            votes = int(sign.sum().item())
+            running[key] = running.get(key, 0) + votes
+            zero_sign = sign == 0
+            sign = sign.masked_fill(zero_sign, guess)
         merged = K.ties_disjoint(tau, sign, params.merge)
         base_w = data.base.reshape(-1).to(merged.dtype)
         out = merged.mul_(params.lambda_).add_(base_w).reshape(data.base.shape)
         if sign is None:
             return out
-        votes = int(sign.sum().item())
-        zero = ((sign == 0) & (K.abs_mass(tau) > 0)).nonzero().squeeze(1)
-        return out, (key, votes, data.name, zero + data.flat_start, tau[:, zero], base_w[zero])
+        zero = (zero_sign & (K.abs_mass(tau) > 0)).nonzero().squeeze(1)
+        return out, (key, votes, guess, data.name, zero + data.flat_start, tau[:, zero], base_w[zero])
 
     def start_extras(self, params: TiesParams) -> _UndecidedLog:
         return _UndecidedLog()
@@ -238,8 +252,10 @@ class Ties(Method):
 
     def patches(self, params: TiesParams, state: dict, log: _UndecidedLog) -> list[Patch]:
         out = []
-        for key, name, index, columns, base in log.entries():
-            majority = float((log.votes[key] > 0) - (log.votes[key] < 0))
+        for key, name, index, columns, base, guess in log.entries():
+            majority = float(_sign(log.votes[key]))
+            if majority == guess:
+                continue
             sign = torch.full((columns.shape[1],), majority, dtype=columns.dtype)
             merged = K.ties_disjoint(columns, sign, params.merge)
             out.append(Patch(name, index.clone(), merged.mul_(params.lambda_).add_(base)))
