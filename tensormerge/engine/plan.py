@@ -96,8 +96,15 @@ class MergePlan:
     def peak_estimate(self) -> int:
         return max((b.chunk_bytes(r1 - r0) for b in self.blocks for r0, r1 in b.chunks), default=0)
 
+    def summary(self) -> str:
+        """The plan's header lines: what `run` prints before any tensor byte is read."""
+        return "\n".join(self._header())
+
     def table(self, limit: int = 40) -> str:
-        lines = [
+        return "\n".join(self._header() + self._rows(limit))
+
+    def _header(self) -> list[str]:
+        return [
             f"method {self.method.name}  params {self.params.as_dict()}",
             f"inputs {len(self.inputs)}" + (f" + base" if self.base is not None else "")
             + f"  blocks {len(self.blocks)} ({len(self.merge_blocks)} merged)"
@@ -105,9 +112,10 @@ class MergePlan:
             f"max memory {format_size(self.max_memory)}  estimated peak tensor memory {format_size(self.peak_estimate)}",
             f"read {format_size(self.bytes_read_merge + len(self.passes) * self.bytes_read_pass)}"
             f"  write {format_size(self.bytes_written)}",
-            "",
-            f"{'block':<60} {'shape':<18} {'dtype':<9} {'kind':<6} {'chunks':>6} {'chunk MiB':>9}",
         ]
+
+    def _rows(self, limit: int) -> list[str]:
+        lines = ["", f"{'block':<60} {'shape':<18} {'dtype':<9} {'kind':<6} {'chunks':>6} {'chunk MiB':>9}"]
         for b in self.blocks[:limit]:
             big = max(r1 - r0 for r0, r1 in b.chunks)
             name = b.name + (f" (+{len(b.out_names) - 1} tied)" if len(b.out_names) > 1 else "")
@@ -115,7 +123,7 @@ class MergePlan:
                          f"{b.kind:<6} {len(b.chunks):>6} {b.chunk_bytes(big) / 2**20:>9.1f}")
         if len(self.blocks) > limit:
             lines.append(f"... {len(self.blocks) - limit} more blocks")
-        return "\n".join(lines)
+        return lines
 
 
 def _tie_groups(ref: Checkpoint) -> dict[str, list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -209,6 +210,8 @@ class Runner:
         names.sort(key=lambda t: order[t[0]])
         writer = ShardedWriter(opts.output, names, opts.shard_size)
         t_start = time.perf_counter()
+        if not opts.quiet:
+            print(plan.summary(), file=sys.stderr, flush=True)
         with MemoryMonitor() as mem:
             writer.create()
             try:
