@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,11 @@ class Runner:
         self.opts = opts
         self.device = torch.device(opts.device)
         keep_freed_buffers()
+        # On CPU, sub-chunks run on a pool of single-threaded workers: torch's intra-op threads
+        # gain little on cache-sized element-wise ops, and single-threaded ops such as bincount
+        # then use every core. Results are consumed in order, so the bytes do not change.
+        self.workers = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
+        self.pool: ThreadPoolExecutor | None = None
         self.executor = LocalExecutor(plan.max_memory)
         self.stats: dict[str, BlockStats] = {b.name: BlockStats() for b in plan.blocks}
         self.passes_report: list[dict] = []
@@ -99,6 +105,11 @@ class Runner:
                                  f"{self.plan.inputs[i].spec} (non-floating-point tensors are copied, not merged)")
         return ref
 
+    def _map(self, fn, parts: list) -> list:
+        if self.pool is None or len(parts) == 1:
+            return [fn(p) for p in parts]
+        return list(self.pool.map(fn, parts))
+
     # ------------------------------------------------------------------ passes
     def run_pass(self, gpass, state: dict) -> None:
         acc = gpass.start(state)
@@ -107,7 +118,8 @@ class Runner:
         bar = self._bar(gpass.name, sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
 
         def compute(task: Task, data: BlockData):
-            return [gpass.map(part, state) for part in _sub_chunks(data, task.key[0].sub_rows * PASS_SUB_FACTOR)]
+            parts = list(_sub_chunks(data, task.key[0].sub_rows * PASS_SUB_FACTOR))
+            return self._map(lambda part: gpass.map(part, state), parts)
 
         def collect(task: Task, partials) -> None:
             nonlocal acc
@@ -139,8 +151,8 @@ class Runner:
                 out = self._copy(b, data).reshape(shape).contiguous().cpu()
             else:
                 out = torch.empty(shape, dtype=b.out_dtype)
-                for part in _sub_chunks(data, b.sub_rows):
-                    result = method.merge(part, params, state)
+                parts = list(_sub_chunks(data, b.sub_rows))
+                for part, result in zip(parts, self._map(lambda part: method.merge(part, params, state), parts)):
                     if isinstance(result, tuple):
                         nonlocal extras
                         result, extra = result
@@ -212,6 +224,10 @@ class Runner:
         t_start = time.perf_counter()
         if not opts.quiet:
             print(plan.summary(), file=sys.stderr, flush=True)
+        threads = torch.get_num_threads()
+        if self.workers > 1:
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tensormerge-compute")
+            torch.set_num_threads(1)
         with MemoryMonitor() as mem:
             writer.create()
             try:
@@ -230,6 +246,11 @@ class Runner:
             except BaseException:
                 writer.abort()
                 raise
+            finally:
+                if self.pool is not None:
+                    self.pool.shutdown()
+                    self.pool = None
+                    torch.set_num_threads(threads)
         return {
             "output": writer.out_dir,
             "method": plan.method.name,

@@ -10,6 +10,7 @@ thresholds, and the majority sign, known only after the merge pass, is applied b
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -56,13 +57,40 @@ def _key(params: TiesParams, name: str) -> str:
     return GLOBAL if params.scope == "global" else name
 
 
-class _HighPass(GlobalPass):
-    """Pass A: per model, a histogram of the top 16 bits of |τ| (with moments for norms)."""
-
-    name = "ties_high"
+class _HistogramPass(GlobalPass):
+    """Histograms summed per key (the whole model, or one tensor for scope=tensor), compacted
+    into a small result as soon as a key is complete so per-tensor scope stays small."""
 
     def __init__(self, params: TiesParams):
         self.params = params
+
+    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
+        key = _key(self.params, block)
+        if key in acc["hist"]:
+            acc["hist"][key] += partial
+        else:
+            acc["hist"][key] = partial.clone()
+        return acc
+
+    def end_block(self, acc: dict, block: str, numel: int) -> dict:
+        if self.params.scope == "tensor":
+            self._compact(acc, block)
+        return acc
+
+    def finish(self, acc: dict, state: dict) -> None:
+        if GLOBAL in acc["hist"]:
+            self._compact(acc, GLOBAL)
+        state[self.name] = acc["result"]
+
+    @abstractmethod
+    def _compact(self, acc: dict, key: str) -> None:
+        """Replace a complete key's histograms by the small result the next step needs."""
+
+
+class _HighPass(_HistogramPass):
+    """Pass A: per model, a histogram of the top 16 bits of |τ| (with moments for norms)."""
+
+    name = "ties_high"
 
     def start(self, state: dict) -> dict:
         return {"hist": {}, "numel": {}, "result": {}}
@@ -80,22 +108,8 @@ class _HighPass(GlobalPass):
 
     def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
         key = _key(self.params, block)
-        if key in acc["hist"]:
-            acc["hist"][key] += partial
-        else:
-            acc["hist"][key] = partial.clone()
         acc["numel"][key] = acc["numel"].get(key, 0) + partial[0, 0].sum().item()
-        return acc
-
-    def end_block(self, acc: dict, block: str, numel: int) -> dict:
-        if self.params.scope == "tensor":
-            self._compact(acc, block)
-        return acc
-
-    def finish(self, acc: dict, state: dict) -> None:
-        if GLOBAL in acc["hist"]:
-            self._compact(acc, GLOBAL)
-        state[self.name] = acc["result"]
+        return super().reduce(acc, partial, block)
 
     def _compact(self, acc: dict, key: str) -> None:
         """Replace a key's histograms by what pass B needs: its bin, rank in bin, mass above."""
@@ -114,13 +128,10 @@ class _HighPass(GlobalPass):
         acc["result"][key] = per_model
 
 
-class _LowPass(GlobalPass):
+class _LowPass(_HistogramPass):
     """Pass B: inside each model's chosen top bin, a histogram of the low 16 bits -> exact v_i."""
 
     name = "ties_low"
-
-    def __init__(self, params: TiesParams):
-        self.params = params
 
     def start(self, state: dict) -> dict:
         return {"hist": {}, "result": {}, "high": state[_HighPass.name]}
@@ -134,23 +145,6 @@ class _LowPass(GlobalPass):
                 out[i] = S.hist_low(S.abs_bits(tau[i]), b)
         return out.cpu()
 
-    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
-        key = _key(self.params, block)
-        if key in acc["hist"]:
-            acc["hist"][key] += partial
-        else:
-            acc["hist"][key] = partial.clone()
-        return acc
-
-    def end_block(self, acc: dict, block: str, numel: int) -> dict:
-        if self.params.scope == "tensor":
-            self._compact(acc, block)
-        return acc
-
-    def finish(self, acc: dict, state: dict) -> None:
-        if GLOBAL in acc["hist"]:
-            self._compact(acc, GLOBAL)
-        state[self.name] = acc["result"]
 
     def _compact(self, acc: dict, key: str) -> None:
         hist = acc["hist"].pop(key)
