@@ -91,7 +91,8 @@ def dare(inputs: list[torch.Tensor], base: torch.Tensor, p: float, lambdas: list
 
 # ---------------------------------------------------------------------------------- TIES
 def task_vectors(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """[N, numel] stacked τ_i = θ_i − θ_0 in the work dtype."""
+    """[N, numel] stacked τ_i = θ_i − θ_0 in the work dtype (pass the base already converted
+    to it, flattened, to convert it once)."""
     wd = work_dtype(base, *inputs)
     base_w = base.reshape(-1).to(wd)
     out = torch.empty((len(inputs), base_w.numel()), dtype=wd, device=base_w.device)
@@ -167,6 +168,14 @@ def ties_disjoint(trimmed: torch.Tensor, sign: torch.Tensor | None, merge: str) 
     else:
         raise ValueError(f"unknown TIES merge {merge!r}")
     return out if sign is None else out.abs() * sign
+
+
+def resolve_zero_signs_(sign: torch.Tensor, value: float) -> torch.Tensor:
+    """Set entries with sign 0 to `value` (±1 or 0) in place, with float ops only (a bool
+    masked_fill costs as much as the rest of the TIES merge here)."""
+    if value:
+        sign.add_(sign.abs().neg_().add_(1.0), alpha=value)
+    return sign
 
 
 def abs_mass(trimmed: torch.Tensor) -> torch.Tensor:

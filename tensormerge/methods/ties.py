@@ -216,7 +216,8 @@ class Ties(Method):
     def merge(self, data: BlockData, params: TiesParams, state: dict):
         key = _key(params, data.name)
         trim = state[_LowPass.name][key]
-        tau = K.task_vectors(data.inputs, data.base)
+        base_w = data.base.reshape(-1).to(K.work_dtype(data.base, *data.inputs))
+        tau = K.task_vectors(data.inputs, base_w)
         K.ties_trim_(tau, trim["v"])
         sign = K.ties_elect(tau, params.sign, trim["sq"])
         guess, votes = 0.0, 0
@@ -227,14 +228,13 @@ class Ties(Method):
             guess = float(_sign(running.get(key, 0)))
             votes = int(sign.sum().item())
             running[key] = running.get(key, 0) + votes
-            zero_sign = sign == 0
-            sign = sign.masked_fill(zero_sign, guess)
+            undecided = (sign == 0).logical_and_(K.abs_mass(tau) > 0)
+            K.resolve_zero_signs_(sign, guess)
         merged = K.ties_disjoint(tau, sign, params.merge)
-        base_w = data.base.reshape(-1).to(merged.dtype)
         out = merged.mul_(params.lambda_).add_(base_w).reshape(data.base.shape)
         if sign is None:
             return out
-        zero = (zero_sign & (K.abs_mass(tau) > 0)).nonzero().squeeze(1)
+        zero = undecided.nonzero().squeeze(1)
         return out, (key, votes, guess, data.name, zero + data.flat_start, tau[:, zero], base_w[zero])
 
     def start_extras(self, params: TiesParams) -> _UndecidedLog:
