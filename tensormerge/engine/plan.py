@@ -106,7 +106,7 @@ class MergePlan:
     def _header(self) -> list[str]:
         return [
             f"method {self.method.name}  params {self.params.as_dict()}",
-            f"inputs {len(self.inputs)}" + (f" + base" if self.base is not None else "")
+            f"inputs {len(self.inputs)}" + (" + base" if self.base is not None else "")
             + f"  blocks {len(self.blocks)} ({len(self.merge_blocks)} merged)"
             + f"  passes {' -> '.join(self.passes + ['merge'])}",
             f"max memory {format_size(self.max_memory)}  estimated peak tensor memory {format_size(self.peak_estimate)}",

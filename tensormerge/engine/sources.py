@@ -81,8 +81,8 @@ class Checkpoint(ABC):
         h.update(json.dumps(sizes, sort_keys=True).encode())
         return {"spec": self.spec, "files": sizes, "tensors": len(self.tensors), "sha256": h.hexdigest()}
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - most checkpoints hold nothing to release
+        """Release open files (those that keep any)."""
 
 
 class SafetensorsCheckpoint(Checkpoint):

@@ -72,7 +72,7 @@ class Params:
 
     def validate(self, method: str, n_models: int) -> None:
         """Range checks; subclasses extend. Per-model lists must have one value per model."""
-        for key, f, tp in self.spec():
+        for key, f, _ in self.spec():
             value = getattr(self, f.name)
             if isinstance(value, list) and len(value) != n_models:
                 raise ParameterError(f"{method}: parameter {key!r} has {len(value)} values for {n_models} models")

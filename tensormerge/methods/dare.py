@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from tensormerge.errors import ParameterError
 from tensormerge.kernels import reference as K
 from tensormerge.methods.base import BlockData, Method, Params, param, register
+from tensormerge.methods.task_arithmetic import TaskArithmeticParams
 
 
 @dataclass
-class DareParams(Params):
-    p: float = param(0.5, "drop probability of each task-vector entry, in [0, 1)")
+class DareParams(TaskArithmeticParams):
     lambda_: float = param(1.0, "scale of the summed (dropped, rescaled) task vectors", key="lambda")
-    lambdas: list[float] | None = param(None, "per-model scales λ_i (override lambda)")
+    p: float = param(0.5, "drop probability of each task-vector entry, in [0, 1)")
     seed: int = param(0, "seed of the drop masks")
     rescale: bool = param(True, "divide kept entries by 1 − p")
 
@@ -25,9 +25,6 @@ class DareParams(Params):
         super().validate(method, n_models)
         if not 0.0 <= self.p < 1.0:
             raise ParameterError(f"{method}: parameter 'p' must be in [0, 1), got {self.p}")
-
-    def resolved(self, n: int) -> list[float]:
-        return list(self.lambdas) if self.lambdas is not None else [self.lambda_] * n
 
 
 @register

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tensormerge.api import MergeSpec, merge
-from tests.conftest import write_family
 
 
 def reference_ties(base, fts, k=0.2, lam=1.0, sign="mass", merge_fn="dis-mean", scope="global", k_rule="reference"):
