@@ -144,6 +144,7 @@ class Runner:
         bar = self._bar("merge", self.plan.bytes_read_merge, len(self.plan.blocks))
 
         def compute(task: Task, data: BlockData) -> torch.Tensor:
+            nonlocal extras
             b, r0, r1, last = task.key
             t0 = time.perf_counter()
             shape = (r1 - r0,) + b.shape[1:] if b.shape else ()
@@ -154,7 +155,6 @@ class Runner:
                 parts = list(_sub_chunks(data, b.sub_rows))
                 for part, result in zip(parts, self._map(lambda part: method.merge(part, params, state), parts)):
                     if isinstance(result, tuple):
-                        nonlocal extras
                         result, extra = result
                         extras = method.add_extra(extras, extra)
                     if not _all_finite(result):
