@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import zlib
@@ -74,9 +75,11 @@ class Runner:
         self.passes_report: list[dict] = []
 
     # ------------------------------------------------------------------ stages
-    def _tasks(self, blocks: list[Block], with_output: bool):
+    def _tasks(self, blocks: list[Block], with_output: bool, sample: float = 1.0):
         for b in blocks:
             for i, (r0, r1) in enumerate(b.chunks):
+                if sample < 1.0:
+                    r1 = r0 + max(1, math.ceil((r1 - r0) * sample))
                 rows = r1 - r0
                 yield Task((b, r0, r1, i == len(b.chunks) - 1), rows * b.read_bytes_per_row,
                            b.work_bytes(rows), rows * b.out_bytes_per_row if with_output else 0)
@@ -115,7 +118,7 @@ class Runner:
         acc = gpass.start(state)
         t0 = time.perf_counter()
         blocks = self.plan.merge_blocks
-        bar = self._bar(gpass.name, sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
+        bar = self._bar(gpass.name, int(gpass.sample * sum(b.read_bytes_per_row * b.rows for b in blocks)), len(blocks))
 
         def compute(task: Task, data: BlockData):
             parts = list(_sub_chunks(data, task.key[0].sub_rows * PASS_SUB_FACTOR))
@@ -130,13 +133,14 @@ class Runner:
                 acc = gpass.end_block(acc, b.name, b.numel)
             self._advance(bar, task, last)
 
+        tasks = list(self._tasks(blocks, False, gpass.sample))
         try:
-            self.executor.run(self._tasks(blocks, False), self._read, compute, collect=collect)
+            self.executor.run(tasks, self._read, compute, collect=collect)
         finally:
             self._close(bar)
         gpass.finish(acc, state)
         self.passes_report.append({"name": gpass.name, "seconds": time.perf_counter() - t0,
-                                   "bytes_read": self.plan.bytes_read_pass})
+                                   "bytes_read": sum(t.read_bytes for t in tasks)})
 
     def run_merge(self, writer: ShardedWriter, state: dict) -> Any:
         method, params = self.plan.method, self.plan.params
@@ -233,7 +237,12 @@ class Runner:
             try:
                 state: dict = {}
                 for gpass in plan.method.passes(plan.params):
-                    self.run_pass(gpass, state)
+                    if gpass.skip(state):
+                        gpass.finish(gpass.start(state), state)
+                        self.passes_report.append({"name": gpass.name, "seconds": 0.0, "bytes_read": 0,
+                                                   "skipped": True})
+                    else:
+                        self.run_pass(gpass, state)
                 t_merge = time.perf_counter()
                 extras = self.run_merge(writer, state)
                 merge_s = time.perf_counter() - t_merge
@@ -264,7 +273,7 @@ class Runner:
             "peak_anon_bytes": mem.peak_anon,
             "peak_budgeted_bytes": self.executor.budget.peak,
             "max_memory": plan.max_memory,
-            "bytes_read": plan.bytes_read_merge + len(self.passes_report) * plan.bytes_read_pass,
+            "bytes_read": plan.bytes_read_merge + sum(p["bytes_read"] for p in self.passes_report),
             "bytes_written": plan.bytes_written,
             "shards": writer.files,
             "patched_entries": patched,

@@ -40,11 +40,23 @@ def hist_high_moments(bits: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _top_half(bits: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of each int32 (sign clear), as a strided int16 view when possible."""
+    if sys.byteorder == "little":  # an int32's high int16 half is its top 16 bits
+        return bits.view(torch.int16)[1::2]
+    return bits >> 16
+
+
+def window_offsets(bits: torch.Tensor, lo_bin: int, width: int) -> torch.Tensor:
+    """For entries whose top bin lies in [lo_bin, lo_bin + width): their offset from the
+    window's first bit pattern, i.e. (bin - lo_bin) * 65536 + low 16 bits, as int64."""
+    top = _top_half(bits)
+    inside = bits[(top >= lo_bin).logical_and_(top < lo_bin + width)]
+    return (inside - (lo_bin << 16)).long()
+
+
 def hist_low(bits: torch.Tensor, hi_bin: int) -> torch.Tensor:
-    if sys.byteorder == "little":  # an int32's high int16 half is its top 16 bits (sign clear)
-        inside = bits[bits.view(torch.int16)[1::2] == hi_bin]
-    else:
-        inside = bits[(bits >> 16) == hi_bin]
+    inside = bits[_top_half(bits) == hi_bin]
     return torch.bincount(inside & 0xFFFF, minlength=NBINS)
 
 

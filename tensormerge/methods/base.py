@@ -127,9 +127,15 @@ class GlobalPass(ABC):
     """
 
     name: str = "pass"
+    sample: float = 1.0  # fraction of each chunk's rows the engine reads for this pass
 
     def start(self, state: dict) -> Any:
         return {}
+
+    def skip(self, state: dict) -> bool:
+        """True when earlier passes already know the result: the engine then reads nothing and
+        calls `finish(start(state), state)`."""
+        return False
 
     @abstractmethod
     def map(self, data: BlockData, state: dict) -> Any:

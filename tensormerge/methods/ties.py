@@ -23,6 +23,7 @@ from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, Patc
 
 GLOBAL = "\x00global"
 RUNNING_VOTES = "ties_running_votes"
+WINDOW_BINS = 16  # top bins around the sampled threshold whose low bits pass A also counts
 NONFINITE_BIN = 0x7F80  # top 16 bits of +inf; NaNs fill the 127 bins above (sign bit is clear)
 
 
@@ -87,77 +88,134 @@ class _HistogramPass(GlobalPass):
         """Replace a complete key's histograms by the small result the next step needs."""
 
 
-class _HighPass(_HistogramPass):
-    """Pass A: per model, a histogram of the top 16 bits of |τ| (with moments for norms)."""
+class _SamplePass(_HistogramPass):
+    """Pass 0: the top-16-bit histogram of a 1/64 row sample locates each threshold's bin
+    roughly, so pass A can also count the low bits of a window of bins around it. When the
+    exact bin falls inside the window (the sample would have to be badly skewed for it not to),
+    pass B is skipped; otherwise it runs, so the result is exact either way."""
 
-    name = "ties_high"
+    name = "ties_sample"
+    sample = 1 / 64
 
     def start(self, state: dict) -> dict:
         return {"hist": {}, "numel": {}, "result": {}}
 
     def map(self, data: BlockData, state: dict) -> torch.Tensor:
         tau = K.task_vectors(data.inputs, data.base).float()
-        hists = []
+        return torch.stack([S.hist_high(S.abs_bits(t)) for t in tau]).cpu()
+
+    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
+        key = _key(self.params, block)
+        acc["numel"][key] = acc["numel"].get(key, 0) + partial[0].sum().item()
+        return super().reduce(acc, partial, block)
+
+    def _compact(self, acc: dict, key: str) -> None:
+        hist = acc["hist"].pop(key)
+        rank = S.keep_rank(acc["numel"].pop(key), self.params.k, self.params.k_rule)
+        if rank == 0:
+            acc["result"][key] = None
+            return
+        top = NONFINITE_BIN - WINDOW_BINS
+        acc["result"][key] = [min(max(S.locate(h, rank)[0] - WINDOW_BINS // 2, 0), top) for h in hist]
+
+
+class _HighPass(_HistogramPass):
+    """Pass A: per model, a histogram of the top 16 bits of |τ| (with moments for norms), and
+    the low bits of the entries inside the sampled window of bins."""
+
+    name = "ties_high"
+
+    def start(self, state: dict) -> dict:
+        return {"hist": {}, "numel": {}, "result": {}, "window": {}, "lo": state.get(_SamplePass.name, {})}
+
+    def map(self, data: BlockData, state: dict):
+        tau = K.task_vectors(data.inputs, data.base).float()
+        windows = state.get(_SamplePass.name, {}).get(_key(self.params, data.name))
+        hists, offsets = [], []
         for i in range(tau.shape[0]):
             bits = S.abs_bits(tau[i])
             h = S.hist_high_moments(bits) if self.params.needs_norms else S.hist_high(bits).unsqueeze(0)
             if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
                 raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
             hists.append(h)
-        return torch.stack(hists).cpu()
+            if windows is not None:
+                offsets.append(S.window_offsets(bits, windows[i], WINDOW_BINS).cpu())
+        return torch.stack(hists).cpu(), offsets if windows is not None else None
 
-    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
+    def reduce(self, acc: dict, partial, block: str) -> dict:
+        hist, offsets = partial
         key = _key(self.params, block)
-        acc["numel"][key] = acc["numel"].get(key, 0) + partial[0, 0].sum().item()
-        return super().reduce(acc, partial, block)
+        acc["numel"][key] = acc["numel"].get(key, 0) + hist[0, 0].sum().item()
+        if offsets is not None:
+            window = acc["window"].setdefault(key, [torch.zeros(WINDOW_BINS * S.NBINS, dtype=torch.int64)
+                                                    for _ in offsets])
+            for w, o in zip(window, offsets):
+                w.index_add_(0, o, torch.ones_like(o))
+        return super().reduce(acc, hist, block)
 
     def _compact(self, acc: dict, key: str) -> None:
-        """Replace a key's histograms by what pass B needs: its bin, rank in bin, mass above."""
+        """Per model: its bin, rank in bin and mass above; and, when the exact bin lay inside
+        the sampled window, the final threshold and trimmed norm (pass B is then not needed)."""
         hist = acc["hist"].pop(key)
         numel = acc["numel"].pop(key)
+        window, lows = acc["window"].pop(key, None), acc["lo"].get(key)
         rank = S.keep_rank(numel, self.params.k, self.params.k_rule)
         per_model = []
-        for h in hist:
+        for i, h in enumerate(hist):
             if rank == 0:  # keep everything
                 above = S.square_norm_above(h, -1) if self.params.needs_norms else Fraction(0)
-                per_model.append((-1, 0, above))
+                per_model.append((-1, 0, above, (0.0, float(above))))
                 continue
             b, r = S.locate(h[0], rank)
             above = S.square_norm_above(h, b) if self.params.needs_norms else Fraction(0)
-            per_model.append((b, r, above))
+            final = None
+            if window is not None and lows[i] <= b < lows[i] + WINDOW_BINS:
+                offset = (b - lows[i]) * S.NBINS
+                final = _final(window[i][offset:offset + S.NBINS], b, r, above, self.params.needs_norms)
+            per_model.append((b, r, above, final))
         acc["result"][key] = per_model
 
 
+def _final(lo_hist: torch.Tensor, b: int, r: int, above: Fraction, norms: bool) -> tuple[float, float]:
+    """Exact threshold and trimmed squared norm from the low-bit histogram of the threshold bin."""
+    low_bin, _ = S.locate(lo_hist, r)
+    inside = S.square_norm_in_bin(lo_hist, b, low_bin) if norms else Fraction(0)
+    return S.bits_to_float((b << 16) | low_bin), float(above + inside)
+
+
 class _LowPass(_HistogramPass):
-    """Pass B: inside each model's chosen top bin, a histogram of the low 16 bits -> exact v_i."""
+    """Pass B: inside each model's chosen top bin, a histogram of the low 16 bits -> exact v_i.
+    Skipped when pass A's window already held every threshold bin."""
 
     name = "ties_low"
 
     def start(self, state: dict) -> dict:
-        return {"hist": {}, "result": {}, "high": state[_HighPass.name]}
+        return {"hist": {}, "result": {}, "high": dict(state[_HighPass.name])}
+
+    def skip(self, state: dict) -> bool:
+        return all(m[3] is not None for per_model in state[_HighPass.name].values() for m in per_model)
 
     def map(self, data: BlockData, state: dict) -> torch.Tensor:
         located = state[_HighPass.name][_key(self.params, data.name)]
         tau = K.task_vectors(data.inputs, data.base).float()
         out = torch.zeros(len(located), S.NBINS, dtype=torch.int64, device=tau.device)
-        for i, (b, _, _) in enumerate(located):
-            if b >= 0:
+        for i, (b, _, _, final) in enumerate(located):
+            if final is None:
                 out[i] = S.hist_low(S.abs_bits(tau[i]), b)
         return out.cpu()
 
+    def finish(self, acc: dict, state: dict) -> None:
+        for key in list(acc["high"]):
+            self._compact(acc, key)
+        state[self.name] = acc["result"]
 
     def _compact(self, acc: dict, key: str) -> None:
-        hist = acc["hist"].pop(key)
+        hist = acc["hist"].pop(key, None)
         thresholds, sq_norms = [], []
-        for (b, r, above), lo in zip(acc["high"].pop(key), hist):
-            if b < 0:
-                thresholds.append(0.0)
-                sq_norms.append(float(above))
-                continue
-            low_bin, _ = S.locate(lo, r)
-            thresholds.append(S.bits_to_float((b << 16) | low_bin))
-            inside = S.square_norm_in_bin(lo, b, low_bin) if self.params.needs_norms else Fraction(0)
-            sq_norms.append(float(above + inside))
+        for i, (b, r, above, final) in enumerate(acc["high"].pop(key)):
+            v, sq = final if final is not None else _final(hist[i], b, r, above, self.params.needs_norms)
+            thresholds.append(v)
+            sq_norms.append(sq)
         acc["result"][key] = {"v": thresholds, "sq": sq_norms}
 
 
@@ -211,7 +269,7 @@ class Ties(Method):
         return 4 * (2 * n_models + 4) + (32 if params.needs_norms else 8)
 
     def passes(self, params: TiesParams) -> list[GlobalPass]:
-        return [_HighPass(params), _LowPass(params)]
+        return [_SamplePass(params), _HighPass(params), _LowPass(params)]
 
     def merge(self, data: BlockData, params: TiesParams, state: dict):
         key = _key(params, data.name)

@@ -185,3 +185,32 @@ def test_tied_tensors_counted_once(tmp_path):
     torch.testing.assert_close(got["shared.weight"].double(), exp["shared.weight"], rtol=0, atol=2e-6)
     torch.testing.assert_close(got["encoder.embed_tokens.weight"], got["shared.weight"], rtol=0, atol=0)
     torch.testing.assert_close(got["o"].double(), exp["o"], rtol=0, atol=2e-6)
+
+
+def test_sampled_window_skips_the_low_pass_and_a_miss_falls_back(family, tmp_path, monkeypatch):
+    """Pass A counts the low bits of a window of bins found from a row sample; when the exact
+    threshold bin is inside, pass B is skipped. A window that misses must still be exact."""
+    import hashlib
+
+    from tensormerge.methods import ties as T
+
+    base_path, ft_paths, _, _ = family
+
+    def run(tag):
+        out = tmp_path / tag
+        rep = merge(MergeSpec("ties", ft_paths, str(out), base=base_path, quiet=True, max_memory="3KiB"))
+        return rep, hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+    rep, hit = run("hit")
+    passes = {p["name"]: p for p in rep["passes"]}
+    assert passes["ties_low"].get("skipped") and passes["ties_sample"]["bytes_read"] < passes["ties_high"]["bytes_read"]
+
+    def far_window(self, acc, key):
+        acc["hist"].pop(key)
+        acc["numel"].pop(key)
+        acc["result"][key] = [T.NONFINITE_BIN - T.WINDOW_BINS] * 3  # huge magnitudes: never the threshold
+
+    monkeypatch.setattr(T._SamplePass, "_compact", far_window)
+    rep, miss = run("miss")
+    assert not {p["name"]: p for p in rep["passes"]}["ties_low"].get("skipped")
+    assert miss == hit
