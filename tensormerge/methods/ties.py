@@ -23,7 +23,7 @@ from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, Patc
 
 GLOBAL = "\x00global"
 RUNNING_VOTES = "ties_running_votes"
-WINDOW_BINS = 16  # top bins around the sampled threshold whose low bits pass A also counts
+WINDOW_BINS = 4  # top bins around the sampled threshold whose low bits pass A also counts
 NONFINITE_BIN = 0x7F80  # top 16 bits of +inf; NaNs fill the 127 bins above (sign bit is clear)
 
 
@@ -116,7 +116,7 @@ class _SamplePass(_HistogramPass):
             acc["result"][key] = None
             return
         top = NONFINITE_BIN - WINDOW_BINS
-        acc["result"][key] = [min(max(S.locate(h, rank)[0] - WINDOW_BINS // 2, 0), top) for h in hist]
+        acc["result"][key] = [min(max(S.locate(h, rank)[0] - 1, 0), top) for h in hist]
 
 
 class _HighPass(_HistogramPass):
@@ -131,7 +131,7 @@ class _HighPass(_HistogramPass):
     def map(self, data: BlockData, state: dict):
         tau = K.task_vectors(data.inputs, data.base).float()
         windows = state.get(_SamplePass.name, {}).get(_key(self.params, data.name))
-        hists, offsets = [], []
+        hists, lows = [], []
         for i in range(tau.shape[0]):
             bits = S.abs_bits(tau[i])
             h = S.hist_high_moments(bits) if self.params.needs_norms else S.hist_high(bits).unsqueeze(0)
@@ -139,18 +139,19 @@ class _HighPass(_HistogramPass):
                 raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
             hists.append(h)
             if windows is not None:
-                offsets.append(S.window_offsets(bits, windows[i], WINDOW_BINS).cpu())
-        return torch.stack(hists).cpu(), offsets if windows is not None else None
+                offsets = S.window_offsets(bits, windows[i], WINDOW_BINS)
+                lows.append(torch.bincount(offsets, minlength=WINDOW_BINS * S.NBINS))
+        return torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None
 
     def reduce(self, acc: dict, partial, block: str) -> dict:
-        hist, offsets = partial
+        hist, lows = partial
         key = _key(self.params, block)
         acc["numel"][key] = acc["numel"].get(key, 0) + hist[0, 0].sum().item()
-        if offsets is not None:
-            window = acc["window"].setdefault(key, [torch.zeros(WINDOW_BINS * S.NBINS, dtype=torch.int64)
-                                                    for _ in offsets])
-            for w, o in zip(window, offsets):
-                w.index_add_(0, o, torch.ones_like(o))
+        if lows is not None:
+            if key in acc["window"]:
+                acc["window"][key] += lows
+            else:
+                acc["window"][key] = lows.clone()
         return super().reduce(acc, hist, block)
 
     def _compact(self, acc: dict, key: str) -> None:
