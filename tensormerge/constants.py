@@ -61,3 +61,9 @@ PASS_SUB_FACTOR = 4
 # serves allocations below its 32 MiB mmap ceiling from reusable heap memory, while larger ones
 # are fresh mappings whose page faults cost more than the reads themselves (0.7 vs 4 GB/s here).
 PIECE_BYTES = 24 * 1024 * 1024
+
+# Statistics stores (SPEC §3): format marker, the kinds a store may hold, and the bytes of one
+# Zarr chunk (whole rows). Chunks of ~1 MiB keep a row-range read within ~2 MiB of what it needs.
+STATS_FORMAT = 1
+STATS_KINDS = ("fisher", "gram_in", "gram_out", "fisher_block")
+STATS_CHUNK_BYTES = 1 << 20

@@ -1,0 +1,1 @@
+"""Per-model statistics (Fisher diagonals, Grams, Fisher blocks): the store and its importers."""
