@@ -25,6 +25,8 @@ class MergeSpec:
     inputs: list[str]
     output: str | None = None
     base: str | None = None
+    stats: list[str] = field(default_factory=list)
+    base_stats: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     max_memory: int | str = C.DEFAULT_MAX_MEMORY
     dtype: str = "auto"
@@ -61,8 +63,30 @@ def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
     if spec.base:
         base = open_checkpoint(spec.base)
         stack.callback(base.close)
+    stats = _bind_stats(spec, method, params, inputs, base)
+    extras = {}
+    for role, path in method.extra_checkpoints(params).items():
+        extras[role] = open_checkpoint(path)
+        stack.callback(extras[role].close)
     return build_plan(method, params, inputs, base, parse_size(spec.max_memory, "--max-memory"),
-                      C.DTYPE_CHOICES[spec.dtype])
+                      C.DTYPE_CHOICES[spec.dtype], stats, extras)
+
+
+def _bind_stats(spec: MergeSpec, method, params, inputs, base):
+    """Statistics stores for methods that use them; a clear error for those that do not."""
+    if spec.stats and not method.uses_stats:
+        raise ParameterError(f"--stats: method {method.name!r} uses no statistics")
+    if spec.base_stats and not method.uses_base_stats:
+        raise ParameterError(f"--base-stats: method {method.name!r} uses no statistics of the base")
+    if not spec.stats:
+        if method.requires_stats(params):
+            raise ParameterError(f"method {method.name!r} needs --stats (one statistics store per input)")
+        if spec.base_stats:
+            raise ParameterError("--base-stats needs --stats for the inputs")
+        return None
+    from tensormerge.stats.bind import bind_stats
+
+    return bind_stats(spec.stats, spec.base_stats, inputs, base, method.name)
 
 
 def plan(spec: MergeSpec) -> str:

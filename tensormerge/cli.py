@@ -48,7 +48,8 @@ def _recipe(path: str | None) -> dict:
         raise ParameterError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ParameterError(f"--config {path}: expected a mapping of options")
-    known = {"method", "inputs", "base", "output", "params", "max_memory", "dtype", "shard_size", "device"}
+    known = {"method", "inputs", "base", "stats", "base_stats", "output", "params", "max_memory", "dtype",
+             "shard_size", "device"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ParameterError(f"--config {path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -57,9 +58,6 @@ def _recipe(path: str | None) -> dict:
 
 def _spec(kw: dict) -> api.MergeSpec:
     recipe = _recipe(kw.get("config"))
-    for flag in ("stats", "base_stats"):
-        if kw.get(flag):
-            raise ParameterError(f"--{flag.replace('_', '-')}: statistics-based methods are not available in this version")
     if kw.get("workers") or kw.get("scheduler"):
         raise ParameterError("--workers/--scheduler: the dask executor is not available in this version")
     if kw.get("resume"):
@@ -67,6 +65,9 @@ def _spec(kw: dict) -> api.MergeSpec:
     inputs = _split(kw["inputs"]) or recipe.get("inputs") or []
     if isinstance(inputs, str):
         inputs = _split((inputs,))
+    stats = _split(kw.get("stats") or ()) or recipe.get("stats") or []
+    if isinstance(stats, str):
+        stats = _split((stats,))
     params = dict(recipe.get("params") or {})
     params.update(_params(kw["param"]))
     method = kw["method"] or recipe.get("method")
@@ -75,6 +76,7 @@ def _spec(kw: dict) -> api.MergeSpec:
     return api.MergeSpec(
         method=method, inputs=inputs, output=kw.get("output") or recipe.get("output"),
         base=kw["base"] or recipe.get("base"), params=params,
+        stats=stats, base_stats=kw.get("base_stats") or recipe.get("base_stats"),
         max_memory=kw["max_memory"] or recipe.get("max_memory") or C.DEFAULT_MAX_MEMORY,
         dtype=kw["dtype"] or recipe.get("dtype") or "auto",
         shard_size=kw["shard_size"] or recipe.get("shard_size") or C.DEFAULT_SHARD_SIZE,
@@ -140,7 +142,12 @@ def plan(**kw) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--traceback", is_flag=True, hidden=True)
 def inspect(path: str, as_json: bool, traceback: bool) -> None:
-    """Tensors, shapes, dtypes, shards and tied names of a checkpoint."""
+    """Tensors, shapes, dtypes, shards and tied names of a checkpoint, or a statistics store."""
+    if path.rstrip("/").endswith(".zarr") or os.path.isfile(os.path.join(path, "zarr.json")):
+        from tensormerge.stats.cli import inspect_store
+
+        click.echo(inspect_store(path, as_json))
+        return
     from tensormerge.engine.sources import open_checkpoint
 
     ck = open_checkpoint(path)
@@ -170,14 +177,22 @@ def methods(name: str | None) -> None:
 
     if name is None:
         for m in sorted(REGISTRY.values(), key=lambda m: m.name):
-            click.echo(f"{m.name:<18} {'base' if m.needs_base else '    '}  {m.summary}")
+            needs = ("base " if m.requires_base(m.Params()) else "     ") + ("stats" if m.uses_stats else "     ")
+            click.echo(f"{m.name:<18} {needs}  {m.summary}")
         return
     d = get_method(name).describe()
     click.echo(f"{d['name']}: {d['summary']}")
     click.echo(f"  needs base: {'yes' if d['needs_base'] else 'no'}   split by rows: {'yes' if d['row_split'] else 'no'}")
+    if d["statistics"]:
+        click.echo(f"  statistics: {d['statistics']}")
     for p in d["parameters"]:
         choices = f" [{' | '.join(p['choices'])}]" if p["choices"] else ""
         click.echo(f"  -p {p['key']}={p['default']!s:<10} ({p['type']}) {p['help']}{choices}")
+
+
+from tensormerge.stats.cli import stats as _stats_group
+
+cli.add_command(_stats_group)
 
 
 def main() -> None:

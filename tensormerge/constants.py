@@ -67,3 +67,6 @@ PIECE_BYTES = 24 * 1024 * 1024
 STATS_FORMAT = 1
 STATS_KINDS = ("fisher", "gram_in", "gram_out", "fisher_block")
 STATS_CHUNK_BYTES = 1 << 20
+# Kinds with the parameter's own shape, read by the same rows as the block; the others
+# (matrices per parameter) are read whole, once per block.
+ROW_KINDS = ("fisher",)

@@ -420,3 +420,14 @@ def assert_clean_error(res: CliResult, *needles: str, out_dir: Path | None = Non
         assert not out_dir.exists(), f"{out_dir} left behind\n{res}"
         assert not Path(str(out_dir) + ".partial").exists(), f"{out_dir}.partial left behind\n{res}"
     return line
+
+
+def write_store(path, stats: dict, model: dict | None = None, count=None) -> str:
+    """A statistics store from {kind: {name: tensor}} (float32 on disk, as the SPEC says)."""
+    from tensormerge.stats.store import StatsWriter
+
+    w = StatsWriter(str(path), model=model, overwrite=True)
+    for kind, arrays in stats.items():
+        for name, value in arrays.items():
+            w.add(kind, name, value, count=count)
+    return w.close()

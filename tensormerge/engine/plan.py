@@ -14,9 +14,11 @@ import torch
 from tensormerge.constants import PASS_SUB_FACTOR, PIECE_BYTES, SUB_CHUNK_ELEMENTS
 from tensormerge.engine.safetensors_format import element_size
 from tensormerge.engine.sources import Checkpoint, TensorInfo
+from tensormerge.constants import ROW_KINDS
 from tensormerge.errors import BudgetError, InputError
 from tensormerge.methods.base import Method, Params
 from tensormerge.sizes import format_size
+from tensormerge.stats.bind import StatsBinding
 
 
 @dataclass
@@ -34,6 +36,12 @@ class Block:
     chunks: list[tuple[int, int]] = field(default_factory=list)
     sub_rows: int = 1  # rows per compute sub-chunk (intermediates are this size, not the chunk's)
     max_piece_row_bytes: int = 0  # bytes per row of the largest single read or output buffer
+    stats: dict[str, list[str]] = field(default_factory=dict)  # kind -> key in each model's store
+    base_stats: dict[str, str] = field(default_factory=dict)  # kind -> key in the base's store
+    fallback: str | None = None  # why the block is merged with the method's fallback
+    fixed_bytes: int = 0  # whole-block statistics and their factorisations, held across chunks
+    extra_reads: dict[str, str] = field(default_factory=dict)  # extra checkpoint role -> name
+    splits: bool = True
 
     @property
     def rows(self) -> int:
@@ -50,7 +58,7 @@ class Block:
     def chunk_bytes(self, rows: int) -> int:
         """Bytes held for a chunk of `rows` rows: reads double-buffered, output written behind,
         and the intermediates of one compute sub-chunk."""
-        return rows * (2 * self.read_bytes_per_row + 2 * self.out_bytes_per_row) + self.work_bytes(rows)
+        return rows * (2 * self.read_bytes_per_row + 2 * self.out_bytes_per_row) + self.work_bytes(rows) + self.fixed_bytes
 
     def work_bytes(self, rows: int) -> int:
         """Intermediates of the largest compute sub-chunk (passes use the larger ones)."""
@@ -66,6 +74,8 @@ class MergePlan:
     blocks: list[Block]
     max_memory: int
     passes: list[str]
+    stats: StatsBinding | None = None
+    extras: dict[str, Checkpoint] = field(default_factory=dict)
 
     @property
     def ref(self) -> Checkpoint:
@@ -112,7 +122,27 @@ class MergePlan:
             f"max memory {format_size(self.max_memory)}  estimated peak tensor memory {format_size(self.peak_estimate)}",
             f"read {format_size(self.bytes_read_merge + len(self.passes) * self.bytes_read_pass)}"
             f"  write {format_size(self.bytes_written)}",
-        ]
+        ] + self._stats_lines()
+
+    def _stats_lines(self) -> list[str]:
+        if self.stats is None:
+            return []
+        used = [b for b in self.merge_blocks if b.stats]
+        kinds = sorted({k for b in used for k in b.stats})
+        fallback = self.fallback_blocks
+        line = (f"statistics {len(self.stats.stores)} store(s)" + (" + base" if self.stats.base else "")
+                + f"  {len(used)} blocks merged with {', '.join(kinds) or 'none'}"
+                + f"  {len(fallback)} averaged for lack of statistics")
+        lines = [line]
+        for name, why in list(fallback.items())[:5]:
+            lines.append(f"  averaged {name}: {why}")
+        if len(fallback) > 5:
+            lines.append(f"  ... {len(fallback) - 5} more (the report lists all)")
+        return lines
+
+    @property
+    def fallback_blocks(self) -> dict[str, str]:
+        return {b.name: b.fallback for b in self.blocks if b.fallback}
 
     def _rows(self, limit: int) -> list[str]:
         lines = ["", f"{'block':<60} {'shape':<18} {'dtype':<9} {'kind':<6} {'chunks':>6} {'chunk MiB':>9}"]
@@ -171,12 +201,14 @@ def _few(names: list[str], n: int = 8) -> str:
 
 
 def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: Checkpoint | None,
-               max_memory: int, dtype: torch.dtype | None) -> MergePlan:
-    if method.needs_base and base is None:
-        raise InputError(f"method {method.name!r} needs --base")
+               max_memory: int, dtype: torch.dtype | None, stats: StatsBinding | None = None,
+               extras: dict[str, Checkpoint] | None = None) -> MergePlan:
+    extras = extras or {}
+    if method.requires_base(params) and base is None:
+        raise InputError(f"method {method.name!r} needs --base" + _why_base(method, params))
     ref = base if base is not None else inputs[0]
     everyone = inputs + ([base] if base is not None else [])
-    check_compatible(ref, [c for c in everyone if c is not ref])
+    check_compatible(ref, [c for c in everyone if c is not ref] + list(extras.values()))
     passes = [p.name for p in method.passes(params)]
 
     groups = _tie_groups(ref)
@@ -189,13 +221,55 @@ def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: C
             continue
         info = ref.tensors[canon]
         block = _make_block(method, params, canon, info, everyone, groups[canon], base is not None, dtype, len(inputs))
+        if block.kind == "merge":
+            _bind_block(method, params, block, groups[canon], stats, len(inputs))
+            for role, ck in extras.items():
+                block.extra_reads[role] = _resolve_name(ck, groups[canon])
+                block.read_bytes_per_row += info.row_numel * element_size(ck.tensors[block.extra_reads[role]].dtype)
         by_canonical[canon] = block
         blocks.append(block)
     for b in blocks:
         row_numel = b.numel // b.rows if b.rows else 1
-        b.sub_rows = b.rows if not method.row_split else max(1, SUB_CHUNK_ELEMENTS // max(row_numel, 1))
+        b.splits = b.kind == "copy" or method.splits(params, b.shape, bool(b.stats))
+        sub = max(1, SUB_CHUNK_ELEMENTS // max(row_numel, 1))
+        b.sub_rows = -(-sub // method.row_align) * method.row_align if b.splits else b.rows
         b.chunks = _chunks(method, b, max_memory)
-    return MergePlan(method, params, inputs, base, blocks, max_memory, passes)
+    return MergePlan(method, params, inputs, base, blocks, max_memory, passes, stats, extras)
+
+
+def _why_base(method: Method, params: Params) -> str:
+    init = getattr(params, "init", None)
+    return f" (init={init})" if init else ""
+
+
+def _bind_block(method: Method, params: Params, block: Block, names: list[str], stats: StatsBinding | None,
+                n_inputs: int) -> None:
+    """Which statistics the block is merged with, what they cost to read and hold, or why the
+    block falls back."""
+    wanted = method.block_stats(params, block.shape)
+    if not wanted or stats is None:
+        return
+    per_row = block.numel // block.rows if block.rows else 1
+    for kind in wanted:
+        keys, missing = stats.lookup(kind, names)
+        if keys is None:
+            who = ", ".join(stats.stores[i].path for i in missing)
+            block.read_bytes_per_row -= sum(4 * per_row * n_inputs for k in block.stats if k in ROW_KINDS)
+            block.fallback = f"no {kind} in {who}"
+            block.stats = {}
+            block.fixed_bytes = 0
+            return
+        block.stats[kind] = keys
+        if kind in ROW_KINDS:
+            block.read_bytes_per_row += 4 * per_row * n_inputs
+        else:
+            block.fixed_bytes += sum(stats.stores[i].nbytes(kind, k) for i, k in enumerate(keys))
+    for kind in method.base_block_stats(params, block.shape):
+        key = stats.lookup_base(kind, names)
+        if key is not None:
+            block.base_stats[kind] = key
+            block.read_bytes_per_row += 4 * per_row if kind in ROW_KINDS else 0
+    block.fixed_bytes += method.fixed_bytes(params, block.shape, n_inputs)
 
 
 def _make_block(method: Method, params: Params, name: str, info: TensorInfo, everyone: list[Checkpoint],
@@ -205,7 +279,7 @@ def _make_block(method: Method, params: Params, name: str, info: TensorInfo, eve
     if info.is_float:
         kind = "merge"
         out_dtype = dtype or info.dtype
-        readers = everyone if (method.needs_base or not has_base) else everyone[:n_inputs]
+        readers = everyone if (method.requires_base(params) or not has_base) else everyone[:n_inputs]
         work = method.work_bytes_per_element(n_inputs, params) * row_numel
     else:
         kind = "copy"
@@ -220,16 +294,21 @@ def _make_block(method: Method, params: Params, name: str, info: TensorInfo, eve
 
 def _chunks(method: Method, b: Block, max_memory: int) -> list[tuple[int, int]]:
     whole = b.chunk_bytes(b.rows)
-    fits_piece = b.rows * b.max_piece_row_bytes <= PIECE_BYTES or not method.row_split
+    fits_piece = b.rows * b.max_piece_row_bytes <= PIECE_BYTES or not b.splits
     if (whole <= max_memory and fits_piece) or b.rows <= 1:
         if whole > max_memory:
             raise BudgetError(f"block {b.name!r} needs {format_size(whole)} but --max-memory is {format_size(max_memory)}")
         return [(0, b.rows)]
-    if not method.row_split and b.kind == "merge":
+    if not b.splits:
         raise BudgetError(f"block {b.name!r} cannot be split and needs {format_size(whole)}; "
                           f"--max-memory is {format_size(max_memory)}")
-    per = b.chunk_bytes(1)
-    if per > max_memory:
-        raise BudgetError(f"block {b.name!r}: one row needs {format_size(per)} but --max-memory is {format_size(max_memory)}")
-    rows = max(1, min(max_memory // per, PIECE_BYTES // max(b.max_piece_row_bytes, 1)))
+    align = min(method.row_align, b.rows)
+    least = b.chunk_bytes(align)
+    if least > max_memory:
+        what = "one row" if align == 1 else f"{align} rows (the method's row tile)"
+        raise BudgetError(f"block {b.name!r}: {what} need(s) {format_size(least)} but --max-memory is "
+                          f"{format_size(max_memory)}")
+    per = max(1, b.chunk_bytes(1) - b.fixed_bytes)
+    rows = max(1, min((max_memory - b.fixed_bytes) // per, PIECE_BYTES // max(b.max_piece_row_bytes, 1)))
+    rows = max(align, rows // align * align)
     return [(r, min(r + rows, b.rows)) for r in range(0, b.rows, rows)]

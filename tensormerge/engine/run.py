@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tensormerge import __version__
-from tensormerge.constants import PASS_SUB_FACTOR
+from tensormerge.constants import PASS_SUB_FACTOR, ROW_KINDS
 from tensormerge.engine.alloc import keep_freed_buffers
 from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.memory import MemoryMonitor
@@ -21,18 +21,23 @@ from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError
 from tensormerge.methods.base import BlockData
+from tensormerge.stats.bind import check_gram
 
 
 def _sub_chunks(data: BlockData, rows: int):
-    """Row slices of a chunk (views, no copies), each a BlockData of its own."""
+    """Row slices of a chunk (views, no copies), each a BlockData of its own; statistics with
+    the parameter's shape are sliced alike, whole matrices and the prepared state are shared."""
     n = data.inputs[0].shape[0] if data.full_shape else 1
     if not data.full_shape or rows >= n:
         yield data
         return
     for s in range(0, n, rows):
         e = min(s + rows, n)
+        stats = {k: ([x[s:e] for x in v] if k in ROW_KINDS else v) for k, v in data.stats.items()}
+        base_stats = {k: (v[s:e] if k in ROW_KINDS else v) for k, v in data.base_stats.items()}
         yield BlockData(data.name, [x[s:e] for x in data.inputs], None if data.base is None else data.base[s:e],
-                        data.full_shape, data.row_start + s)
+                        data.full_shape, data.row_start + s, stats, base_stats,
+                        {k: v[s:e] for k, v in data.extra.items()}, data.prepared)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -73,6 +78,7 @@ class Runner:
         self.executor = LocalExecutor(plan.max_memory)
         self.stats: dict[str, BlockStats] = {b.name: BlockStats() for b in plan.blocks}
         self.passes_report: list[dict] = []
+        self.prepared: dict[str, object] = {}  # per-block state shared by a block's chunks
 
     # ------------------------------------------------------------------ stages
     def _tasks(self, blocks: list[Block], with_output: bool, sample: float = 1.0):
@@ -81,24 +87,54 @@ class Runner:
                 if sample < 1.0:
                     r1 = r0 + max(1, math.ceil((r1 - r0) * sample))
                 rows = r1 - r0
-                yield Task((b, r0, r1, i == len(b.chunks) - 1), rows * b.read_bytes_per_row,
-                           b.work_bytes(rows), rows * b.out_bytes_per_row if with_output else 0)
+                yield Task((b, r0, r1, i == len(b.chunks) - 1, i == 0), rows * b.read_bytes_per_row,
+                           b.work_bytes(rows) + b.fixed_bytes, rows * b.out_bytes_per_row if with_output else 0)
 
-    def _read(self, task: Task) -> BlockData:
-        b, r0, r1, _ = task.key
+    def _read(self, task: Task, inputs_too: bool = True) -> BlockData:
+        b, r0, r1, _, first = task.key
         t0 = time.perf_counter()
-        n = len(self.plan.inputs)
-        cks = self.plan.checkpoints
-        inputs = [cks[i].read(b.reads[i], r0, r1) for i in range(n)]
+        plan = self.plan
+        n = len(plan.inputs)
+        cks = plan.checkpoints
+        inputs = [cks[i].read(b.reads[i], r0, r1) for i in range(n)] if inputs_too else []
         base = None
-        if self.plan.base is not None and (self.plan.method.needs_base or b.kind == "copy"):
-            base = self.plan.base.read(b.reads[n], r0, r1)
-        self.stats[b.name].seconds += time.perf_counter() - t0
+        if inputs_too and plan.base is not None and (plan.method.requires_base(plan.params) or b.kind == "copy"):
+            base = plan.base.read(b.reads[n], r0, r1)
         data = BlockData(b.name, inputs, base, b.shape, r0)
+        if plan.stats is not None:
+            self._read_stats(b, data, r0, r1, first)
+        if inputs_too:
+            data.extra = {role: plan.extras[role].read(name, r0, r1) for role, name in b.extra_reads.items()}
+        self.stats[b.name].seconds += time.perf_counter() - t0
         if self.device.type != "cpu":
-            data.inputs = [x.to(self.device, non_blocking=True) for x in data.inputs]
-            data.base = None if base is None else base.to(self.device, non_blocking=True)
+            move = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
+            data.inputs = [move(x) for x in data.inputs]
+            data.base = None if base is None else move(base)
+            data.stats = {k: [move(x) for x in v] for k, v in data.stats.items()}
+            data.base_stats = {k: move(v) for k, v in data.base_stats.items()}
+            data.extra = {k: move(v) for k, v in data.extra.items()}
         return data
+
+    def _read_stats(self, b: Block, data: BlockData, r0: int, r1: int, first: bool) -> None:
+        """Row statistics with every chunk; matrices once, with the block's first chunk."""
+        binding = self.plan.stats
+        for kind, keys in b.stats.items():
+            if kind in ROW_KINDS:
+                data.stats[kind] = [s.read(kind, k, r0, r1) for s, k in zip(binding.stores, keys)]
+                for store, key, f in zip(binding.stores, keys, data.stats[kind]):
+                    if f.numel() and float(f.min()) < 0:
+                        raise InputError(f"{store.path}: {kind}/{key} has negative values (a Fisher is >= 0)")
+            elif first:
+                data.stats[kind] = []
+                for store, key in zip(binding.stores, keys):
+                    g = store.read(kind, key)
+                    check_gram(store, kind, key, g)
+                    data.stats[kind].append(g)
+        for kind, key in b.base_stats.items():
+            if kind in ROW_KINDS:
+                data.base_stats[kind] = binding.base.read(kind, key, r0, r1)
+            elif first:
+                data.base_stats[kind] = binding.base.read(kind, key)
 
     def _copy(self, b: Block, data: BlockData) -> torch.Tensor:
         ref = data.base if data.base is not None else data.inputs[0]
@@ -121,12 +157,14 @@ class Runner:
         bar = self._bar(gpass.name, int(gpass.sample * sum(b.read_bytes_per_row * b.rows for b in blocks)), len(blocks))
 
         def compute(task: Task, data: BlockData):
+            if not gpass.needs_inputs:
+                return [gpass.map(data, state)]
             parts = list(_sub_chunks(data, task.key[0].sub_rows * PASS_SUB_FACTOR))
             return self._map(lambda part: gpass.map(part, state), parts)
 
         def collect(task: Task, partials) -> None:
             nonlocal acc
-            b, r0, r1, last = task.key
+            b, r0, r1, last, _ = task.key
             for partial in partials:
                 acc = gpass.reduce(acc, partial, b.name)
             if last:
@@ -135,7 +173,7 @@ class Runner:
 
         tasks = list(self._tasks(blocks, False, gpass.sample))
         try:
-            self.executor.run(tasks, self._read, compute, collect=collect)
+            self.executor.run(tasks, lambda t: self._read(t, gpass.needs_inputs), compute, collect=collect)
         finally:
             self._close(bar)
         gpass.finish(acc, state)
@@ -149,18 +187,26 @@ class Runner:
 
         def compute(task: Task, data: BlockData) -> torch.Tensor:
             nonlocal extras
-            b, r0, r1, last = task.key
+            b, r0, r1, last, first = task.key
             t0 = time.perf_counter()
             shape = (r1 - r0,) + b.shape[1:] if b.shape else ()
             if b.kind == "copy":
                 out = self._copy(b, data).reshape(shape).contiguous().cpu()
             else:
                 out = torch.empty(shape, dtype=b.out_dtype)
+                if b.stats and first:
+                    self.prepared[b.name] = method.prepare(data, params)
+                data.prepared = self.prepared.pop(b.name, None) if last else self.prepared.get(b.name)
+                fn = method.fallback if b.fallback else method.merge
+                args = (params,) if b.fallback else (params, state)
                 parts = list(_sub_chunks(data, b.sub_rows))
-                for part, result in zip(parts, self._map(lambda part: method.merge(part, params, state), parts)):
+                for part, result in zip(parts, self._map(lambda part: fn(part, *args), parts)):
                     if isinstance(result, tuple):
                         result, extra = result
                         extras = method.add_extra(extras, extra)
+                        note = method.progress(extra)
+                        if note and bar is not None:
+                            bar.note = note
                     if not _all_finite(result):
                         raise InputError(f"tensor {b.name!r}: the merge produced NaN or Inf (non-finite input values?)")
                     s0 = part.row_start - data.row_start
@@ -172,7 +218,7 @@ class Runner:
             return out
 
         def write(task: Task, out: torch.Tensor) -> None:
-            b, r0, r1, last = task.key
+            b, r0, r1, last, _ = task.key
             t0 = time.perf_counter()
             st = self.stats[b.name]
             for name in b.out_names:
@@ -201,6 +247,7 @@ class Runner:
                    "[{elapsed}, {rate_fmt}{postfix}]")
         bar.blocks_total = blocks
         bar.blocks_done = 0
+        bar.note = ""
         bar.set_postfix_str(f"blocks 0/{blocks}")
         return bar
 
@@ -210,7 +257,8 @@ class Runner:
             return
         if last:
             bar.blocks_done += 1
-            bar.set_postfix_str(f"blocks {bar.blocks_done}/{bar.blocks_total}", refresh=False)
+            note = f", {bar.note}" if bar.note else ""
+            bar.set_postfix_str(f"blocks {bar.blocks_done}/{bar.blocks_total}{note}", refresh=False)
         bar.update(task.read_bytes)
 
     @staticmethod
@@ -245,11 +293,12 @@ class Runner:
                         self.run_pass(gpass, state)
                 t_merge = time.perf_counter()
                 extras = self.run_merge(writer, state)
+                block_notes = plan.method.block_report(extras)
                 merge_s = time.perf_counter() - t_merge
                 t_patch = time.perf_counter()
                 patched = self._apply_patches(writer, state, extras)
                 t_finish = time.perf_counter()
-                provenance = self._provenance(t_finish - t_start, patched)
+                provenance = self._provenance(t_finish - t_start, patched, block_notes)
                 writer.finish(plan.ref.config_dir, provenance, opts.overwrite)
                 finish_s = time.perf_counter() - t_finish
             except BaseException:
@@ -277,10 +326,15 @@ class Runner:
             "bytes_written": plan.bytes_written,
             "shards": writer.files,
             "patched_entries": patched,
+            "statistics": plan.stats.describe() if plan.stats is not None else None,
+            "fallback_blocks": plan.fallback_blocks,
             "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
                         "seconds": self.stats[b.name].seconds,
                         "bytes": self.stats[b.name].bytes_read + self.stats[b.name].bytes_written,
-                        "crc32": f"{self.stats[b.name].crc32:08x}"} for b in plan.blocks],
+                        "crc32": f"{self.stats[b.name].crc32:08x}",
+                        **({"statistics": sorted(b.stats)} if b.stats else {}),
+                        **({"fallback": b.fallback} if b.fallback else {}),
+                        **block_notes.get(b.name, {})} for b in plan.blocks],
         }
 
     def _apply_patches(self, writer: ShardedWriter, state: dict, extras: Any) -> int:
@@ -300,7 +354,7 @@ class Runner:
             self.stats[name].crc32 = zlib.crc32(data.reshape(-1).view(torch.uint8).numpy())
         return count
 
-    def _provenance(self, seconds: float, patched: int) -> dict:
+    def _provenance(self, seconds: float, patched: int, notes: dict[str, dict]) -> dict:
         import safetensors
 
         plan = self.plan
@@ -311,10 +365,12 @@ class Runner:
             "params": plan.params.as_dict(),
             "inputs": [ck.fingerprint() for ck in plan.inputs],
             "base": plan.base.fingerprint() if plan.base is not None else None,
-            "statistics": None,
+            "statistics": plan.stats.describe() if plan.stats is not None else None,
+            "fallback_blocks": plan.fallback_blocks,
             "settings": self.opts.settings,
             "seconds": round(seconds, 3),
             "patched_entries": patched,
             "blocks": {b.name: {"crc32": f"{self.stats[b.name].crc32:08x}", "chunks": len(b.chunks),
-                                "seconds": round(self.stats[b.name].seconds, 4)} for b in plan.blocks},
+                                "seconds": round(self.stats[b.name].seconds, 4), **notes.get(b.name, {})}
+                       for b in plan.blocks},
         }

@@ -81,6 +81,19 @@ class Checkpoint(ABC):
         h.update(json.dumps(sizes, sort_keys=True).encode())
         return {"spec": self.spec, "files": sizes, "tensors": len(self.tensors), "sha256": h.hexdigest()}
 
+    def identity(self) -> str:
+        """Which weights these are, independent of file layout: names, shapes and the first row
+        of the first few floating-point tensors as float32. Statistics stores record it, so a
+        store made for one fine-tune is refused for another of the same architecture."""
+        h = hashlib.sha256()
+        names = sorted(n for n in self.tensors if n not in self.aliases)
+        for n in names:
+            h.update(f"{n}|{tuple(self.tensors[n].shape)}\n".encode())
+        sampled = [n for n in names if self.tensors[n].is_float and self.tensors[n].numel][:4]
+        for n in sampled:
+            h.update(self.read(n, 0, 1).to(torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def close(self) -> None:  # noqa: B027 - most checkpoints hold nothing to release
         """Release open files (those that keep any)."""
 

@@ -189,3 +189,47 @@ def abs_mass(trimmed: torch.Tensor) -> torch.Tensor:
 def _magnitude(t: torch.Tensor) -> torch.Tensor:
     """Per column, the entry with the largest |·| (first model on ties)."""
     return t.gather(0, t.abs().argmax(0, keepdim=True)).squeeze(0)
+
+
+# ---------------------------------------------------------------------------------- Fisher
+FLOOR_MODES = ("clamp", "add")
+
+
+def fisher_merge(inputs: list[torch.Tensor], fishers: list[torch.Tensor], weights: list[float], floor: float,
+                 floor_mode: str, floored: list[bool]) -> torch.Tensor:
+    """Σ w_i F̃_i θ_i / Σ w_i F̃_i, F̃ = max(F, floor) or F + floor on the models in `floored`
+    (all of them: all-zero entries fall back to the weighted average; the first only: to it)."""
+    wd = work_dtype(*inputs)
+    num = torch.zeros(inputs[0].shape, dtype=wd, device=inputs[0].device)
+    den = torch.zeros_like(num)
+    f = torch.empty_like(num)
+    for x, fi, w, fl in zip(inputs, fishers, weights, floored):
+        f.copy_(fi)
+        if fl and floor_mode == "clamp":
+            f.clamp_(min=floor)
+        elif fl:
+            f.add_(floor)
+        f.mul_(w)
+        den.add_(f)
+        num.addcmul_(f, x)
+    return num.div_(den)
+
+
+# ---------------------------------------------------------------------------------- UBGM
+def ubgm(inputs: list[torch.Tensor], base: torch.Tensor, hessians: list[torch.Tensor], base_hessian: torch.Tensor | None,
+         alpha: float, delta0: float, base_scale: float, scales: list[float]) -> torch.Tensor:
+    """θ_0 + α Σ_t ((s_t H_t + s_0 H_0 + δ0) / H̄) ⊙ τ_t with H̄ = α Σ_t s_t H_t + s_0 H_0 + δ0."""
+    wd = work_dtype(base, *inputs)
+    base_w = base.to(wd)
+    prior = torch.full_like(base_w, delta0)
+    if base_hessian is not None:
+        prior.add_(base_hessian.to(wd), alpha=base_scale)
+    hbar = prior.clone()
+    for h, s in zip(hessians, scales):
+        hbar.add_(h.to(wd), alpha=alpha * s)
+    acc = torch.zeros_like(base_w)
+    tmp = torch.empty_like(base_w)
+    for x, h, s in zip(inputs, hessians, scales):
+        torch.sub(x, base_w, out=tmp)
+        acc.addcmul_(torch.add(prior, h.to(wd), alpha=s), tmp)
+    return acc.div_(hbar).mul_(alpha).add_(base_w)

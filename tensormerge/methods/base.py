@@ -22,13 +22,22 @@ from tensormerge.errors import ParameterError
 
 @dataclass
 class BlockData:
-    """Rows [row_start, row_start + rows) of one tensor, from each model (and the base)."""
+    """Rows [row_start, row_start + rows) of one tensor, from each model (and the base).
+
+    `stats` holds each model's statistics by kind: `fisher` sliced to the same rows, the
+    matrices (`gram_in`, `gram_out`, `fisher_block`) whole, and only on a block's first chunk;
+    `prepared` is what `Method.prepare` made of them, shared by every chunk of the block.
+    """
 
     name: str
     inputs: list[torch.Tensor]
     base: torch.Tensor | None
     full_shape: tuple[int, ...]
     row_start: int = 0
+    stats: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    base_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    prepared: Any = None
 
     @property
     def flat_start(self) -> int:
@@ -128,6 +137,7 @@ class GlobalPass(ABC):
 
     name: str = "pass"
     sample: float = 1.0  # fraction of each chunk's rows the engine reads for this pass
+    needs_inputs: bool = True  # False: the pass reads statistics only (Fisher norms)
 
     def start(self, state: dict) -> Any:
         return {}
@@ -169,6 +179,55 @@ class Method(ABC):
     Params: ClassVar[type[Params]]
     needs_base: ClassVar[bool] = False
     row_split: ClassVar[bool] = True
+    uses_stats: ClassVar[bool] = False  # takes --stats (one store per input)
+    uses_base_stats: ClassVar[bool] = False  # takes --base-stats
+    row_align: ClassVar[int] = 1  # chunks start at multiples of this many rows (fixed-shape products)
+
+    def requires_base(self, params: Params) -> bool:
+        return self.needs_base
+
+    def requires_stats(self, params: Params) -> bool:
+        return self.uses_stats
+
+    def extra_checkpoints(self, params: Params) -> dict[str, str]:
+        """Further checkpoints read block by block beside the inputs (MaTS' init model)."""
+        return {}
+
+    def block_stats(self, params: Params, shape: tuple[int, ...]) -> tuple[str, ...]:
+        """Statistics kinds a block of this shape is merged with; when any model's store lacks
+        one of them the block falls back to `fallback` and the report lists it."""
+        return ()
+
+    def base_block_stats(self, params: Params, shape: tuple[int, ...]) -> tuple[str, ...]:
+        """Kinds read from --base-stats when present (absent keys are simply not passed)."""
+        return ()
+
+    def splits(self, params: Params, shape: tuple[int, ...], with_stats: bool) -> bool:
+        """Whether a block may be merged in row chunks (CG blocks may not; their averages may)."""
+        return self.row_split
+
+    def fixed_bytes(self, params: Params, shape: tuple[int, ...], n_models: int) -> int:
+        """Bytes held for a whole block besides its chunks (factorisations of its statistics)."""
+        return 0
+
+    def prepare(self, data: BlockData, params: Params) -> Any:
+        """Per-block state from the block's whole statistics, made once on its first chunk."""
+        return None
+
+    def fallback(self, data: BlockData, params: Params) -> torch.Tensor:
+        """Blocks whose statistics are missing: the uniform average, as the research code does."""
+        from tensormerge.kernels.reference import weighted_sum
+
+        n = len(data.inputs)
+        return weighted_sum(data.inputs, [1.0 / n] * n)
+
+    def progress(self, extra: Any) -> str | None:
+        """A short note for the progress bar from a block's extra (CG iterations, residual)."""
+        return None
+
+    def block_report(self, extras: Any) -> dict[str, dict]:
+        """Per-block entries for the report from the accumulated extras."""
+        return {}
 
     def work_bytes_per_element(self, n_models: int, params: Params) -> int:
         """Bytes of float32 intermediates per output element, for chunk sizing."""
@@ -197,8 +256,9 @@ class Method(ABC):
         return {
             "name": self.name,
             "summary": self.summary,
-            "needs_base": self.needs_base,
+            "needs_base": self.requires_base(self.Params()),
             "row_split": self.row_split,
+            "statistics": self.describe_stats(),
             "parameters": [
                 {"key": key, "default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),
                  "type": getattr(tp, "__name__", str(tp)), "help": f.metadata.get("help", ""),
@@ -206,6 +266,10 @@ class Method(ABC):
                 for key, f, tp in self.Params.spec()
             ],
         }
+
+
+    def describe_stats(self) -> str:
+        return ""
 
 
 REGISTRY: dict[str, Method] = {}

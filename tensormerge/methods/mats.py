@@ -1,0 +1,157 @@
+"""MaTS: merging as a linear system (Σ C_i) θ = Σ C_i θ_i per block, solved by conjugate
+gradient from an initial merge. C_i is the objective's curvature: Kronecker-factored Fisher
+(B_i W A_i), RegMean's input Gram (W A_i), a diagonal Fisher (F_i ⊙ W), a full Fisher block of
+a vector parameter (F_i v), or the identity (the average).
+
+CG's step sizes are global over a block, so a CG block is merged whole; blocks without the
+objective's statistics are averaged (splittable), as the research code does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tensormerge.errors import ParameterError
+from tensormerge.kernels import linalg as L
+from tensormerge.kernels import reference as K
+from tensormerge.methods.base import BlockData, Method, Params, param, register
+
+OBJECTIVES = ("kfac", "regmean", "fisher", "blockwise", "average")
+INITS = ("task_arithmetic", "average", "base", "zeros")
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class MatsParams(Params):
+    objective: str = param("kfac", "curvature C_i: kfac (gram_in, gram_out), regmean (gram_in), fisher (fisher), "
+                                   "blockwise (fisher_block, vectors), average", choices=OBJECTIVES)
+    alpha: float = param(1.0, "off-diagonal scale of every factor (Grams, Fisher blocks)")
+    iterations: int = param(100, "most CG iterations per block")
+    tol: float = param(1e-5, "stop when ‖b − Aθ‖ ≤ tol ‖b‖ (scipy's rule)")
+    init: str = param("task_arithmetic", "start: task_arithmetic, average, base, zeros, or a merged checkpoint path")
+    init_lambda: float = param(0.3, "λ of the task_arithmetic start")
+    precision: str = param("float32", "CG arithmetic (float32 as the research code; float64 for exactness)",
+                           choices=tuple(PRECISIONS))
+
+    def validate(self, method: str, n_models: int) -> None:
+        super().validate(method, n_models)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ParameterError(f"{method}: parameter 'alpha' must be in [0, 1], not {self.alpha}")
+        if self.iterations < 1:
+            raise ParameterError(f"{method}: parameter 'iterations' must be >= 1, not {self.iterations}")
+        if not (self.tol >= 0 and math.isfinite(self.tol)):
+            raise ParameterError(f"{method}: parameter 'tol' must be a finite number >= 0, not {self.tol}")
+
+
+def _kinds(objective: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+    if objective == "kfac":
+        return ("gram_in", "gram_out") if len(shape) == 2 else ()
+    if objective == "regmean":
+        return ("gram_in",) if len(shape) == 2 else ()
+    if objective == "fisher":
+        return ("fisher",)
+    if objective == "blockwise":
+        return ("fisher_block",) if len(shape) == 1 else ()
+    return ()
+
+
+@register
+class Mats(Method):
+    name = "mats"
+    summary = "conjugate gradient on Σ C_i θ = Σ C_i θ_i per block (K-FAC, RegMean, Fisher or blockwise C_i)"
+    Params = MatsParams
+    uses_stats = True
+    row_split = False
+
+    def requires_base(self, params: MatsParams) -> bool:
+        return params.init in ("task_arithmetic", "base")
+
+    def requires_stats(self, params: MatsParams) -> bool:
+        return params.objective != "average"
+
+    def extra_checkpoints(self, params: MatsParams) -> dict[str, str]:
+        return {} if params.init in INITS else {"init": params.init}
+
+    def block_stats(self, params: MatsParams, shape: tuple[int, ...]) -> tuple[str, ...]:
+        return _kinds(params.objective, shape)
+
+    def describe_stats(self) -> str:
+        return ("kfac: gram_in and gram_out of linear weights; regmean: gram_in; fisher: fisher; blockwise: "
+                "fisher_block of vectors; blocks without them are averaged")
+
+    def splits(self, params: MatsParams, shape: tuple[int, ...], with_stats: bool) -> bool:
+        return not with_stats
+
+    def fixed_bytes(self, params: MatsParams, shape: tuple[int, ...], n_models: int) -> int:
+        e = PRECISIONS[params.precision].itemsize
+        kinds = _kinds(params.objective, shape)
+        sizes = {"gram_in": shape[-1] ** 2 if shape else 0, "gram_out": shape[0] ** 2 if shape else 0,
+                 "fisher_block": shape[0] ** 2 if shape else 0}
+        return sum((n_models + 1) * e * sizes[k] for k in kinds if k in sizes)
+
+    def work_bytes_per_element(self, n_models: int, params: MatsParams) -> int:
+        e = PRECISIONS[params.precision].itemsize
+        return e * (7 + 3 * n_models)  # x, r, p, Ap, b, init, residual; stacked θ and two batched products
+
+    def start_extras(self, params: Params) -> Any:
+        return {}
+
+    def add_extra(self, acc: Any, extra: Any) -> Any:
+        acc[extra["name"]] = {k: v for k, v in extra.items() if k != "name"}
+        return acc
+
+    def progress(self, extra: Any) -> str | None:
+        return f"cg {extra['cg_iterations']} it, residual {extra['cg_residual']:.1e}"
+
+    def block_report(self, extras: Any) -> dict[str, dict]:
+        return extras
+
+    def _init(self, data: BlockData, params: MatsParams, thetas: list[torch.Tensor], wd: torch.dtype) -> torch.Tensor:
+        if params.init == "task_arithmetic":
+            return K.task_arithmetic(thetas, data.base.to(wd), [params.init_lambda] * len(thetas))
+        if params.init == "average":
+            return K.weighted_sum(thetas, [1.0 / len(thetas)] * len(thetas))
+        if params.init == "base":
+            return data.base.to(wd, copy=True)
+        if params.init == "zeros":
+            return torch.zeros_like(thetas[0])
+        return data.extra["init"].to(wd, copy=True)
+
+    def merge(self, data: BlockData, params: MatsParams, state: dict):
+        if not data.stats:  # nothing to weigh with (biases under kfac, the average objective)
+            return self.fallback(data, params)
+        wd = PRECISIONS[params.precision]
+        thetas = [x.to(wd) for x in data.inputs]
+        x0 = self._init(data, params, thetas, wd)
+        apply, b = self._system(data, params, thetas, wd)
+        res = L.conjugate_gradient(apply, b, x0, params.iterations, params.tol)
+        return res.x, {"name": data.name, "cg_iterations": res.iterations, "cg_residual": res.residual}
+
+    def _system(self, data: BlockData, params: MatsParams, thetas: list[torch.Tensor], wd: torch.dtype):
+        """The matvec θ -> Σ C_i θ and the right-hand side Σ C_i θ_i of the objective."""
+        obj, a = params.objective, params.alpha
+
+        def scaled(kind: str) -> torch.Tensor:
+            return torch.stack([L.scale_offdiag(g.to(wd), a) for g in data.stats[kind]])
+
+        if obj == "kfac":
+            ga, gb = scaled("gram_in"), scaled("gram_out")
+            return L.kfac_apply(ga, gb), L.kfac_rhs(ga, gb, torch.stack(thetas))
+        if obj == "regmean":
+            g = scaled("gram_in")
+            total = g.sum(0)
+            return (lambda w: w @ total), torch.matmul(torch.stack(thetas), g).sum(0)
+        if obj == "blockwise":
+            f = scaled("fisher_block")
+            total = f.sum(0)
+            return (lambda v: total @ v), torch.matmul(f, torch.stack(thetas).unsqueeze(-1)).sum(0).squeeze(-1)
+        fishers = [f.to(wd) for f in data.stats["fisher"]]
+        total = torch.stack(fishers).sum(0)
+        rhs = torch.zeros_like(thetas[0])
+        for f, t in zip(fishers, thetas):
+            rhs.addcmul_(f, t)
+        return (lambda w: total * w), rhs
