@@ -258,7 +258,7 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
         if ck is not None:
             _check_model(path, entries, kind, ck, model)
         writer = StatsWriter(
-            output, model=None if model is None else {"spec": model, "identity": None},
+            output, model=None if ck is None else {"spec": model, "identity": ck.identity()},
             n_examples=count if kind in ("fisher", "fisher_block") else None, fisher_type=fisher_type,
             created_by=f"tensormerge stats import {os.path.basename(path)}", overwrite=overwrite)
         try:

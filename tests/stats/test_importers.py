@@ -65,7 +65,9 @@ def test_torch_fisher_round_trip(tmp_path, model):
         assert got[k].dtype == torch.float32
         assert torch.equal(got[k], v.float())
     s = StatsStore(str(out))
-    assert s.attrs["model"] == {"spec": model, "identity": None}
+    from tensormerge.engine.sources import open_checkpoint
+
+    assert s.attrs["model"] == {"spec": model, "identity": open_checkpoint(model).identity()}
     assert s.attrs["fisher_type"] == "empirical" and s.attrs["n_examples"] == 1000
     assert s.attrs["created_by"] == "tensormerge stats import fisher.pt"
     assert s.arrays["fisher"][Q].attrs["count"] == 1000

@@ -1,0 +1,197 @@
+"""Statistics through the engine: the store's row reads, same bytes whatever the chunking or
+thread count, and every kind of bad statistics refused with one line before anything is written."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from tensormerge.api import MergeSpec, merge, plan
+from tensormerge.engine.sources import open_checkpoint
+from tensormerge.stats.store import StatsStore, row_chunks
+
+from tests.conftest import write_family
+from tests.helpers import assert_clean_error, run_cli, write_store
+
+TENSORS = {
+    "big.w": ((300, 8), torch.float32),
+    "mid.w": ((130, 20), torch.bfloat16),
+    "mid.b": ((20,), torch.float16),
+    "vec": ((12,), torch.float32),
+    "s": ((), torch.float32),
+    "ids": ((1, 5), torch.int64),
+}
+
+
+def _spd(d, seed):
+    x = torch.randn(3 * d, d, generator=torch.Generator().manual_seed(seed))
+    return x.T @ x / (3 * d)
+
+
+def make_stats(root, sds, with_base=False):
+    """One store per model: Fishers for every float tensor, Grams for the matrices, Fisher blocks
+    for the vectors."""
+    paths = []
+    for i, sd in enumerate(sds):
+        g = torch.Generator().manual_seed(100 + i)
+        stats = {"fisher": {}, "gram_in": {}, "gram_out": {}, "fisher_block": {}}
+        for name, t in sd.items():
+            if not t.is_floating_point():
+                continue
+            stats["fisher"][name] = torch.rand(t.shape, generator=g) ** 2
+            if t.dim() == 2:
+                stats["gram_in"][name] = _spd(t.shape[1], 200 + i)
+                stats["gram_out"][name] = _spd(t.shape[0], 300 + i)
+            if t.dim() == 1:
+                stats["fisher_block"][name] = _spd(t.shape[0], 400 + i)
+        paths.append(write_store(root / f"s{i}.zarr", stats))
+    return paths
+
+
+@pytest.fixture
+def stats_family(tmp_path):
+    base, fts, base_sd, ft_sds = write_family(tmp_path / "models", TENSORS)
+    stores = make_stats(tmp_path, ft_sds)
+    base_store = make_stats(tmp_path / "b", [base_sd])[0]
+    return base, fts, stores, base_store
+
+
+def digest(out):
+    return {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(out)) if f.endswith(".safetensors")}
+
+
+CASES = {
+    "fisher": {},
+    "fisher-normalize": {"normalize": "true", "floor_mode": "add"},
+    "regmean": {"alpha": "0.7"},
+    "ubgm": {"alpha": "0.8"},
+}
+MEMORY = {"regmean": "100KiB"}  # its 64-row tiles need more than a few rows of the others
+
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_row_chunks_give_identical_bytes(stats_family, tmp_path, label):
+    base, fts, stores, base_store = stats_family
+    method = label.split("-")[0]
+    runs = {}
+    small = MEMORY.get(method, "40KiB")
+    for mem in ("64MiB", small):
+        out = tmp_path / f"{label}-{mem}"
+        rep = merge(MergeSpec(method, fts, str(out), base=base, stats=stores,
+                              base_stats=base_store if method == "ubgm" else None, params=CASES[label],
+                              max_memory=mem, quiet=True))
+        runs[mem] = digest(out)
+        if mem == small:
+            chunked = {b["name"] for b in rep["blocks"] if b["chunks"] > 1}
+            assert {"big.w", "mid.w"} <= chunked, chunked  # really split by rows
+        assert rep["fallback_blocks"] == {}
+    assert runs["64MiB"] == runs[small]
+
+
+@pytest.mark.parametrize("method", ["regmean", "mats"])
+def test_thread_count_does_not_change_bytes(stats_family, tmp_path, method):
+    base, fts, stores, _ = stats_family
+    threads = torch.get_num_threads()
+    digests = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = tmp_path / f"t{n}"
+            merge(MergeSpec(method, fts, str(out), base=base, stats=stores, quiet=True))
+            digests.append(digest(out))
+    finally:
+        torch.set_num_threads(threads)
+    assert digests[0] == digests[1]
+
+
+def test_plan_and_report_list_statistics_and_fallbacks(stats_family, tmp_path):
+    base, fts, stores, _ = stats_family
+    text = plan(MergeSpec("regmean", fts, None, base=base, stats=stores))
+    assert "statistics 3 store(s)" in text and "2 blocks merged with gram_in" in text
+    # a store that lacks one Gram: that block is averaged, counted in the plan, listed in the report
+    partial = write_store(tmp_path / "partial.zarr", {"gram_in": {"big.w": _spd(8, 1)}})
+    spec = MergeSpec("regmean", fts, str(tmp_path / "out"), base=base, stats=[stores[0], partial, stores[2]],
+                     quiet=True)
+    assert "1 averaged for lack of statistics" in plan(spec)
+    rep = merge(spec)
+    assert rep["fallback_blocks"] == {"mid.w": f"no gram_in in {partial}"}
+    prov = json.load(open(tmp_path / "out" / "tensormerge.json"))
+    assert prov["fallback_blocks"] == rep["fallback_blocks"]
+    assert [s["path"] for s in prov["statistics"]["stores"]] == [stores[0], partial, stores[2]]
+
+
+def test_store_reads_rows_and_urls(tmp_path):
+    f = torch.rand(5000, 300)
+    path = write_store(tmp_path / "s.zarr", {"fisher": {"w": f, "s": torch.tensor(2.0)}}, count=7)
+    s = StatsStore(path)
+    assert s.arrays["fisher"]["w"].shape == (5000, 300) and s.arrays["fisher"]["w"].attrs["count"] == 7
+    assert torch.equal(s.read("fisher", "w", 1234, 2345), f[1234:2345])
+    assert torch.equal(s.read("fisher", "s"), torch.tensor(2.0))
+    assert row_chunks((5000, 300)) == (873, 300)  # ~1 MiB of whole rows
+    url = StatsStore("file://" + path)
+    assert torch.equal(url.read("fisher", "w", 0, 3), f[:3])
+
+
+# ----------------------------------------------------------------------------- bad statistics
+def _cli(base, fts, stores, out, method="fisher", extra=()):
+    return run_cli(["run", "--quiet", "--method", method, "--inputs", ",".join(fts), "--base", base,
+                    "--stats", ",".join(stores), "--output", str(out), *extra])
+
+
+def _broken(tmp_path, stores, i, stats, model=None):
+    s = list(stores)
+    s[i] = write_store(tmp_path / f"bad{i}.zarr", stats, model=model)
+    return s
+
+
+def test_bad_statistics_are_refused_with_one_line(stats_family, tmp_path):
+    base, fts, stores, _ = stats_family
+    out = tmp_path / "out"
+    res = _cli(base, fts, _broken(tmp_path, stores, 1, {"fisher": {"big.w": torch.rand(300, 9)}}), out)
+    assert_clean_error(res, "bad1.zarr", "fisher/big.w", "[300, 9]", "[300, 8]", out_dir=out)
+    nan = torch.rand(300, 8)
+    nan[150, 3] = float("nan")
+    res = _cli(base, fts, _broken(tmp_path, stores, 0, {"fisher": {"big.w": nan}}), out)
+    assert_clean_error(res, "bad0.zarr", "fisher/big.w", "NaN", out_dir=out)
+    res = _cli(base, fts, _broken(tmp_path, stores, 2, {"fisher": {"big.w": -torch.rand(300, 8)}}), out)
+    assert_clean_error(res, "bad2.zarr", "fisher/big.w", "negative", out_dir=out)
+    skew = _spd(8, 0)
+    skew[0, 1] += 1.0
+    res = _cli(base, fts, _broken(tmp_path, stores, 1, {"gram_in": {"big.w": skew}}), out, "regmean")
+    assert_clean_error(res, "bad1.zarr", "gram_in/big.w", "not symmetric", out_dir=out)
+    res = _cli(base, fts, _broken(tmp_path, stores, 1, {"gram_in": {"vec": _spd(12, 0)}}), out, "regmean")
+    assert_clean_error(res, "bad1.zarr", "gram_in/vec", "does not apply", out_dir=out)
+
+
+def test_store_for_another_model_is_refused(stats_family, tmp_path):
+    base, fts, stores, _ = stats_family
+    out = tmp_path / "out"
+    # another architecture: keys this model does not have
+    res = _cli(base, fts, _broken(tmp_path, stores, 0, {"fisher": {"encoder.block.0.q.weight": torch.rand(4, 4)}}), out)
+    assert_clean_error(res, "bad0.zarr", "fisher/encoder.block.0.q.weight", "names no tensor", out_dir=out)
+    # same architecture, other weights: the identity recorded in the store does not match
+    other = open_checkpoint(fts[1]).identity()
+    res = _cli(base, fts, _broken(tmp_path, stores, 0, {"fisher": {"big.w": torch.rand(300, 8)}},
+                                  model={"spec": fts[1], "identity": other}), out)
+    assert_clean_error(res, "bad0.zarr", fts[1], fts[0], "statistics were computed for", out_dir=out)
+    mine = open_checkpoint(fts[0]).identity()
+    ok = _broken(tmp_path, stores, 0, {"fisher": {"big.w": torch.rand(300, 8)}}, model={"spec": fts[0], "identity": mine})
+    assert _cli(base, fts, ok, out).returncode == 0
+
+
+def test_missing_or_unusable_stores_are_refused(stats_family, tmp_path):
+    base, fts, stores, _ = stats_family
+    out = tmp_path / "out"
+    assert_clean_error(_cli(base, fts, stores[:2], out), "--stats", "2 store(s) for 3 input(s)", out_dir=out)
+    assert_clean_error(_cli(base, fts, [stores[0], str(tmp_path / "nope.zarr"), stores[2]], out),
+                       "nope.zarr", "not found", out_dir=out)
+    (tmp_path / "plain").mkdir()
+    assert_clean_error(_cli(base, fts, [stores[0], str(tmp_path / "plain"), stores[2]], out), "plain", out_dir=out)
+    res = run_cli(["run", "--method", "fisher", "--inputs", ",".join(fts), "--output", str(out)])
+    assert_clean_error(res, "fisher", "needs --stats", out_dir=out)
+    assert_clean_error(_cli(base, fts, stores, out, "ties"), "--stats", "ties", "uses no statistics", out_dir=out)
+    res = _cli(base, fts, stores, out, "fisher", ("--base-stats", stores[0]))
+    assert_clean_error(res, "--base-stats", "fisher", out_dir=out)
