@@ -20,6 +20,7 @@ from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError
+from tensormerge.kernels.reference import all_finite
 from tensormerge.methods.base import BlockData
 from tensormerge.stats.bind import check_gram
 
@@ -38,11 +39,6 @@ def _sub_chunks(data: BlockData, rows: int):
         yield BlockData(data.name, [x[s:e] for x in data.inputs], None if data.base is None else data.base[s:e],
                         data.full_shape, data.row_start + s, stats, base_stats,
                         {k: v[s:e] for k, v in data.extra.items()}, data.prepared)
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """NaN or Inf anywhere makes the sum non-finite; only then (or on overflow) look closer."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 @dataclass
@@ -207,7 +203,7 @@ class Runner:
                         note = method.progress(extra)
                         if note and bar is not None:
                             bar.note = note
-                    if not _all_finite(result):
+                    if not all_finite(result):
                         raise InputError(f"tensor {b.name!r}: the merge produced NaN or Inf (non-finite input values?)")
                     s0 = part.row_start - data.row_start
                     if shape:

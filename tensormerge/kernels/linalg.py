@@ -52,7 +52,7 @@ class SPDSolver:
 def spd_factor(s: torch.Tensor) -> SPDSolver:
     s = s.to(torch.float64)
     live = s.diagonal() > 0
-    sl = s[live][:, live]
+    sl = s if bool(live.all()) else s[live][:, live]
     n = sl.shape[0]
     if n == 0:
         return SPDSolver(live, "empty")
@@ -98,10 +98,18 @@ def regmean_prepare(grams: list[torch.Tensor], alpha: float, weights: list[float
     with the weights' rows run in `product_dtype` (float32 as in the research code)."""
     total = sum(weights)
     w = [x / total for x in weights]
-    g = torch.stack([scale_offdiag(gi.to(torch.float64), alpha) * wi for gi, wi in zip(grams, w)])
-    solver = spd_factor(g.sum(0))
+    scaled, acc = [], None
+    for gi, wi in zip(grams, w):  # one float64 Gram at a time: memory (4N + 24) d² bytes at most
+        g64 = scale_offdiag(gi.to(torch.float64), alpha).mul_(wi)
+        acc = g64.clone() if acc is None else acc.add_(g64)
+        scaled.append(g64.to(product_dtype))
+        del g64
+    solver = spd_factor(acc)
+    del acc
     live = solver.live
-    return RegMeanFactor(g[:, live][:, :, live].to(product_dtype).contiguous(), solver, w, product_dtype)
+    if not bool(live.all()):
+        scaled = [g[live][:, live] for g in scaled]
+    return RegMeanFactor(torch.stack(scaled), solver, w, product_dtype)
 
 
 def regmean_rows(inputs: list[torch.Tensor], fac: RegMeanFactor, tile: int) -> torch.Tensor:

@@ -19,6 +19,12 @@ def work_dtype(*xs: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """NaN or Inf anywhere makes the sum non-finite; only then (or on overflow) look closer.
+    One reduction instead of a boolean tensor the size of x."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def weighted_sum(inputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Σ w_i θ_i, accumulated in place (each input converted once, no stacked copy)."""
     acc = torch.zeros(inputs[0].shape, dtype=work_dtype(*inputs), device=inputs[0].device)

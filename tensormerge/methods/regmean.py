@@ -55,7 +55,7 @@ class RegMean(Method):
 
     def fixed_bytes(self, params: Params, shape: tuple[int, ...], n_models: int) -> int:
         d = shape[1]
-        return d * d * (4 * n_models + 8 * 2)  # scaled Grams, their float64 sum and its factor
+        return d * d * (4 * n_models + 24)  # scaled Grams; their float64 sum, its factor and one temporary
 
     def work_bytes_per_element(self, n_models: int, params: Params) -> int:
         return 4 * n_models + 8 * 3

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tensormerge.kernels.reference import all_finite
+
 from tensormerge.constants import STATS_KINDS
 from tensormerge.errors import InputError, OutputError, ParameterError
 
@@ -218,13 +220,13 @@ def _value(path: str, e: Entry) -> torch.Tensor:
     t = t.to(torch.float32)
     if e.transpose:
         t = t.t()
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise InputError(f"{path}: {e.source!r} holds NaN or Inf values (as float32)")
     return t
 
 
 def import_stats(path: str, kind: str, output: str, *, model: str | None = None, count: int | None = None,
-                 fisher_type: str | None = None, overwrite: bool = False) -> dict:
+                 fisher_type: str | None = None, overwrite: bool = False, append: bool = False) -> dict:
     """Write the statistics in `path` to a store at `output`; nothing is left there on failure."""
     from tensormerge.stats.store import StatsWriter
 
@@ -239,8 +241,8 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
     fmt = FORMATS.get(os.path.splitext(path)[1].lower())
     if fmt is None:
         raise InputError(f"{path}: unknown statistics format (expected {', '.join(FORMATS)})")
-    if "://" not in output and os.path.exists(output) and not overwrite:
-        raise OutputError(f"{output}: exists (pass --overwrite to replace it)")
+    if "://" not in output and os.path.exists(output) and not (overwrite or append):
+        raise OutputError(f"{output}: exists (pass --overwrite to replace it, or --append to add to it)")
 
     with contextlib.ExitStack() as stack:
         ck = None
@@ -260,7 +262,7 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
         writer = StatsWriter(
             output, model=None if ck is None else {"spec": model, "identity": ck.identity()},
             n_examples=count if kind in ("fisher", "fisher_block") else None, fisher_type=fisher_type,
-            created_by=f"tensormerge stats import {os.path.basename(path)}", overwrite=overwrite)
+            created_by=f"tensormerge stats import {os.path.basename(path)}", overwrite=overwrite, append=append)
         try:
             for e in entries:
                 extra = {"source": e.source} if e.source != e.key else {}

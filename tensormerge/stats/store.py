@@ -12,9 +12,11 @@ block they feed is merged, so a NaN never reaches the output and no full extra p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,16 @@ import torch
 from tensormerge import __version__
 from tensormerge.constants import PARTIAL_SUFFIX, STATS_CHUNK_BYTES, STATS_FORMAT, STATS_KINDS
 from tensormerge.errors import InputError, OutputError
+from tensormerge.kernels.reference import all_finite
+
+
+@contextlib.contextmanager
+def _quiet():
+    """We write and read consolidated metadata on purpose (one read opens a store of hundreds
+    of arrays); zarr warns on every open that v3 has not standardised it yet."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        yield
 
 
 def _is_url(path: str) -> bool:
@@ -67,16 +79,41 @@ class ArrayInfo:
 
 
 class StatsWriter:
-    """Builds a store in PATH.partial (local paths) and renames it into place on `close`."""
+    """Builds a store in PATH.partial (local paths) and renames it into place on `close`.
+
+    With `append`, adds kinds to an existing store in place (a Fisher and Grams imported from
+    separate research files end up in one store); a kind already there is refused unless
+    `overwrite`, and `abort` removes only what this writer added."""
 
     def __init__(self, path: str, *, model: dict | None = None, n_examples: int | None = None,
-                 fisher_type: str | None = None, created_by: str = "", overwrite: bool = False):
+                 fisher_type: str | None = None, created_by: str = "", overwrite: bool = False,
+                 append: bool = False):
         import zarr
 
         self.path = path
         self.local = not _is_url(path)
+        self.append = append and (not self.local or os.path.exists(path))
+        self.overwrite = overwrite
+        self.groups = {}
+        self.added: list[str] = []
+        self.count = 0
+        if self.append:
+            self.build = path
+            existing = StatsStore(path)
+            recorded = (existing.model or {}).get("identity")
+            mine = (model or {}).get("identity")
+            if recorded and mine and recorded != mine:
+                raise OutputError(f"{path}: holds statistics of {existing.model.get('spec')}, not of "
+                                  f"{(model or {}).get('spec')}; append to the store of the same model")
+            with _quiet():
+                self.root = zarr.open_group(path, mode="r+", zarr_format=3)
+            updates = {k: v for k, v in {"model": model, "n_examples": n_examples, "fisher_type": fisher_type}.items()
+                       if v is not None and existing.attrs.get(k) is None}
+            self.root.attrs.update(updates)
+            self._existing = existing
+            return
         if self.local and os.path.exists(path) and not overwrite:
-            raise OutputError(f"{path}: exists (pass --overwrite to replace it)")
+            raise OutputError(f"{path}: exists (pass --overwrite to replace it, or --append to add to it)")
         self.build = path + PARTIAL_SUFFIX if self.local else path
         if self.local and os.path.exists(self.build):
             shutil.rmtree(self.build)
@@ -88,8 +125,6 @@ class StatsWriter:
             "tensormerge_stats": STATS_FORMAT, "model": model, "n_examples": n_examples,
             "fisher_type": fisher_type, "created_by": created_by or f"tensormerge {__version__}",
         })
-        self.groups = {}
-        self.count = 0
 
     def add(self, kind: str, name: str, value: torch.Tensor, count: float | int | None = None,
             **attrs: Any) -> None:
@@ -97,7 +132,12 @@ class StatsWriter:
         if kind not in STATS_KINDS:
             raise ValueError(f"unknown statistics kind {kind!r}")
         if kind not in self.groups:
+            if self.append and kind in self.root:
+                if not self.overwrite and self._existing.arrays.get(kind):
+                    raise OutputError(f"{self.path}: already holds {kind} statistics (pass --overwrite to replace them)")
+                del self.root[kind]
             self.groups[kind] = self.root.require_group(kind)
+            self.added.append(kind)
         data = value.detach().to(torch.float32).contiguous().cpu().numpy()
         arr = self.groups[kind].create_array(
             name, shape=data.shape, dtype="float32", chunks=row_chunks(data.shape),
@@ -107,20 +147,22 @@ class StatsWriter:
         self.count += 1
 
     def close(self) -> str:
-        import warnings
-
         import zarr
 
-        with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": we read it ourselves
-            warnings.simplefilter("ignore")
+        with _quiet():
             zarr.consolidate_metadata(self.build)
-        if self.local:
+        if self.local and not self.append:
             if os.path.exists(self.path):
                 shutil.rmtree(self.path)
             os.replace(self.build, self.path)
         return self.path
 
     def abort(self) -> None:
+        if self.append:
+            for kind in self.added:
+                if kind in self.root:
+                    del self.root[kind]
+            return
         if self.local and os.path.exists(self.build):
             shutil.rmtree(self.build, ignore_errors=True)
 
@@ -135,7 +177,8 @@ class StatsStore:
         if not _is_url(path) and not os.path.exists(path):
             raise InputError(f"{path}: statistics store not found")
         try:
-            self.root = zarr.open_group(path, mode="r", zarr_format=3)
+            with _quiet():
+                self.root = zarr.open_group(path, mode="r", zarr_format=3)
             attrs = dict(self.root.attrs)
         except Exception as e:  # zarr raises several types for a directory that is not a store
             raise InputError(f"{path}: not a Zarr v3 statistics store ({e.__class__.__name__})") from None
@@ -202,7 +245,7 @@ class StatsStore:
         except Exception as e:
             raise InputError(f"{self.path}: {kind}/{name}: cannot read ({e.__class__.__name__}: {e})") from None
         out = torch.from_numpy(np.array(data, dtype=np.float32, order="C", copy=True))
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise InputError(f"{self.path}: {kind}/{name} holds NaN or Inf values")
         return out
 
