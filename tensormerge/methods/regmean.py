@@ -25,6 +25,9 @@ class RegMeanParams(Params):
     alpha: float = param(1.0, "off-diagonal scale of the Grams: 1 = exact least squares, 0 = per-column weighting")
     weights: list[float] | None = param(None, "per-model weights (default uniform): scale each Gram, and the "
                                               "average of parameters without one")
+    precision: str = param("float32", "products W_i Ĝ_i in float32 (as the research code; the solve is always "
+                                      "float64) or float64 (exact to the Grams' float32 storage, 2x the time)",
+                           choices=("float32", "float64"))
 
     def validate(self, method: str, n_models: int) -> None:
         super().validate(method, n_models)
@@ -55,14 +58,16 @@ class RegMean(Method):
 
     def fixed_bytes(self, params: Params, shape: tuple[int, ...], n_models: int) -> int:
         d = shape[1]
-        return d * d * (4 * n_models + 24)  # scaled Grams; their float64 sum, its factor and one temporary
+        e = 8 if params.precision == "float64" else 4
+        return d * d * (e * n_models + 24)  # scaled Grams; their float64 sum, its factor and one temporary
 
-    def work_bytes_per_element(self, n_models: int, params: Params) -> int:
-        return 4 * n_models + 8 * 3
+    def work_bytes_per_element(self, n_models: int, params: RegMeanParams) -> int:
+        e = 8 if params.precision == "float64" else 4
+        return e * (n_models + 1) + 8 * 3  # row tiles of each model, the product, the float64 solve
 
     def prepare(self, data: BlockData, params: RegMeanParams) -> L.RegMeanFactor:
-        return L.regmean_prepare(data.stats["gram_in"], params.alpha, params.resolved(len(data.inputs)),
-                                 K.work_dtype(*data.inputs))
+        dtype = torch.float64 if params.precision == "float64" else K.work_dtype(*data.inputs)
+        return L.regmean_prepare(data.stats["gram_in"], params.alpha, params.resolved(len(data.inputs)), dtype)
 
     def merge(self, data: BlockData, params: RegMeanParams, state: dict) -> torch.Tensor:
         if data.prepared is None:  # no Gram for this shape: the research code averages
