@@ -431,3 +431,25 @@ def write_store(path, stats: dict, model: dict | None = None, count=None) -> str
         for name, value in arrays.items():
             w.add(kind, name, value, count=count)
     return w.close()
+
+
+def shard_digests(out) -> dict[str, str]:
+    """sha256 of each output shard: what 'the same bytes' means in determinism tests."""
+    return {f: sha256_file(Path(out) / f) for f in sorted(os.listdir(out)) if f.endswith(".safetensors")}
+
+
+def digests_per_thread_count(run_merge, tmp_path, counts=(1, 2)) -> list[dict[str, str]]:
+    """Shard digests of `run_merge(out)` with torch set to each thread count in turn."""
+    import torch
+
+    threads = torch.get_num_threads()
+    digests = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            out = tmp_path / f"threads{n}"
+            run_merge(out)
+            digests.append(shard_digests(out))
+    finally:
+        torch.set_num_threads(threads)
+    return digests

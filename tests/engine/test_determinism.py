@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tensormerge.api import MergeSpec, merge
+from tests.helpers import digests_per_thread_count
 
 METHODS = {
     "average": {},
@@ -41,17 +42,9 @@ def test_row_chunks_give_identical_bytes(family, tmp_path, label):
 
 def test_thread_count_does_not_change_bytes(family, tmp_path):
     base, fts, _, _ = family
-    threads = torch.get_num_threads()
-    digests = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            out = tmp_path / f"t{n}"
-            merge(MergeSpec("ties", fts, str(out), base=base, quiet=True))
-            digests.append(digest(out))
-    finally:
-        torch.set_num_threads(threads)
-    assert digests[0] == digests[1]
+    one, two = digests_per_thread_count(lambda out: merge(MergeSpec("ties", fts, str(out), base=base, quiet=True)),
+                                        tmp_path)
+    assert one == two
 
 
 def test_sharded_and_single_outputs_hold_the_same_tensors(family, tmp_path):

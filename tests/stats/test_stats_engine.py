@@ -1,9 +1,7 @@
 """Statistics through the engine: the store's row reads, same bytes whatever the chunking or
 thread count, and every kind of bad statistics refused with one line before anything is written."""
 
-import hashlib
 import json
-import os
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from tensormerge.engine.sources import open_checkpoint
 from tensormerge.stats.store import StatsStore, row_chunks
 
 from tests.conftest import write_family
-from tests.helpers import assert_clean_error, run_cli, write_store
+from tests.helpers import assert_clean_error, digests_per_thread_count, run_cli, shard_digests, write_store
 
 TENSORS = {
     "big.w": ((300, 8), torch.float32),
@@ -58,11 +56,6 @@ def stats_family(tmp_path):
     return base, fts, stores, base_store
 
 
-def digest(out):
-    return {f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
-            for f in sorted(os.listdir(out)) if f.endswith(".safetensors")}
-
-
 CASES = {
     "fisher": {},
     "fisher-normalize": {"normalize": "true", "floor_mode": "add"},
@@ -83,7 +76,7 @@ def test_row_chunks_give_identical_bytes(stats_family, tmp_path, label):
         rep = merge(MergeSpec(method, fts, str(out), base=base, stats=stores,
                               base_stats=base_store if method == "ubgm" else None, params=CASES[label],
                               max_memory=mem, quiet=True))
-        runs[mem] = digest(out)
+        runs[mem] = shard_digests(out)
         if mem == small:
             chunked = {b["name"] for b in rep["blocks"] if b["chunks"] > 1}
             assert {"big.w", "mid.w"} <= chunked, chunked  # really split by rows
@@ -94,17 +87,9 @@ def test_row_chunks_give_identical_bytes(stats_family, tmp_path, label):
 @pytest.mark.parametrize("method", ["regmean", "mats"])
 def test_thread_count_does_not_change_bytes(stats_family, tmp_path, method):
     base, fts, stores, _ = stats_family
-    threads = torch.get_num_threads()
-    digests = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            out = tmp_path / f"t{n}"
-            merge(MergeSpec(method, fts, str(out), base=base, stats=stores, quiet=True))
-            digests.append(digest(out))
-    finally:
-        torch.set_num_threads(threads)
-    assert digests[0] == digests[1]
+    one, two = digests_per_thread_count(
+        lambda out: merge(MergeSpec(method, fts, str(out), base=base, stats=stores, quiet=True)), tmp_path)
+    assert one == two
 
 
 def test_plan_and_report_list_statistics_and_fallbacks(stats_family, tmp_path):
