@@ -17,7 +17,7 @@ from tensormerge.kernels import linalg as L
 from tensormerge.kernels import reference as K
 from tensormerge.methods.base import BlockData, Method, Params, param, register
 
-ROW_TILE = 64
+ROW_TILE = 256
 
 
 @dataclass

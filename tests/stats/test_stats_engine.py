@@ -14,8 +14,8 @@ from tests.conftest import write_family
 from tests.helpers import assert_clean_error, digests_per_thread_count, run_cli, shard_digests, write_store
 
 TENSORS = {
-    "big.w": ((300, 8), torch.float32),
-    "mid.w": ((130, 20), torch.bfloat16),
+    "big.w": ((2000, 8), torch.float32),
+    "mid.w": ((600, 20), torch.bfloat16),
     "mid.b": ((20,), torch.float16),
     "vec": ((12,), torch.float32),
     "s": ((), torch.float32),
@@ -24,8 +24,9 @@ TENSORS = {
 
 
 def _spd(d, seed):
-    x = torch.randn(3 * d, d, generator=torch.Generator().manual_seed(seed))
-    return x.T @ x / (3 * d)
+    n = min(3 * d, 48)  # wide Grams: a low-rank sample plus a ridge keeps them cheap and SPD
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return x.T @ x / n + 0.1 * torch.eye(d)
 
 
 def make_stats(root, sds, with_base=False):
@@ -48,8 +49,9 @@ def make_stats(root, sds, with_base=False):
     return paths
 
 
-@pytest.fixture
-def stats_family(tmp_path):
+@pytest.fixture(scope="module")
+def stats_family(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("stats-family")
     base, fts, base_sd, ft_sds = write_family(tmp_path / "models", TENSORS)
     stores = make_stats(tmp_path, ft_sds)
     base_store = make_stats(tmp_path / "b", [base_sd])[0]
@@ -62,7 +64,7 @@ CASES = {
     "regmean": {"alpha": "0.7"},
     "ubgm": {"alpha": "0.8"},
 }
-MEMORY = {"regmean": "100KiB"}  # its 64-row tiles need more than a few rows of the others
+MEMORY = {"regmean": "400KiB"}  # its 256-row tiles need more than a few rows of the others
 
 
 @pytest.mark.parametrize("label", list(CASES))
@@ -135,13 +137,13 @@ def _broken(tmp_path, stores, i, stats, model=None):
 def test_bad_statistics_are_refused_with_one_line(stats_family, tmp_path):
     base, fts, stores, _ = stats_family
     out = tmp_path / "out"
-    res = _cli(base, fts, _broken(tmp_path, stores, 1, {"fisher": {"big.w": torch.rand(300, 9)}}), out)
-    assert_clean_error(res, "bad1.zarr", "fisher/big.w", "[300, 9]", "[300, 8]", out_dir=out)
-    nan = torch.rand(300, 8)
+    res = _cli(base, fts, _broken(tmp_path, stores, 1, {"fisher": {"big.w": torch.rand(2000, 9)}}), out)
+    assert_clean_error(res, "bad1.zarr", "fisher/big.w", "[2000, 9]", "[2000, 8]", out_dir=out)
+    nan = torch.rand(2000, 8)
     nan[150, 3] = float("nan")
     res = _cli(base, fts, _broken(tmp_path, stores, 0, {"fisher": {"big.w": nan}}), out)
     assert_clean_error(res, "bad0.zarr", "fisher/big.w", "NaN", out_dir=out)
-    res = _cli(base, fts, _broken(tmp_path, stores, 2, {"fisher": {"big.w": -torch.rand(300, 8)}}), out)
+    res = _cli(base, fts, _broken(tmp_path, stores, 2, {"fisher": {"big.w": -torch.rand(2000, 8)}}), out)
     assert_clean_error(res, "bad2.zarr", "fisher/big.w", "negative", out_dir=out)
     skew = _spd(8, 0)
     skew[0, 1] += 1.0
@@ -159,11 +161,11 @@ def test_store_for_another_model_is_refused(stats_family, tmp_path):
     assert_clean_error(res, "bad0.zarr", "fisher/encoder.block.0.q.weight", "names no tensor", out_dir=out)
     # same architecture, other weights: the identity recorded in the store does not match
     other = open_checkpoint(fts[1]).identity()
-    res = _cli(base, fts, _broken(tmp_path, stores, 0, {"fisher": {"big.w": torch.rand(300, 8)}},
+    res = _cli(base, fts, _broken(tmp_path, stores, 0, {"fisher": {"big.w": torch.rand(2000, 8)}},
                                   model={"spec": fts[1], "identity": other}), out)
     assert_clean_error(res, "bad0.zarr", fts[1], fts[0], "statistics were computed for", out_dir=out)
     mine = open_checkpoint(fts[0]).identity()
-    ok = _broken(tmp_path, stores, 0, {"fisher": {"big.w": torch.rand(300, 8)}}, model={"spec": fts[0], "identity": mine})
+    ok = _broken(tmp_path, stores, 0, {"fisher": {"big.w": torch.rand(2000, 8)}}, model={"spec": fts[0], "identity": mine})
     assert _cli(base, fts, ok, out).returncode == 0
 
 
