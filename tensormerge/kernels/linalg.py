@@ -60,7 +60,7 @@ def spd_factor(s: torch.Tensor) -> SPDSolver:
     # directions with eigenvalues below that are noise, and solving along them would amplify it.
     noise = math.sqrt(n) * 2.0**-24
     chol, info = torch.linalg.cholesky_ex(sl)
-    if int(info) == 0 and _smallest_eigenvalue(chol) > noise * float(sl.diagonal().max()):
+    if int(info) == 0 and _smallest_eigenvalue(sl, chol) > noise * float(sl.diagonal().max()):
         return SPDSolver(live, "cholesky", chol=chol)
     evals, evecs = torch.linalg.eigh(sl)
     cutoff = float(evals.max()) * noise
@@ -68,19 +68,21 @@ def spd_factor(s: torch.Tensor) -> SPDSolver:
     return SPDSolver(live, "eigh", eigvecs=evecs, inv_eigvals=inv)
 
 
-def _smallest_eigenvalue(chol: torch.Tensor, iterations: int = 30) -> float:
-    """λ_min of L Lᵀ by inverse iteration with the factor: O(n²) per step, against eigh's 9n³."""
+def _smallest_eigenvalue(s: torch.Tensor, chol: torch.Tensor, block: int = 8, iterations: int = 6) -> float:
+    """An upper estimate of λ_min(S) by block inverse iteration with the Cholesky factor and a
+    Rayleigh-Ritz step: a few solves with 8 right-hand sides cost about as much memory traffic
+    as one, and O(n²) each against eigh's 9n³."""
     n = chol.shape[0]
-    x = torch.linspace(1.0, 2.0, n, dtype=chol.dtype, device=chol.device).unsqueeze(1)
-    x /= x.norm()
-    growth = 1.0
+    k = min(block, n)
+    grid = torch.arange(n, dtype=chol.dtype, device=chol.device).unsqueeze(1)
+    x = torch.cos(grid * torch.arange(1, k + 1, dtype=chol.dtype, device=chol.device) * (math.pi / (n + 1)) + 0.3)
     for _ in range(iterations):
         y = torch.cholesky_solve(x, chol)
-        growth = float(y.norm())
-        if not math.isfinite(growth) or growth == 0.0:
+        if not bool(torch.isfinite(y).all()):
             return 0.0
-        x = y / growth
-    return 1.0 / growth
+        x, _ = torch.linalg.qr(y)
+    ritz = torch.linalg.eigvalsh(x.T @ (s @ x))
+    return float(ritz.min())
 
 
 # ----------------------------------------------------------------------------- RegMean
