@@ -32,6 +32,7 @@ class MergeSpec:
     dtype: str = "auto"
     shard_size: int | str = C.DEFAULT_SHARD_SIZE
     device: str = "cpu"
+    kernels: str = "auto"
     overwrite: bool = False
     report: str | None = None
     quiet: bool = False
@@ -47,6 +48,9 @@ def _validate(spec: MergeSpec) -> None:
         raise ParameterError(f"--device {spec.device}: no CUDA device is available")
     if dev.type not in ("cpu", "cuda"):
         raise ParameterError(f"--device: {spec.device!r} is not cpu, cuda or cuda:N")
+    from tensormerge.kernels.dispatch import select
+
+    select(spec.kernels or "auto", dev)  # refuses --kernels triton where it cannot run, before any work
 
 
 def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
@@ -109,7 +113,7 @@ def merge(spec: MergeSpec) -> dict:
         merge_plan = open_plan(spec, stack)
         settings = {k: v for k, v in asdict(spec).items() if k not in ("report", "quiet", "overwrite")}
         opts = RunOptions(out, parse_size(spec.shard_size, "--shard-size"), spec.device or "cpu",
-                          spec.overwrite, spec.quiet, settings)
+                          spec.overwrite, spec.quiet, spec.kernels or "auto", settings)
         report = Runner(merge_plan, opts).execute()
     if spec.report:
         with open(spec.report, "w") as f:

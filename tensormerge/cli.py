@@ -49,7 +49,7 @@ def _recipe(path: str | None) -> dict:
     if not isinstance(data, dict):
         raise ParameterError(f"--config {path}: expected a mapping of options")
     known = {"method", "inputs", "base", "stats", "base_stats", "output", "params", "max_memory", "dtype",
-             "shard_size", "device"}
+             "shard_size", "device", "kernels"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ParameterError(f"--config {path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -81,6 +81,7 @@ def _spec(kw: dict) -> api.MergeSpec:
         dtype=kw["dtype"] or recipe.get("dtype") or "auto",
         shard_size=kw["shard_size"] or recipe.get("shard_size") or C.DEFAULT_SHARD_SIZE,
         device=kw["device"] or recipe.get("device") or "cpu",
+        kernels=kw.get("kernels") or recipe.get("kernels") or "auto",
         overwrite=kw.get("overwrite", False), report=kw.get("report"), quiet=kw.get("quiet", False))
 
 
@@ -95,6 +96,8 @@ def merge_options(f):
         click.option("--config", type=click.Path(), help="YAML recipe with any of these options"),
         click.option("--max-memory", help="bound on tensor bytes held at once [default: 4GiB]"),
         click.option("--device", help="cpu, cuda or cuda:N [default: cpu]"),
+        click.option("--kernels", type=click.Choice(["auto", "torch", "triton"]),
+                     help="torch reference or fused Triton kernels; auto: Triton on CUDA when installed [default: auto]"),
         click.option("--dtype", type=click.Choice(list(C.DTYPE_CHOICES)), help="output dtype [default: auto]"),
         click.option("--shard-size", help="largest output shard [default: 5GB]"),
         click.option("--workers", type=int, help="dask LocalCluster workers"),

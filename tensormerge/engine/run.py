@@ -20,6 +20,7 @@ from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError
+from tensormerge.kernels import dispatch
 from tensormerge.kernels.reference import all_finite
 from tensormerge.methods.base import BlockData
 from tensormerge.stats.bind import check_gram
@@ -38,7 +39,7 @@ def _sub_chunks(data: BlockData, rows: int):
         base_stats = {k: (v[s:e] if k in ROW_KINDS else v) for k, v in data.base_stats.items()}
         yield BlockData(data.name, [x[s:e] for x in data.inputs], None if data.base is None else data.base[s:e],
                         data.full_shape, data.row_start + s, stats, base_stats,
-                        {k: v[s:e] for k, v in data.extra.items()}, data.prepared)
+                        {k: v[s:e] for k, v in data.extra.items()}, data.prepared, data.ops)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RunOptions:
     device: str = "cpu"
     overwrite: bool = False
     quiet: bool = False
+    kernels: str = "auto"
     settings: dict[str, Any] = field(default_factory=dict)  # recorded in provenance
 
 
@@ -65,6 +67,8 @@ class Runner:
         self.plan = plan
         self.opts = opts
         self.device = torch.device(opts.device)
+        self.ops = dispatch.select(opts.kernels, self.device)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         keep_freed_buffers()
         # On CPU, sub-chunks run on a pool of single-threaded workers: torch's intra-op threads
         # gain little on cache-sized element-wise ops, and single-threaded ops such as bincount
@@ -96,20 +100,39 @@ class Runner:
         base = None
         if inputs_too and plan.base is not None and (plan.method.requires_base(plan.params) or b.kind == "copy"):
             base = plan.base.read(b.reads[n], r0, r1)
-        data = BlockData(b.name, inputs, base, b.shape, r0)
+        data = BlockData(b.name, inputs, base, b.shape, r0, ops=self.ops)
         if plan.stats is not None:
             self._read_stats(b, data, r0, r1, first)
         if inputs_too:
             data.extra = {role: plan.extras[role].read(name, r0, r1) for role, name in b.extra_reads.items()}
         self.stats[b.name].seconds += time.perf_counter() - t0
-        if self.device.type != "cpu":
-            move = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
+        if self.device.type == "cuda":
+            self._to_device(data)
+        return data
+
+    def _to_device(self, data: BlockData) -> None:
+        """On the reader thread: pinned copies sent on a side stream, so host-to-device copies
+        of the next chunk overlap the kernels of this one; compute waits on the chunk's event."""
+        compute_stream = torch.cuda.current_stream(self.device)
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            y = x.pin_memory().to(self.device, non_blocking=True)
+            y.record_stream(compute_stream)  # freed after compute used it, not after the copy
+            return y
+
+        with torch.cuda.stream(self.copy_stream):
             data.inputs = [move(x) for x in data.inputs]
-            data.base = None if base is None else move(base)
+            data.base = None if data.base is None else move(data.base)
             data.stats = {k: [move(x) for x in v] for k, v in data.stats.items()}
             data.base_stats = {k: move(v) for k, v in data.base_stats.items()}
             data.extra = {k: move(v) for k, v in data.extra.items()}
-        return data
+            data.ready = torch.cuda.Event()
+            data.ready.record(self.copy_stream)
+
+    def _wait(self, data: BlockData) -> None:
+        ready = getattr(data, "ready", None)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
 
     def _read_stats(self, b: Block, data: BlockData, r0: int, r1: int, first: bool) -> None:
         """Row statistics with every chunk; matrices once, with the block's first chunk."""
@@ -153,6 +176,7 @@ class Runner:
         bar = self._bar(gpass.name, int(gpass.sample * sum(b.read_bytes_per_row * b.rows for b in blocks)), len(blocks))
 
         def compute(task: Task, data: BlockData):
+            self._wait(data)
             if not gpass.needs_inputs:
                 return [gpass.map(data, state)]
             parts = list(_sub_chunks(data, task.key[0].sub_rows * PASS_SUB_FACTOR))
@@ -185,6 +209,7 @@ class Runner:
             nonlocal extras
             b, r0, r1, last, first = task.key
             t0 = time.perf_counter()
+            self._wait(data)
             shape = (r1 - r0,) + b.shape[1:] if b.shape else ()
             if b.kind == "copy":
                 out = self._copy(b, data).reshape(shape).contiguous().cpu()
@@ -309,6 +334,7 @@ class Runner:
             "output": writer.out_dir,
             "method": plan.method.name,
             "params": plan.params.as_dict(),
+            "kernels": self.ops.__name__.rsplit(".", 1)[-1],
             "seconds": time.perf_counter() - t_start,
             "merge_seconds": merge_s,
             "patch_seconds": t_finish - t_patch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tensormerge.errors import ParameterError
-from tensormerge.kernels import reference as K
+from tensormerge.kernels.dispatch import ops
 from tensormerge.methods.base import BlockData, Method, Params, param, register
 
 
@@ -37,4 +37,4 @@ class Average(Method):
         return 4
 
     def merge(self, data: BlockData, params: AverageParams, state: dict):
-        return K.weighted_sum(data.inputs, params.resolved(len(data.inputs)))
+        return ops(data).weighted_sum(data.inputs, params.resolved(len(data.inputs)))

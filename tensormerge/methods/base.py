@@ -38,6 +38,7 @@ class BlockData:
     base_stats: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     prepared: Any = None
+    ops: Any = None  # the kernel module of this run (kernels.dispatch); None: the torch reference
 
     @property
     def flat_start(self) -> int:
@@ -216,10 +217,10 @@ class Method(ABC):
 
     def fallback(self, data: BlockData, params: Params) -> torch.Tensor:
         """Blocks whose statistics are missing: the uniform average, as the research code does."""
-        from tensormerge.kernels.reference import weighted_sum
+        from tensormerge.kernels.dispatch import ops
 
         n = len(data.inputs)
-        return weighted_sum(data.inputs, [1.0 / n] * n)
+        return ops(data).weighted_sum(data.inputs, [1.0 / n] * n)
 
     def progress(self, extra: Any) -> str | None:
         """A short note for the progress bar from a block's extra (CG iterations, residual)."""

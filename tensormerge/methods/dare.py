@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tensormerge.errors import ParameterError
-from tensormerge.kernels import reference as K
+from tensormerge.kernels.dispatch import ops
 from tensormerge.methods.base import BlockData, Method, Params, param, register
 from tensormerge.methods.task_arithmetic import TaskArithmeticParams
 
@@ -38,5 +38,5 @@ class Dare(Method):
         return 12 + 32  # fp32 base/acc/tmp + int64 counters of the hash
 
     def merge(self, data: BlockData, params: DareParams, state: dict):
-        return K.dare(data.inputs, data.base, params.p, params.resolved(len(data.inputs)), params.seed,
+        return ops(data).dare(data.inputs, data.base, params.p, params.resolved(len(data.inputs)), params.seed,
                       params.rescale, data.name, data.flat_start)

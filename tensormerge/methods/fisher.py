@@ -12,6 +12,7 @@ import torch
 
 from tensormerge.errors import InputError, ParameterError
 from tensormerge.kernels import reference as K
+from tensormerge.kernels.dispatch import ops
 from tensormerge.kernels import select as S
 from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, param, register
 
@@ -57,7 +58,7 @@ class FisherNorms(GlobalPass):
         fishers = data.stats.get("fisher")
         if not fishers:
             return None
-        return torch.stack([S.hist_high_moments(fisher_bits(f)) for f in fishers])
+        return torch.stack([S.hist_high_moments(fisher_bits(f)) for f in fishers]).cpu()
 
     def reduce(self, acc: Any, partial: Any, block: str) -> Any:
         if partial is None:
@@ -102,8 +103,8 @@ class Fisher(Method):
     def merge(self, data: BlockData, params: FisherParams, state: dict):
         n = len(data.inputs)
         floored = [True] * n if params.fallback == "average" else [i == 0 for i in range(n)]
-        return K.fisher_merge(data.inputs, data.stats["fisher"], self.weights(params, n, state), params.floor,
+        return ops(data).fisher_merge(data.inputs, data.stats["fisher"], self.weights(params, n, state), params.floor,
                               params.floor_mode, floored)
 
     def fallback(self, data: BlockData, params: FisherParams) -> torch.Tensor:
-        return K.weighted_sum(data.inputs, params.resolved(len(data.inputs)))
+        return ops(data).weighted_sum(data.inputs, params.resolved(len(data.inputs)))

@@ -15,6 +15,7 @@ import torch
 from tensormerge.errors import ParameterError
 from tensormerge.kernels import linalg as L
 from tensormerge.kernels import reference as K
+from tensormerge.kernels.dispatch import ops
 from tensormerge.methods.base import BlockData, Method, Params, param, register
 
 ROW_TILE = 256
@@ -75,4 +76,4 @@ class RegMean(Method):
         return L.regmean_rows(data.inputs, data.prepared, ROW_TILE)
 
     def fallback(self, data: BlockData, params: RegMeanParams) -> torch.Tensor:
-        return K.weighted_sum(data.inputs, params.resolved(len(data.inputs)))
+        return ops(data).weighted_sum(data.inputs, params.resolved(len(data.inputs)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tensormerge.kernels import reference as K
+from tensormerge.kernels.dispatch import ops
 from tensormerge.methods.base import BlockData, Method, Params, param, register
 
 
@@ -28,4 +28,4 @@ class TaskArithmetic(Method):
         return 12
 
     def merge(self, data: BlockData, params: TaskArithmeticParams, state: dict):
-        return K.task_arithmetic(data.inputs, data.base, params.resolved(len(data.inputs)))
+        return ops(data).task_arithmetic(data.inputs, data.base, params.resolved(len(data.inputs)))

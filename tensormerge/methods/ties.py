@@ -18,6 +18,7 @@ import torch
 
 from tensormerge.errors import InputError, ParameterError
 from tensormerge.kernels import reference as K
+from tensormerge.kernels.dispatch import ops
 from tensormerge.kernels import select as S
 from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, Patch, param, register
 
@@ -275,26 +276,20 @@ class Ties(Method):
     def merge(self, data: BlockData, params: TiesParams, state: dict):
         key = _key(params, data.name)
         trim = state[_LowPass.name][key]
-        base_w = data.base.reshape(-1).to(K.work_dtype(data.base, *data.inputs))
-        tau = K.task_vectors(data.inputs, base_w)
-        K.ties_trim_(tau, trim["v"])
-        sign = K.ties_elect(tau, params.sign, trim["sq"])
-        guess, votes = 0.0, 0
-        if sign is not None:
-            # Zero signs take the model-wide majority, known only after the last block. Guess it
-            # from the votes so far; `patches` rewrites the entries only where the guess was wrong.
-            running = state.setdefault(RUNNING_VOTES, {})
-            guess = float(_sign(running.get(key, 0)))
-            votes = int(sign.sum().item())
-            running[key] = running.get(key, 0) + votes
-            undecided = (sign == 0).logical_and_(K.abs_mass(tau) > 0)
-            K.resolve_zero_signs_(sign, guess)
-        merged = K.ties_disjoint(tau, sign, params.merge)
-        out = merged.mul_(params.lambda_).add_(base_w).reshape(data.base.shape)
-        if sign is None:
+        # Zero signs take the model-wide majority, known only after the last block. Guess it
+        # from the votes so far; `patches` rewrites the entries only where the guess was wrong.
+        running = state.setdefault(RUNNING_VOTES, {})
+        guess = float(_sign(running.get(key, 0)))
+        merged, votes, undecided = ops(data).ties_merge(data.inputs, data.base, trim["v"], params.sign, trim["sq"],
+                                                        params.merge, params.lambda_, guess)
+        out = merged.reshape(data.base.shape)
+        if undecided is None:
             return out
+        running[key] = running.get(key, 0) + votes
         zero = undecided.nonzero().squeeze(1)
-        return out, (key, votes, guess, data.name, zero + data.flat_start, tau[:, zero], base_w[zero])
+        columns = K.ties_columns(data.inputs, data.base, trim["v"], zero)
+        base_w = data.base.reshape(-1)[zero].to(columns.dtype)
+        return out, (key, votes, guess, data.name, zero + data.flat_start, columns, base_w)
 
     def start_extras(self, params: TiesParams) -> _UndecidedLog:
         return _UndecidedLog()

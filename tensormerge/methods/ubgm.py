@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tensormerge.errors import ParameterError
-from tensormerge.kernels import reference as K
+from tensormerge.kernels.dispatch import ops
 from tensormerge.methods.base import BlockData, Method, Params, param, register
 
 
@@ -53,5 +53,5 @@ class UBGM(Method):
 
     def merge(self, data: BlockData, params: UBGMParams, state: dict) -> torch.Tensor:
         n = len(data.inputs)
-        return K.ubgm(data.inputs, data.base, data.stats["fisher"], data.base_stats.get("fisher"), params.alpha,
+        return ops(data).ubgm(data.inputs, data.base, data.stats["fisher"], data.base_stats.get("fisher"), params.alpha,
                       params.delta0, params.base_scale, params.scales or [1.0] * n)

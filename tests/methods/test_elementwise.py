@@ -107,3 +107,25 @@ def test_bad_parameters(method, raw, msg):
     m = get_method(method)
     with pytest.raises(ParameterError, match=msg):
         m.Params.from_strings(method, raw, 3)
+
+
+def _fmix32_py(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize("start", [0, 2**31 - 3, 2**32 - 5, 3 * 2**32 + 11])
+def test_dare_mask_equals_the_hash_in_python_integers(start):
+    """The int32 tensor arithmetic gives the bits of the uint32 algorithm, across word boundaries."""
+    k1, k2 = K.dare_keys(5, 2, "blk")
+    got = K.dare_keep(5, 2, "blk", start, 40, 0.37)
+    cut = int(0.37 * 2**32)
+    want = []
+    for i in range(start, start + 40):
+        h = _fmix32_py(_fmix32_py((i & 0xFFFFFFFF) ^ k1) ^ (((i >> 32) * 0x27D4EB2F + k2) & 0xFFFFFFFF))
+        want.append(h >= cut)
+    assert got.tolist() == want
+    assert not K.dare_keep(5, 2, "blk", start, 40, 1.0).any()

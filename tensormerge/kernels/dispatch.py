@@ -1,0 +1,52 @@
+"""Which implementation runs a method's arithmetic: the torch reference (any device, the
+definition of each method) or the fused Triton kernels (CUDA; on CPU only under Triton's
+interpreter, which is how they are tested here). Both expose the same functions, so a method
+asks `ops(data)` and never knows which it got."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from tensormerge.errors import ParameterError
+from tensormerge.kernels import reference
+
+CHOICES = ("auto", "torch", "triton")
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """(usable, why not) for Triton kernels on `device`."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed (pip install tensormerge[triton])"
+    if device.type == "cuda":
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to interpret them on {device.type})"
+
+
+def select(choice: str, device: torch.device | str) -> ModuleType:
+    """The kernel module for --kernels CHOICE on DEVICE: auto takes Triton where it runs natively."""
+    device = torch.device(device)
+    if choice not in CHOICES:
+        raise ParameterError(f"--kernels: {choice!r} is not one of {', '.join(CHOICES)}")
+    if choice == "torch":
+        return reference
+    usable, why = triton_status(device)
+    if choice == "triton":
+        if not usable:
+            raise ParameterError(f"--kernels triton: {why}")
+    elif not (usable and device.type == "cuda"):
+        return reference
+    from tensormerge.kernels import triton as triton_kernels
+
+    return triton_kernels
+
+
+def ops(data) -> ModuleType:
+    """The kernels chosen for this run (the reference when a method is called directly)."""
+    return getattr(data, "ops", None) or reference
