@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 SIGN_MODES = ("mass", "normfrac", "normmass", "none")
@@ -134,11 +135,14 @@ def task_vectors(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor
 def ties_trim_(tau: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     """Zero entries with |τ_i| < v_i (ties at v_i kept, as in the reference), in place."""
     for i, v in enumerate(thresholds):
-        if v > 0:
-            mag = tau[i].abs()
-            if mag.dtype != torch.float32:  # thresholds select among float32 magnitudes (monotone rounding)
-                mag = mag.float()
-            tau[i].mul_(mag.ge_(v).to(tau.dtype))  # a float 0/1 mask: bool masks are slower in torch
+        if v <= 0:
+            continue
+        if tau.dtype == torch.float32:
+            # |x| >= v  <=>  |x| > the float32 just below v: one fused op, 4x faster than a mask
+            below = float(np.nextafter(np.float32(v), np.float32(0)))
+            tau[i].copy_(torch.nn.functional.hardshrink(tau[i], below))
+        else:  # thresholds select among float32 magnitudes (monotone rounding)
+            tau[i].mul_(tau[i].abs().float().ge_(v).to(tau.dtype))
     return tau
 
 
