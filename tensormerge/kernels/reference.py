@@ -12,6 +12,9 @@ import hashlib
 import numpy as np
 import torch
 
+# The exact top-k histograms belong to the same kernel surface (Triton has fused versions).
+from tensormerge.kernels.select import hist_high, hist_high_moments, hist_low, window_hist  # noqa: E402,F401
+
 SIGN_MODES = ("mass", "normfrac", "normmass", "none")
 TIES_MERGES = ("dis-mean", "dis-sum", "dis-max", "mean", "sum", "median", "magnitude")
 
@@ -161,8 +164,18 @@ def ties_elect(trimmed: torch.Tensor, mode: str, sq_norms: list[float] | None = 
         pick = frac.argmax(0, keepdim=True)
         return torch.sign(trimmed.gather(0, pick)).squeeze(0)
     if mode == "normmass":
-        return torch.sign((torch.sign(trimmed) * frac).sum(0))
+        return torch.sign(sum_models(torch.sign(trimmed) * frac))
     raise ValueError(f"unknown sign mode {mode!r}")
+
+
+def sum_models(stacked: torch.Tensor) -> torch.Tensor:
+    """Σ_i rows in model order from zero. Not `.sum(0)`: torch's CPU reduction order over
+    N >= 5 rows depends on the number of columns and each column's position, so a row chunk
+    would change the bits of its result."""
+    total = torch.zeros_like(stacked[0])
+    for row in stacked:
+        total.add_(row)
+    return total
 
 
 def _selected(t: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
@@ -192,9 +205,9 @@ def ties_disjoint(trimmed: torch.Tensor, sign: torch.Tensor | None, merge: str) 
             torch.maximum(biggest, t.abs().mul_(_selected(t, sign)), out=biggest)
         return biggest.mul_(sign)
     if merge == "mean":
-        out = trimmed.mean(0)
+        out = sum_models(trimmed).div_(trimmed.shape[0])
     elif merge == "sum":
-        out = trimmed.sum(0)
+        out = sum_models(trimmed)
     elif merge == "median":
         out = trimmed.median(0).values
     elif merge == "magnitude":

@@ -55,6 +55,12 @@ def window_offsets(bits: torch.Tensor, lo_bin: int, width: int) -> torch.Tensor:
     return (inside - (lo_bin << 16)).long()
 
 
+def window_hist(bits: torch.Tensor, lo_bin: int, width: int) -> torch.Tensor:
+    """Low-bit counts of the entries in the window of `width` top bins from lo_bin, one
+    histogram of width * NBINS bins (TIES' pass A counts the sampled window this way)."""
+    return torch.bincount(window_offsets(bits, lo_bin, width), minlength=width * NBINS)
+
+
 def hist_low(bits: torch.Tensor, hi_bin: int) -> torch.Tensor:
     inside = bits[_top_half(bits) == hi_bin]
     return torch.bincount(inside & 0xFFFF, minlength=NBINS)

@@ -58,7 +58,7 @@ class FisherNorms(GlobalPass):
         fishers = data.stats.get("fisher")
         if not fishers:
             return None
-        return torch.stack([S.hist_high_moments(fisher_bits(f)) for f in fishers]).cpu()
+        return torch.stack([ops(data).hist_high_moments(fisher_bits(f)) for f in fishers]).cpu()
 
     def reduce(self, acc: Any, partial: Any, block: str) -> Any:
         if partial is None:

@@ -103,7 +103,7 @@ class _SamplePass(_HistogramPass):
 
     def map(self, data: BlockData, state: dict) -> torch.Tensor:
         tau = K.task_vectors(data.inputs, data.base).float()
-        return torch.stack([S.hist_high(S.abs_bits(t)) for t in tau]).cpu()
+        return torch.stack([ops(data).hist_high(S.abs_bits(t)) for t in tau]).cpu()
 
     def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
         key = _key(self.params, block)
@@ -135,13 +135,13 @@ class _HighPass(_HistogramPass):
         hists, lows = [], []
         for i in range(tau.shape[0]):
             bits = S.abs_bits(tau[i])
-            h = S.hist_high_moments(bits) if self.params.needs_norms else S.hist_high(bits).unsqueeze(0)
+            kern = ops(data)
+            h = kern.hist_high_moments(bits) if self.params.needs_norms else kern.hist_high(bits).unsqueeze(0)
             if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
                 raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
             hists.append(h)
             if windows is not None:
-                offsets = S.window_offsets(bits, windows[i], WINDOW_BINS)
-                lows.append(torch.bincount(offsets, minlength=WINDOW_BINS * S.NBINS))
+                lows.append(kern.window_hist(bits, windows[i], WINDOW_BINS))
         return torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None
 
     def reduce(self, acc: dict, partial, block: str) -> dict:
@@ -203,7 +203,7 @@ class _LowPass(_HistogramPass):
         out = torch.zeros(len(located), S.NBINS, dtype=torch.int64, device=tau.device)
         for i, (b, _, _, final) in enumerate(located):
             if final is None:
-                out[i] = S.hist_low(S.abs_bits(tau[i]), b)
+                out[i] = ops(data).hist_low(S.abs_bits(tau[i]), b)
         return out.cpu()
 
     def finish(self, acc: dict, state: dict) -> None:

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tensormerge.api import MergeSpec, merge
+from tensormerge.kernels import reference as K
 
 
 def reference_ties(base, fts, k=0.2, lam=1.0, sign="mass", merge_fn="dis-mean", scope="global", k_rule="reference"):
@@ -214,3 +215,16 @@ def test_sampled_window_skips_the_low_pass_and_a_miss_falls_back(family, tmp_pat
     rep, miss = run("miss")
     assert not {p["name"]: p for p in rep["passes"]}["ties_low"].get("skipped")
     assert miss == hit
+
+
+@pytest.mark.parametrize("merge,sign", [("mean", "none"), ("sum", "mass"), ("dis-mean", "normmass")])
+def test_many_models_sum_does_not_depend_on_the_chunk(merge, sign):
+    """Sums over N >= 5 models run in model order: torch's sum(0) would change with the chunk."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.zeros(4099)
+    xs = [torch.randn(4099, generator=g) * torch.exp(torch.randn(4099, generator=g) * 5) for _ in range(7)]
+    sq = [float(x.double().square().sum()) for x in xs]
+    whole = K.ties_merge(xs, base, [0.0] * 7, sign, sq, merge, 1.0, 1.0)[0]
+    parts = torch.cat([K.ties_merge([x[a:b] for x in xs], base[a:b], [0.0] * 7, sign, sq, merge, 1.0, 1.0)[0]
+                       for a, b in ((0, 1), (1, 37), (37, 4099))])
+    assert torch.equal(whole, parts)
