@@ -97,3 +97,16 @@ def test_square_norms_are_exact_and_chunking_free():
         kept = x[x.abs() >= v].double()
         expected = float(sum(Fraction(float(t)) ** 2 for t in kept.tolist()))
         assert got == expected
+
+
+@pytest.mark.parametrize("lo", [0, 1, 0x3C00, 0x7F7B])
+def test_window_hist_equals_counting_the_selected_offsets(lo):
+    g = torch.Generator().manual_seed(lo)
+    edges = torch.tensor([lo << 16, (lo << 16) - 1 if lo else 0, ((lo + 4) << 16) - 1, (lo + 4) << 16,
+                          0, 0x7FFFFFFF], dtype=torch.int64)
+    near = (lo << 16) + torch.randint(-70000, 5 * 65536, (5000,), generator=g)
+    bits = torch.cat([edges, near]).clamp(0, 0x7FFFFFFF).to(torch.int32)
+    top = bits.long() >> 16
+    inside = bits.long()[(top >= lo) & (top < lo + 4)] - (lo << 16)
+    want = torch.bincount(inside, minlength=4 * S.NBINS)
+    assert torch.equal(S.window_hist(bits, lo, 4), want)
