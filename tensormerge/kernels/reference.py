@@ -32,8 +32,9 @@ def all_finite(x: torch.Tensor) -> bool:
 def weighted_sum(inputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Σ w_i θ_i, accumulated in place (each input converted once, no stacked copy)."""
     acc = torch.zeros(inputs[0].shape, dtype=work_dtype(*inputs), device=inputs[0].device)
+    tmp = torch.empty_like(acc)
     for x, w in zip(inputs, weights):
-        acc.add_(x, alpha=w)
+        acc.add_(tmp.copy_(x), alpha=w)  # convert first: a mixed-dtype add_ is 4x slower
     return acc
 
 
