@@ -231,7 +231,8 @@ def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: C
     for b in blocks:
         row_numel = b.numel // b.rows if b.rows else 1
         b.splits = b.kind == "copy" or method.splits(params, b.shape, bool(b.stats))
-        sub = max(1, SUB_CHUNK_ELEMENTS // max(row_numel, 1))
+        # rows of zero elements ([n, 0] tensors): one sub-chunk, however many rows are claimed
+        sub = max(1, SUB_CHUNK_ELEMENTS // row_numel) if row_numel else max(b.rows, 1)
         b.sub_rows = -(-sub // method.row_align) * method.row_align if b.splits else b.rows
         b.chunks = _chunks(method, b, max_memory)
     return MergePlan(method, params, inputs, base, blocks, max_memory, passes, stats, extras)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -49,15 +50,84 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+# torch indexes with signed 64-bit integers: a dimension or element count beyond this cannot be
+# a tensor, whatever the file claims, and would overflow (or be silently truncated) later.
+_INT64_MAX = (1 << 63) - 1
+# Error lines quote values taken from the file; a hostile file can make those megabytes long.
+_QUOTE_CHARS = 200
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 3] + "..."
+
+
+def quote(value) -> str:
+    """repr of a value from a header, cut short so an error stays one readable line (repr also
+    escapes newlines and terminal control codes a hostile name might carry)."""
+    return _cut(repr(value))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object hook: a duplicated key is refused, because readers disagree on which copy
+    wins (Python keeps the last), so the same file would mean different tensors to each."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def load_json(path: str, raw: bytes, what: str):
+    """JSON from a stranger's file, or an InputError naming the file: json.loads alone lets
+    RecursionError (deep nesting) and a bare ValueError (an integer past Python's digit limit)
+    escape, and silently keeps the last of two equal keys."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise InputError(f"{path}: corrupted {what} (key {quote(e.args[0])} appears twice)") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: corrupted {what} (not UTF-8: {e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{path}: corrupted {what} ({e.__class__.__name__}: {_cut(str(e))})") from None
+
+
+def unprintable(s: str) -> bool:
+    """Names end up in terminal output, JSON we write and error lines: a control character could
+    rewrite the user's terminal, a lone surrogate cannot be encoded at all."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in s)
+
+
+def _is_int(x) -> bool:
+    # JSON true/false arrive as bool, which Python counts as int; a shape of [true] is corruption.
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], list[tuple[str, str]]]:
     """Parse and validate a safetensors header.
 
     Returns (entries, metadata, aliases) where aliases lists (alias, canonical) pairs for names
     whose data range is identical to an earlier name's (a tied tensor written twice by offset).
+    Every failure, whatever the bytes, is an InputError naming the file: the header comes from a
+    stranger, and the caller must be able to refuse it in one line.
     """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        # O_NONBLOCK so a FIFO or device named *.safetensors cannot block the open; it is refused
+        # below as not a regular file before anything is read from it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"{path}: not a regular file")
+            size = st.st_size
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header)")
@@ -67,19 +137,16 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], list
             if 8 + hlen > size:
                 raise InputError(f"{path}: safetensors header length {hlen} runs past the end of the file ({size} bytes)")
             raw = f.read(hlen)
+            if len(raw) < hlen:
+                raise InputError(f"{path}: file ended inside the safetensors header (changed while being read?)")
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: corrupted safetensors header ({e.__class__.__name__}: {e})") from None
+    header = load_json(path, raw, "safetensors header")
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupted safetensors header (not a JSON object)")
     data_start = 8 + hlen
     data_len = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise InputError(f"{path}: corrupted safetensors header (__metadata__ is not an object)")
+    metadata = _metadata(path, header.pop("__metadata__", None))
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         entries[name] = _entry(path, name, info, data_start, data_len)
@@ -87,26 +154,44 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], list
     return entries, metadata, aliases
 
 
+def _metadata(path: str, metadata) -> dict[str, str]:
+    # The format defines it as an optional map of strings to strings (the reference reader refuses
+    # anything else). Values may hold newlines (configs are stored there); they are never printed.
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: corrupted safetensors header (__metadata__ is {quote(metadata)}, not an object)")
+    for k, v in metadata.items():
+        if not isinstance(v, str):
+            raise InputError(f"{path}: corrupted safetensors header (__metadata__ entry {quote(k)} is {quote(v)}, "
+                             "not a string)")
+    return metadata
+
+
 def _entry(path: str, name: str, info, data_start: int, data_len: int) -> TensorEntry:
+    if unprintable(name):
+        raise InputError(f"{path}: tensor name {quote(name)} holds control or unencodable characters")
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-        raise InputError(f"{path}: tensor {name!r}: header entry lacks dtype/shape/data_offsets")
-    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        raise InputError(f"{path}: tensor {quote(name)}: header entry lacks dtype/shape/data_offsets")
+    dtype_name = info["dtype"]
+    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise InputError(f"{path}: tensor {name!r}: unknown dtype {info['dtype']!r}")
+        raise InputError(f"{path}: tensor {quote(name)}: unknown dtype {quote(dtype_name)}")
     shape, offs = info["shape"], info["data_offsets"]
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        raise InputError(f"{path}: tensor {name!r}: invalid shape {shape!r}")
-    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
-        raise InputError(f"{path}: tensor {name!r}: invalid data_offsets {offs!r}")
+    if not (isinstance(shape, list) and all(_is_int(s) and 0 <= s <= _INT64_MAX for s in shape)
+            and math.prod(s for s in shape if s) <= _INT64_MAX):
+        raise InputError(f"{path}: tensor {quote(name)}: invalid shape {quote(shape)}")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
+        raise InputError(f"{path}: tensor {quote(name)}: invalid data_offsets {quote(offs)}")
     begin, end = offs
     if not 0 <= begin <= end <= data_len:
         raise InputError(
-            f"{path}: tensor {name!r}: data_offsets {offs} lie outside the data section ({data_len} bytes; truncated file?)"
+            f"{path}: tensor {quote(name)}: data_offsets {quote(offs)} lie outside the data section ({data_len} bytes; truncated file?)"
         )
     expected = math.prod(shape) * element_size(dtype)
     if end - begin != expected:
         raise InputError(
-            f"{path}: tensor {name!r}: data_offsets span {end - begin} bytes but {info['dtype']}{shape} needs {expected}"
+            f"{path}: tensor {quote(name)}: data_offsets span {end - begin} bytes but {dtype_name}{quote(shape)} needs {expected}"
         )
     return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
@@ -121,7 +206,7 @@ def _check_overlaps(path: str, entries: dict[str, TensorEntry]) -> list[tuple[st
             if (e.begin, e.end, e.dtype, e.shape) == (prev.begin, prev.end, prev.dtype, prev.shape):
                 aliases.append((e.name, prev.name))
                 continue
-            raise InputError(f"{path}: tensors {prev.name!r} and {e.name!r} have overlapping data offsets")
+            raise InputError(f"{path}: tensors {quote(prev.name)} and {quote(e.name)} have overlapping data offsets")
         prev = e
     return aliases
 

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from tensormerge import constants as C
-from tensormerge.engine.safetensors_format import TensorEntry, element_size, read_header, read_into
+from tensormerge.engine.safetensors_format import (
+    TensorEntry,
+    element_size,
+    load_json,
+    quote,
+    read_header,
+    read_into,
+    unprintable,
+)
 from tensormerge.errors import InputError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -112,11 +120,11 @@ class SafetensorsCheckpoint(Checkpoint):
         if weight_map is not None:
             missing = sorted(n for n, f in weight_map.items() if n not in self.entries)
             if missing:
-                raise InputError(f"{root}: index lists tensors its shards lack: {', '.join(missing[:5])}"
+                raise InputError(f"{root}: index lists tensors its shards lack: {', '.join(map(quote, missing[:5]))}"
                                  + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
             for n, f in weight_map.items():
                 if os.path.basename(self.entries[n].path) != os.path.basename(f):
-                    raise InputError(f"{root}: index puts {n!r} in {f} but it is in {self.entries[n].path}")
+                    raise InputError(f"{root}: index puts {quote(n)} in {quote(f)} but it is in {self.entries[n].path}")
         order = sorted(self.entries.values(), key=lambda e: (files.index(e.path), e.begin, e.name))
         self.tensors = {e.name: TensorInfo(e.name, e.dtype, e.shape) for e in order}
         self._fds: dict[str, int] = {}
@@ -165,8 +173,7 @@ class BinCheckpoint(Checkpoint):
             sd = self._load(path)
             seen: dict[tuple, str] = {}
             for name, t in sd.items():
-                if not isinstance(t, torch.Tensor):
-                    raise InputError(f"{path}: entry {name!r} is not a tensor")
+                _check_bin_entry(path, name, t)
                 if name in self._where:
                     raise InputError(f"{path}: tensor {name!r} also appears in {self._where[name]}")
                 self._where[name] = path
@@ -197,6 +204,19 @@ class BinCheckpoint(Checkpoint):
         return t[row_start:row_end].clone(memory_format=torch.contiguous_format)
 
 
+def _check_bin_entry(path: str, name, t) -> None:
+    """weights_only still admits values the engine cannot carry to a safetensors output: keys
+    that are not names, sparse or quantized layouts, dtypes safetensors has no name for."""
+    if not isinstance(name, str) or unprintable(name):
+        raise InputError(f"{path}: entry {quote(name)} is not a usable tensor name")
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{path}: entry {quote(name)} is not a tensor")
+    if t.layout != torch.strided or t.is_quantized:
+        raise InputError(f"{path}: tensor {quote(name)} has a {t.layout} layout; only dense tensors can be merged")
+    if t.dtype not in C.TORCH_TO_SAFETENSORS:
+        raise InputError(f"{path}: tensor {quote(name)} has dtype {t.dtype}, which safetensors cannot store")
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -212,25 +232,36 @@ def _load_failure(e: Exception) -> str:
 
 
 def _safe_join(root: str, rel: str, index_path: str) -> str:
-    if not isinstance(rel, str) or os.path.isabs(rel) or rel.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", rel):
-        raise InputError(f"{index_path}: weight_map entry {rel!r} points outside the checkpoint directory")
+    if not isinstance(rel, str) or "\0" in rel:
+        # os.path functions raise ValueError on a NUL byte; a non-string is no file name at all
+        raise InputError(f"{index_path}: weight_map entry {quote(rel)} is not a file name")
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", rel):
+        raise InputError(f"{index_path}: weight_map entry {quote(rel)} points outside the checkpoint directory")
     path = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
-        raise InputError(f"{index_path}: weight_map entry {rel!r} points outside the checkpoint directory")
+        raise InputError(f"{index_path}: weight_map entry {quote(rel)} points outside the checkpoint directory")
     if not os.path.isfile(path):
-        raise InputError(f"{index_path}: shard {rel!r} is missing")
+        raise InputError(f"{index_path}: shard {quote(rel)} is missing")
     return path
 
 
 def _from_index(spec: str, index_path: str) -> Checkpoint:
     root = os.path.dirname(os.path.abspath(index_path))
     try:
-        with open(index_path) as f:
-            index = json.load(f)
-        weight_map = index["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (OSError, ValueError, KeyError, AssertionError, TypeError):
-        raise InputError(f"{index_path}: not a valid index (needs a 'weight_map' object)") from None
+        # an index is a few hundred KB for the largest models; a huge one is refused unread
+        if os.path.getsize(index_path) > C.MAX_HEADER_BYTES:
+            raise InputError(f"{index_path}: index larger than {C.MAX_HEADER_BYTES} bytes")
+        with open(index_path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise InputError(f"{index_path}: cannot read ({e.strerror or e})") from None
+    index = load_json(index_path, raw, "index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index_path}: not a valid index (needs a 'weight_map' object)")
+    if not weight_map:
+        # would open as a model without tensors, and merge into a complete-looking empty one
+        raise InputError(f"{index_path}: not a valid index (its weight_map lists no tensors)")
     files = sorted({_safe_join(root, f, index_path) for f in weight_map.values()})
     if index_path.endswith(".bin.index.json"):
         ck: Checkpoint = BinCheckpoint(spec, root, files)
@@ -252,6 +283,9 @@ def _from_path(spec: str, path: str) -> Checkpoint:
                 ck.config_dir = os.path.abspath(path)
                 return ck
         raise InputError(f"{path}: no weights found (looked for {', '.join(_DIR_CANDIDATES)})")
+    if not os.path.isfile(path):
+        # a FIFO or device would block the first read (or never end); nothing but a file is a checkpoint
+        raise InputError(f"{path}: not a regular file")
     root = os.path.dirname(os.path.abspath(path))
     if path.endswith(".index.json"):
         return _from_index(spec, path)

@@ -69,12 +69,17 @@ class ShardedWriter:
                 self.slots[name] = Slot(fname, len(header) + b, e - b, dtype, shape)
         self.total_size = sum(s.nbytes for s in self.slots.values())
         self._fds: dict[str, int] = {}
+        self._finishing = self.partial
 
     def create(self) -> None:
-        """Fresh `OUT.partial` with every shard at its final size and its header in place."""
-        if os.path.exists(self.partial):
-            shutil.rmtree(self.partial)
+        """Fresh `OUT.partial` with every shard at its final size and its header in place.
+
+        A failure here (no permission, a full disk, a file-size limit) removes what was made:
+        the caller's cleanup only covers what follows a successful create."""
+        path = self.partial
         try:
+            if os.path.exists(self.partial):
+                shutil.rmtree(self.partial)
             os.makedirs(self.partial)
             for fname, header in zip(self.files, self.headers):
                 path = os.path.join(self.partial, fname)
@@ -84,7 +89,11 @@ class ShardedWriter:
                 os.ftruncate(fd, len(header) + data)
                 self._pwrite(fd, header, 0, path)
         except OSError as e:
-            raise OutputError(f"{self.partial}: cannot create output ({e.strerror})") from None
+            self.abort()
+            raise OutputError(f"{self.out_dir}: cannot create {path} ({_why(e)})") from None
+        except BaseException:
+            self.abort()
+            raise
 
     def _pwrite(self, fd: int, data, offset: int, path: str) -> None:
         view = memoryview(data).cast("B")
@@ -93,8 +102,7 @@ class ShardedWriter:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as e:
-            why = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
-            raise OutputError(f"{path}: write failed ({why})") from None
+            raise OutputError(f"{self.out_dir}: cannot write {path} ({_why(e)})") from None
 
     def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
         """Write a contiguous CPU tensor's bytes at `byte_offset` inside tensor `name`."""
@@ -131,6 +139,7 @@ class ShardedWriter:
 
     def finish(self, copy_from: str | None, provenance: dict, overwrite: bool) -> None:
         """Index, copied config files, provenance, fsync, then rename `OUT.partial` -> `OUT`."""
+        self._finishing = self.partial  # the file or directory at fault, for the error line
         try:
             if len(self.files) > 1:
                 index = {"metadata": {"total_size": self.total_size},
@@ -140,13 +149,18 @@ class ShardedWriter:
                 for fname in sorted(os.listdir(copy_from)):
                     src = os.path.join(copy_from, fname)
                     if _is_side_file(fname) and os.path.isfile(src):
-                        shutil.copyfile(src, os.path.join(self.partial, fname))
+                        self._finishing = os.path.join(self.partial, fname)
+                        shutil.copyfile(src, self._finishing)
             self._write_json(C.PROVENANCE, provenance)
-            for fd in self._fds.values():
+            for fname, fd in list(self._fds.items()):
+                # a network or thin-provisioned disk may report a full disk only here
+                self._finishing = os.path.join(self.partial, fname)
                 os.fsync(fd)
                 os.close(fd)
-            self._fds.clear()
+                del self._fds[fname]
+            self._finishing = self.partial
             _fsync_dir(self.partial)
+            self._finishing = self.out_dir
             if os.path.exists(self.out_dir):
                 if not overwrite:
                     raise OutputError(f"{self.out_dir}: exists (pass --overwrite to replace it)")
@@ -160,10 +174,10 @@ class ShardedWriter:
                 os.rename(self.partial, self.out_dir)
             _fsync_dir(os.path.dirname(self.out_dir))
         except OSError as e:
-            raise OutputError(f"{self.out_dir}: cannot finish output ({e.strerror})") from None
+            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({_why(e)})") from None
 
     def _write_json(self, fname: str, obj: dict) -> None:
-        path = os.path.join(self.partial, fname)
+        path = self._finishing = os.path.join(self.partial, fname)
         with open(path, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
@@ -186,6 +200,18 @@ def _is_side_file(fname: str) -> bool:
     if fname in C.WEIGHT_INDEX_NAMES or fname.endswith(".index.json"):
         return False
     return not fname.endswith(C.WEIGHT_SUFFIXES)
+
+
+def _why(e: OSError) -> str:
+    """The reason in words a user acts on: a full disk, a quota, or a file-size limit (which
+    `ulimit -f` sets, and which CPython turns from SIGXFSZ into EFBIG by ignoring the signal)."""
+    if e.errno == errno.ENOSPC:
+        return "disk full: no space left on device"
+    if e.errno == errno.EDQUOT:
+        return "disk full: quota exceeded"
+    if e.errno == errno.EFBIG:
+        return "file too large: the file-size limit (ulimit -f) or the filesystem's maximum"
+    return e.strerror or str(e)
 
 
 def _fsync_dir(path: str) -> None:
