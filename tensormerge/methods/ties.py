@@ -121,48 +121,84 @@ class _SamplePass(_HistogramPass):
 
 
 class _HighPass(_HistogramPass):
-    """Pass A: per model, a histogram of the top 16 bits of |τ| (with moments for norms), and
-    the low bits of the entries inside the sampled window of bins."""
+    """Pass A: per model, the low bits of the entries inside the sampled window of bins and the
+    count below it, which locate the exact threshold whenever it lies in the window. The full
+    top-16-bit histogram (with moments for norms) is counted only where it is needed: for the
+    norm-based signs, for keys without a window, and (pass A2) after a window missed."""
 
     name = "ties_high"
 
     def start(self, state: dict) -> dict:
-        return {"hist": {}, "numel": {}, "result": {}, "window": {}, "lo": state.get(_SamplePass.name, {})}
+        return {"hist": {}, "numel": {}, "result": {}, "window": {}, "below": {},
+                "lo": state.get(_SamplePass.name, {})}
 
     def map(self, data: BlockData, state: dict):
         tau = K.task_vectors(data.inputs, data.base).float()
         windows = state.get(_SamplePass.name, {}).get(_key(self.params, data.name))
-        hists, lows = [], []
+        fast = windows is not None and not self.params.needs_norms
+        kern = ops(data)
+        hists, lows, below = [], [], []
         for i in range(tau.shape[0]):
             bits = S.abs_bits(tau[i])
-            kern = ops(data)
-            h = kern.hist_high_moments(bits) if self.params.needs_norms else kern.hist_high(bits).unsqueeze(0)
-            if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
-                raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
-            hists.append(h)
+            if fast:
+                if bits.numel() and int(bits.max()) >= NONFINITE_BIN << 16:
+                    raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
+                below.append(int(torch.count_nonzero(bits < (windows[i] << 16))))
+            else:
+                h = kern.hist_high_moments(bits) if self.params.needs_norms else kern.hist_high(bits).unsqueeze(0)
+                if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
+                    raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
+                hists.append(h)
             if windows is not None:
                 lows.append(kern.window_hist(bits, windows[i], WINDOW_BINS))
-        return torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None
+        return (None if fast else torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None,
+                tau.shape[1], torch.tensor(below, dtype=torch.int64) if fast else None)
 
     def reduce(self, acc: dict, partial, block: str) -> dict:
-        hist, lows = partial
+        hist, lows, numel, below = partial
         key = _key(self.params, block)
-        acc["numel"][key] = acc["numel"].get(key, 0) + hist[0, 0].sum().item()
+        acc["numel"][key] = acc["numel"].get(key, 0) + numel
         if lows is not None:
             if key in acc["window"]:
                 acc["window"][key] += lows
             else:
                 acc["window"][key] = lows.clone()
-        return super().reduce(acc, hist, block)
+        if below is not None:
+            acc["below"][key] = acc["below"].get(key, 0) + below
+        if hist is not None:
+            return super().reduce(acc, hist, block)
+        return acc
+
+    def finish(self, acc: dict, state: dict) -> None:
+        for key in list(acc["numel"]):
+            self._compact(acc, key)
+        state[self.name] = acc["result"]
 
     def _compact(self, acc: dict, key: str) -> None:
         """Per model: its bin, rank in bin and mass above; and, when the exact bin lay inside
-        the sampled window, the final threshold and trimmed norm (pass B is then not needed)."""
-        hist = acc["hist"].pop(key)
+        the sampled window, the final threshold and trimmed norm (pass B is then not needed).
+        None for a model whose threshold the window (counted without the full histogram)
+        missed: pass A2 locates it."""
+        hist = acc["hist"].pop(key, None)
         numel = acc["numel"].pop(key)
         window, lows = acc["window"].pop(key, None), acc["lo"].get(key)
+        below = acc["below"].pop(key, None)
         rank = S.keep_rank(numel, self.params.k, self.params.k_rule)
         per_model = []
+        if hist is None:  # window only: the threshold is the (rank - below)-th entry inside it
+            for i in range(window.shape[0]):
+                if rank == 0:
+                    per_model.append((-1, 0, Fraction(0), (0.0, 0.0)))
+                    continue
+                inside = rank - int(below[i])
+                if 1 <= inside <= int(window[i].sum()):
+                    j, r_in = S.locate(window[i], inside)
+                    bits = (lows[i] << 16) + j
+                    per_model.append((bits >> 16, r_in, Fraction(0), (S.bits_to_float(bits), 0.0)))
+                else:
+                    per_model.append(None)
+            acc["result"][key] = per_model
+            return
         for i, h in enumerate(hist):
             if rank == 0:  # keep everything
                 above = S.square_norm_above(h, -1) if self.params.needs_norms else Fraction(0)
@@ -176,6 +212,43 @@ class _HighPass(_HistogramPass):
                 final = _final(window[i][offset:offset + S.NBINS], b, r, above, self.params.needs_norms)
             per_model.append((b, r, above, final))
         acc["result"][key] = per_model
+
+
+class _HighMissPass(_HistogramPass):
+    """Pass A2, only after a window missed: the full top-16-bit histogram locates the threshold
+    bin of the models pass A could not place (pass B then counts its low bits)."""
+
+    name = "ties_high_miss"
+
+    def start(self, state: dict) -> dict:
+        return {"hist": {}, "numel": {}, "result": {}, "high": state[_HighPass.name]}
+
+    def skip(self, state: dict) -> bool:
+        return all(m is not None for per_model in state[_HighPass.name].values() for m in per_model)
+
+    def map(self, data: BlockData, state: dict):
+        tau = K.task_vectors(data.inputs, data.base).float()
+        return torch.stack([ops(data).hist_high(S.abs_bits(t)) for t in tau]).cpu(), tau.shape[1]
+
+    def reduce(self, acc: dict, partial, block: str) -> dict:
+        hist, numel = partial
+        key = _key(self.params, block)
+        acc["numel"][key] = acc["numel"].get(key, 0) + numel
+        return super().reduce(acc, hist, block)
+
+    def finish(self, acc: dict, state: dict) -> None:
+        for key in list(acc["hist"]):
+            self._compact(acc, key)
+        state[_HighPass.name] = acc["high"]
+
+    def _compact(self, acc: dict, key: str) -> None:
+        hist = acc["hist"].pop(key)
+        rank = S.keep_rank(acc["numel"].pop(key), self.params.k, self.params.k_rule)
+        located = acc["high"][key]
+        for i, m in enumerate(located):
+            if m is None:
+                b, r = S.locate(hist[i], rank)
+                located[i] = (b, r, Fraction(0), None)
 
 
 def _final(lo_hist: torch.Tensor, b: int, r: int, above: Fraction, norms: bool) -> tuple[float, float]:
@@ -271,7 +344,7 @@ class Ties(Method):
         return 4 * (2 * n_models + 4) + (32 if params.needs_norms else 8)
 
     def passes(self, params: TiesParams) -> list[GlobalPass]:
-        return [_SamplePass(params), _HighPass(params), _LowPass(params)]
+        return [_SamplePass(params), _HighPass(params), _HighMissPass(params), _LowPass(params)]
 
     def merge(self, data: BlockData, params: TiesParams, state: dict):
         key = _key(params, data.name)

@@ -205,16 +205,19 @@ def test_sampled_window_skips_the_low_pass_and_a_miss_falls_back(family, tmp_pat
     rep, hit = run("hit")
     passes = {p["name"]: p for p in rep["passes"]}
     assert passes["ties_low"].get("skipped") and passes["ties_sample"]["bytes_read"] < passes["ties_high"]["bytes_read"]
+    assert passes["ties_high_miss"].get("skipped")  # pass A placed every threshold without a full histogram
 
-    def far_window(self, acc, key):
-        acc["hist"].pop(key)
-        acc["numel"].pop(key)
-        acc["result"][key] = [T.NONFINITE_BIN - T.WINDOW_BINS] * 3  # huge magnitudes: never the threshold
+    for far in (T.NONFINITE_BIN - T.WINDOW_BINS, 0):  # above every magnitude, then below every one
+        def far_window(self, acc, key, far=far):
+            acc["hist"].pop(key)
+            acc["numel"].pop(key)
+            acc["result"][key] = [far] * 3  # never the threshold's bin
 
-    monkeypatch.setattr(T._SamplePass, "_compact", far_window)
-    rep, miss = run("miss")
-    assert not {p["name"]: p for p in rep["passes"]}["ties_low"].get("skipped")
-    assert miss == hit
+        monkeypatch.setattr(T._SamplePass, "_compact", far_window)
+        rep, miss = run(f"miss{far}")
+        passes = {p["name"]: p for p in rep["passes"]}
+        assert not passes["ties_high_miss"].get("skipped") and not passes["ties_low"].get("skipped")
+        assert miss == hit
 
 
 @pytest.mark.parametrize("merge,sign", [("mean", "none"), ("sum", "mass"), ("dis-mean", "normmass")])
