@@ -100,7 +100,7 @@ def test_plan_ties_prints_blocks_and_passes_and_writes_nothing(fam, tmp_path):
             "--max-memory", "8KiB"]
     res = ok(H.run_cli(args, cwd=tmp_path))
     out = res.stdout
-    assert "ties_high -> ties_low -> merge" in out
+    assert "ties_high -> ties_high_miss -> ties_low -> merge" in out
     assert "method ties" in out and "'k': 0.3" in out
     assert "inputs 3 + base" in out
     for name in base:
