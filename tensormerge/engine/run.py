@@ -130,9 +130,8 @@ class Runner:
             data.ready.record(self.copy_stream)
 
     def _wait(self, data: BlockData) -> None:
-        ready = getattr(data, "ready", None)
-        if ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(ready)
+        if data.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(data.ready)
 
     def _read_stats(self, b: Block, data: BlockData, r0: int, r1: int, first: bool) -> None:
         """Row statistics with every chunk; matrices once, with the block's first chunk."""

@@ -68,7 +68,7 @@ def quote(value) -> str:
 
 
 class _DuplicateKey(ValueError):
-    pass
+    """A JSON object that names a key twice (json keeps the last silently)."""
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

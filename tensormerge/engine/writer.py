@@ -8,6 +8,7 @@ any order, by any thread or worker. The directory is built as `OUT.partial` and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -185,10 +186,8 @@ class ShardedWriter:
     def abort(self) -> None:
         """Close files and remove `OUT.partial`, so a failed merge leaves nothing behind."""
         for fd in self._fds.values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._fds.clear()
         shutil.rmtree(self.partial, ignore_errors=True)
 

@@ -39,6 +39,7 @@ class BlockData:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     prepared: Any = None
     ops: Any = None  # the kernel module of this run (kernels.dispatch); None: the torch reference
+    ready: Any = None  # CUDA event recorded after this chunk's host-to-device copies
 
     @property
     def flat_start(self) -> int:

@@ -159,10 +159,9 @@ def _name_keys(entries: list[Entry], kind: str, fmt: str, tensors: dict | None, 
             if tensors is not None and key not in tensors and rest in tensors:
                 prefixed.append(head)
                 key = rest
-        elif kind in ("gram_in", "gram_out"):
-            if tensors is not None and key in tensors:
-                pass
-            elif not _param_like(key) or (tensors is not None and key + ".weight" in tensors):
+        elif kind in ("gram_in", "gram_out") and not (tensors is not None and key in tensors):
+            # keys that already name a parameter of the model are kept; others may be module names
+            if not _param_like(key) or (tensors is not None and key + ".weight" in tensors):
                 bare.append(key)
                 key += ".weight"
             elif tensors is not None and key[: -len(".weight")] + ".in_proj_weight" in tensors:

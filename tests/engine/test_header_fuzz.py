@@ -46,7 +46,7 @@ def scratch(tmp_path_factory) -> pathlib.Path:
 
 
 class Hang(Exception):
-    pass
+    """Raised by the alarm when a parse blocks."""
 
 
 def _alarm(signum, frame):
