@@ -12,7 +12,7 @@ import torch
 
 from tensormerge import constants as C
 from tensormerge.engine.plan import MergePlan, build_plan
-from tensormerge.engine.run import RunOptions, Runner
+from tensormerge.engine.run import Runner, RunOptions
 from tensormerge.engine.sources import open_checkpoint
 from tensormerge.errors import OutputError, ParameterError
 from tensormerge.methods import get_method
@@ -34,6 +34,7 @@ class MergeSpec:
     device: str = "cpu"
     kernels: str = "auto"
     overwrite: bool = False
+    resume: bool = False
     report: str | None = None
     quiet: bool = False
 
@@ -104,16 +105,16 @@ def merge(spec: MergeSpec) -> dict:
     if not spec.output:
         raise ParameterError("--output is required")
     out = os.path.abspath(spec.output)
-    if os.path.exists(out) and not spec.overwrite:
+    if os.path.exists(out) and not spec.overwrite and not (spec.resume and not os.path.exists(out + C.PARTIAL_SUFFIX)):
         raise OutputError(f"{spec.output}: exists (pass --overwrite to replace it)")
     for s in spec.inputs + ([spec.base] if spec.base else []):
         if os.path.exists(s) and os.path.abspath(s) in (out, out + C.PARTIAL_SUFFIX):
             raise OutputError(f"{spec.output}: is also an input")
     with ExitStack() as stack:
         merge_plan = open_plan(spec, stack)
-        settings = {k: v for k, v in asdict(spec).items() if k not in ("report", "quiet", "overwrite")}
+        settings = {k: v for k, v in asdict(spec).items() if k not in ("report", "quiet", "overwrite", "resume")}
         opts = RunOptions(out, parse_size(spec.shard_size, "--shard-size"), spec.device or "cpu",
-                          spec.overwrite, spec.quiet, spec.kernels or "auto", settings)
+                          spec.overwrite, spec.quiet, spec.kernels or "auto", spec.resume, settings)
         report = Runner(merge_plan, opts).execute()
     if spec.report:
         with open(spec.report, "w") as f:

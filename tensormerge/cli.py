@@ -60,8 +60,6 @@ def _spec(kw: dict) -> api.MergeSpec:
     recipe = _recipe(kw.get("config"))
     if kw.get("workers") or kw.get("scheduler"):
         raise ParameterError("--workers/--scheduler: the dask executor is not available in this version")
-    if kw.get("resume"):
-        raise ParameterError("--resume: resuming a merge is not available in this version")
     inputs = _split(kw["inputs"]) or recipe.get("inputs") or []
     if isinstance(inputs, str):
         inputs = _split((inputs,))
@@ -82,7 +80,8 @@ def _spec(kw: dict) -> api.MergeSpec:
         shard_size=kw["shard_size"] or recipe.get("shard_size") or C.DEFAULT_SHARD_SIZE,
         device=kw["device"] or recipe.get("device") or "cpu",
         kernels=kw.get("kernels") or recipe.get("kernels") or "auto",
-        overwrite=kw.get("overwrite", False), report=kw.get("report"), quiet=kw.get("quiet", False))
+        overwrite=kw.get("overwrite", False), resume=kw.get("resume", False), report=kw.get("report"),
+        quiet=kw.get("quiet", False))
 
 
 def merge_options(f):
@@ -104,7 +103,8 @@ def merge_options(f):
         click.option("--scheduler", help="dask scheduler address tcp://HOST:PORT"),
         click.option("--output", "-o", help="output directory"),
         click.option("--overwrite", is_flag=True, help="replace an existing output directory"),
-        click.option("--resume", is_flag=True, help="continue an interrupted merge"),
+        click.option("--resume", is_flag=True,
+                     help="continue an interrupted merge in OUTPUT.partial (checks what it wrote, reruns the rest)"),
         click.option("--report", type=click.Path(), help="write a JSON report of timings and memory"),
         click.option("--quiet", "-q", is_flag=True, help="no progress bars"),
         click.option("--traceback", is_flag=True, help="show the Python stack on errors"),
@@ -126,7 +126,9 @@ def run(**kw) -> None:
     """Merge INPUTS (and BASE) into OUTPUT."""
     spec = _spec(kw)
     report = api.merge(spec)
-    if not spec.quiet:
+    if report.get("already_complete"):
+        click.echo(f"{report['output']}: already complete (nothing to resume)")
+    elif not spec.quiet:
         click.echo(f"wrote {report['output']} ({len(report['shards'])} shard(s)) in {report['seconds']:.2f} s, "
                    f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB")
 
@@ -214,7 +216,7 @@ def main() -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        click.echo("error: interrupted (run it again with --resume to continue a merge)", err=True)
         sys.exit(130)
     except Exception as e:
         if show_tb:

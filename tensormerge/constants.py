@@ -11,6 +11,7 @@ ADAPTER_SAFE = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 PROVENANCE = "tensormerge.json"
 PARTIAL_SUFFIX = ".partial"
+RESUME_DIR = ".tensormerge-resume"  # the resume manifest, inside OUT.partial
 
 # Files copied from the base (or first input): everything a loader needs beside the weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -13,13 +16,16 @@ from typing import Any
 import torch
 
 from tensormerge import __version__
-from tensormerge.constants import PASS_SUB_FACTOR, ROW_KINDS
+from tensormerge.constants import PASS_SUB_FACTOR, PROVENANCE, ROW_KINDS
+from tensormerge.engine import faults
 from tensormerge.engine.alloc import keep_freed_buffers
+from tensormerge.engine.crc import crc32_combine
 from tensormerge.engine.executor import LocalExecutor, Task
+from tensormerge.engine.manifest import Manifest
 from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.writer import ShardedWriter
-from tensormerge.errors import InputError
+from tensormerge.errors import InputError, OutputError
 from tensormerge.kernels import dispatch
 from tensormerge.kernels.reference import all_finite
 from tensormerge.methods.base import BlockData
@@ -48,7 +54,45 @@ class BlockStats:
     bytes_read: int = 0
     bytes_written: int = 0
     chunks: int = 0
-    crc32: int = 0
+    resumed_chunks: int = 0
+    crcs: dict[int, tuple[int, int]] = field(default_factory=dict)  # first row -> (crc32, bytes) per chunk
+    patched_crc32: int | None = None  # after patches rewrote some of its entries
+
+    @property
+    def crc32(self) -> int:
+        """crc32 of the block's bytes, from its chunks' in row order (or as re-read after patches)."""
+        if self.patched_crc32 is not None:
+            return self.patched_crc32
+        crc = 0
+        for r0 in sorted(self.crcs):
+            c, n = self.crcs[r0]
+            crc = crc32_combine(crc, c, n)
+        return crc
+
+
+def merge_fingerprint(plan: MergePlan, writer: ShardedWriter) -> str:
+    """What a resumed merge must share with the interrupted one: every input (names, shapes,
+    dtypes, file sizes and modification times, sampled values), method and parameters,
+    statistics, and the output layout. Chunking may differ: chunks are matched by row range."""
+
+    def ck(c):
+        if c is None:
+            return None
+        return {"fingerprint": c.fingerprint()["sha256"], "identity": c.identity(),
+                "mtimes": {os.path.basename(f): os.stat(f).st_mtime_ns for f in c.files}}
+
+    what = {
+        "tensormerge": __version__,
+        "method": plan.method.name,
+        "params": plan.params.as_dict(),
+        "inputs": [ck(c) for c in plan.inputs],
+        "base": ck(plan.base),
+        "extras": {role: ck(c) for role, c in sorted(plan.extras.items())},
+        "statistics": plan.stats.describe() if plan.stats is not None else None,
+        "layout": [(n, str(d), list(sh)) for n, d, sh in writer.tensors],
+        "files": writer.files,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -59,6 +103,7 @@ class RunOptions:
     overwrite: bool = False
     quiet: bool = False
     kernels: str = "auto"
+    resume: bool = False
     settings: dict[str, Any] = field(default_factory=dict)  # recorded in provenance
 
 
@@ -79,15 +124,21 @@ class Runner:
         self.stats: dict[str, BlockStats] = {b.name: BlockStats() for b in plan.blocks}
         self.passes_report: list[dict] = []
         self.prepared: dict[str, object] = {}  # per-block state shared by a block's chunks
+        self.manifest: Manifest | None = None
+        self.done: dict[tuple[str, int, int], list] = {}  # chunks verified on resume -> their extras
+        self.resumed_passes = 0
 
     # ------------------------------------------------------------------ stages
-    def _tasks(self, blocks: list[Block], with_output: bool, sample: float = 1.0):
+    def _tasks(self, blocks: list[Block], with_output: bool, sample: float = 1.0, skip=()):
+        """Chunk tasks in plan order; `first`/`last` mark a block's first and last chunk run
+        here (chunks in `skip`, finished by an interrupted run, are not run again)."""
         for b in blocks:
-            for i, (r0, r1) in enumerate(b.chunks):
+            chunks = [(r0, r1) for r0, r1 in b.chunks if (b.name, r0, r1) not in skip]
+            for i, (r0, r1) in enumerate(chunks):
                 if sample < 1.0:
                     r1 = r0 + max(1, math.ceil((r1 - r0) * sample))
                 rows = r1 - r0
-                yield Task((b, r0, r1, i == len(b.chunks) - 1, i == 0), rows * b.read_bytes_per_row,
+                yield Task((b, r0, r1, i == len(chunks) - 1, i == 0), rows * b.read_bytes_per_row,
                            b.work_bytes(rows) + b.fixed_bytes, rows * b.out_bytes_per_row if with_output else 0)
 
     def _read(self, task: Task, inputs_too: bool = True) -> BlockData:
@@ -183,12 +234,13 @@ class Runner:
 
         def collect(task: Task, partials) -> None:
             nonlocal acc
-            b, r0, r1, last, _ = task.key
+            b, _, _, last, _ = task.key
             for partial in partials:
                 acc = gpass.reduce(acc, partial, b.name)
             if last:
                 acc = gpass.end_block(acc, b.name, b.numel)
             self._advance(bar, task, last)
+            faults.hit("pass")
 
         tasks = list(self._tasks(blocks, False, gpass.sample))
         try:
@@ -203,13 +255,15 @@ class Runner:
         method, params = self.plan.method, self.plan.params
         extras = method.start_extras(params)
         bar = self._bar("merge", self.plan.bytes_read_merge, len(self.plan.blocks))
+        extras = self._replay(extras, bar)
 
-        def compute(task: Task, data: BlockData) -> torch.Tensor:
+        def compute(task: Task, data: BlockData) -> tuple[torch.Tensor, list]:
             nonlocal extras
             b, r0, r1, last, first = task.key
             t0 = time.perf_counter()
             self._wait(data)
             shape = (r1 - r0,) + b.shape[1:] if b.shape else ()
+            chunk_extras: list = []
             if b.kind == "copy":
                 out = self._copy(b, data).reshape(shape).contiguous().cpu()
             else:
@@ -224,6 +278,7 @@ class Runner:
                     if isinstance(result, tuple):
                         result, extra = result
                         extras = method.add_extra(extras, extra)
+                        chunk_extras.append(extra)
                         note = method.progress(extra)
                         if note and bar is not None:
                             bar.note = note
@@ -235,26 +290,108 @@ class Runner:
                     else:
                         out.copy_(result)
             self.stats[b.name].seconds += time.perf_counter() - t0
-            return out
+            return out, chunk_extras
 
-        def write(task: Task, out: torch.Tensor) -> None:
+        def write(task: Task, result: tuple[torch.Tensor, list]) -> None:
             b, r0, r1, last, _ = task.key
+            out, chunk_extras = result
             t0 = time.perf_counter()
             st = self.stats[b.name]
+            raw = out.reshape(-1).view(torch.uint8).numpy()
             for name in b.out_names:
                 writer.write(name, r0 * b.out_bytes_per_row, out)
-            st.crc32 = zlib.crc32(out.reshape(-1).view(torch.uint8).numpy(), st.crc32)
+            faults.hit("chunk-bytes")  # written, not yet recorded: resume must merge it again
+            crc = zlib.crc32(raw)
+            st.crcs[r0] = (crc, raw.nbytes)
+            if self.manifest is not None:
+                self.manifest.record_chunk(b.name, r0, r1, crc, raw.nbytes, chunk_extras)
             st.bytes_read += task.read_bytes
-            st.bytes_written += out.numel() * out.element_size() * len(b.out_names)
+            st.bytes_written += raw.nbytes * len(b.out_names)
             st.chunks += 1
             st.seconds += time.perf_counter() - t0
             self._advance(bar, task, last)
+            faults.hit("chunk")
+            if last and r1 == b.rows and writer.last_in_file(b.out_names[-1]):
+                faults.hit("shard")
 
         try:
-            self.executor.run(self._tasks(self.plan.blocks, True), self._read, compute, write=write)
+            self.executor.run(self._tasks(self.plan.blocks, True, skip=self.done), self._read, compute, write=write)
         finally:
             self._close(bar)
         return extras
+
+    # ------------------------------------------------------------------ resume
+    def _verify(self, writer: ShardedWriter, manifest: Manifest) -> None:
+        """Chunks an interrupted run recorded whose bytes still match their crc32 (in every
+        name the block is written under) and whose extras are intact; the rest run again."""
+        planned = {(b.name, r0, r1): b for b in self.plan.blocks for r0, r1 in b.chunks}
+        for key, rec in manifest.chunks.items():
+            b = planned.get(key)
+            if b is None or rec.nbytes != (rec.r1 - rec.r0) * b.out_bytes_per_row:
+                continue
+            if any(writer.crc32(n, rec.r0 * b.out_bytes_per_row, rec.nbytes) != rec.crc32 for n in b.out_names):
+                continue
+            extras = manifest.chunk_extras(rec)
+            if extras is not None:
+                self.done[key] = extras
+                self.stats[b.name].crcs[rec.r0] = (rec.crc32, rec.nbytes)
+                self.stats[b.name].resumed_chunks += 1
+
+    def _replay(self, extras: Any, bar) -> Any:
+        """Fold in the extras of chunks an interrupted run finished, in plan order."""
+        method = self.plan.method
+        for b in self.plan.blocks:
+            skipped = [(r0, r1) for r0, r1 in b.chunks if (b.name, r0, r1) in self.done]
+            for r0, r1 in skipped:
+                for extra in self.done[(b.name, r0, r1)]:
+                    extras = method.add_extra(extras, extra)
+                if bar is not None:
+                    bar.update((r1 - r0) * b.read_bytes_per_row)
+            if bar is not None and skipped and len(skipped) == len(b.chunks):
+                bar.blocks_done += 1
+        return extras
+
+    def _open_output(self, writer: ShardedWriter, fingerprint: str) -> bool:
+        """Continue `OUT.partial` (--resume, same fingerprint) or start it afresh; True when an
+        interrupted run had already finished everything but the rename."""
+        if self.opts.resume:
+            manifest = Manifest.load(writer.partial)
+            if manifest is not None:
+                if manifest.fingerprint != fingerprint:
+                    raise OutputError(f"{writer.partial}: --resume: it was made by a different merge (inputs, "
+                                      f"method, parameters, statistics or layout differ); remove it or run "
+                                      f"without --resume")
+                writer.open_existing()
+                self.manifest = manifest
+                if manifest.finished:
+                    return True
+                self._verify(writer, manifest)
+                return False
+            if not self.opts.quiet:
+                print(f"--resume: no interrupted merge at {writer.partial}; starting from the beginning",
+                      file=sys.stderr)
+        elif os.path.exists(writer.partial) and not self.opts.quiet:
+            print(f"note: removing {writer.partial} left by an interrupted merge (--resume continues one)",
+                  file=sys.stderr)
+        writer.create()
+        self.manifest = Manifest.create(writer.partial, fingerprint)
+        return False
+
+    def _passes(self, state: dict) -> None:
+        for i, gpass in enumerate(self.plan.method.passes(self.plan.params)):
+            saved = self.manifest.pass_state(i, gpass.name)
+            if saved is not None:
+                state.clear()
+                state.update(saved)
+                self.resumed_passes += 1
+                self.passes_report.append({"name": gpass.name, "seconds": 0.0, "bytes_read": 0, "resumed": True})
+                continue
+            if gpass.skip(state):
+                gpass.finish(gpass.start(state), state)
+                self.passes_report.append({"name": gpass.name, "seconds": 0.0, "bytes_read": 0, "skipped": True})
+            else:
+                self.run_pass(gpass, state)
+            self.manifest.record_pass(i, gpass.name, state)
 
     # ------------------------------------------------------------------ progress
     def _bar(self, desc: str, total: int, blocks: int):
@@ -294,35 +431,48 @@ class Runner:
         names.sort(key=lambda t: order[t[0]])
         writer = ShardedWriter(opts.output, names, opts.shard_size)
         t_start = time.perf_counter()
+        fingerprint = merge_fingerprint(plan, writer)
+        if opts.resume and not os.path.exists(writer.partial) and os.path.exists(writer.out_dir):
+            if _complete(writer.out_dir, fingerprint):
+                return {"output": writer.out_dir, "method": plan.method.name, "already_complete": True,
+                        "seconds": time.perf_counter() - t_start, "shards": writer.files}
+            if not opts.overwrite:
+                raise OutputError(f"{writer.out_dir}: exists and is not this merge (pass --overwrite to replace it)")
         if not opts.quiet:
             print(plan.summary(), file=sys.stderr, flush=True)
         threads = torch.get_num_threads()
         if self.workers > 1:
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tensormerge-compute")
             torch.set_num_threads(1)
+        merge_s = patched = 0
+        block_notes: dict = {}
+        t_patch = t_finish = time.perf_counter()
         with MemoryMonitor() as mem:
-            writer.create()
+            finished = self._open_output(writer, fingerprint)
             try:
-                state: dict = {}
-                for gpass in plan.method.passes(plan.params):
-                    if gpass.skip(state):
-                        gpass.finish(gpass.start(state), state)
-                        self.passes_report.append({"name": gpass.name, "seconds": 0.0, "bytes_read": 0,
-                                                   "skipped": True})
-                    else:
-                        self.run_pass(gpass, state)
-                t_merge = time.perf_counter()
-                extras = self.run_merge(writer, state)
-                block_notes = plan.method.block_report(extras)
-                merge_s = time.perf_counter() - t_merge
-                t_patch = time.perf_counter()
-                patched = self._apply_patches(writer, state, extras)
-                t_finish = time.perf_counter()
-                provenance = self._provenance(t_finish - t_start, patched, block_notes)
-                writer.finish(plan.ref.config_dir, provenance, opts.overwrite)
+                if not finished:
+                    state: dict = {}
+                    self._passes(state)
+                    t_merge = time.perf_counter()
+                    extras = self.run_merge(writer, state)
+                    block_notes = plan.method.block_report(extras)
+                    merge_s = time.perf_counter() - t_merge
+                    t_patch = time.perf_counter()
+                    patched = self._apply_patches(writer, state, extras)
+                    t_finish = time.perf_counter()
+                    provenance = self._provenance(t_finish - t_start, patched, block_notes, fingerprint)
+                    writer.finish_files(plan.ref.config_dir, provenance)
+                    self.manifest.record_finished()
+                faults.hit("finished")
+                self.manifest.close()
+                writer.rename_into_place(opts.overwrite)
+                Manifest.remove(writer.out_dir)
                 finish_s = time.perf_counter() - t_finish
+            except KeyboardInterrupt:
+                writer.close()  # OUT.partial stays, for --resume
+                raise
             except BaseException:
-                writer.abort()
+                writer.abort()  # a failed merge leaves nothing behind; only an interrupted one stays
                 raise
             finally:
                 if self.pool is not None:
@@ -347,6 +497,7 @@ class Runner:
             "bytes_written": plan.bytes_written,
             "shards": writer.files,
             "patched_entries": patched,
+            "resumed": {"passes": self.resumed_passes, "chunks": len(self.done), "finished": finished},
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
             "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
@@ -371,11 +522,10 @@ class Runner:
                 writer.patch(out_name, index, values)
             count += index.numel()
         for name in grouped:
-            data = writer.read_back(name)
-            self.stats[name].crc32 = zlib.crc32(data.reshape(-1).view(torch.uint8).numpy())
+            self.stats[name].patched_crc32 = writer.crc32(name)
         return count
 
-    def _provenance(self, seconds: float, patched: int, notes: dict[str, dict]) -> dict:
+    def _provenance(self, seconds: float, patched: int, notes: dict[str, dict], fingerprint: str) -> dict:
         import safetensors
 
         plan = self.plan
@@ -384,6 +534,7 @@ class Runner:
             "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__},
             "method": plan.method.name,
             "params": plan.params.as_dict(),
+            "fingerprint": fingerprint,
             "inputs": [ck.fingerprint() for ck in plan.inputs],
             "base": plan.base.fingerprint() if plan.base is not None else None,
             "statistics": plan.stats.describe() if plan.stats is not None else None,
@@ -395,3 +546,15 @@ class Runner:
                                 "seconds": round(self.stats[b.name].seconds, 4), **notes.get(b.name, {})}
                        for b in plan.blocks},
         }
+
+
+def _complete(out_dir: str, fingerprint: str) -> bool:
+    """Whether `OUT` is this merge, finished (a run killed just after its final rename)."""
+    try:
+        with open(os.path.join(out_dir, PROVENANCE)) as f:
+            done = json.load(f).get("fingerprint") == fingerprint
+    except (OSError, ValueError, AttributeError):
+        return False
+    if done:
+        Manifest.remove(out_dir)  # a crash between the rename and this removal leaves it
+    return done

@@ -14,14 +14,15 @@ import json
 import math
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 
 import torch
 
 from tensormerge import constants as C
+from tensormerge.engine import faults
 from tensormerge.engine.safetensors_format import build_header, element_size
 from tensormerge.errors import OutputError
-
 
 PATCH_WINDOW_ELEMENTS = 1 << 22
 
@@ -96,6 +97,23 @@ class ShardedWriter:
             self.abort()
             raise
 
+    def open_existing(self) -> None:
+        """Reopen the shards of an interrupted merge's `OUT.partial` for `--resume`: each must
+        have the size and header this layout gives, or it was made by another merge."""
+        for fname, header in zip(self.files, self.headers):
+            path = os.path.join(self.partial, fname)
+            expected = len(header) + sum(s.nbytes for s in self.slots.values() if s.file == fname)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError as e:
+                self.close()
+                raise OutputError(f"{path}: cannot resume: {_why(e)}") from None
+            self._fds[fname] = fd
+            if os.fstat(fd).st_size != expected or os.pread(fd, len(header), 0) != header:
+                self.close()
+                raise OutputError(f"{path}: cannot resume: the shard does not have this merge's layout "
+                                  f"(remove {self.partial} or run without --resume)")
+
     def _pwrite(self, fd: int, data, offset: int, path: str) -> None:
         view = memoryview(data).cast("B")
         done = 0
@@ -112,12 +130,26 @@ class ShardedWriter:
         assert byte_offset + raw.nbytes <= slot.nbytes, f"write past the end of {name}"
         self._pwrite(self._fds[slot.file], raw, slot.begin + byte_offset, os.path.join(self.partial, slot.file))
 
-    def read_back(self, name: str) -> torch.Tensor:
+    def crc32(self, name: str, byte_offset: int = 0, nbytes: int | None = None) -> int:
+        """crc32 of written bytes of `name`, read back in bounded windows."""
         slot = self.slots[name]
-        buf = torch.empty(slot.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy()).cast("B")
-        os.preadv(self._fds[slot.file], [view], slot.begin)
-        return buf.view(slot.dtype).reshape(slot.shape)
+        nbytes = slot.nbytes - byte_offset if nbytes is None else nbytes
+        buf = bytearray(min(nbytes, PATCH_WINDOW_ELEMENTS * 4))
+        crc, done = 0, 0
+        while done < nbytes:
+            n = min(len(buf), nbytes - done)
+            view = memoryview(buf)[:n]
+            got = os.preadv(self._fds[slot.file], [view], slot.begin + byte_offset + done)
+            if got != n:
+                return -1
+            crc = zlib.crc32(view, crc)
+            done += n
+        return crc
+
+    def last_in_file(self, name: str) -> bool:
+        """Whether `name` is the last tensor of its shard (a shard boundary follows its data)."""
+        slot = self.slots[name]
+        return not any(s.file == slot.file and s.begin > slot.begin for s in self.slots.values())
 
     def patch(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite elements (flat indices) of a written tensor: read-modify-write of the
@@ -140,6 +172,11 @@ class ShardedWriter:
 
     def finish(self, copy_from: str | None, provenance: dict, overwrite: bool) -> None:
         """Index, copied config files, provenance, fsync, then rename `OUT.partial` -> `OUT`."""
+        self.finish_files(copy_from, provenance)
+        self.rename_into_place(overwrite)
+
+    def finish_files(self, copy_from: str | None, provenance: dict) -> None:
+        """Everything but the rename: index, side files, provenance, all fsynced."""
         self._finishing = self.partial  # the file or directory at fault, for the error line
         try:
             if len(self.files) > 1:
@@ -161,19 +198,29 @@ class ShardedWriter:
                 del self._fds[fname]
             self._finishing = self.partial
             _fsync_dir(self.partial)
-            self._finishing = self.out_dir
+        except OSError as e:
+            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({_why(e)})") from None
+
+    def rename_into_place(self, overwrite: bool) -> None:
+        """`OUT.partial` -> `OUT` (an existing `OUT` is moved aside first and removed after)."""
+        self._finishing = self.out_dir
+        try:
+            old = self.out_dir + ".old"
             if os.path.exists(self.out_dir):
                 if not overwrite:
                     raise OutputError(f"{self.out_dir}: exists (pass --overwrite to replace it)")
-                old = self.out_dir + ".old"
                 if os.path.exists(old):
                     shutil.rmtree(old)
                 os.rename(self.out_dir, old)
+                faults.hit("rename")
                 os.rename(self.partial, self.out_dir)
                 shutil.rmtree(old)
             else:
                 os.rename(self.partial, self.out_dir)
+            if os.path.exists(old):  # left by a run killed between its two renames
+                shutil.rmtree(old)
             _fsync_dir(os.path.dirname(self.out_dir))
+            faults.hit("renamed")
         except OSError as e:
             raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({_why(e)})") from None
 
@@ -183,12 +230,16 @@ class ShardedWriter:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
 
-    def abort(self) -> None:
-        """Close files and remove `OUT.partial`, so a failed merge leaves nothing behind."""
+    def close(self) -> None:
+        """Close the shard files, keeping `OUT.partial` (an interrupted merge, for --resume)."""
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
+
+    def abort(self) -> None:
+        """Close files and remove `OUT.partial`, so a failed merge leaves nothing behind."""
+        self.close()
         shutil.rmtree(self.partial, ignore_errors=True)
 
 

@@ -1,0 +1,165 @@
+"""The resume manifest: what an interrupted merge had finished, kept inside `OUT.partial`.
+
+An append-only JSON-lines log. The first line is the merge's fingerprint (inputs, method,
+parameters, statistics, output layout); then one line per finished global pass (its state, in
+a blob beside the log) and one per written row chunk (its crc32, and the extras the method
+returned for it, such as TIES' undecided entries, in a blob). A line is appended only after the
+bytes it describes were written, and `--resume` re-reads and checks every chunk against its
+crc32, so a torn write, a lost page or a damaged file is merged again, never trusted. A torn
+last line (a crash mid-append) is ignored.
+
+Blobs are pickles written by this process into its own output directory; each line holds its
+blob's sha256 and a blob that does not match is treated as missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from tensormerge.constants import RESUME_DIR
+
+LOG = "manifest.jsonl"
+FORMAT = 1
+
+
+@dataclass
+class ChunkRecord:
+    block: str
+    r0: int
+    r1: int
+    crc32: int
+    nbytes: int
+    blob: str | None = None
+    sha256: str | None = None
+
+
+class Manifest:
+    def __init__(self, partial: str):
+        self.dir = os.path.join(partial, RESUME_DIR)
+        self.path = os.path.join(self.dir, LOG)
+        self.fingerprint: str | None = None
+        self.passes: dict[int, dict] = {}
+        self.chunks: dict[tuple[str, int, int], ChunkRecord] = {}
+        self.finished = False
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self._blobs = 0
+
+    @classmethod
+    def create(cls, partial: str, fingerprint: str) -> Manifest:
+        m = cls(partial)
+        os.makedirs(m.dir, exist_ok=True)
+        m.fingerprint = fingerprint
+        m._fd = os.open(m.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        m._append({"tensormerge_manifest": FORMAT, "fingerprint": fingerprint})
+        os.fsync(m._fd)
+        return m
+
+    @classmethod
+    def load(cls, partial: str) -> Manifest | None:
+        """The manifest of an interrupted merge, or None when there is none to continue."""
+        m = cls(partial)
+        try:
+            with open(m.path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError:
+            return None
+        for raw in lines:
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue  # a torn last line, or an empty one
+            if not isinstance(rec, dict):
+                continue
+            if "tensormerge_manifest" in rec:
+                if rec.get("tensormerge_manifest") != FORMAT:
+                    return None
+                m.fingerprint = rec.get("fingerprint")
+            elif "pass" in rec:
+                m.passes[int(rec["pass"])] = rec
+            elif "chunk" in rec:
+                block, r0, r1 = rec["chunk"]
+                m.chunks[(block, r0, r1)] = ChunkRecord(block, r0, r1, rec["crc32"], rec["nbytes"],
+                                                        rec.get("blob"), rec.get("sha256"))
+            elif rec.get("finished"):
+                m.finished = True
+            m._blobs += 1
+        if m.fingerprint is None:
+            return None
+        m._fd = os.open(m.path, os.O_WRONLY | os.O_APPEND)
+        return m
+
+    # ------------------------------------------------------------------ writing
+    def _append(self, rec: dict) -> None:
+        line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            os.write(self._fd, line)  # one write on an O_APPEND file: lines never interleave
+            self._blobs += 1
+
+    def _blob(self, prefix: str, obj: Any) -> tuple[str, str]:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            name = f"{prefix}-{self._blobs:08d}.pkl"
+            self._blobs += 1
+        tmp = os.path.join(self.dir, name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(self.dir, name))
+        return name, hashlib.sha256(data).hexdigest()
+
+    def record_pass(self, index: int, name: str, state: dict) -> None:
+        blob, sha = self._blob("pass", state)
+        self._append({"pass": index, "name": name, "blob": blob, "sha256": sha})
+
+    def record_chunk(self, block: str, r0: int, r1: int, crc32: int, nbytes: int, extras: list) -> None:
+        rec: dict[str, Any] = {"chunk": [block, r0, r1], "crc32": crc32, "nbytes": nbytes}
+        if extras:
+            rec["blob"], rec["sha256"] = self._blob("chunk", extras)
+        self._append(rec)
+
+    def record_finished(self) -> None:
+        self._append({"finished": True})
+        os.fsync(self._fd)
+
+    # ------------------------------------------------------------------ reading
+    def _read_blob(self, blob: str | None, sha: str | None) -> Any:
+        if blob is None or os.sep in blob or blob.startswith("."):
+            return None
+        try:
+            with open(os.path.join(self.dir, blob), "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        if hashlib.sha256(data).hexdigest() != sha:
+            return None
+        return pickle.loads(data)
+
+    def pass_state(self, index: int, name: str) -> dict | None:
+        rec = self.passes.get(index)
+        if rec is None or rec.get("name") != name:
+            return None
+        state = self._read_blob(rec.get("blob"), rec.get("sha256"))
+        return state if isinstance(state, dict) else None
+
+    def chunk_extras(self, rec: ChunkRecord) -> list | None:
+        """The chunk's extras ([] when it had none), or None when its blob is lost or damaged."""
+        if rec.blob is None:
+            return []
+        extras = self._read_blob(rec.blob, rec.sha256)
+        return extras if isinstance(extras, list) else None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def remove(directory: str) -> None:
+        shutil.rmtree(os.path.join(directory, RESUME_DIR), ignore_errors=True)
