@@ -1,3 +1,4 @@
 from tensormerge.cli import main
 
-main()
+if __name__ == "__main__":  # dask and multiprocessing workers import this module again
+    main()

@@ -35,6 +35,8 @@ class MergeSpec:
     kernels: str = "auto"
     overwrite: bool = False
     resume: bool = False
+    workers: int | None = None
+    scheduler: str | None = None
     report: str | None = None
     quiet: bool = False
 
@@ -100,6 +102,15 @@ def plan(spec: MergeSpec) -> str:
         return open_plan(spec, stack).table()
 
 
+def run_options(spec: MergeSpec, quiet: bool | None = None) -> RunOptions:
+    """How the runner writes (shared by the client and, quiet, by dask workers)."""
+    settings = {k: v for k, v in asdict(spec).items()
+                if k not in ("report", "quiet", "overwrite", "resume", "workers", "scheduler")}
+    return RunOptions(os.path.abspath(spec.output), parse_size(spec.shard_size, "--shard-size"),
+                      spec.device or "cpu", spec.overwrite, spec.quiet if quiet is None else quiet,
+                      spec.kernels or "auto", spec.resume, settings)
+
+
 def merge(spec: MergeSpec) -> dict:
     """Run the merge; returns the report (also written to `spec.report` when set)."""
     if not spec.output:
@@ -112,10 +123,14 @@ def merge(spec: MergeSpec) -> dict:
             raise OutputError(f"{spec.output}: is also an input")
     with ExitStack() as stack:
         merge_plan = open_plan(spec, stack)
-        settings = {k: v for k, v in asdict(spec).items() if k not in ("report", "quiet", "overwrite", "resume")}
-        opts = RunOptions(out, parse_size(spec.shard_size, "--shard-size"), spec.device or "cpu",
-                          spec.overwrite, spec.quiet, spec.kernels or "auto", spec.resume, settings)
-        report = Runner(merge_plan, opts).execute()
+        runner = Runner(merge_plan, run_options(spec))
+        if spec.workers is not None or spec.scheduler:
+            from tensormerge.engine.distributed import DaskExecutor
+
+            runner.cluster = DaskExecutor(spec, spec.workers, spec.scheduler, merge_plan.max_memory,
+                                          spec.device or "cpu")
+            stack.callback(runner.cluster.close)
+        report = runner.execute()
     if spec.report:
         with open(spec.report, "w") as f:
             json.dump(report, f, indent=2)

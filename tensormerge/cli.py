@@ -58,8 +58,6 @@ def _recipe(path: str | None) -> dict:
 
 def _spec(kw: dict) -> api.MergeSpec:
     recipe = _recipe(kw.get("config"))
-    if kw.get("workers") or kw.get("scheduler"):
-        raise ParameterError("--workers/--scheduler: the dask executor is not available in this version")
     inputs = _split(kw["inputs"]) or recipe.get("inputs") or []
     if isinstance(inputs, str):
         inputs = _split((inputs,))
@@ -81,6 +79,7 @@ def _spec(kw: dict) -> api.MergeSpec:
         device=kw["device"] or recipe.get("device") or "cpu",
         kernels=kw.get("kernels") or recipe.get("kernels") or "auto",
         overwrite=kw.get("overwrite", False), resume=kw.get("resume", False), report=kw.get("report"),
+        workers=kw.get("workers"), scheduler=kw.get("scheduler"),
         quiet=kw.get("quiet", False))
 
 
@@ -99,8 +98,8 @@ def merge_options(f):
                      help="torch reference or fused Triton kernels; auto: Triton on CUDA when installed [default: auto]"),
         click.option("--dtype", type=click.Choice(list(C.DTYPE_CHOICES)), help="output dtype [default: auto]"),
         click.option("--shard-size", help="largest output shard [default: 5GB]"),
-        click.option("--workers", type=int, help="dask LocalCluster workers"),
-        click.option("--scheduler", help="dask scheduler address tcp://HOST:PORT"),
+        click.option("--workers", type=int, help="run on a local dask cluster of N worker processes"),
+        click.option("--scheduler", help="run on an existing dask cluster: its scheduler tcp://HOST:PORT"),
         click.option("--output", "-o", help="output directory"),
         click.option("--overwrite", is_flag=True, help="replace an existing output directory"),
         click.option("--resume", is_flag=True,

@@ -23,6 +23,12 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # "5GB" as transformers writes it
 DEFAULT_MAX_MEMORY = 4 * 1024**3
 
+# dask: a task is a run of whole blocks reading about this much; a worker process may use
+# --max-memory of tensor data plus this much for Python, torch and dask themselves.
+DASK_TASK_BYTES = 256 * 1024**2
+DASK_WORKER_OVERHEAD = 2 * 1024**3
+DASK_CONNECT_TIMEOUT = "10s"  # --scheduler: how long to try to reach it
+
 # safetensors dtype names <-> torch dtypes.
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,

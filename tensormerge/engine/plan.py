@@ -77,6 +77,12 @@ class MergePlan:
     stats: StatsBinding | None = None
     extras: dict[str, Checkpoint] = field(default_factory=dict)
 
+    def block(self, name: str) -> Block:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
     @property
     def ref(self) -> Checkpoint:
         """The checkpoint whose names, order, dtypes and side files the output follows."""

@@ -127,6 +127,8 @@ class Runner:
         self.manifest: Manifest | None = None
         self.done: dict[tuple[str, int, int], list] = {}  # chunks verified on resume -> their extras
         self.resumed_passes = 0
+        self.cluster = None  # a DaskExecutor when the merge runs on a dask cluster
+        self.fingerprint = ""
 
     # ------------------------------------------------------------------ stages
     def _tasks(self, blocks: list[Block], with_output: bool, sample: float = 1.0, skip=()):
@@ -222,7 +224,21 @@ class Runner:
     def run_pass(self, gpass, state: dict) -> None:
         acc = gpass.start(state)
         t0 = time.perf_counter()
-        blocks = self.plan.merge_blocks
+
+        def reduce(b: Block, partials: list, last: bool) -> None:
+            nonlocal acc
+            for partial in partials:
+                acc = gpass.reduce(acc, partial, b.name)
+            if last:
+                acc = gpass.end_block(acc, b.name, b.numel)
+
+        read = self.pass_blocks(gpass, state, self.plan.merge_blocks, reduce)
+        gpass.finish(acc, state)
+        self.passes_report.append({"name": gpass.name, "seconds": time.perf_counter() - t0, "bytes_read": read})
+
+    def pass_blocks(self, gpass, state: dict, blocks: list[Block], take) -> int:
+        """A global pass's map over `blocks`, handing each chunk's partials to `take` in plan
+        order (here reduced; on a dask worker folded per block for the client to reduce)."""
         bar = self._bar(gpass.name, int(gpass.sample * sum(b.read_bytes_per_row * b.rows for b in blocks)), len(blocks))
 
         def compute(task: Task, data: BlockData):
@@ -233,12 +249,8 @@ class Runner:
             return self._map(lambda part: gpass.map(part, state), parts)
 
         def collect(task: Task, partials) -> None:
-            nonlocal acc
             b, _, _, last, _ = task.key
-            for partial in partials:
-                acc = gpass.reduce(acc, partial, b.name)
-            if last:
-                acc = gpass.end_block(acc, b.name, b.numel)
+            take(b, partials, last)
             self._advance(bar, task, last)
             faults.hit("pass")
 
@@ -247,15 +259,22 @@ class Runner:
             self.executor.run(tasks, lambda t: self._read(t, gpass.needs_inputs), compute, collect=collect)
         finally:
             self._close(bar)
-        gpass.finish(acc, state)
-        self.passes_report.append({"name": gpass.name, "seconds": time.perf_counter() - t0,
-                                   "bytes_read": sum(t.read_bytes for t in tasks)})
+        return sum(t.read_bytes for t in tasks)
 
-    def run_merge(self, writer: ShardedWriter, state: dict) -> Any:
+    def record(self, b: Block, r0: int, r1: int, crc: int, nbytes: int, chunk_extras: list) -> None:
+        """A written chunk, into the manifest (a dask worker hands it to the client instead)."""
+        if self.manifest is not None:
+            self.manifest.record_chunk(b.name, r0, r1, crc, nbytes, chunk_extras)
+
+    def run_merge(self, writer: ShardedWriter, state: dict, blocks: list[Block] | None = None) -> Any:
+        """Merge and write `blocks` (all, by default, less what --resume verified)."""
         method, params = self.plan.method, self.plan.params
         extras = method.start_extras(params)
-        bar = self._bar("merge", self.plan.bytes_read_merge, len(self.plan.blocks))
-        extras = self._replay(extras, bar)
+        whole = blocks is None
+        blocks = self.plan.blocks if whole else blocks
+        bar = self._bar("merge", sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
+        if whole:
+            extras = self._replay(extras, bar)
 
         def compute(task: Task, data: BlockData) -> tuple[torch.Tensor, list]:
             nonlocal extras
@@ -303,8 +322,7 @@ class Runner:
             faults.hit("chunk-bytes")  # written, not yet recorded: resume must merge it again
             crc = zlib.crc32(raw)
             st.crcs[r0] = (crc, raw.nbytes)
-            if self.manifest is not None:
-                self.manifest.record_chunk(b.name, r0, r1, crc, raw.nbytes, chunk_extras)
+            self.record(b, r0, r1, crc, raw.nbytes, chunk_extras)
             st.bytes_read += task.read_bytes
             st.bytes_written += raw.nbytes * len(b.out_names)
             st.chunks += 1
@@ -315,7 +333,7 @@ class Runner:
                 faults.hit("shard")
 
         try:
-            self.executor.run(self._tasks(self.plan.blocks, True, skip=self.done), self._read, compute, write=write)
+            self.executor.run(self._tasks(blocks, True, skip=self.done), self._read, compute, write=write)
         finally:
             self._close(bar)
         return extras
@@ -389,6 +407,8 @@ class Runner:
             if gpass.skip(state):
                 gpass.finish(gpass.start(state), state)
                 self.passes_report.append({"name": gpass.name, "seconds": 0.0, "bytes_read": 0, "skipped": True})
+            elif self.cluster is not None:
+                self.cluster.run_pass(self, i, gpass, state)
             else:
                 self.run_pass(gpass, state)
             self.manifest.record_pass(i, gpass.name, state)
@@ -424,14 +444,18 @@ class Runner:
             bar.close()
 
     # ------------------------------------------------------------------ whole run
+    def make_writer(self) -> ShardedWriter:
+        """The output layout: every name the base has, in its order, sharded by --shard-size."""
+        names = [(n, b.out_dtype, b.shape) for b in self.plan.blocks for n in b.out_names]
+        order = {n: i for i, n in enumerate(self.plan.ref.tensors)}
+        names.sort(key=lambda t: order[t[0]])
+        return ShardedWriter(self.opts.output, names, self.opts.shard_size)
+
     def execute(self) -> dict:
         plan, opts = self.plan, self.opts
-        names = [(n, b.out_dtype, b.shape) for b in plan.blocks for n in b.out_names]
-        order = {n: i for i, n in enumerate(plan.ref.tensors)}
-        names.sort(key=lambda t: order[t[0]])
-        writer = ShardedWriter(opts.output, names, opts.shard_size)
+        writer = self.make_writer()
         t_start = time.perf_counter()
-        fingerprint = merge_fingerprint(plan, writer)
+        fingerprint = self.fingerprint = merge_fingerprint(plan, writer)
         if opts.resume and not os.path.exists(writer.partial) and os.path.exists(writer.out_dir):
             if _complete(writer.out_dir, fingerprint):
                 return {"output": writer.out_dir, "method": plan.method.name, "already_complete": True,
@@ -454,7 +478,10 @@ class Runner:
                     state: dict = {}
                     self._passes(state)
                     t_merge = time.perf_counter()
-                    extras = self.run_merge(writer, state)
+                    if self.cluster is not None:
+                        extras = self.cluster.run_merge(self, state)
+                    else:
+                        extras = self.run_merge(writer, state)
                     block_notes = plan.method.block_report(extras)
                     merge_s = time.perf_counter() - t_merge
                     t_patch = time.perf_counter()

@@ -146,6 +146,14 @@ class ShardedWriter:
             done += n
         return crc
 
+    def sync(self) -> None:
+        """fsync every shard written through this writer (another process's writer finishes)."""
+        for fname, fd in self._fds.items():
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise OutputError(f"{self.out_dir}: cannot write {fname} ({_why(e)})") from None
+
     def last_in_file(self, name: str) -> bool:
         """Whether `name` is the last tensor of its shard (a shard boundary follows its data)."""
         slot = self.slots[name]

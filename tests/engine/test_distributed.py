@@ -1,0 +1,137 @@
+"""The dask executor: the same merge on a cluster (a LocalCluster started here and joined with
+--scheduler, or --workers N) writes the same shard bytes as the local executor, for every
+method and any --max-memory; a worker process killed mid-merge does not change the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tensormerge.engine.faults import ENV, ONCE
+from tests import helpers as H
+
+distributed = pytest.importorskip("distributed")
+
+SPEC = {
+    "emb.weight": ((300, 64), torch.bfloat16),
+    "l0.w": ((128, 64), torch.float32),
+    "l0.b": ((64,), torch.float32),
+    "l1.w": ((64, 128), torch.bfloat16),
+    "pos": ((1, 12), torch.int64),
+}
+METHODS = {  # method -> extra arguments (statistics methods get their stores in _args)
+    "average": [], "task_arithmetic": ["-p", "lambda=0.5"], "ties": [], "dare": ["-p", "p=0.3"],
+    "fisher": ["-p", "normalize=true"], "regmean": [], "mats": ["-p", "iterations=5"], "ubgm": [],
+}
+NO_BASE = ("average", "fisher", "regmean")
+BUDGET = "1536KiB"  # regmean's 128-row tiles need about this; the other methods chunk at it too
+MATS_BUDGET = "8MiB"  # a CG block is solved whole
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dask")
+    base, fts = H.make_family(3, spec=SPEC)
+    base["l0.b"][:10] = 0  # exactly cancelling task vectors: TIES patches them after the merge
+    for ft, v in zip(fts, (3.0, -3.0, 0.0)):
+        ft["l0.b"][:10] = v
+    b = H.save(root / "base", base)
+    ins = [H.save(root / f"ft{i}", sd) for i, sd in enumerate(fts)]
+    g = torch.Generator().manual_seed(9)
+    stores = []
+    for i in range(4):  # three inputs, then the base (ubgm's --base-stats)
+        stats = {"gram_in": {}, "gram_out": {}, "fisher": {}}
+        for name, (shape, dtype) in SPEC.items():
+            if not dtype.is_floating_point:
+                continue
+            stats["fisher"][name] = torch.rand(shape, generator=g)
+            if len(shape) == 2:
+                for kind, d in (("gram_in", shape[1]), ("gram_out", shape[0])):
+                    x = torch.randn(2 * d, d, generator=g)
+                    stats[kind][name] = x.T @ x / x.shape[0]
+        stores.append(H.write_store(root / f"s{i}.zarr", stats))
+    return {"root": root, "base": b, "inputs": ins, "stats": stores}
+
+
+def _args(fam, method: str, out: Path, *extra: str, budget: str = BUDGET) -> list[str]:
+    if method == "mats" and budget == BUDGET:
+        budget = MATS_BUDGET
+    args = ["run", "--method", method, "--inputs", ",".join(fam["inputs"]), "--output", str(out),
+            "--max-memory", budget, "--shard-size", "40KB", "-q", *METHODS[method], *extra]
+    if method not in NO_BASE:
+        args += ["--base", fam["base"]]
+    if method in ("fisher", "regmean", "mats", "ubgm"):
+        args += ["--stats", ",".join(fam["stats"][:3])]
+    if method == "ubgm":
+        args += ["--base-stats", fam["stats"][3]]
+    return args
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      scheduler_kwargs={"dashboard": False}) as c:
+        yield c.scheduler_address
+
+
+def _merge(fam, method, out, *extra, budget=BUDGET) -> dict[str, str]:
+    res = H.run_cli(_args(fam, method, out, *extra, budget=budget), timeout=300)
+    assert res.returncode == 0, res
+    return H.shard_digests(out)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cluster_writes_the_bytes_of_the_local_executor(fam, cluster, method, tmp_path):
+    local = _merge(fam, method, tmp_path / "local")
+    assert len(local) >= 2
+    assert _merge(fam, method, tmp_path / "dask", "--scheduler", cluster) == local
+    if method in ("ties", "regmean", "fisher"):  # other chunking, same bytes (locally and on the cluster)
+        assert _merge(fam, method, tmp_path / "local-big", budget="64MiB") == local
+        assert _merge(fam, method, tmp_path / "dask-big", "--scheduler", cluster, budget="64MiB") == local
+
+
+def test_workers_option_starts_a_local_cluster(fam, tmp_path):
+    local = _merge(fam, "ties", tmp_path / "local")
+    assert _merge(fam, "ties", tmp_path / "dask", "--workers", "2") == local
+
+
+@pytest.mark.parametrize("point", ["chunk:2", "pass:3"])
+def test_a_worker_killed_mid_merge_does_not_change_the_result(fam, tmp_path, point, monkeypatch):
+    from distributed import LocalCluster
+
+    local = _merge(fam, "ties", tmp_path / "local")
+    once = tmp_path / "killed"
+    monkeypatch.setenv(ENV, point)  # workers spawned now inherit it; the first to get there dies
+    monkeypatch.setenv(ONCE, str(once))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      scheduler_kwargs={"dashboard": False}) as c:
+        monkeypatch.delenv(ENV)
+        monkeypatch.delenv(ONCE)
+        got = _merge(fam, "ties", tmp_path / "dask", "--scheduler", c.scheduler_address)
+    assert once.exists(), "no worker was killed"
+    assert got == local
+
+
+def test_bad_cluster_options_are_one_line_errors(fam, tmp_path):
+    out = tmp_path / "out"
+    H.assert_clean_error(H.run_cli(_args(fam, "average", out, "--workers", "0")), "--workers", out_dir=out)
+    H.assert_clean_error(H.run_cli(_args(fam, "average", out, "--workers", "2", "--scheduler", "tcp://x:1")),
+                         "--workers", "--scheduler", out_dir=out)
+    res = H.run_cli(_args(fam, "average", out, "--scheduler", "tcp://127.0.0.1:9"), timeout=120)
+    H.assert_clean_error(res, "--scheduler", out_dir=out)
+
+
+def test_a_local_merge_killed_midway_resumes_on_the_cluster(fam, cluster, tmp_path):
+    local = _merge(fam, "ties", tmp_path / "local", budget="200KiB")
+    out = tmp_path / "out"
+    res = H.run_cli(_args(fam, "ties", out, budget="200KiB"), env={ENV: "chunk:9"})
+    assert res.returncode == -9, res
+    report = tmp_path / "report.json"
+    assert _merge(fam, "ties", out, "--resume", "--scheduler", cluster, "--report", str(report),
+                  budget="200KiB") == local
+    assert json.loads(report.read_text())["resumed"]["chunks"] == 9
