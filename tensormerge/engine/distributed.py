@@ -23,7 +23,11 @@ from typing import Any
 
 import torch
 
-from tensormerge.constants import DASK_CONNECT_TIMEOUT, DASK_TASK_BYTES, DASK_WORKER_OVERHEAD
+from tensormerge.constants import (
+    DASK_CONNECT_TIMEOUT,
+    DASK_TASK_BYTES,
+    DASK_WORKER_OVERHEAD,
+)
 from tensormerge.engine.plan import Block
 from tensormerge.errors import InputError, ParameterError
 
