@@ -203,8 +203,8 @@ def main() -> None:
     show_tb = "--traceback" in sys.argv or os.environ.get("TENSORMERGE_TRACEBACK") == "1"
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
+    except click.exceptions.Abort:  # click's form of Ctrl-C
+        click.echo("error: interrupted (run it again with --resume to continue a merge)", err=True)
         sys.exit(130)
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)

@@ -230,3 +230,25 @@ def test_sigkill_from_outside_at_random_times(fam, reference, tmp_path):
     res = H.run_cli(_args(fam, "ties", out, "--resume"))
     assert res.returncode == 0, res
     assert H.shard_digests(out) == reference["ties"]
+
+
+def test_ctrl_c_keeps_the_partial_output_for_resume(fam, reference, tmp_path):
+    """SIGINT (Ctrl-C) stops with status 130 and keeps OUT.partial (the one failure that does);
+    --resume then completes it."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    p = subprocess.Popen([sys.executable, "-m", "tensormerge", *_args(fam, "ties", out)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not Path(str(out) + ".partial").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("the merge finished before SIGINT arrived")
+    assert p.returncode == 130, err
+    assert "--resume" in err
+    assert Path(str(out) + ".partial").exists()
+    res = H.run_cli(_args(fam, "ties", out, "--resume"))
+    assert res.returncode == 0, res
+    assert H.shard_digests(out) == reference["ties"]
