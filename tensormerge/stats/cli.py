@@ -80,6 +80,7 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace an existing store")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, warnings or summary line")
+@click.option("--gram-block-rows", type=int, hidden=True)
 @click.option("--traceback", is_flag=True, hidden=True)
 def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:
     """Compute a model's merge statistics over a data set into a store (S.zarr)."""

@@ -70,6 +70,7 @@ class ComputeOptions:
     split: str | None = None
     base_model: str | None = None
     seed: int = 0
+    gram_block_rows: int | None = None
     checkpoint_every: int = 50
     resume: bool = False
     overwrite: bool = False
@@ -91,7 +92,7 @@ class ComputeOptions:
         """What must not change between a run and its --resume (not: device, quiet, output)."""
         keep = {k: v for k, v in asdict(self).items()
                 if k not in ("output", "device", "resume", "overwrite", "quiet", "checkpoint_every", "grad_mode",
-                             "max_memory", "model", "data", "base_model")}
+                             "max_memory", "model", "data", "base_model", "gram_block_rows")}
         blob = json.dumps({"model": identity, "data": data_hash, **keep}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -162,7 +163,7 @@ class Collector:
                     if mod is out_emb and loaded.own_key(f"{name}.weight"):
                         skip_out.add(loaded.own_key(f"{name}.weight"))
             self.hooks = GramHooks(loaded, self.want_in, self.want_out, self.acc.dtype, block_bytes=budget // 8,
-                                   skip_out=skip_out)
+                                   skip_out=skip_out, block_rows=opts.gram_block_rows)
             self.skip_out = sorted(skip_out)
             self._check_gram_budget(budget)
         self.n_examples = 0
@@ -186,7 +187,8 @@ class Collector:
         if o.fisher_type == "true" and (self.grad_names or self.want_out):
             from tensormerge.stats.sampling import sample_labels
 
-            batch = sample_labels(self.loaded.model, task, batch, self.inputs, o.seed, o.max_length)
+            batch = sample_labels(self.loaded.model, task, batch, self.inputs, o.seed, o.max_length, self.pad_id,
+                                  self.side)
         if self.grad_names:
             if o.fisher_mode == "squared-batch":
                 g = batch_grad(self.loaded.model, task, self.grad_names, self.inputs, batch)
@@ -322,6 +324,7 @@ def compute_stats(opts: ComputeOptions) -> dict:
     pad_id = 0 if pad_id is None else int(pad_id)
 
     collector = Collector(opts, loaded, examples, say)
+    collector.pad_id, collector.side = pad_id, side
     warn: list[str] = []
     if collector.hooks is not None and collector.hooks.unstored:
         _warn(f"no Gram for {len(collector.hooks.unstored)} linear layer(s) whose weight is not stored under its "

@@ -32,8 +32,8 @@ def linear_kind(module: torch.nn.Module) -> str | None:
 
 class GramHooks:
     def __init__(self, loaded, want_in: bool, want_out: bool, acc_dtype: torch.dtype, block_bytes: int,
-                 skip_out: set[str] = frozenset()):
-        self.acc_dtype, self.block_bytes = acc_dtype, block_bytes
+                 skip_out: set[str] = frozenset(), block_rows: int | None = None):
+        self.acc_dtype, self.block_bytes, self.block_rows = acc_dtype, block_bytes, block_rows
         self.layers: dict[str, tuple[torch.nn.Module, str, str]] = {}  # key -> (module, side, kind)
         self.unstored: list[str] = []
         model = loaded.model
@@ -83,7 +83,7 @@ class GramHooks:
         if acc is None:
             acc = self.sums[(kind, key)] = torch.zeros(d, d, dtype=self.acc_dtype, device=rows.device)
             self.counts[(kind, key)] = 0
-        step = max(1, self.block_bytes // max(1, d * rows.element_size()))
+        step = self.block_rows or max(1, self.block_bytes // max(1, d * rows.element_size()))
         if step >= d:
             acc.addmm_(rows.T, rows)
         else:
