@@ -66,8 +66,19 @@ def _model_class(config, task: str):
     return cls if cls is not None else getattr(transformers, TASK_CLASSES[task])
 
 
+def _quiet_transformers() -> None:
+    """Our progress bar and one-line errors are the interface; transformers' own loading bars
+    and advice would interleave with them on stderr."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def _load(path: str, dtype: torch.dtype | None):
     from transformers import AutoConfig
+
+    _quiet_transformers()
 
     try:
         config = AutoConfig.from_pretrained(path)
