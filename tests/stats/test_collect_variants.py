@@ -67,11 +67,14 @@ def test_sequence_classifier(tmp_path):
     assert set(got["counts"]["fisher"].values()) == {N}
 
 
-def _adapter(tmp_path, name, cfg):
+def _adapter(tmp_path, name, cfg, seed: int = 0):
     from peft import get_peft_model
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     base = cm.save(cm.llama(), tmp_path / "base")
-    peft_model = get_peft_model(cm.llama(), cfg)
+    model = cm.llama()
+    torch.manual_seed(seed)  # the adapter's own (non-identity) initialisation
+    peft_model = get_peft_model(model, cfg)
     d = tmp_path / name
     peft_model.save_pretrained(str(d))
     conf = json.loads((d / "adapter_config.json").read_text())
@@ -135,3 +138,23 @@ def test_true_fisher_runs_for_seq2seq_and_classifiers(tmp_path, make, records, t
     got = _run(tmp_path, model, data, "t", kind="fisher", fisher_type="true", seed=1)
     assert got["attrs"]["fisher_type"] == "true" and got["fisher"]
     assert all(torch.isfinite(v).all() for v in got["fisher"].values())
+
+
+def test_ia3_blocks_feed_mats_blockwise(tmp_path):
+    """Fisher blocks of IA3 vectors ([d, 1] / [1, d] as PEFT stores them) through `tensormerge run`."""
+    from peft import IA3Config
+
+    from tensormerge.api import MergeSpec, merge
+
+    cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                    init_ia3_weights=False)
+    adapters, stores = [], []
+    for i in range(2):
+        d, _ = _adapter(tmp_path / f"a{i}", "ia3", cfg, seed=100 + i)
+        data = cm.write_jsonl(tmp_path / f"d{i}.jsonl", cm.causal_records(4, seed=20 + i))
+        _run(tmp_path, d, data, f"s{i}", kind="blockwise")
+        adapters.append(d)
+        stores.append(str(tmp_path / f"s{i}.zarr"))
+    report = merge(MergeSpec("mats", adapters, str(tmp_path / "merged"), stats=stores, quiet=True,
+                             params={"objective": "blockwise", "init": "average"}))
+    assert not report.get("fallback_blocks"), report.get("fallback_blocks")
