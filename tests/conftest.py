@@ -37,6 +37,16 @@ def write_family(root, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], 
     return paths[0], paths[1:], base, fts
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tensors in transformers tests are tiny: intra-op threads only add overhead (a lot on a
+    busy machine). Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def family(tmp_path):
     tensors = {

@@ -73,6 +73,26 @@ def make_finetune(base: dict[str, torch.Tensor], seed: int, scale: float = 0.1) 
     return out
 
 
+CHUNKED_SPEC = {  # several row chunks and shards at a few hundred KiB of --max-memory
+    "emb.weight": ((300, 64), torch.bfloat16),
+    "l0.w": ((128, 64), torch.float32),
+    "l0.b": ((64,), torch.float32),
+    "l1.w": ((64, 128), torch.bfloat16),
+    "pos": ((1, 12), torch.int64),
+}
+
+
+def save_cancelling_family(root: Path) -> tuple[str, list[str]]:
+    """CHUNKED_SPEC's base and three fine-tunes whose task vectors cancel exactly (+v, -v, 0) in
+    ten entries of the first merged block: TIES elects no sign there before any vote is in, so
+    they take the model-wide majority, patched in after the merge. Returns (base, inputs)."""
+    base, fts = make_family(3, spec=CHUNKED_SPEC)
+    base["l0.b"][:10] = 0
+    for ft, v in zip(fts, (3.0, -3.0, 0.0)):
+        ft["l0.b"][:10] = v
+    return save(root / "base", base), [save(root / f"ft{i}", sd) for i, sd in enumerate(fts)]
+
+
 def make_family(n: int = 3, seed: int = 0, spec: dict | None = None):
     """(base, [finetune_1..n]) as dicts of contiguous CPU tensors."""
     base = make_base(seed, spec)

@@ -87,13 +87,7 @@ def _save_sharded(model: torch.nn.Module, path: str) -> set[str]:
     return set(weight_map)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add overhead (a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

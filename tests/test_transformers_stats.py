@@ -12,7 +12,9 @@ pytest.importorskip("transformers")
 
 from tensormerge.api import MergeSpec, merge  # noqa: E402
 from tests.helpers import write_store  # noqa: E402
-from tests.test_transformers_models import _logits, _one_thread, family  # noqa: E402,F401
+from tests.test_transformers_models import _logits, family  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _statistics(fam: dict, sd: dict, seed: int) -> dict:

@@ -42,6 +42,12 @@ class Block:
     fixed_bytes: int = 0  # whole-block statistics and their factorisations, held across chunks
     extra_reads: dict[str, str] = field(default_factory=dict)  # extra checkpoint role -> name
     splits: bool = True
+    transposed: bool = False  # merged whole, as its transpose: a Conv1D weight [in, out] with Grams of [out, in]
+
+    @property
+    def merge_shape(self) -> tuple[int, ...]:
+        """The shape the method sees (the transpose of a Conv1D weight)."""
+        return self.shape[::-1] if self.transposed else self.shape
 
     @property
     def rows(self) -> int:
@@ -236,10 +242,10 @@ def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: C
         blocks.append(block)
     for b in blocks:
         row_numel = b.numel // b.rows if b.rows else 1
-        b.splits = b.kind == "copy" or method.splits(params, b.shape, bool(b.stats))
+        b.splits = b.kind == "copy" or (not b.transposed and method.splits(params, b.shape, bool(b.stats)))
         # rows of zero elements ([n, 0] tensors): one sub-chunk, however many rows are claimed
         sub = max(1, SUB_CHUNK_ELEMENTS // row_numel) if row_numel else max(b.rows, 1)
-        b.sub_rows = -(-sub // method.row_align) * method.row_align if b.splits else b.rows
+        b.sub_rows = -(-sub // method.row_align) * method.row_align if b.splits else max(b.shape, default=1)
         b.chunks = _chunks(method, b, max_memory)
     return MergePlan(method, params, inputs, base, blocks, max_memory, passes, stats, extras)
 
@@ -256,6 +262,10 @@ def _bind_block(method: Method, params: Params, block: Block, names: list[str], 
     wanted = method.block_stats(params, block.shape)
     if not wanted or stats is None:
         return
+    if len(block.shape) == 2 and any(k in ("gram_in", "gram_out") for k in wanted) and stats.transposed(names):
+        block.transposed = True
+        wanted = method.block_stats(params, block.merge_shape)
+        block.fixed_bytes += 2 * block.read_bytes_per_row * block.rows  # transposed copies of the reads
     per_row = block.numel // block.rows if block.rows else 1
     for kind in wanted:
         keys, missing = stats.lookup(kind, names)
@@ -265,6 +275,7 @@ def _bind_block(method: Method, params: Params, block: Block, names: list[str], 
             block.fallback = f"no {kind} in {who}"
             block.stats = {}
             block.fixed_bytes = 0
+            block.transposed = False
             return
         block.stats[kind] = keys
         if kind in ROW_KINDS:
@@ -276,7 +287,7 @@ def _bind_block(method: Method, params: Params, block: Block, names: list[str], 
         if key is not None:
             block.base_stats[kind] = key
             block.read_bytes_per_row += 4 * per_row if kind in ROW_KINDS else 0
-    block.fixed_bytes += method.fixed_bytes(params, block.shape, n_inputs)
+    block.fixed_bytes += method.fixed_bytes(params, block.merge_shape, n_inputs)
 
 
 def _make_block(method: Method, params: Params, name: str, info: TensorInfo, everyone: list[Checkpoint],

@@ -158,6 +158,8 @@ class Runner:
             self._read_stats(b, data, r0, r1, first)
         if inputs_too:
             data.extra = {role: plan.extras[role].read(name, r0, r1) for role, name in b.extra_reads.items()}
+        if b.transposed:
+            _transpose(data)
         self.stats[b.name].seconds += time.perf_counter() - t0
         if self.device.type == "cuda":
             self._to_device(data)
@@ -281,7 +283,7 @@ class Runner:
             b, r0, r1, last, first = task.key
             t0 = time.perf_counter()
             self._wait(data)
-            shape = (r1 - r0,) + b.shape[1:] if b.shape else ()
+            shape = b.merge_shape if b.transposed else (r1 - r0,) + b.shape[1:] if b.shape else ()
             chunk_extras: list = []
             if b.kind == "copy":
                 out = self._copy(b, data).reshape(shape).contiguous().cpu()
@@ -308,6 +310,8 @@ class Runner:
                         out[s0:s0 + result.shape[0]].copy_(result)
                     else:
                         out.copy_(result)
+            if b.transposed:
+                out = out.t().contiguous()
             self.stats[b.name].seconds += time.perf_counter() - t0
             return out, chunk_extras
 
@@ -573,6 +577,20 @@ class Runner:
                                 "seconds": round(self.stats[b.name].seconds, 4), **notes.get(b.name, {})}
                        for b in plan.blocks},
         }
+
+
+def _transpose(data: BlockData) -> None:
+    """A whole Conv1D weight [in, out] (and its per-element statistics) as [out, in], the layout
+    its Grams describe, so the methods merge it as they merge a Linear weight."""
+    def t(x):
+        return None if x is None else x.t().contiguous()
+
+    data.inputs = [t(x) for x in data.inputs]
+    data.base = t(data.base)
+    data.full_shape = data.full_shape[::-1]
+    data.stats = {k: ([t(x) for x in v] if k in ROW_KINDS else v) for k, v in data.stats.items()}
+    data.base_stats = {k: (t(v) if k in ROW_KINDS else v) for k, v in data.base_stats.items()}
+    data.extra = {k: t(v) for k, v in data.extra.items()}
 
 
 def _complete(out_dir: str, fingerprint: str) -> bool:

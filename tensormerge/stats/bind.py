@@ -30,6 +30,21 @@ class StatsBinding:
             keys.append(key)
         return (None, missing) if missing else (keys, [])
 
+    def transposed(self, names: list[str]) -> bool:
+        """Whether the block's Grams describe its transpose (a Conv1D weight stored [in, out]);
+        every store must say the same."""
+        marks = []
+        for store in self.stores:
+            for kind in ("gram_in", "gram_out"):
+                key = next((n for n in names if store.has(kind, n)), None)
+                if key is not None:
+                    marks.append((store, store.in_out(kind, key)))
+        if marks and any(m for _, m in marks) and not all(m for _, m in marks):
+            odd = next(s.path for s, m in marks if m != marks[0][1])
+            raise InputError(f"{odd}: the Grams of {names[0]!r} are of the other weight layout than in "
+                             f"{marks[0][0].path} ([in, out] Conv1D vs [out, in] Linear)")
+        return bool(marks) and marks[0][1]
+
     def lookup_base(self, kind: str, names: list[str]) -> str | None:
         if self.base is None:
             return None

@@ -222,6 +222,11 @@ class StatsStore:
     def model(self) -> dict | None:
         return self.attrs.get("model")
 
+    def in_out(self, kind: str, name: str) -> bool:
+        """Whether the Gram `kind/name` is of a weight stored [in, out] (GPT-2's Conv1D)."""
+        info = self.arrays.get(kind, {}).get(name)
+        return info is not None and kind in ("gram_in", "gram_out") and info.attrs.get("weight_layout") == "in_out"
+
     def validate(self, tensors: dict[str, Any], aliases: dict[str, str], identity: str | None, model: str) -> None:
         """Every key names a parameter of `model` with a matching shape, and the store was made
         for this model when it says which model it was made for."""
@@ -236,13 +241,10 @@ class StatsStore:
                 if t is None:
                     raise InputError(f"{self.path}: {kind}/{name} names no tensor of {model}")
                 shape = tuple(t.shape)
-                if info.attrs.get("weight_layout") == "in_out" and kind in ("gram_in", "gram_out") and len(shape) == 2:
+                if self.in_out(kind, name) and len(shape) == 2:
                     # GPT-2 Conv1D keeps its weight [in, out]: its Grams are [in, in] and [out, out]
+                    # (the engine merges such a block as its transpose)
                     want = expected_shape(kind, shape[::-1])
-                    if info.shape == want:
-                        raise InputError(f"{self.path}: {kind}/{name} is the Gram of a Conv1D weight stored [in, out]; "
-                                         f"the merge methods take Grams of [out, in] weights only (use the fisher "
-                                         f"statistics of this store, or transpose the model's Conv1D weights)")
                 else:
                     want = expected_shape(kind, shape)
                 if want is None:

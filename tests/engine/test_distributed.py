@@ -15,13 +15,7 @@ from tests import helpers as H
 
 distributed = pytest.importorskip("distributed")
 
-SPEC = {
-    "emb.weight": ((300, 64), torch.bfloat16),
-    "l0.w": ((128, 64), torch.float32),
-    "l0.b": ((64,), torch.float32),
-    "l1.w": ((64, 128), torch.bfloat16),
-    "pos": ((1, 12), torch.int64),
-}
+SPEC = H.CHUNKED_SPEC
 METHODS = {  # method -> extra arguments (statistics methods get their stores in _args)
     "average": [], "task_arithmetic": ["-p", "lambda=0.5"], "ties": [], "dare": ["-p", "p=0.3"],
     "fisher": ["-p", "normalize=true"], "regmean": [], "mats": ["-p", "iterations=5"], "ubgm": [],
@@ -34,12 +28,7 @@ MATS_BUDGET = "8MiB"  # a CG block is solved whole
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
     root = tmp_path_factory.mktemp("dask")
-    base, fts = H.make_family(3, spec=SPEC)
-    base["l0.b"][:10] = 0  # exactly cancelling task vectors: TIES patches them after the merge
-    for ft, v in zip(fts, (3.0, -3.0, 0.0)):
-        ft["l0.b"][:10] = v
-    b = H.save(root / "base", base)
-    ins = [H.save(root / f"ft{i}", sd) for i, sd in enumerate(fts)]
+    b, ins = H.save_cancelling_family(root)
     g = torch.Generator().manual_seed(9)
     stores = []
     for i in range(4):  # three inputs, then the base (ubgm's --base-stats)

@@ -25,13 +25,7 @@ from tensormerge.constants import RESUME_DIR
 from tensormerge.engine.faults import ENV
 from tests import helpers as H
 
-SPEC = {
-    "emb.weight": ((300, 64), torch.bfloat16),
-    "l0.w": ((128, 64), torch.float32),
-    "l0.b": ((64,), torch.float32),
-    "l1.w": ((64, 128), torch.bfloat16),
-    "pos": ((1, 12), torch.int64),
-}
+SPEC = H.CHUNKED_SPEC
 CHUNKS = 16  # merge-pass chunks of this family at 200KiB (the plan: 1 + 1 + 4 + 7 + 3)
 PASS_CHUNKS = 15  # chunks of each ties pass (merged blocks only)
 BUDGET = {"ties": "200KiB", "dare": "200KiB", "regmean": "1536KiB"}  # regmean's 128-row tiles need more
@@ -40,15 +34,7 @@ BUDGET = {"ties": "200KiB", "dare": "200KiB", "regmean": "1536KiB"}  # regmean's
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    base, fts = H.make_family(3, spec=SPEC)
-    # rows whose task vectors cancel exactly (+v, -v, 0): TIES elects no sign there, so they take
-    # the model-wide majority, patched in after the merge from the chunks' recorded extras
-    # (in the first merged block, where no votes are in yet to guess that sign from)
-    base["l0.b"][:10] = 0
-    for ft, v in zip(fts, (3.0, -3.0, 0.0)):
-        ft["l0.b"][:10] = v
-    b = H.save(root / "base", base)
-    ins = [H.save(root / f"ft{i}", sd) for i, sd in enumerate(fts)]
+    b, ins = H.save_cancelling_family(root)  # TIES' patches must be replayed from the manifest
     g = torch.Generator().manual_seed(5)
     stores = []
     for i in range(3):

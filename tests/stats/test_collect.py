@@ -13,12 +13,7 @@ from tensormerge.stats.collect import ComputeOptions, compute_stats  # noqa: E40
 from tests.stats import collect_models as cm  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stored(path: str) -> set[str]:

@@ -20,12 +20,7 @@ from tests.stats.test_collect import _assert_matches, _stored  # noqa: E402
 N = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, model, data, name, **kw) -> dict:
@@ -48,13 +43,42 @@ def test_gpt2_conv1d_grams_follow_the_in_out_layout(tmp_path):
     # c_attn: weight [16, 48] = [in, out] -> gram_in [16, 16], gram_out [48, 48]
     assert tuple(got["gram_in"]["transformer.h.0.attn.c_attn.weight"].shape) == (16, 16)
     assert tuple(got["gram_out"]["transformer.h.0.attn.c_attn.weight"].shape) == (48, 48)
-    # the engine takes Grams of [out, in] weights only: binding refuses them instead of mis-merging
-    from tensormerge.engine.sources import open_checkpoint
-    from tensormerge.stats.store import StatsStore
 
-    ck = open_checkpoint(model)
-    with pytest.raises(InputError, match="Conv1D"):
-        StatsStore(str(tmp_path / "g.zarr")).validate(ck.tensors, ck.aliases, ck.identity(), model)
+
+def test_gpt2_conv1d_weights_merge_with_regmean_as_their_transpose(tmp_path):
+    """RegMean of a Conv1D weight W [in, out] (y = x W) is (Σ G_i)^+ Σ G_i W_i: the engine merges
+    the block as its transpose, with the [out, in] formula, and writes it back [in, out]."""
+    from safetensors.torch import load_file
+
+    from tensormerge.api import MergeSpec, merge
+
+    models, stores = [], []
+    for i in range(3):
+        models.append(cm.save(cm.gpt2(seed=i), tmp_path / f"m{i}"))
+        data = cm.write_jsonl(tmp_path / f"d{i}.jsonl", cm.causal_records(N, seed=10 + i))
+        stores.append(str(tmp_path / f"s{i}.zarr"))
+        compute_stats(ComputeOptions(model=models[-1], data=data, kind="gram", output=stores[-1], quiet=True,
+                                     batch_size=3))
+    out = tmp_path / "merged"
+    report = merge(MergeSpec("regmean", models, str(out), stats=stores, params={"precision": "float64"},
+                             quiet=True))
+    got = load_file(str(out / "model.safetensors"))
+    sds = [load_file(f"{m}/model.safetensors") for m in models]
+    grams = [cm.read_store(s)["gram_in"] for s in stores]
+    conv = [n for n in grams[0] if ".attn.c_attn." in n or ".mlp.c_fc." in n or ".c_proj." in n]
+    assert conv and all(tuple(sds[0][n].shape) == tuple(grams[0][n].shape[:1]) + tuple(sds[0][n].shape[1:])
+                        for n in conv)  # [in, out] weights, [in, in] Grams
+    for n in conv:
+        g = [x[n].double() for x in grams]
+        # inputs after a LayerNorm sum to zero, so their Grams are singular: the minimum-norm
+        # least-squares solution, dropping directions at float32 noise (the Grams are float32)
+        noise = g[0].shape[0] ** 0.5 * 2.0**-24
+        want = torch.linalg.pinv(sum(g), hermitian=True, rtol=noise) @ sum(gi @ sd[n].double() for gi, sd in zip(g, sds))
+        torch.testing.assert_close(got[n].double(), want, rtol=1e-5, atol=1e-6, msg=n)
+    transposed = [b for b in report["blocks"] if b["name"] in conv]
+    assert len(transposed) == len(conv) and all(b["chunks"] == 1 for b in transposed)
+    n = "transformer.h.0.ln_1.weight"  # no Gram: averaged
+    torch.testing.assert_close(got[n].double(), sum(sd[n].double() for sd in sds) / 3)
 
 
 def test_sequence_classifier(tmp_path):
