@@ -388,7 +388,7 @@ def test_output_directory_without_write_permission(fam, tmp_path, launch):
 
 def test_errno_words():
     """The reasons the error lines above rely on, for each errno a full disk can raise."""
-    from tensormerge.engine.writer import _why
+    from tensormerge.engine.writer import os_error_reason as _why
 
     assert "disk full" in _why(OSError(errno.ENOSPC, "x"))
     assert "quota" in _why(OSError(errno.EDQUOT, "x"))
@@ -415,3 +415,15 @@ def test_empty_tensor_claiming_huge_rows_merges_quickly(tmp_path):
         merge(MergeSpec("average", paths, str(tmp_path / "out"), quiet=True))
     got = open_checkpoint(str(tmp_path / "out"))
     assert got.tensors["empty"].shape == (2**62, 0)
+
+
+def test_disk_full_while_recording_the_resume_manifest(fam, tmp_path, launch):
+    """The manifest's appends (os.write) fail like the shards' writes: one line, nothing left."""
+    setup = ("import errno, os\n_real = os.write\n"
+             "def _write(fd, data):\n"
+             "    if b'\"chunk\"' in bytes(data):\n        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+             "    return _real(fd, data)\n"
+             "os.write = _write\n")
+    out = tmp_path / "out"
+    res = launch(merge_args(fam[2], out), tmp_path, setup)
+    H.assert_clean_error(res, "manifest.jsonl", "disk full", out_dir=out)

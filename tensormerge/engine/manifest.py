@@ -14,6 +14,7 @@ blob's sha256 and a blob that does not match is treated as missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tensormerge.constants import RESUME_DIR
+from tensormerge.engine.writer import os_error_reason
+from tensormerge.errors import OutputError
 
 LOG = "manifest.jsonl"
 FORMAT = 1
@@ -55,12 +58,20 @@ class Manifest:
     @classmethod
     def create(cls, partial: str, fingerprint: str) -> Manifest:
         m = cls(partial)
-        os.makedirs(m.dir, exist_ok=True)
         m.fingerprint = fingerprint
-        m._fd = os.open(m.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        with m._writing(m.path):
+            os.makedirs(m.dir, exist_ok=True)
+            m._fd = os.open(m.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         m._append({"tensormerge_manifest": FORMAT, "fingerprint": fingerprint})
-        os.fsync(m._fd)
         return m
+
+    @contextlib.contextmanager
+    def _writing(self, path: str):
+        """A full disk or a lost permission while recording is the output's error, in words."""
+        try:
+            yield
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write ({os_error_reason(e)})") from None
 
     @classmethod
     def load(cls, partial: str) -> Manifest | None:
@@ -99,7 +110,7 @@ class Manifest:
     # ------------------------------------------------------------------ writing
     def _append(self, rec: dict) -> None:
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
-        with self._lock:
+        with self._lock, self._writing(self.path):
             os.write(self._fd, line)  # one write on an O_APPEND file: lines never interleave
             self._blobs += 1
 
@@ -109,9 +120,10 @@ class Manifest:
             name = f"{prefix}-{self._blobs:08d}.pkl"
             self._blobs += 1
         tmp = os.path.join(self.dir, name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(self.dir, name))
+        with self._writing(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, os.path.join(self.dir, name))
         return name, hashlib.sha256(data).hexdigest()
 
     def record_pass(self, index: int, name: str, state: dict) -> None:
@@ -126,7 +138,8 @@ class Manifest:
 
     def record_finished(self) -> None:
         self._append({"finished": True})
-        os.fsync(self._fd)
+        with self._writing(self.path):
+            os.fsync(self._fd)
 
     # ------------------------------------------------------------------ reading
     def _read_blob(self, blob: str | None, sha: str | None) -> Any:

@@ -396,7 +396,11 @@ class Runner:
             print(f"note: removing {writer.partial} left by an interrupted merge (--resume continues one)",
                   file=sys.stderr)
         writer.create()
-        self.manifest = Manifest.create(writer.partial, fingerprint)
+        try:
+            self.manifest = Manifest.create(writer.partial, fingerprint)
+        except BaseException:
+            writer.abort()
+            raise
         return False
 
     def _passes(self, state: dict) -> None:

@@ -92,7 +92,7 @@ class ShardedWriter:
                 self._pwrite(fd, header, 0, path)
         except OSError as e:
             self.abort()
-            raise OutputError(f"{self.out_dir}: cannot create {path} ({_why(e)})") from None
+            raise OutputError(f"{self.out_dir}: cannot create {path} ({os_error_reason(e)})") from None
         except BaseException:
             self.abort()
             raise
@@ -107,7 +107,7 @@ class ShardedWriter:
                 fd = os.open(path, os.O_RDWR)
             except OSError as e:
                 self.close()
-                raise OutputError(f"{path}: cannot resume: {_why(e)}") from None
+                raise OutputError(f"{path}: cannot resume: {os_error_reason(e)}") from None
             self._fds[fname] = fd
             if os.fstat(fd).st_size != expected or os.pread(fd, len(header), 0) != header:
                 self.close()
@@ -121,7 +121,7 @@ class ShardedWriter:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as e:
-            raise OutputError(f"{self.out_dir}: cannot write {path} ({_why(e)})") from None
+            raise OutputError(f"{self.out_dir}: cannot write {path} ({os_error_reason(e)})") from None
 
     def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
         """Write a contiguous CPU tensor's bytes at `byte_offset` inside tensor `name`."""
@@ -152,7 +152,7 @@ class ShardedWriter:
             try:
                 os.fsync(fd)
             except OSError as e:
-                raise OutputError(f"{self.out_dir}: cannot write {fname} ({_why(e)})") from None
+                raise OutputError(f"{self.out_dir}: cannot write {fname} ({os_error_reason(e)})") from None
 
     def last_in_file(self, name: str) -> bool:
         """Whether `name` is the last tensor of its shard (a shard boundary follows its data)."""
@@ -207,7 +207,7 @@ class ShardedWriter:
             self._finishing = self.partial
             _fsync_dir(self.partial)
         except OSError as e:
-            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({_why(e)})") from None
+            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
 
     def rename_into_place(self, overwrite: bool) -> None:
         """`OUT.partial` -> `OUT` (an existing `OUT` is moved aside first and removed after)."""
@@ -230,7 +230,7 @@ class ShardedWriter:
             _fsync_dir(os.path.dirname(self.out_dir))
             faults.hit("renamed")
         except OSError as e:
-            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({_why(e)})") from None
+            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
 
     def _write_json(self, fname: str, obj: dict) -> None:
         path = self._finishing = os.path.join(self.partial, fname)
@@ -260,7 +260,7 @@ def _is_side_file(fname: str) -> bool:
     return not fname.endswith(C.WEIGHT_SUFFIXES)
 
 
-def _why(e: OSError) -> str:
+def os_error_reason(e: OSError) -> str:
     """The reason in words a user acts on: a full disk, a quota, or a file-size limit (which
     `ulimit -f` sets, and which CPython turns from SIGXFSZ into EFBIG by ignoring the signal)."""
     if e.errno == errno.ENOSPC:
