@@ -1,5 +1,7 @@
 """Names, limits and defaults shared across the package, in one place so they never drift."""
 
+import os
+
 import torch
 
 # Hugging Face file names, read and written.
@@ -22,6 +24,10 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # "5GB" as transformers writes it
 DEFAULT_MAX_MEMORY = 4 * 1024**3
+
+# Compiled CPU kernels (numba) and their generated sources are cached here, per machine.
+KERNEL_CACHE = os.environ.get("TENSORMERGE_KERNEL_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tensormerge", "kernels")
 
 # dask: a task is a run of whole blocks reading about this much; a worker process may use
 # --max-memory of tensor data plus this much for Python, torch and dask themselves.

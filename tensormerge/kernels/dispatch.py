@@ -1,10 +1,12 @@
 """Which implementation runs a method's arithmetic: the torch reference (any device, the
-definition of each method) or the fused Triton kernels (CUDA; on CPU only under Triton's
-interpreter, which is how they are tested here). Both expose the same functions, so a method
+definition of each method), the fused Triton kernels (CUDA; on CPU only under Triton's
+interpreter, which is how they are tested here), or on CPU the reference with TIES' merge fused
+by numba (`kernels/cpu.py`). All expose the same functions and give the same bits, so a method
 asks `ops(data)` and never knows which it got."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from types import ModuleType
 
@@ -30,7 +32,8 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
 
 
 def select(choice: str, device: torch.device | str) -> ModuleType:
-    """The kernel module for --kernels CHOICE on DEVICE: auto takes Triton where it runs natively."""
+    """The kernel module for --kernels CHOICE on DEVICE: auto takes Triton where it runs natively
+    and the numba-fused CPU kernels on CPU when numba is installed; torch is the pure reference."""
     device = torch.device(device)
     if choice not in CHOICES:
         raise ParameterError(f"--kernels: {choice!r} is not one of {', '.join(CHOICES)}")
@@ -41,6 +44,10 @@ def select(choice: str, device: torch.device | str) -> ModuleType:
         if not usable:
             raise ParameterError(f"--kernels triton: {why}")
     elif not (usable and device.type == "cuda"):
+        if device.type == "cpu" and importlib.util.find_spec("numba") is not None:
+            from tensormerge.kernels import cpu
+
+            return cpu
         return reference
     from tensormerge.kernels import triton as triton_kernels
 

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 
 # The exact top-k histograms belong to the same kernel surface (Triton has fused versions).
-from tensormerge.kernels.select import hist_high, hist_high_moments, hist_low, window_hist  # noqa: E402,F401
+from tensormerge.kernels.select import (  # noqa: E402,F401
+    hist_high,
+    hist_high_moments,
+    hist_low,
+    window_hist,
+    window_hist_below_,
+)
 
 SIGN_MODES = ("mass", "normfrac", "normmass", "none")
 TIES_MERGES = ("dis-mean", "dis-sum", "dis-max", "mean", "sum", "median", "magnitude")

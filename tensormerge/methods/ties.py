@@ -103,7 +103,7 @@ class _SamplePass(_HistogramPass):
 
     def map(self, data: BlockData, state: dict) -> torch.Tensor:
         tau = K.task_vectors(data.inputs, data.base).float()
-        return torch.stack([ops(data).hist_high(S.abs_bits(t)) for t in tau]).cpu()
+        return torch.stack([ops(data).hist_high(S.abs_bits_(t)) for t in tau]).cpu()
 
     def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
         key = _key(self.params, block)
@@ -139,16 +139,18 @@ class _HighPass(_HistogramPass):
         kern = ops(data)
         hists, lows, below = [], [], []
         for i in range(tau.shape[0]):
-            bits = S.abs_bits(tau[i])
+            bits = S.abs_bits_(tau[i])
             if fast:
                 if bits.numel() and int(bits.max()) >= NONFINITE_BIN << 16:
                     raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
-                below.append(int(torch.count_nonzero(bits < (windows[i] << 16))))
-            else:
-                h = kern.hist_high_moments(bits) if self.params.needs_norms else kern.hist_high(bits).unsqueeze(0)
-                if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
-                    raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
-                hists.append(h)
+                low, n_below = kern.window_hist_below_(bits, windows[i], WINDOW_BINS)
+                lows.append(low)
+                below.append(n_below)
+                continue
+            h = kern.hist_high_moments(bits) if self.params.needs_norms else kern.hist_high(bits).unsqueeze(0)
+            if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
+                raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
+            hists.append(h)
             if windows is not None:
                 lows.append(kern.window_hist(bits, windows[i], WINDOW_BINS))
         return (None if fast else torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None,
@@ -228,7 +230,7 @@ class _HighMissPass(_HistogramPass):
 
     def map(self, data: BlockData, state: dict):
         tau = K.task_vectors(data.inputs, data.base).float()
-        return torch.stack([ops(data).hist_high(S.abs_bits(t)) for t in tau]).cpu(), tau.shape[1]
+        return torch.stack([ops(data).hist_high(S.abs_bits_(t)) for t in tau]).cpu(), tau.shape[1]
 
     def reduce(self, acc: dict, partial, block: str) -> dict:
         hist, numel = partial
@@ -276,7 +278,7 @@ class _LowPass(_HistogramPass):
         out = torch.zeros(len(located), S.NBINS, dtype=torch.int64, device=tau.device)
         for i, (b, _, _, final) in enumerate(located):
             if final is None:
-                out[i] = ops(data).hist_low(S.abs_bits(tau[i]), b)
+                out[i] = ops(data).hist_low(S.abs_bits_(tau[i]), b)
         return out.cpu()
 
     def finish(self, acc: dict, state: dict) -> None:

@@ -1,5 +1,7 @@
 """--kernels: which implementation runs, and a clear refusal where Triton cannot."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -8,9 +10,12 @@ from tensormerge.kernels import dispatch, reference
 from tests.helpers import assert_clean_error, run_cli
 
 
-def test_torch_and_auto_on_cpu_are_the_reference():
+def test_torch_is_the_reference_and_auto_on_cpu_the_numba_kernels():
+    from tensormerge.kernels import cpu
+
     assert dispatch.select("torch", "cpu") is reference
-    assert dispatch.select("auto", "cpu") is reference  # the interpreter is for tests, never chosen by auto
+    # the Triton interpreter is for tests, never chosen by auto; numba's fused TIES is
+    assert dispatch.select("auto", "cpu") is (cpu if importlib.util.find_spec("numba") else reference)
 
 
 def test_triton_on_cpu_only_interpreted(monkeypatch):

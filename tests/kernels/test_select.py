@@ -110,3 +110,13 @@ def test_window_hist_equals_counting_the_selected_offsets(lo):
     inside = bits.long()[(top >= lo) & (top < lo + 4)] - (lo << 16)
     want = torch.bincount(inside, minlength=4 * S.NBINS)
     assert torch.equal(S.window_hist(bits, lo, 4), want)
+    finite = bits[bits < 0x7F800000]  # (pass A refuses NaN/Inf before counting)
+    hist, below = S.window_hist_below_(finite.clone(), lo, 4)
+    assert torch.equal(hist, S.window_hist(finite, lo, 4))
+    assert below == int((finite.long() < (lo << 16)).sum())
+
+
+def test_abs_bits_in_place_equals_abs_bits():
+    x = torch.tensor([-0.0, 0.0, -1.5, 2.0, -3e-39, float("-inf")])
+    want = S.abs_bits(x)
+    assert torch.equal(S.abs_bits_(x.clone()), want)

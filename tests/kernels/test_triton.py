@@ -341,6 +341,9 @@ def check_histograms(numel, device="cpu"):
     lo = max(int(bits[-1] >> 16) - 2, 0)
     assert torch.equal(T.window_hist(dev, lo, 4).cpu(),
                        torch.bincount(S.window_offsets(bits, lo, 4), minlength=4 * S.NBINS))
+    got, below = T.window_hist_below_(dev, lo, 4)
+    want, want_below = S.window_hist_below_(bits.clone(), lo, 4)
+    assert torch.equal(got.cpu(), want) and below == want_below
     negative = bits.clone()
     negative[numel // 2] = -5
     for fn in (T.hist_high, T.hist_high_moments):

@@ -276,6 +276,11 @@ def hist_low(bits: torch.Tensor, hi_bin: int) -> torch.Tensor:
     return _hist(bits, K.HIST_LOW.value, NBINS, lo_bin=hi_bin)
 
 
+def window_hist_below_(bits: torch.Tensor, lo_bin: int, width: int) -> tuple[torch.Tensor, int]:
+    """select.window_hist_below_ (bits left as they are: the kernel needs no scratch)."""
+    return window_hist(bits, lo_bin, width), int(torch.count_nonzero(bits < (lo_bin << 16)))
+
+
 def window_hist(bits: torch.Tensor, lo_bin: int, width: int) -> torch.Tensor:
     """bincount(select.window_offsets(bits, lo_bin, width), minlength=width * NBINS) without
     materialising the offsets (what TIES' pass A does with them)."""

@@ -1,0 +1,17 @@
+"""What generated numba kernels need that numba does not offer: a float32 bit cast."""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def as_float32(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 `bits` (a register move, no memory)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen

@@ -1,0 +1,80 @@
+"""The numba-fused TIES merge (kernels/cpu.py) against the torch reference: the same bits, the
+same votes and the same undecided entries, on odd sizes, both storage dtypes it takes, 1-5
+models, exact cancellations, ties at the thresholds, untrimmed models and every zero-sign guess;
+other modes fall back to the reference; a merge through the CLI writes the same bytes with
+`--kernels auto` (numba) and `--kernels torch`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from tensormerge.kernels import reference as R
+from tests import helpers as H
+
+pytest.importorskip("numba")
+from tensormerge.kernels import cpu as C  # noqa: E402
+
+
+def _chunk(n: int, n_models: int, dtype: torch.dtype, base_dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(base_dtype)
+    fts = [(base.float() + 0.05 * torch.randn(n, generator=g)).to(dtype) for _ in range(n_models)]
+    if n >= 12:
+        fts[0][:4] = base[:4].to(dtype)  # zero task vectors
+        if n_models >= 2:  # exact cancellation: τ_1 = -τ_0 where both are representable
+            base[4:8] = 0
+            fts[0][4:8] = 0.5
+            fts[1][4:8] = -0.5
+            for f in fts[2:]:
+                f[4:8] = 0
+    tau = R.task_vectors(fts, base.float())
+    thresholds = [float(tau[i].abs().quantile(0.6)) for i in range(n_models)]
+    thresholds[0] = float(tau[0].abs()[-1])  # an entry exactly at the threshold
+    if n_models >= 3:
+        thresholds[2] = 0.0  # an untrimmed model
+    return fts, base, thresholds
+
+
+@pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
+    (1, 1, torch.float32, torch.float32), (13, 2, torch.bfloat16, torch.bfloat16),
+    (1001, 3, torch.bfloat16, torch.bfloat16), (1001, 3, torch.float32, torch.float32),
+    (4099, 5, torch.bfloat16, torch.float32), (257, 4, torch.float32, torch.bfloat16),
+])
+def test_fused_ties_merge_gives_the_reference_bits(n, n_models, dtype, base_dtype):
+    fts, base, thresholds = _chunk(n, n_models, dtype, base_dtype, seed=n + n_models)
+    for guess, lam in itertools.product((1.0, -1.0, 0.0), (1.0, 0.37)):
+        want = R.ties_merge(fts, base, thresholds, "mass", None, "dis-mean", lam, guess)
+        got = C.ties_merge(fts, base, thresholds, "mass", None, "dis-mean", lam, guess)
+        assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32)), (guess, lam)
+        assert got[1] == want[1]
+        assert torch.equal(got[2], want[2])
+    if n >= 12 and n_models >= 2:
+        assert bool(want[2][4:8].all())  # the cancelling entries are undecided in both
+
+
+def test_other_modes_and_dtypes_are_the_reference():
+    fts, base, th = _chunk(300, 3, torch.bfloat16, torch.bfloat16, seed=1)
+    for sign, merge in (("normfrac", "dis-mean"), ("mass", "dis-max"), ("none", "mean")):
+        want = R.ties_merge(fts, base, th, sign, [1.0, 2.0, 3.0], merge, 1.0, 1.0)
+        got = C.ties_merge(fts, base, th, sign, [1.0, 2.0, 3.0], merge, 1.0, 1.0)
+        assert torch.equal(got[0], want[0])
+    half = [f.half() for f in fts]  # float16: not fused, still the reference's bits
+    want = R.ties_merge(half, base.half(), th, "mass", None, "dis-mean", 1.0, 1.0)
+    assert torch.equal(C.ties_merge(half, base.half(), th, "mass", None, "dis-mean", 1.0, 1.0)[0], want[0])
+
+
+def test_merge_with_numba_writes_the_bytes_of_the_torch_reference(tmp_path):
+    base, ins = H.save_cancelling_family(tmp_path)
+    digests = []
+    for kernels in ("auto", "torch"):
+        out = tmp_path / kernels
+        res = H.run_cli(["run", "--method", "ties", "--inputs", ",".join(ins), "--base", base, "--output", str(out),
+                         "--max-memory", "200KiB", "--kernels", kernels, "-q", "--report", str(tmp_path / "r.json")])
+        assert res.returncode == 0, res
+        digests.append(H.shard_digests(out))
+        assert json.loads((tmp_path / "r.json").read_text())["kernels"] == ("cpu" if kernels == "auto" else "reference")
+    assert digests[0] == digests[1]
