@@ -15,3 +15,13 @@ def as_float32(typingctx, bits):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def as_uint32(typingctx, value):
+    """The bit pattern of the float32 `value` as a uint32 (a register move, no memory)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen

@@ -14,6 +14,7 @@ import torch
 
 # The exact top-k histograms belong to the same kernel surface (Triton has fused versions).
 from tensormerge.kernels.select import (  # noqa: E402,F401
+    abs_bits_,
     hist_high,
     hist_high_moments,
     hist_low,
@@ -244,6 +245,23 @@ def ties_merge(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[
         resolve_zero_signs_(sign, guess)
     merged = ties_disjoint(tau, sign, merge)
     return merged.mul_(lam).add_(base_w), votes, undecided
+
+
+def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int,
+                       window_hist_below=window_hist_below_) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """TIES' pass A over one chunk: per model, the low-bit histogram of |τ_i| inside its window
+    of `width` top bins from windows[i] and the count of entries below it ([N, width * NBINS]
+    and [N] int64), and the first model holding a NaN or Inf in τ (None when all are finite)."""
+    tau = task_vectors(inputs, base).float()
+    lows, below = [], []
+    for i in range(tau.shape[0]):
+        bits = abs_bits_(tau[i])
+        if bits.numel() and int(bits.max()) >= 0x7F800000:
+            return torch.empty(0), torch.empty(0), i
+        low, n_below = window_hist_below(bits, windows[i], width)
+        lows.append(low)
+        below.append(n_below)
+    return torch.stack(lows), torch.tensor(below, dtype=torch.int64), None
 
 
 def ties_columns(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[float],

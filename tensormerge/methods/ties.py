@@ -133,28 +133,24 @@ class _HighPass(_HistogramPass):
                 "lo": state.get(_SamplePass.name, {})}
 
     def map(self, data: BlockData, state: dict):
-        tau = K.task_vectors(data.inputs, data.base).float()
         windows = state.get(_SamplePass.name, {}).get(_key(self.params, data.name))
-        fast = windows is not None and not self.params.needs_norms
         kern = ops(data)
-        hists, lows, below = [], [], []
+        if windows is not None and not self.params.needs_norms:  # the window only (see the class)
+            lows, below, bad = kern.ties_window_counts(data.inputs, data.base, windows, WINDOW_BINS)
+            if bad is not None:
+                raise InputError(f"tensor {data.name!r}: model {bad} (or the base) holds NaN or Inf values")
+            return None, lows.cpu(), len(data.base.reshape(-1)), below.cpu()
+        tau = K.task_vectors(data.inputs, data.base).float()
+        hists, lows = [], []
         for i in range(tau.shape[0]):
             bits = S.abs_bits_(tau[i])
-            if fast:
-                if bits.numel() and int(bits.max()) >= NONFINITE_BIN << 16:
-                    raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
-                low, n_below = kern.window_hist_below_(bits, windows[i], WINDOW_BINS)
-                lows.append(low)
-                below.append(n_below)
-                continue
             h = kern.hist_high_moments(bits) if self.params.needs_norms else kern.hist_high(bits).unsqueeze(0)
             if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
                 raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
             hists.append(h)
             if windows is not None:
                 lows.append(kern.window_hist(bits, windows[i], WINDOW_BINS))
-        return (None if fast else torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None,
-                tau.shape[1], torch.tensor(below, dtype=torch.int64) if fast else None)
+        return torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None, tau.shape[1], None
 
     def reduce(self, acc: dict, partial, block: str) -> dict:
         hist, lows, numel, below = partial

@@ -78,3 +78,25 @@ def test_merge_with_numba_writes_the_bytes_of_the_torch_reference(tmp_path):
         digests.append(H.shard_digests(out))
         assert json.loads((tmp_path / "r.json").read_text())["kernels"] == ("cpu" if kernels == "auto" else "reference")
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
+    (1, 1, torch.float32, torch.float32), (13, 3, torch.bfloat16, torch.bfloat16),
+    (5000, 3, torch.bfloat16, torch.bfloat16), (5000, 5, torch.float32, torch.float32),
+    (777, 2, torch.bfloat16, torch.float32),
+])
+def test_fused_pass_a_counts_equal_the_reference(n, n_models, dtype, base_dtype):
+    fts, base, _ = _chunk(n, n_models, dtype, base_dtype, seed=7 * n + n_models)
+    tau = R.task_vectors(fts, base.float())
+    # windows around each model's 60th percentile (and one at bin 0): entries fall below, in, above
+    windows = [max(int(R.abs_bits_(tau[i].clone()).sort().values[int(0.6 * (n - 1))]) >> 16, 1) - 1
+               for i in range(n_models)]
+    windows[0] = 0
+    want = R.ties_window_counts(fts, base, windows, 4)
+    got = C.ties_window_counts(fts, base, windows, 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] is want[2] is None
+    assert int(got[0].sum() + got[1].sum()) <= n * n_models
+    if n > 3:  # NaN in the last model: both name it
+        fts[-1][2] = float("nan")
+        assert C.ties_window_counts(fts, base, windows, 4)[2] == R.ties_window_counts(fts, base, windows, 4)[2] \
+            == n_models - 1

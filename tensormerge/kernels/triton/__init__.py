@@ -281,6 +281,11 @@ def window_hist_below_(bits: torch.Tensor, lo_bin: int, width: int) -> tuple[tor
     return window_hist(bits, lo_bin, width), int(torch.count_nonzero(bits < (lo_bin << 16)))
 
 
+def ties_window_counts(inputs, base, windows, width):
+    """reference.ties_window_counts with the window histogram in Triton."""
+    return _ref.ties_window_counts(inputs, base, windows, width, window_hist_below_)
+
+
 def window_hist(bits: torch.Tensor, lo_bin: int, width: int) -> torch.Tensor:
     """bincount(select.window_offsets(bits, lo_bin, width), minlength=width * NBINS) without
     materialising the offsets (what TIES' pass A does with them)."""
