@@ -44,6 +44,58 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
         click.echo(f"wrote {output}: {summary['arrays']} {kind} arrays from {file}{renamed}{checked}")
 
 
+
+@stats.command("compute")
+@click.option("--model", required=True, help="model directory (transformers) or PEFT adapter directory")
+@click.option("--data", required=True, help="JSONL file (text or input_ids/labels fields) or a save_to_disk dataset")
+@click.option("--kind", required=True, type=click.Choice(("fisher", "gram", "kfac", "blockwise", "all")),
+              help="fisher, gram (gram_in), kfac (gram_in+gram_out), blockwise (fisher_block), all")
+@click.option("--output", "-o", required=True, help="statistics store to write (S.zarr)")
+@click.option("--fisher-type", type=click.Choice(("empirical", "true")), default="empirical", show_default=True,
+              help="gold labels, or labels sampled from the model")
+@click.option("--fisher-mode", type=click.Choice(("per-example", "squared-batch")), default="per-example",
+              show_default=True, help="square per-example gradients, or mini-batch gradients (RegMean paper code)")
+@click.option("--grad-mode", type=click.Choice(("auto", "vmap", "loop")), default="auto", show_default=True,
+              help="per-example gradients with torch.func.vmap, one example per backward, or auto")
+@click.option("--gram-normalize", type=click.Choice(("tokens", "examples")), default="tokens", show_default=True,
+              help="divide Grams by non-pad tokens of the feeding side, or by examples")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="examples per forward pass")
+@click.option("--max-examples", type=int, help="use at most this many examples [default: all]")
+@click.option("--max-length", type=int, default=512, show_default=True,
+              help="tokens per sequence; inputs are truncated, longer labels are an error")
+@click.option("--padding-side", type=click.Choice(("left", "right")),
+              help="pad batches on this side [default: the tokenizer's, else right]")
+@click.option("--split", help="split of a saved DatasetDict [default: train]")
+@click.option("--base-model", help="base model directory of a PEFT adapter [default: from adapter_config.json]")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--dtype", type=click.Choice(("auto", "float32", "bfloat16", "float16")), default="float32",
+              show_default=True, help="dtype the model runs in (auto: as stored)")
+@click.option("--accumulate", type=click.Choice(("float32", "float64")), default="float32", show_default=True,
+              help="dtype of the running sums")
+@click.option("--max-memory", default="4GiB", show_default=True,
+              help="bound on per-example gradients and Gram accumulators held at once")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True,
+              help="save the accumulators for --resume every N batches")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of true-Fisher label sampling")
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
+@click.option("--overwrite", is_flag=True, help="replace an existing store")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar, warnings or summary line")
+@click.option("--gram-block-rows", type=int, hidden=True)
+@click.option("--traceback", is_flag=True, hidden=True)
+def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:
+    """Compute a model's merge statistics over a data set into a store (S.zarr)."""
+    from tensormerge.sizes import parse_size
+    from tensormerge.stats.collect import ComputeOptions, compute_stats
+
+    opts = ComputeOptions(max_memory=parse_size(max_memory, "--max-memory"), **kw)
+    summary = compute_stats(opts)
+    if not opts.quiet:
+        for w in summary["warnings"]:
+            click.echo(f"warning: {w}", err=True)
+        click.echo(f"wrote {summary['output']}: {summary['arrays']} arrays from {summary['examples']} examples "
+                   f"({summary['tokens']} scored tokens) in {summary['seconds']:.2f} s, "
+                   f"{summary['examples_per_s']:.1f} examples/s")
+
 def inspect_store(path: str, as_json: bool) -> str:
     """A store's root attributes and arrays, for `tensormerge inspect S.zarr`."""
     from tensormerge.stats.store import StatsStore

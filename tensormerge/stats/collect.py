@@ -1,0 +1,401 @@
+"""`tensormerge stats compute`: one pass over a data set accumulating a model's merge statistics
+(diagonal Fisher, input Grams, K-FAC output-gradient Grams, Fisher blocks of vectors) into a
+statistics store (SPEC §3).
+
+Conventions (METHODS.md §4.2, §5, §8.1), the research code's defaults:
+- Fisher: mean over examples of the squared per-example gradient of the token-averaged
+  log-likelihood (empirical: gold labels; true: labels sampled from the model), count = examples.
+  `--fisher-mode squared-batch` squares mini-batch gradients instead (RegMean paper code),
+  count = batches.
+- Grams: sum over non-pad tokens of the side feeding the layer of x x^T (input) or g g^T
+  (gradient of the summed per-example losses at the layer output), divided by that token count
+  (`--gram-normalize examples` divides by examples instead, as some ports do).
+- Fisher blocks: mean over examples of g g^T for every vector parameter (IA3 vectors, biases,
+  norms).
+
+Accumulators are float32 by default, as in the research code and the store; float64 is offered
+for very long runs (its rounding error stops depending on the number of batches).
+The accumulators are checkpointed every --checkpoint-every batches into S.zarr.partial/.resume
+with a fingerprint of model, data and options, so `--resume` continues exactly that run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tensormerge import __version__
+from tensormerge.constants import PARTIAL_SUFFIX
+from tensormerge.errors import BudgetError, InputError, OutputError, ParameterError
+from tensormerge.stats.data import Tokenize, batches, data_fingerprint, load_examples
+from tensormerge.stats.grads import PerExampleGrads, batch_grad
+from tensormerge.stats.hooks import GramHooks
+from tensormerge.stats.losses import Inputs, scored_tokens, token_nll
+
+KINDS = ("fisher", "gram", "kfac", "blockwise", "all")
+STORE_KINDS = {"fisher": ("fisher",), "gram": ("gram_in",), "kfac": ("gram_in", "gram_out"),
+               "blockwise": ("fisher_block",), "all": ("fisher", "gram_in", "gram_out", "fisher_block")}
+RESUME_DIR = ".resume"
+STATE_FILE = "state.pt"
+ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FAULT_ENV = "TENSORMERGE_FAULT_KILL_AFTER_CHECKPOINT"  # tests: SIGKILL self after the Nth checkpoint
+
+
+@dataclass
+class ComputeOptions:
+    model: str
+    data: str
+    kind: str
+    output: str
+    fisher_type: str = "empirical"
+    fisher_mode: str = "per-example"
+    grad_mode: str = "auto"
+    gram_normalize: str = "tokens"
+    batch_size: int = 8
+    max_examples: int | None = None
+    max_length: int = 512
+    device: str = "cpu"
+    dtype: str = "float32"
+    accumulate: str = "float32"
+    max_memory: int = 4 * 1024**3
+    padding_side: str | None = None
+    split: str | None = None
+    base_model: str | None = None
+    seed: int = 0
+    gram_block_rows: int | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise ParameterError(f"--kind {self.kind!r}: expected one of {', '.join(KINDS)}")
+        for opt, v in (("--batch-size", self.batch_size), ("--max-length", self.max_length),
+                       ("--checkpoint-every", self.checkpoint_every)):
+            if v < 1:
+                raise ParameterError(f"{opt} {v}: must be at least 1")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ParameterError(f"--max-examples {self.max_examples}: must be at least 1")
+        if self.fisher_type == "true" and self.fisher_mode == "squared-batch":
+            raise ParameterError("--fisher-type true needs --fisher-mode per-example")
+
+    def fingerprint(self, identity: str, data_hash: str) -> str:
+        """What must not change between a run and its --resume (not: device, quiet, output)."""
+        keep = {k: v for k, v in asdict(self).items()
+                if k not in ("output", "device", "resume", "overwrite", "quiet", "checkpoint_every", "grad_mode",
+                             "max_memory", "model", "data", "base_model", "gram_block_rows")}
+        blob = json.dumps({"model": identity, "data": data_hash, **keep}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Accumulators:
+    """Running sums and their counts, keyed (store kind, stored name); saved whole for --resume."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.sums: dict[tuple[str, str], torch.Tensor] = {}
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def add(self, kind: str, key: str, value: torch.Tensor, count: int) -> None:
+        acc = self.sums.get((kind, key))
+        if acc is None:
+            self.sums[(kind, key)] = value.to(self.dtype).clone()
+            self.counts[(kind, key)] = count
+        else:
+            acc.add_(value.to(self.dtype))
+            self.counts[(kind, key)] += count
+
+    def state(self) -> dict:
+        return {"sums": {f"{k}/{n}": v.cpu() for (k, n), v in self.sums.items()},
+                "counts": {f"{k}/{n}": c for (k, n), c in self.counts.items()}}
+
+    def load(self, state: dict, device) -> None:
+        for kn, v in state["sums"].items():
+            k, n = kn.split("/", 1)
+            self.sums[(k, n)] = v.to(device)
+            self.counts[(k, n)] = state["counts"][kn]
+
+
+def _parse_dtype(name: str) -> torch.dtype | None:
+    if name not in DTYPES:
+        raise ParameterError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _vector(shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 1 and max(shape) == torch.Size(shape).numel()
+
+
+class Collector:
+    def __init__(self, opts: ComputeOptions, loaded, examples, say):
+        self.o, self.loaded, self.examples, self.say = opts, loaded, examples, say
+        model = loaded.model
+        kinds = set(STORE_KINDS[opts.kind])
+        self.acc = Accumulators(ACCUMULATE[opts.accumulate])
+        params = dict(model.named_parameters())
+        self.fisher_names = [n for n in loaded.stored if "fisher" in kinds]
+        self.block_names = [n for n in loaded.stored if "fisher_block" in kinds and _vector(tuple(params[n].shape))]
+        if opts.kind == "blockwise" and not self.block_names:
+            raise InputError(f"{opts.model}: no vector parameters (IA3 vectors, biases, norms) for --kind blockwise")
+        self.grad_names = sorted(set(self.fisher_names) | set(self.block_names), key=list(params).index)
+        self.want_in, self.want_out = "gram_in" in kinds, "gram_out" in kinds
+        dtype = next(iter(params.values())).dtype
+        self.inputs = Inputs(model, loaded.task, dtype if dtype.is_floating_point else torch.float32)
+        budget = max(opts.max_memory, 1 << 20)
+        per_example = sum(4 * params[n].numel() for n in self.grad_names) or 1
+        self.grads = PerExampleGrads(model, loaded.task, self.grad_names, self.inputs, opts.grad_mode,
+                                     chunk=max(1, (budget // 4) // per_example))
+        self.hooks = None
+        if self.want_in or self.want_out:
+            out_emb = getattr(model, "get_output_embeddings", lambda: None)()
+            skip_out = set()
+            if self.want_out and out_emb is not None:
+                for name, mod in model.named_modules():
+                    if mod is out_emb and loaded.own_key(f"{name}.weight"):
+                        skip_out.add(loaded.own_key(f"{name}.weight"))
+            self.hooks = GramHooks(loaded, self.want_in, self.want_out, self.acc.dtype, block_bytes=budget // 8,
+                                   skip_out=skip_out, block_rows=opts.gram_block_rows)
+            self.skip_out = sorted(skip_out)
+            self._check_gram_budget(budget)
+        self.n_examples = 0
+        self.n_batches = 0
+        self.n_tokens = 0
+
+    def _check_gram_budget(self, budget: int) -> None:
+        e = self.acc.dtype.itemsize
+        need = 0
+        for key, (mod, _, kind) in self.hooks.layers.items():
+            w = mod.weight.shape
+            d_in, d_out = (w[1], w[0]) if kind == "linear" else (w[0], w[1])
+            need += e * (d_in * d_in * self.want_in + d_out * d_out * (self.want_out and key not in self.hooks.skip_out))
+        if need > budget:
+            raise BudgetError(f"{self.o.model}: the Gram accumulators need {need / 2**20:.1f} MiB, more than "
+                              f"--max-memory {budget / 2**20:.1f} MiB")
+
+    # -------------------------------------------------------------- one batch
+    def step(self, batch) -> None:
+        o, task = self.o, self.loaded.task
+        if o.fisher_type == "true" and (self.grad_names or self.want_out):
+            from tensormerge.stats.sampling import sample_labels
+
+            batch = sample_labels(self.loaded.model, task, batch, self.inputs, o.seed, o.max_length, self.pad_id,
+                                  self.side)
+        if self.grad_names:
+            if o.fisher_mode == "squared-batch":
+                g = batch_grad(self.loaded.model, task, self.grad_names, self.inputs, batch)
+                for n in self.fisher_names:
+                    self.acc.add("fisher", self.loaded.stored[n], g[n].detach().float() ** 2, 1)
+                for n in self.block_names:
+                    v = g[n].detach().reshape(-1).to(self.acc.dtype)
+                    self.acc.add("fisher_block", self.loaded.stored[n], torch.outer(v, v), 1)
+            else:
+                g = self.grads(batch)
+                for n in self.fisher_names:
+                    self.acc.add("fisher", self.loaded.stored[n], (g[n].to(self.acc.dtype) ** 2).sum(0), len(batch))
+                for n in self.block_names:
+                    v = g[n].reshape(len(batch), -1).to(self.acc.dtype)
+                    self.acc.add("fisher_block", self.loaded.stored[n], v.T @ v, len(batch))
+                del g
+        if self.hooks is not None:
+            self._grams(batch)
+        self.n_examples += len(batch)
+        self.n_batches += 1
+        self.n_tokens += scored_tokens(batch, task)
+
+    def _grams(self, batch) -> None:
+        task, model = self.loaded.task, self.loaded.model
+        mask = batch.attention_mask.bool()
+        dec = (batch.labels != -100) if task == "seq2seq" else mask
+        self.hooks.attach({"enc": mask, "dec": dec})
+        try:
+            if self.want_out:
+                out = model(**self.inputs(batch, additive=False))
+                # the sum of per-example token-averaged losses: each example's gradient is its own
+                token_nll(out.logits, batch.labels, task).sum().backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():
+                    model(**self.inputs(batch, additive=False))
+        finally:
+            self.hooks.detach()
+
+    # -------------------------------------------------------------- results
+    def state(self) -> dict:
+        hooks = {"sums": {}, "counts": {}}
+        if self.hooks is not None:
+            hooks = {"sums": {f"{k}/{n}": v.cpu() for (k, n), v in self.hooks.sums.items()},
+                     "counts": {f"{k}/{n}": c for (k, n), c in self.hooks.counts.items()}}
+        return {"acc": self.acc.state(), "hooks": hooks, "n_examples": self.n_examples, "n_batches": self.n_batches,
+                "n_tokens": self.n_tokens, "grad_mode": self.grads.mode}
+
+    def load(self, state: dict) -> None:
+        device = self.o.device
+        self.acc.load(state["acc"], device)
+        if self.hooks is not None:
+            for kn, v in state["hooks"]["sums"].items():
+                k, n = kn.split("/", 1)
+                self.hooks.sums[(k, n)] = v.to(device)
+                self.hooks.counts[(k, n)] = state["hooks"]["counts"][kn]
+        self.n_examples, self.n_batches, self.n_tokens = state["n_examples"], state["n_batches"], state["n_tokens"]
+        if state.get("grad_mode") in ("vmap", "loop"):
+            self.grads.mode = state["grad_mode"]
+
+    def results(self):
+        """(kind, key, mean, count, attrs) for every statistic."""
+        o = self.o
+        per = "batches" if o.fisher_mode == "squared-batch" else "examples"
+        for (kind, key), s in self.acc.sums.items():
+            n = self.acc.counts[(kind, key)]
+            yield kind, key, s / n, n, {"normalizer": per, "fisher_mode": o.fisher_mode}
+        if self.hooks is not None:
+            for (kind, key), s in self.hooks.sums.items():
+                n = self.hooks.counts[(kind, key)] if o.gram_normalize == "tokens" else self.n_examples
+                yield kind, key, s / max(n, 1), n, {"normalizer": o.gram_normalize}
+
+
+# ------------------------------------------------------------------ checkpoints
+def _resume_path(output: str) -> str:
+    return os.path.join(output + PARTIAL_SUFFIX, RESUME_DIR, STATE_FILE)
+
+
+def _save_checkpoint(output: str, fingerprint: str, state: dict) -> None:
+    path = _resume_path(output)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"fingerprint": fingerprint, **state}, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(output: str, fingerprint: str) -> dict | None:
+    path = _resume_path(output)
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file
+        raise OutputError(f"{path}: unreadable checkpoint ({e.__class__.__name__}); remove it to start over") from None
+    if state.get("fingerprint") != fingerprint:
+        raise OutputError(f"{path}: checkpoint of a different run (model, data or options differ); remove "
+                          f"{output}{PARTIAL_SUFFIX} or run without --resume")
+    return state
+
+
+# ------------------------------------------------------------------ entry point
+def compute_stats(opts: ComputeOptions) -> dict:
+    """Compute and write the store; a failure leaves no store at `output` (and, unless a
+    checkpoint was saved for --resume, nothing at output.partial either)."""
+    from tensormerge.stats.model import load_model
+    from tensormerge.stats.store import StatsWriter
+
+    opts.check()
+    say = (lambda m: None) if opts.quiet else (lambda m: print(m, flush=True))
+    if os.path.exists(opts.output) and not opts.overwrite:
+        raise OutputError(f"{opts.output}: exists (pass --overwrite to replace it)")
+    if not os.path.exists(opts.data):
+        raise InputError(f"{opts.data}: no such data file")
+    dtype = _parse_dtype(opts.dtype)
+    torch.manual_seed(opts.seed)
+    loaded = load_model(opts.model, dtype=dtype, device=opts.device, base_model=opts.base_model)
+    cfg = loaded.config
+    tok = Tokenize(loaded.tokenizer_dirs, opts.data)
+    examples = load_examples(
+        opts.data, loaded.task, tok, max_length=opts.max_length, max_examples=opts.max_examples,
+        vocab=getattr(cfg, "vocab_size", None), label2id=getattr(cfg, "label2id", None),
+        num_labels=getattr(cfg, "num_labels", None) if loaded.task == "classification" else None, split=opts.split)
+    side = opts.padding_side or (getattr(tok._tok, "padding_side", None) if tok._tok is not None else None) or "right"
+    pad_id = getattr(cfg, "pad_token_id", None)
+    if pad_id is None and tok._tok is not None:
+        pad_id = tok._tok.pad_token_id
+    if loaded.task == "classification" and pad_id is None and opts.batch_size > 1 and side:
+        # the head pools the last non-pad token, found by the pad id
+        raise InputError(f"{opts.model}: config.json has no pad_token_id; a classifier needs one for batches "
+                         f"(or use --batch-size 1)")
+    pad_id = 0 if pad_id is None else int(pad_id)
+
+    collector = Collector(opts, loaded, examples, say)
+    collector.pad_id, collector.side = pad_id, side
+    warn: list[str] = []
+    if collector.hooks is not None and collector.hooks.unstored:
+        _warn(f"no Gram for {len(collector.hooks.unstored)} linear layer(s) whose weight is not stored under its "
+              f"own name (tied): {', '.join(collector.hooks.unstored[:4])}", warn)
+    if collector.want_out and collector.skip_out:
+        _warn(f"no gram_out for the output layer {', '.join(collector.skip_out)} (vocabulary-sized; K-FAC "
+              f"averages it, as the research code does)", warn)
+
+    fingerprint = opts.fingerprint(loaded.identity, data_fingerprint(opts.data))
+    start = 0
+    if opts.resume:
+        state = _load_checkpoint(opts.output, fingerprint)
+        if state is not None:
+            collector.load(state)
+            start = collector.n_examples
+            say(f"resuming at example {start} of {len(examples)}")
+    partial = opts.output + PARTIAL_SUFFIX
+    if start == 0 and os.path.exists(partial):
+        shutil.rmtree(partial)
+
+    fault = int(os.environ.get(FAULT_ENV, "0") or 0)
+    saved = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(examples), initial=start, unit="ex", disable=opts.quiet, desc="stats", leave=False)
+    t0 = time.perf_counter()
+    done_here = 0
+    try:
+        for batch in batches(examples, opts.batch_size, loaded.task, pad_id, side, start=start):
+            collector.step(batch.to(opts.device))
+            done_here += len(batch)
+            bar.update(len(batch))
+            if collector.n_batches % opts.checkpoint_every == 0 and collector.n_examples < len(examples):
+                _save_checkpoint(opts.output, fingerprint, collector.state())
+                saved += 1
+                if fault and saved >= fault:
+                    os.kill(os.getpid(), 9)
+    except BaseException:
+        bar.close()
+        if not os.path.isfile(_resume_path(opts.output)):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if collector.grads.fallback_reason:
+        _warn(f"per-example gradients one example at a time (vmap failed: {collector.grads.fallback_reason})", warn)
+
+    uses_fisher = bool(collector.grad_names)
+    writer = StatsWriter(opts.output, model={"spec": opts.model, "identity": loaded.identity},
+                         n_examples=collector.n_examples,
+                         fisher_type=opts.fisher_type if uses_fisher or collector.want_out else None,
+                         created_by=f"tensormerge {__version__} stats compute --kind {opts.kind}",
+                         overwrite=opts.overwrite)
+    arrays = 0
+    try:
+        for kind, key, value, count, attrs in collector.results():
+            if not torch.isfinite(value).all():
+                raise InputError(f"{opts.model}: {kind}/{key} is not finite (NaN/Inf in the model's outputs?)")
+            writer.add(kind, key, value, count=count, **attrs)
+            arrays += 1
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"output": opts.output, "arrays": arrays, "examples": collector.n_examples, "tokens": collector.n_tokens,
+            "seconds": seconds, "examples_per_s": done_here / seconds if seconds > 0 else float("inf"),
+            "grad_mode": collector.grads.mode if collector.grad_names else None, "warnings": warn or []}
+
+
+def _warn(msg: str, sink: list | None) -> None:
+    if sink is not None:
+        sink.append(msg)
+    else:
+        warnings.warn(msg, stacklevel=2)

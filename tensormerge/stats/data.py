@@ -1,0 +1,292 @@
+"""Examples for `stats compute`: records read, checked and tokenized up front, then padded batches.
+
+Why everything is checked before the first forward pass: a bad line found after an hour of
+backward passes wastes the hour and leaves a half-written store; a token list per example is
+small next to the model, so the whole (--max-examples) data set is read and validated first,
+and every error names the file, the line (or row) and the field.
+
+Label convention (Hugging Face): -100 marks a position without loss. A causal LM's labels are
+aligned with its input_ids (the loss at position t predicts token t from tokens < t), so a
+prompt/answer pair puts -100 under the prompt and the loss covers only the answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from tensormerge.errors import InputError
+
+IGNORE = -100
+TEXT_FIELDS = ("input", "target", "text")
+TASKS = ("causal", "seq2seq", "classification")
+
+
+@dataclass
+class Example:
+    """One example: input tokens, and the labels the loss is taken on (per token, or one class)."""
+
+    input_ids: list[int]
+    labels: list[int] | int
+    where: str  # "FILE:LINE", for messages
+
+
+@dataclass
+class Batch:
+    """Padded tensors of consecutive examples; `index` are their positions in the data set."""
+
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S] causal, [B, T] seq2seq, [B] classification
+    index: list[int] = field(default_factory=list)
+
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.index)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+# ------------------------------------------------------------------------------ records
+def _jsonl_records(path: str):
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{n}: not UTF-8 text") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{path}:{n}: expected a JSON object per line, got {type(rec).__name__}")
+            yield f"{path}:{n}", rec
+
+
+def _disk_records(path: str, split: str | None):
+    """A `datasets` save_to_disk directory (a Dataset, or a DatasetDict and --split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"{path}: reading a saved dataset needs the `datasets` package") from None
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises several types for a directory that is not a dataset
+        raise InputError(f"{path}: not a dataset saved with save_to_disk ({e.__class__.__name__})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        if split is None:
+            split = "train" if "train" in ds else names[0] if len(names) == 1 else None
+        if split not in ds:
+            raise InputError(f"{path}: choose a split with --split (it holds {', '.join(names)})")
+        ds = ds[split]
+        path = f"{path}[{split}]"
+    for i, rec in enumerate(ds):
+        yield f"{path} row {i}", dict(rec)
+
+
+def is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def read_records(path: str, max_examples: int | None, split: str | None = None) -> list[tuple[str, dict]]:
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such data file")
+    it = _disk_records(path, split) if os.path.isdir(path) else _jsonl_records(path)
+    out = []
+    for where, rec in it:
+        if max_examples is not None and len(out) >= max_examples:
+            break
+        out.append((where, rec))
+    if not out:
+        raise InputError(f"{path}: holds no examples (empty file)")
+    return out
+
+
+def data_fingerprint(path: str) -> str:
+    """Content hash of the data (every file under a dataset directory): what --resume compares."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for p in files:
+        h.update(os.path.relpath(p, path).encode() if p != path else b"")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ fields
+def _ids(where: str, rec: dict, name: str, vocab: int | None) -> list[int]:
+    v = rec[name]
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise InputError(f"{where}: field '{name}' must be a list of integers")
+    bad = next((x for x in v if x != IGNORE and (x < 0 or (vocab is not None and x >= vocab))), None)
+    if bad is not None and not (name == "labels" and bad == IGNORE):
+        raise InputError(f"{where}: field '{name}' holds token id {bad}, outside the vocabulary [0, {vocab})")
+    if name == "input_ids" and IGNORE in v:
+        raise InputError(f"{where}: field 'input_ids' holds -100 (only labels may)")
+    return v
+
+
+def _require(where: str, rec: dict, names: tuple[str, ...], what: str) -> None:
+    for n in names:
+        if n not in rec or rec[n] is None:
+            raise InputError(f"{where}: missing field '{n}' ({what})")
+
+
+class Tokenize:
+    """Text -> token ids with the model's tokenizer, loaded only when a record holds text."""
+
+    def __init__(self, model_dirs: list[str], data: str):
+        self.model_dirs, self.data, self._tok = model_dirs, data, None
+
+    def tokenizer(self, field_name: str):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            last = None
+            for d in self.model_dirs:
+                try:
+                    self._tok = AutoTokenizer.from_pretrained(d)
+                    break
+                except Exception as e:  # no tokenizer files: transformers raises various types
+                    last = e
+            if self._tok is None:
+                raise InputError(f"{self.model_dirs[0]}: no tokenizer, and {self.data} has text field "
+                                 f"'{field_name}' (add tokenizer files or give input_ids/labels)"
+                                 + (f" [{last.__class__.__name__}]" if last else "")) from None
+        return self._tok
+
+    def __call__(self, where: str, rec: dict, name: str, special: bool = True) -> list[int]:
+        v = rec[name]
+        if not isinstance(v, str):
+            raise InputError(f"{where}: field '{name}' must be a string, not {type(v).__name__}")
+        return list(self.tokenizer(name)(v, add_special_tokens=special)["input_ids"])
+
+
+def _strip_mask(where: str, rec: dict, ids: list[int]) -> list[int]:
+    """Pre-tokenized rows may come padded: positions whose attention_mask is 0 are dropped."""
+    mask = rec.get("attention_mask")
+    if mask is None:
+        return ids
+    if not isinstance(mask, list) or len(mask) != len(ids) or any(m not in (0, 1) for m in mask):
+        raise InputError(f"{where}: field 'attention_mask' must be a list of 0/1 as long as 'input_ids'")
+    return [t for t, m in zip(ids, mask) if m]
+
+
+def make_example(where: str, rec: dict, task: str, tok: Tokenize, max_length: int, vocab: int | None,
+                 label2id: dict | None, num_labels: int | None) -> Example:
+    """One record -> Example; prompts and inputs are truncated to fit, labels never are."""
+    if task == "classification":
+        if "input_ids" in rec:
+            ids = _strip_mask(where, rec, _ids(where, rec, "input_ids", vocab))
+        else:
+            name = "text" if "text" in rec else "input"
+            _require(where, rec, (name,), "the text to classify: 'text' or 'input', or 'input_ids'")
+            ids = tok(where, rec, name)
+        key = "label" if "label" in rec else "labels"
+        _require(where, rec, (key,), "the class: 'label'")
+        lab = rec[key]
+        if isinstance(lab, str) and label2id and lab in label2id:
+            lab = label2id[lab]
+        if not isinstance(lab, int) or isinstance(lab, bool) or not 0 <= lab < (num_labels or 1 << 62):
+            raise InputError(f"{where}: field '{key}' is {lab!r}, expected a class index in [0, {num_labels})")
+        return Example(ids[:max_length], lab, where)
+
+    if task == "seq2seq":
+        if "input_ids" in rec:
+            _require(where, rec, ("labels",), "the target tokens")
+            ids = _strip_mask(where, rec, _ids(where, rec, "input_ids", vocab))
+            labels = _ids(where, rec, "labels", vocab)
+        else:
+            _require(where, rec, ("input", "target"), "a seq2seq example needs 'input' and 'target'")
+            ids, labels = tok(where, rec, "input"), tok(where, rec, "target")
+        if len(labels) > max_length:
+            raise InputError(f"{where}: field 'labels' has {len(labels)} tokens, more than --max-length {max_length}")
+        if not any(x != IGNORE for x in labels):
+            raise InputError(f"{where}: field 'labels' has no token to score (all -100 or empty)")
+        return Example(ids[:max_length], labels, where)
+
+    # causal LM
+    if "input_ids" in rec:
+        ids = _ids(where, rec, "input_ids", vocab)
+        labels = _ids(where, rec, "labels", vocab) if rec.get("labels") is not None else list(ids)
+        if len(labels) != len(ids):
+            raise InputError(f"{where}: field 'labels' has {len(labels)} entries, 'input_ids' {len(ids)}; a causal LM's "
+                             f"labels are aligned with its input_ids")
+        mask = rec.get("attention_mask")
+        if mask is not None:
+            _strip_mask(where, rec, ids)
+            labels = [lab for lab, m in zip(labels, mask) if m]
+            ids = [t for t, m in zip(ids, mask) if m]
+        scored = [i for i, x in enumerate(labels) if x != IGNORE]
+        if scored and scored[-1] - scored[0] + 1 > max_length:
+            raise InputError(f"{where}: field 'labels' spans {scored[-1] - scored[0] + 1} tokens, more than "
+                             f"--max-length {max_length}")
+        if len(ids) > max_length:  # keep the end: the scored tokens and as much context as fits
+            cut = min(len(ids) - max_length, scored[0] if scored else len(ids))
+            ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
+    elif "text" in rec and "target" not in rec:
+        ids = tok(where, rec, "text")[:max_length]
+        labels = list(ids)
+    else:
+        _require(where, rec, ("input", "target"), "a prompt/answer example needs 'input' and 'target'; plain LM "
+                 "data needs 'text'")
+        prompt, answer = tok(where, rec, "input"), tok(where, rec, "target", special=False)
+        eos = getattr(tok.tokenizer("target"), "eos_token_id", None)
+        if eos is not None and (not answer or answer[-1] != eos):
+            answer = answer + [eos]
+        if len(answer) > max_length:
+            raise InputError(f"{where}: field 'target' has {len(answer)} tokens, more than --max-length {max_length}")
+        prompt = prompt[max(0, len(prompt) + len(answer) - max_length):]
+        ids, labels = prompt + answer, [IGNORE] * len(prompt) + answer
+    if not any(x != IGNORE for x in labels[1:]):
+        raise InputError(f"{where}: no token to score (a causal LM scores labels after the first position)")
+    return Example(ids, labels, where)
+
+
+def load_examples(path: str, task: str, tok: Tokenize, *, max_length: int, max_examples: int | None,
+                  vocab: int | None, label2id: dict | None = None, num_labels: int | None = None,
+                  split: str | None = None) -> list[Example]:
+    if max_length < 2:
+        raise InputError(f"--max-length {max_length}: must be at least 2")
+    return [make_example(where, rec, task, tok, max_length, vocab, label2id, num_labels)
+            for where, rec in read_records(path, max_examples, split)]
+
+
+# ------------------------------------------------------------------------------ batches
+def _pad(seqs: list[list[int]], value: int, side: str) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if side == "left" else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate(examples: list[Example], index: list[int], task: str, pad_id: int, side: str) -> Batch:
+    """Pad to the longest example. Encoder inputs and decoder-only inputs follow `side`; seq2seq
+    labels are always right-padded (the decoder reads them shifted, from its start token)."""
+    ids = _pad([e.input_ids for e in examples], pad_id, side)
+    mask = _pad([[1] * len(e.input_ids) for e in examples], 0, side)
+    if task == "classification":
+        labels = torch.tensor([e.labels for e in examples], dtype=torch.long)
+    elif task == "seq2seq":
+        labels = _pad([e.labels for e in examples], IGNORE, "right")
+    else:
+        labels = _pad([e.labels for e in examples], IGNORE, side)
+    return Batch(ids, mask, labels, index)
+
+
+def batches(examples: list[Example], batch_size: int, task: str, pad_id: int, side: str, start: int = 0):
+    for b0 in range(start, len(examples), batch_size):
+        chunk = examples[b0:b0 + batch_size]
+        yield collate(chunk, list(range(b0, b0 + len(chunk))), task, pad_id, side)
