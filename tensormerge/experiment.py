@@ -6,21 +6,25 @@ runs) needs no download: scikit-learn's `load_digits` (1797 8x8 images, 17 inten
 split deterministically into train / validation / test images, and every image becomes a
 sequence of 64 pixel tokens.
 
-1. **Base.** A `transformers` `LlamaForCausalLM` built from a config (hidden 64, 2 layers,
-   4 heads, untied lm_head) is pretrained from scratch by next-token prediction on the pixel
-   sequences of the training images (`[bos] p1 .. p64`) and saved with `save_pretrained`.
-2. **Fine-tunes.** One full fine-tune of the base per task, on `[bos] [task] p1 .. p64 [sep] label`
-   with the loss on the label token only: `lo` (classify 0-4, images of 0-4 only), `hi`
+1. **Base.** A `transformers` `LlamaForCausalLM` built from a config (hidden 64, MLP 192,
+   2 layers, 4 heads, untied lm_head, RoPE θ = 100 so that every rotary frequency turns within
+   the 68 positions, eager attention; 112k parameters) is pretrained from scratch by next-token
+   prediction on the pixel sequences of the training images (`[bos] p1 .. p64`; 10 epochs, AdamW
+   3e-3, batch 32) and saved with `save_pretrained` (float32 safetensors).
+2. **Fine-tunes.** One full fine-tune of the base per task (256 AdamW steps of 16 sequences,
+   lr 1e-3 decaying linearly to 0), on `[bos] [task] p1 .. p64 [sep] label` with the loss on the
+   label token only: `lo` (classify 0-4, images of 0-4 only), `hi`
    (classify 5-9, images of 5-9 only), `parity` (even / odd, any digit) and `ge5` (is the digit
    at least 5, any digit). Accuracy is the argmax over the task's candidate label tokens at the
    `[sep]` position, on test images of the task's digits.
 3. **Statistics.** `tensormerge stats compute` on each fine-tune with its task's training
-   sequences (pre-tokenized JSONL, labels -100 except the label token): a diagonal Fisher and
-   K-FAC factors (input and output-gradient Grams), and the base's Fisher on its pretraining
-   sequences for UBGM's `--base-stats`.
+   sequences (pre-tokenized JSONL, labels -100 except the label token; `--kind all`, 256
+   examples, empirical Fisher): a diagonal Fisher and K-FAC factors (input and output-gradient
+   Grams), and the base's Fisher on 256 pretraining sequences for UBGM's `--base-stats`.
 4. **Merges.** `tensormerge run` for every method, with the parameters in `METHOD_PARAMS`;
    task arithmetic's and DARE's λ are chosen on the validation images (never the test
-   images) from `LAMBDAS`, by the mean accuracy normalised to the fine-tunes.
+   images) from `LAMBDAS`, by the mean accuracy normalised to the fine-tunes; MaTS starts from
+   task arithmetic with that λ.
 
 It prints accuracy per task, their mean, the mean normalised to each task's fine-tune and the
 merge's wall seconds, for the base, each fine-tune and each method. Training runs on one thread
@@ -82,7 +86,7 @@ METHOD_PARAMS = {
     "ties": {"k": "0.2", "lambda": "1.0"},                 # the TIES paper's recommended values
     "dare": {"p": "0.5", "seed": "0"},                     # lambda: validation
     "fisher": {},                                          # empirical diagonal Fisher, floor 1e-8
-    "regmean": {"alpha": "0.9"},                           # off-diagonals scaled by 0.9 (RegMean paper)
+    "regmean": {"alpha": "0.9"},                           # off-diagonals x 0.9: mild shrinkage (1 = exact LS)
     "mats": {"objective": "kfac", "init": "task_arithmetic"},  # init_lambda: task arithmetic's
     "ubgm": {},                                            # alpha 1, base Fisher from pretraining data
 }
@@ -95,13 +99,14 @@ class Config:
     intermediate: int = 192
     layers: int = 2
     heads: int = 4
+    rope_theta: float = 100.0        # every rotary frequency turns over 64 positions (10000: half barely move)
     tasks: tuple[str, ...] = tuple(TASKS)
     methods: tuple[str, ...] = METHODS
     pretrain_epochs: int = 10
     pretrain_lr: float = 3e-3
     pretrain_batch: int = 32
     finetune_steps: int = 256       # per task: ~7.5 epochs of lo / hi, ~3.8 of parity / ge5
-    finetune_lr: float = 3e-3
+    finetune_lr: float = 1e-3
     finetune_batch: int = 16
     stats_examples: int = 256       # per model, for `stats compute --max-examples`
     lambdas: tuple[float, ...] = LAMBDAS
@@ -110,9 +115,8 @@ class Config:
     merge_args: tuple[str, ...] = field(default_factory=tuple)   # extra `tensormerge run` arguments
 
 
-QUICK = dict(hidden=32, intermediate=64, layers=1, heads=2, tasks=("lo", "parity"),
-             methods=("average", "task_arithmetic", "fisher"), pretrain_epochs=1, finetune_steps=48,
-             stats_examples=64, lambdas=(0.5, 1.0))
+QUICK = dict(tasks=("lo", "hi"), methods=("average", "task_arithmetic", "fisher"), pretrain_epochs=1,
+             finetune_steps=200, stats_examples=64, lambdas=(0.5, 1.0))
 
 
 # ----------------------------------------------------------------------------- data
@@ -177,6 +181,7 @@ def make_model(cfg: Config):
     conf = LlamaConfig(vocab_size=VOCAB, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
                        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                        num_key_value_heads=cfg.heads, max_position_embeddings=128,
+                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                        tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=SEP,
                        attn_implementation="eager")   # faster than sdpa at this size on a CPU
     return LlamaForCausalLM(conf)
@@ -260,7 +265,7 @@ def stats_compute_available() -> bool:
 def compute_statistics(model: str, data: str, kind: str, output: str, max_examples: int) -> float:
     """The statistics step: `tensormerge stats compute` for one model on its JSONL data."""
     return tensormerge_cli(["stats", "compute", "--model", model, "--data", data, "--kind", kind,
-                            "--output", output, "--max-examples", str(max_examples), "--batch-size", "32",
+                            "--output", output, "--max-examples", str(max_examples), "--batch-size", "32", "--overwrite", "--quiet",
                             "--fisher-type", "empirical"])
 
 
@@ -275,6 +280,21 @@ def merge(method: str, inputs: list[str], base: str, output: str, params: dict[s
     if base_stats:
         args += ["--base-stats", base_stats]
     return tensormerge_cli(args)
+
+
+def merge_notes(method: str, out: str) -> list[str]:
+    """From the output's tensormerge.json: tensors averaged for want of statistics, and MaTS's CG."""
+    with open(os.path.join(out, "tensormerge.json")) as f:
+        meta = json.load(f)
+    notes = []
+    if meta.get("fallback_blocks"):
+        notes.append(f"{method}: averaged for want of statistics: {', '.join(sorted(meta['fallback_blocks']))}")
+    blocks = meta.get("blocks", {})
+    cg = [b for b in (blocks.values() if isinstance(blocks, dict) else blocks) if "cg_iterations" in b]
+    if cg:
+        notes.append(f"{method}: {len(cg)} blocks solved by CG, {max(b['cg_iterations'] for b in cg)} iterations at "
+                     f"most, largest final relative residual {max(b['cg_residual'] for b in cg):.1e}")
+    return notes
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -398,6 +418,7 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
         seconds = do_merge(method, params, out)
         rows.append({"model": method, "acc": evaluate(load_model(out), tasks, test), "seconds": seconds,
                      "params": params})
+        notes += merge_notes(method, out)
         log(f"merged {method} ({', '.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}): {seconds:.2f} s")
 
     for r in rows:
@@ -422,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", help="where to write models, data and statistics (default: a temporary directory)")
     ap.add_argument("--json", help="also write the results (rows, parameters, notes) to this file")
-    ap.add_argument("--quick", action="store_true", help="tiny model, 2 tasks, 3 methods (a smoke test, ~20 s)")
+    ap.add_argument("--quick", action="store_true", help="2 tasks, 3 methods, shorter training (the test's mode, ~30 s)")
     args = ap.parse_args(argv)
     cfg = Config(**QUICK) if args.quick else Config()
     root = args.workdir or tempfile.mkdtemp(prefix="tensormerge-experiment-")
