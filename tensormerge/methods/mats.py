@@ -47,6 +47,11 @@ class MatsParams(Params):
             raise ParameterError(f"{method}: parameter 'tol' must be a finite number >= 0, not {self.tol}")
 
 
+def is_vector(shape: tuple[int, ...]) -> bool:
+    """A bias, a norm or an IA3 vector ([d], or [d, 1] / [1, d] as PEFT stores IA3): one axis > 1."""
+    return len(shape) >= 1 and math.prod(shape) == max(shape)
+
+
 def _kinds(objective: str, shape: tuple[int, ...]) -> tuple[str, ...]:
     if objective == "kfac":
         return ("gram_in", "gram_out") if len(shape) == 2 else ()
@@ -55,7 +60,7 @@ def _kinds(objective: str, shape: tuple[int, ...]) -> tuple[str, ...]:
     if objective == "fisher":
         return ("fisher",)
     if objective == "blockwise":
-        return ("fisher_block",) if len(shape) == 1 else ()
+        return ("fisher_block",) if is_vector(shape) else ()
     return ()
 
 
@@ -90,7 +95,7 @@ class Mats(Method):
         e = PRECISIONS[params.precision].itemsize
         kinds = _kinds(params.objective, shape)
         sizes = {"gram_in": shape[-1] ** 2 if shape else 0, "gram_out": shape[0] ** 2 if shape else 0,
-                 "fisher_block": shape[0] ** 2 if shape else 0}
+                 "fisher_block": math.prod(shape) ** 2 if shape else 0}
         return sum((n_models + 1) * e * sizes[k] for k in kinds if k in sizes)
 
     def work_bytes_per_element(self, n_models: int, params: MatsParams) -> int:
@@ -148,7 +153,9 @@ class Mats(Method):
         if obj == "blockwise":
             f = scaled("fisher_block")
             total = f.sum(0)
-            return (lambda v: total @ v), torch.matmul(f, torch.stack(thetas).unsqueeze(-1)).sum(0).squeeze(-1)
+            shape = thetas[0].shape  # IA3 vectors are stored [d, 1] or [1, d]: the block acts on the flat vector
+            flat = torch.stack(thetas).reshape(len(thetas), -1, 1)
+            return (lambda v: (total @ v.reshape(-1)).reshape(shape)), torch.matmul(f, flat).sum(0).reshape(shape)
         fishers = [f.to(wd) for f in data.stats["fisher"]]
         total = torch.stack(fishers).sum(0)
         rhs = torch.zeros_like(thetas[0])

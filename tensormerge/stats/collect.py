@@ -166,6 +166,9 @@ class Collector:
                                    skip_out=skip_out, block_rows=opts.gram_block_rows)
             self.skip_out = sorted(skip_out)
             self._check_gram_budget(budget)
+        if not self.grad_names and not (self.hooks and self.hooks.layers):
+            raise InputError(f"{opts.model}: nothing to compute for --kind {opts.kind} (no stored parameter it applies "
+                             f"to: Grams need linear layers, blockwise needs vector parameters)")
         self.n_examples = 0
         self.n_batches = 0
         self.n_tokens = 0
@@ -205,7 +208,7 @@ class Collector:
                     v = g[n].reshape(len(batch), -1).to(self.acc.dtype)
                     self.acc.add("fisher_block", self.loaded.stored[n], v.T @ v, len(batch))
                 del g
-        if self.hooks is not None:
+        if self.hooks is not None and self.hooks.layers:
             self._grams(batch)
         self.n_examples += len(batch)
         self.n_batches += 1
@@ -259,7 +262,10 @@ class Collector:
         if self.hooks is not None:
             for (kind, key), s in self.hooks.sums.items():
                 n = self.hooks.counts[(kind, key)] if o.gram_normalize == "tokens" else self.n_examples
-                yield kind, key, s / max(n, 1), n, {"normalizer": o.gram_normalize}
+                attrs = {"normalizer": o.gram_normalize}
+                if self.hooks.layers[key][2] == "conv1d":
+                    attrs["weight_layout"] = "in_out"
+                yield kind, key, s / max(n, 1), n, attrs
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -96,7 +97,10 @@ def _load(path: str, dtype: torch.dtype | None):
 
 
 def _stored_name(name: str, adapter: str | None) -> str:
-    return name.replace(f".{adapter}.", ".") if adapter else name
+    """PEFT saves `...lora_A.default.weight` as `...lora_A.weight` and `...ia3_l.default` as `...ia3_l`."""
+    if not adapter:
+        return name
+    return re.sub(rf"\.{re.escape(adapter)}(?=\.|$)", "", name)
 
 
 def load_model(spec: str, *, dtype: torch.dtype | None, device: str, base_model: str | None = None) -> Loaded:
@@ -125,7 +129,7 @@ def load_model(spec: str, *, dtype: torch.dtype | None, device: str, base_model:
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, spec)
+            model = PeftModel.from_pretrained(model, spec, is_trainable=True)
         except Exception as e:
             raise InputError(f"{spec}: cannot load the PEFT adapter ({e.__class__.__name__}: "
                              f"{str(e).splitlines()[0][:200]})") from None
@@ -135,9 +139,10 @@ def load_model(spec: str, *, dtype: torch.dtype | None, device: str, base_model:
         model, config, task = _load(spec, dtype)
         tok_dirs = [spec]
     model.to(device).eval()
-    if adapter is None:
-        for p in model.parameters():
-            p.requires_grad_(p.is_floating_point())
+    # statistics of what the checkpoint stores: every float parameter of a full model, only the
+    # adapter's parameters of a PEFT model (the frozen base is not part of the merge)
+    for name, p in model.named_parameters():
+        p.requires_grad_(p.is_floating_point() and (adapter is None or _stored_name(name, adapter) in on_disk))
     keys: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         key = _stored_name(name, adapter)

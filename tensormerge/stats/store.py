@@ -57,6 +57,12 @@ def row_chunks(shape: tuple[int, ...], target: int = STATS_CHUNK_BYTES) -> tuple
     return (rows,) + tuple(shape[1:])
 
 
+def is_vector(shape: tuple[int, ...]) -> bool:
+    """One axis of length > 1 at most: a bias, a norm, or an IA3 vector (PEFT stores those as
+    [d, 1] or [1, d]); a Fisher block of one is [numel, numel]."""
+    return len(shape) >= 1 and math.prod(shape) == max(shape)
+
+
 def expected_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The shape a statistic of `kind` has for a parameter of `shape`; None if it cannot exist."""
     if kind == "fisher":
@@ -66,7 +72,7 @@ def expected_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     if kind == "gram_out":
         return (shape[0], shape[0]) if len(shape) == 2 else None
     if kind == "fisher_block":
-        return (shape[0], shape[0]) if len(shape) == 1 else None
+        return (math.prod(shape),) * 2 if is_vector(shape) else None
     raise ValueError(kind)
 
 
@@ -229,7 +235,16 @@ class StatsStore:
                 t = tensors.get(name)
                 if t is None:
                     raise InputError(f"{self.path}: {kind}/{name} names no tensor of {model}")
-                want = expected_shape(kind, tuple(t.shape))
+                shape = tuple(t.shape)
+                if info.attrs.get("weight_layout") == "in_out" and kind in ("gram_in", "gram_out") and len(shape) == 2:
+                    # GPT-2 Conv1D keeps its weight [in, out]: its Grams are [in, in] and [out, out]
+                    want = expected_shape(kind, shape[::-1])
+                    if info.shape == want:
+                        raise InputError(f"{self.path}: {kind}/{name} is the Gram of a Conv1D weight stored [in, out]; "
+                                         f"the merge methods take Grams of [out, in] weights only (use the fisher "
+                                         f"statistics of this store, or transpose the model's Conv1D weights)")
+                else:
+                    want = expected_shape(kind, shape)
                 if want is None:
                     raise InputError(f"{self.path}: {kind}/{name}: a {kind} statistic does not apply to a tensor "
                                      f"of shape {list(t.shape)}")

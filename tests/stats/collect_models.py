@@ -40,6 +40,21 @@ def gpt2(seed: int = 0):
     return GPT2LMHeadModel(cfg)
 
 
+def llama_classifier(seed: int = 0, num_labels: int = 3):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, pad_token_id=0, num_labels=num_labels)
+    return LlamaForSequenceClassification(cfg)
+
+
+def class_records(n: int, seed: int = 0) -> list[dict]:
+    r = random.Random(seed)
+    return [{"input_ids": [r.randint(3, V - 1) for _ in range(r.randint(2, 8))], "label": r.randint(0, 2)}
+            for _ in range(n)]
+
+
 def save(model, path: Path) -> str:
     model.save_pretrained(str(path))
     return str(path)
@@ -69,6 +84,8 @@ def write_jsonl(path: Path, records: list) -> str:
 
 def _loss(model, rec: dict, task: str) -> torch.Tensor:
     ids = torch.tensor([rec["input_ids"]])
+    if task == "classification":
+        return F.cross_entropy(model(input_ids=ids).logits, torch.tensor([rec["label"]]))
     labels = torch.tensor([rec["labels"]])
     if task == "seq2seq":
         logits = model(input_ids=ids, decoder_input_ids=model._shift_right(labels)).logits
