@@ -115,8 +115,9 @@ class Config:
     merge_args: tuple[str, ...] = field(default_factory=tuple)   # extra `tensormerge run` arguments
 
 
-QUICK = dict(tasks=("lo", "hi"), methods=("average", "task_arithmetic", "fisher"), pretrain_epochs=1,
-             finetune_steps=200, stats_examples=64, lambdas=(0.5, 1.0))
+# `--quick` (the test's mode): the same model, 2 tasks, 3 methods (one with statistics), short training.
+QUICK = {"tasks": ("lo", "hi"), "methods": ("average", "task_arithmetic", "fisher"), "pretrain_epochs": 1,
+         "finetune_steps": 200, "stats_examples": 64, "lambdas": (0.5, 1.0)}
 
 
 # ----------------------------------------------------------------------------- data

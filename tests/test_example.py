@@ -42,7 +42,8 @@ def test_sequence_format_and_jsonl(tmp_path):
     lo_ids, _ = E.task_sequences(E.TASKS["lo"], px, y)
     assert len(lo_ids) == int((y < 5).sum())
     path = E.write_jsonl(str(tmp_path / "d.jsonl"), ids[:3], label_only=True)
-    rows = [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
     assert rows[0]["input_ids"] == ids[0].tolist()
     assert rows[0]["labels"][:-1] == [-100] * 67 and rows[0]["labels"][-1] == int(labels[0])
 
@@ -82,7 +83,7 @@ def test_merged_outputs_load_and_reproduce_the_table(result):
     tasks = [E.TASKS[t] for t in result["tasks"]]
     for r in result["rows"][1 + len(tasks):]:
         out = os.path.join(root, f"merged-{r['model']}")
-        model, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+        _, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
         assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
         with open(os.path.join(out, "tensormerge.json")) as f:
             meta = json.load(f)
