@@ -13,6 +13,7 @@ which is not a speed).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def cases(ops, base, xs, fishers):
     io = (N + 1) * n * e + n * e  # inputs + base read, output written (stored dtype)
     thr = [float(torch.quantile((x.float() - base.float()).abs()[:65536], 0.8)) for x in xs]
     bits = (xs[0].float() - base.float()).abs().view(torch.int32)
+    windows = [max((int(torch.tensor(t).view(torch.int32)) >> 16) - 1, 0) for t in thr]  # around each threshold
     return {
         "weighted_sum": (lambda: ops.weighted_sum(xs, [1 / N] * N), N * n * e + n * e),
         "task_arithmetic": (lambda: ops.task_arithmetic(xs, base, [0.3] * N), io),
@@ -50,6 +52,7 @@ def cases(ops, base, xs, fishers):
                          N * n * (e + 4) + n * e),
         "ubgm": (lambda: ops.ubgm(xs, base, fishers, None, 1.0, 1e-12, 1.0, [1.0] * N), io + N * n * 4),
         "radix hist (top 16 bits)": (lambda: getattr(ops, "hist_high", S.hist_high)(bits), n * 4),
+        "ties pass A (window counts)": (lambda: ops.ties_window_counts(xs, base, windows, 4), (N + 1) * n * e),
     }
 
 
@@ -81,6 +84,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     rows = []
     configs = [("cpu", "torch", 1)]  # the engine's configuration: one sub-chunk per single-threaded worker
+    if importlib.util.find_spec("numba") is not None:
+        configs.append(("cpu", "numba", 1))  # --kernels auto on CPU: the reference with TIES fused by numba
     if torch.cuda.is_available():
         configs += [("cuda", "torch", 0), ("cuda", "triton", 0)]
     for device, kind, threads in configs:
@@ -88,6 +93,8 @@ def main() -> None:
             torch.set_num_threads(threads)
         if kind == "triton":
             from tensormerge.kernels import triton as ops
+        elif kind == "numba":
+            from tensormerge.kernels import cpu as ops
         else:
             ops = R
         base, xs, fishers = _inputs(args.elements, dtype, device)
