@@ -247,11 +247,17 @@ def ties_merge(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[
     return merged.mul_(lam).add_(base_w), votes, undecided
 
 
-def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int,
-                       window_hist_below=window_hist_below_) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """TIES' pass A over one chunk: per model, the low-bit histogram of |τ_i| inside its window
     of `width` top bins from windows[i] and the count of entries below it ([N, width * NBINS]
     and [N] int64), and the first model holding a NaN or Inf in τ (None when all are finite)."""
+    return window_counts_with(window_hist_below_, inputs, base, windows, width)
+
+
+def window_counts_with(window_hist_below, inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int],
+                       width: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """ties_window_counts with another window histogram (the Triton kernels pass theirs)."""
     tau = task_vectors(inputs, base).float()
     lows, below = [], []
     for i in range(tau.shape[0]):

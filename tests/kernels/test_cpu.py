@@ -100,3 +100,11 @@ def test_fused_pass_a_counts_equal_the_reference(n, n_models, dtype, base_dtype)
         fts[-1][2] = float("nan")
         assert C.ties_window_counts(fts, base, windows, 4)[2] == R.ties_window_counts(fts, base, windows, 4)[2] \
             == n_models - 1
+
+
+def test_module_is_a_drop_in_for_the_reference():
+    import inspect
+
+    for name, fn in vars(R).items():
+        if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == R.__name__:
+            assert inspect.signature(getattr(C, name)) == inspect.signature(fn), name

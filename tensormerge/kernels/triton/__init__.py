@@ -281,9 +281,10 @@ def window_hist_below_(bits: torch.Tensor, lo_bin: int, width: int) -> tuple[tor
     return window_hist(bits, lo_bin, width), int(torch.count_nonzero(bits < (lo_bin << 16)))
 
 
-def ties_window_counts(inputs, base, windows, width):
+def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """reference.ties_window_counts with the window histogram in Triton."""
-    return _ref.ties_window_counts(inputs, base, windows, width, window_hist_below_)
+    return _ref.window_counts_with(window_hist_below_, inputs, base, windows, width)
 
 
 def window_hist(bits: torch.Tensor, lo_bin: int, width: int) -> torch.Tensor:
