@@ -33,12 +33,15 @@ def _run(tmp_path, model, data, name, **kw) -> dict:
     return got
 
 
+def _computed_and_brute_force(tmp_path, make, records: list, task: str, name: str) -> tuple[dict, dict]:
+    """`stats compute --kind all` on a saved `make()` model, and the brute-force statistics."""
+    model = cm.save(make(), tmp_path / name)
+    got = _run(tmp_path, model, cm.write_jsonl(tmp_path / f"{name}.jsonl", records), name)
+    return got, cm.brute_force(make(), records, task, _stored(model))
+
+
 def test_gpt2_conv1d_grams_follow_the_in_out_layout(tmp_path):
-    model = cm.save(cm.gpt2(), tmp_path / "gpt2")
-    recs = cm.causal_records(N, seed=1)
-    data = cm.write_jsonl(tmp_path / "d.jsonl", recs)
-    got = _run(tmp_path, model, data, "g")
-    ref = cm.brute_force(cm.gpt2(), recs, "causal", _stored(model))
+    got, ref = _computed_and_brute_force(tmp_path, cm.gpt2, cm.causal_records(N, seed=1), "causal", "g")
     _assert_matches(got, ref)
     # c_attn: weight [16, 48] = [in, out] -> gram_in [16, 16], gram_out [48, 48]
     assert tuple(got["gram_in"]["transformer.h.0.attn.c_attn.weight"].shape) == (16, 16)
@@ -82,11 +85,8 @@ def test_gpt2_conv1d_weights_merge_with_regmean_as_their_transpose(tmp_path):
 
 
 def test_sequence_classifier(tmp_path):
-    model = cm.save(cm.llama_classifier(), tmp_path / "cls")
-    recs = cm.class_records(N, seed=2)
-    data = cm.write_jsonl(tmp_path / "d.jsonl", recs)
-    got = _run(tmp_path, model, data, "c")
-    ref = cm.brute_force(cm.llama_classifier(), recs, "classification", _stored(model))
+    got, ref = _computed_and_brute_force(tmp_path, cm.llama_classifier, cm.class_records(N, seed=2),
+                                         "classification", "c")
     _assert_matches(got, ref, kinds=("fisher", "gram_in", "fisher_block"))
     assert set(got["counts"]["fisher"].values()) == {N}
 
