@@ -91,6 +91,11 @@ METHOD_PARAMS = {
     "ubgm": {},                                            # alpha 1, base Fisher from pretraining data
 }
 LAMBDAS = (0.3, 0.5, 0.7, 1.0)
+# MaTS' CG iterations, chosen on the validation split too: on ill-conditioned K-FAC factors (one
+# label token per sequence gives output Grams of low rank) CG run long wanders along the
+# poorly determined directions, and the MaTS paper treats the iteration count as a knob.
+CG_ITERATIONS = (3, 10, 30, 100)
+VALIDATED = {"task_arithmetic": "lambda", "dare": "lambda", "mats": "iterations"}  # the one knob per method
 
 
 @dataclass
@@ -110,6 +115,7 @@ class Config:
     finetune_batch: int = 16
     stats_examples: int = 256       # per model, for `stats compute --max-examples`
     lambdas: tuple[float, ...] = LAMBDAS
+    cg_iterations: tuple[int, ...] = CG_ITERATIONS
     seed: int = 0
     threads: int = 1                # training and evaluation threads (1: reproducible)
     merge_args: tuple[str, ...] = field(default_factory=tuple)   # extra `tensormerge run` arguments
@@ -403,19 +409,20 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
     for method in methods:
         params = dict(METHOD_PARAMS[method])
         out = os.path.join(root, f"merged-{method}")
-        if method in ("task_arithmetic", "dare"):
-            scores = {}
-            for lam in cfg.lambdas:
-                do_merge(method, {**params, "lambda": str(lam)}, out)
-                acc = {t.name: accuracy(load_model(out), t, *val) for t in tasks}
-                scores[lam] = normalised(acc, ft_own_val)
-            lam = max(scores, key=lambda v: (scores[v], -v))
-            chosen[method] = lam
-            params["lambda"] = str(lam)
-            notes.append(f"{method}: lambda {lam} chosen on the validation images from "
-                         + ", ".join(f"{v} ({s:.3f})" for v, s in scores.items()))
         if method == "mats":
             params["init_lambda"] = str(chosen.get("task_arithmetic", 0.3))
+        if method in VALIDATED:
+            key = VALIDATED[method]
+            scores = {}
+            for value in (cfg.lambdas if key == "lambda" else cfg.cg_iterations):
+                do_merge(method, {**params, key: str(value)}, out)
+                acc = {t.name: accuracy(load_model(out), t, *val) for t in tasks}
+                scores[value] = normalised(acc, ft_own_val)
+            best = max(scores, key=lambda v: (scores[v], -v))
+            chosen[method] = best
+            params[key] = str(best)
+            notes.append(f"{method}: {key} {best} chosen on the validation images from "
+                         + ", ".join(f"{v} ({s:.3f})" for v, s in scores.items()))
         seconds = do_merge(method, params, out)
         rows.append({"model": method, "acc": evaluate(load_model(out), tasks, test), "seconds": seconds,
                      "params": params})
