@@ -79,9 +79,9 @@ def test_cluster_writes_the_bytes_of_the_local_executor(fam, cluster, method, tm
     local = _merge(fam, method, tmp_path / "local")
     assert len(local) >= 2
     assert _merge(fam, method, tmp_path / "dask", "--scheduler", cluster) == local
-    if method in ("ties", "regmean", "fisher"):  # other chunking, same bytes (locally and on the cluster)
-        assert _merge(fam, method, tmp_path / "local-big", budget="64MiB") == local
-        assert _merge(fam, method, tmp_path / "dask-big", "--scheduler", cluster, budget="64MiB") == local
+    # other chunking (whole blocks), same bytes, locally and on the cluster
+    assert _merge(fam, method, tmp_path / "local-big", budget="64MiB") == local
+    assert _merge(fam, method, tmp_path / "dask-big", "--scheduler", cluster, budget="64MiB") == local
 
 
 def test_workers_option_starts_a_local_cluster(fam, tmp_path):
