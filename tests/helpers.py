@@ -339,6 +339,11 @@ for line in sys.stdin:
             fd_out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fd_err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd_in, 0); os.dup2(fd_out, 1); os.dup2(fd_err, 2)
+            try:
+                exec(req["setup"], {})  # what the child needs first: an rlimit, a patched syscall
+            except BaseException as e:
+                print(f"setup failed: {e}", file=sys.stderr); code = 99
+                raise SystemExit
             sys.argv = ["tensormerge"] + req["args"]
             try:
                 runpy.run_module("tensormerge", run_name="__main__", alter_sys=True)
@@ -352,6 +357,8 @@ for line in sys.stdin:
                     print(e.code, file=sys.stderr); code = 1
             except BaseException:
                 traceback.print_exc(); code = 1
+        except SystemExit:
+            pass
         finally:
             try:
                 sys.stdout.flush(); sys.stderr.flush()
@@ -380,12 +387,12 @@ class _ForkServer:
         assert self.proc.stdout.readline().strip() == "ready", "CLI fork server failed to start"
         self.n = 0
 
-    def run(self, args: list[str], cwd: str, env: dict, timeout: float) -> CliResult:
+    def run(self, args: list[str], cwd: str, env: dict, timeout: float, setup: str = "") -> CliResult:
         with self.lock:
             self.n += 1
             out, err = os.path.join(self.tmp, f"{self.n}.out"), os.path.join(self.tmp, f"{self.n}.err")
             req = {"args": [str(a) for a in args], "cwd": cwd, "env": env, "stdout": out, "stderr": err,
-                   "timeout": timeout}
+                   "timeout": timeout, "setup": setup}
             self.proc.stdin.write(json.dumps(req) + "\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()
@@ -410,16 +417,22 @@ class _ForkServer:
 _server: _ForkServer | None = None
 
 
-def run_cli(args: list, cwd: Path | str | None = None, env: dict | None = None, timeout: float = 120) -> CliResult:
-    """Run `tensormerge ARGS` in a separate process; returns exit status, stdout and stderr."""
+def run_cli(args: list, cwd: Path | str | None = None, env: dict | None = None, timeout: float = 120,
+            setup: str = "") -> CliResult:
+    """Run `tensormerge ARGS` in a separate process; returns exit status, stdout and stderr.
+    `setup` is Python run in that process first (a file-size rlimit, dropped capabilities, a
+    system call that reports a full disk); the process keeps CPython's startup signal
+    dispositions (SIGXFSZ ignored), exactly as `python -m tensormerge` has them."""
     global _server
     cwd = str(cwd or os.getcwd())
     if os.environ.get("TENSORMERGE_TEST_FORK", "1") == "0" or not hasattr(os, "fork"):
+        if setup:
+            raise NotImplementedError("setup needs the fork server (TENSORMERGE_TEST_FORK=1)")
         return run_cli_subprocess(args, cwd, env, timeout)
     if _server is None or _server.proc.poll() is not None:
         _server = _ForkServer()
         atexit.register(_server.close)
-    return _server.run(args, cwd, {k: str(v) for k, v in (env or {}).items()}, timeout)
+    return _server.run(args, cwd, {k: str(v) for k, v in (env or {}).items()}, timeout, setup)
 
 
 def assert_clean_error(res: CliResult, *needles: str, out_dir: Path | None = None) -> str:

@@ -16,8 +16,8 @@ Already covered elsewhere, and not repeated here:
 
 Input cases are checked in-process (the InputError the CLI prints), and one of each kind through
 the CLI. The full disk and the unwritable directory need a child process with its own limits (a
-file-size rlimit, dropped capabilities, a system call that reports ENOSPC): a launcher fixture
-forks one per case from an interpreter that has imported tensormerge once.
+file-size rlimit, dropped capabilities, a system call that reports ENOSPC): helpers.run_cli runs
+each case's `setup` in the child it forks from an interpreter that imported tensormerge once.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import pathlib
 import signal
 import stat
 import struct
-import subprocess
 import sys
 
 import pytest
@@ -224,84 +223,12 @@ def test_cli_refuses_each_kind(fam, tmp_path, kind):
 
 
 # ---------------------------------------------------------------------------------- output
-# The output cases need what the shared launcher cannot give a child: a file-size rlimit, dropped
-# capabilities, a system call that reports a full disk. A launcher of the same shape as
-# helpers.run_cli (import once, fork per command, the real `python -m tensormerge` in the
-# child) runs `setup` in the child first, so four cases cost one torch import, not four.
-_LAUNCHER = r"""
-import json, os, runpy, sys, time, traceback
-import tensormerge.cli  # noqa: F401
-sys.stdout.write("ready\n"); sys.stdout.flush()
-for line in sys.stdin:
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(req["cwd"])
-            fd_in = os.open(os.devnull, os.O_RDONLY)
-            fd_out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            fd_err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd_in, 0); os.dup2(fd_out, 1); os.dup2(fd_err, 2)
-            try:
-                exec(req["setup"], {})
-            except BaseException as e:
-                print(f"setup failed: {e}", file=sys.stderr); code = 99
-                raise SystemExit
-            sys.argv = ["tensormerge"] + req["args"]
-            try:
-                runpy.run_module("tensormerge", run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:
-                traceback.print_exc(); code = 1
-        except SystemExit:
-            pass
-        finally:
-            try:
-                sys.stdout.flush(); sys.stderr.flush()
-            finally:
-                os._exit(code)
-    deadline = time.monotonic() + 120
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            rc = os.waitstatus_to_exitcode(status)
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9); os.waitpid(pid, 0); rc = -9
-            break
-        time.sleep(0.005)
-    sys.stdout.write(json.dumps({"rc": rc}) + "\n"); sys.stdout.flush()
-"""
-
-
-@pytest.fixture(scope="module")
-def launch(tmp_path_factory):
-    """run(args, cwd, setup) -> CliResult, each command in a fresh fork of one interpreter that
-    has imported tensormerge. The interpreter keeps CPython's startup signal dispositions
-    (SIGXFSZ ignored), exactly as `python -m tensormerge` has them."""
-    io_dir = tmp_path_factory.mktemp("launcher")
-    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, bufsize=1, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-    assert proc.stdout.readline().strip() == "ready", "launcher failed to start"
-    count = iter(range(10**6))
-
-    def run(args, cwd, setup: str = "") -> H.CliResult:
-        n = next(count)
-        out, err = io_dir / f"{n}.out", io_dir / f"{n}.err"
-        req = {"args": [str(a) for a in args], "cwd": str(cwd), "setup": setup, "stdout": str(out),
-               "stderr": str(err)}
-        proc.stdin.write(json.dumps(req) + "\n")
-        proc.stdin.flush()
-        reply = proc.stdout.readline()
-        assert reply, "launcher died"
-        return H.CliResult(json.loads(reply)["rc"], out.read_text(), err.read_text(), req["args"])
-
-    yield run
-    proc.stdin.close()
-    proc.wait(timeout=30)
+# The output cases need a child set up first: a file-size rlimit, dropped capabilities, a
+# system call that reports a full disk (helpers.run_cli's `setup`, run in the forked child).
+@pytest.fixture
+def launch():
+    """run(args, cwd, setup) -> CliResult."""
+    return lambda args, cwd, setup="": H.run_cli(args, cwd=cwd, setup=setup)
 
 
 def test_output_past_the_file_size_limit(fam, tmp_path, launch):

@@ -53,7 +53,7 @@ class Manifest:
         self.finished = False
         self._fd: int | None = None
         self._lock = threading.Lock()
-        self._blobs = 0
+        self._seq = 0  # numbers blob names; past every line read, so a resumed run never reuses one
 
     @classmethod
     def create(cls, partial: str, fingerprint: str) -> Manifest:
@@ -101,7 +101,7 @@ class Manifest:
                                                         rec.get("blob"), rec.get("sha256"))
             elif rec.get("finished"):
                 m.finished = True
-            m._blobs += 1
+            m._seq += 1
         if m.fingerprint is None:
             return None
         m._fd = os.open(m.path, os.O_WRONLY | os.O_APPEND)
@@ -112,13 +112,13 @@ class Manifest:
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
         with self._lock, self._writing(self.path):
             os.write(self._fd, line)  # one write on an O_APPEND file: lines never interleave
-            self._blobs += 1
+            self._seq += 1
 
     def _blob(self, prefix: str, obj: Any) -> tuple[str, str]:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            name = f"{prefix}-{self._blobs:08d}.pkl"
-            self._blobs += 1
+            name = f"{prefix}-{self._seq:08d}.pkl"
+            self._seq += 1
         tmp = os.path.join(self.dir, name + ".tmp")
         with self._writing(tmp):
             with open(tmp, "wb") as f:
