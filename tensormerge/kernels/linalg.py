@@ -151,7 +151,12 @@ class CGResult:
 
 
 _DOT_ROW = 1 << 15  # elements summed by one thread (TensorIterator's grain): rows, never split
-_DOT_SLICE = 1 << 23  # elements converted to float64 at once: 64 MiB per operand
+_DOT_SLICE = 1 << 20  # elements converted to float64 at once: 8 MiB per operand
+
+
+def dot_workspace_bytes(numel: int) -> int:
+    """Bytes `_dot` holds at once: both operands' float64 slices and their product."""
+    return 24 * min(numel, _DOT_SLICE)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,7 +4,9 @@ gradient from an initial merge. C_i is the objective's curvature: Kronecker-fact
 a vector parameter (F_i v), or the identity (the average).
 
 CG's step sizes are global over a block, so a CG block is merged whole; blocks without the
-objective's statistics are averaged (splittable), as the research code does.
+objective's statistics are averaged (splittable), as the research code does. CG moves the start
+only within the range of Σ C_i, so a block whose statistics are zero in every model (a head the
+data never used) keeps its start, and the report says it carried no information.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class MatsParams(Params):
                                    "blockwise (fisher_block, vectors), average", choices=OBJECTIVES)
     alpha: float = param(1.0, "off-diagonal scale of every factor (Grams, Fisher blocks)")
     iterations: int = param(100, "most CG iterations per block")
-    tol: float = param(1e-5, "stop when ‖b − Aθ‖ ≤ tol ‖b‖ (scipy's rule)")
+    tol: float = param(1e-5, "stop when ‖b − Aθ‖ ≤ tol ‖b‖ (scipy's rule; ‖A θ_init‖ when b = 0)")
     init: str = param("task_arithmetic", "start: task_arithmetic, average, base, zeros, or a merged checkpoint path")
     init_lambda: float = param(0.3, "λ of the task_arithmetic start")
     precision: str = param("float32", "CG arithmetic (float32 as the research code; float64 for exactness)",
@@ -109,7 +111,8 @@ class Mats(Method):
         kinds = _kinds(params.objective, shape)
         sizes = {"gram_in": shape[-1] ** 2 if shape else 0, "gram_out": shape[0] ** 2 if shape else 0,
                  "fisher_block": math.prod(shape) ** 2 if shape else 0}
-        return sum((n_models + 1) * e * sizes[k] for k in kinds if k in sizes)
+        dots = L.dot_workspace_bytes(math.prod(shape)) if kinds else 0
+        return dots + sum((n_models + 1) * e * sizes[k] for k in kinds if k in sizes)
 
     def work_bytes_per_element(self, n_models: int, params: MatsParams) -> int:
         e = PRECISIONS[params.precision].itemsize
