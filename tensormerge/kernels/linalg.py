@@ -180,11 +180,12 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 def pow2_scale(tensors: list[torch.Tensor]) -> float:
     """The power of two that brings the largest |entry| into [0.5, 1): multiplying a system's
     operator and right-hand side by it is exact and leaves CG's iterates unchanged, while
-    statistics of 1e-30 (whose products with CG's vectors underflow float32) become ~1."""
+    statistics of 1e-30 (whose products with CG's vectors underflow float32) become ~1. Kept
+    within 2^±126, a normal float32 itself (subnormal statistics are only brought up to ~2^-22)."""
     m = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
     if m == 0.0 or not math.isfinite(m):
         return 1.0
-    return math.ldexp(1.0, -math.frexp(m)[1])
+    return math.ldexp(1.0, max(-126, min(126, -math.frexp(m)[1])))
 
 
 def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,

@@ -1,5 +1,7 @@
 """The linear algebra under RegMean and MaTS against float64 references written here."""
 
+import math
+
 import pytest
 import torch
 
@@ -128,3 +130,18 @@ def test_dot_is_float64_and_sliced_deterministically():
     finally:
         torch.set_num_threads(threads)
     assert one == got
+
+
+@pytest.mark.parametrize("top", [1e-30, 3e-3, 7e25, 1e-44])
+def test_pow2_scale_is_exact_and_a_normal_float32(top):
+    """Scaling statistics for CG must not change their bits' meaning: a power of two, undone
+    exactly, bringing the largest entry to [0.5, 1) unless that needs more than 2^126."""
+    g = [(rand(6, seed=i).abs() / 3 * top).float() for i in range(2)]
+    c = L.pow2_scale(g)
+    assert math.frexp(c)[0] == 0.5 and 2.0**-126 <= c <= 2.0**126
+    scaled = [x * c for x in g]
+    m = max(float(x.abs().max()) for x in scaled)
+    assert (0.5 <= m < 1.0) if top > 1e-37 else m > 2.0**-30
+    for x, y in zip(g, scaled):
+        assert torch.isfinite(y).all() and torch.equal(y * (1 / c), x)
+    assert L.pow2_scale([torch.zeros(3)]) == 1.0
