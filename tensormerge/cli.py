@@ -130,6 +130,8 @@ def run(**kw) -> None:
     elif not spec.quiet:
         click.echo(f"wrote {report['output']} ({len(report['shards'])} shard(s)) in {report['seconds']:.2f} s, "
                    f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB")
+        for line in report.get("summary", []):
+            click.echo(line)
 
 
 @cli.command()

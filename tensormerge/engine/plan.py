@@ -39,6 +39,7 @@ class Block:
     stats: dict[str, list[str]] = field(default_factory=dict)  # kind -> key in each model's store
     base_stats: dict[str, str] = field(default_factory=dict)  # kind -> key in the base's store
     fallback: str | None = None  # why the block is merged with the method's fallback
+    base_missing: str | None = None  # which --base-stats kind the base's store lacks (taken as zero)
     fixed_bytes: int = 0  # whole-block statistics and their factorisations, held across chunks
     extra_reads: dict[str, str] = field(default_factory=dict)  # extra checkpoint role -> name
     splits: bool = True
@@ -141,16 +142,26 @@ class MergePlan:
             return []
         used = [b for b in self.merge_blocks if b.stats]
         kinds = sorted({k for b in used for k in b.stats})
-        fallback = self.fallback_blocks
+        fallback, label = self.fallback_blocks, self.method.fallback_label
         line = (f"statistics {len(self.stats.stores)} store(s)" + (" + base" if self.stats.base else "")
                 + f"  {len(used)} blocks merged with {', '.join(kinds) or 'none'}"
-                + f"  {len(fallback)} averaged for lack of statistics")
+                + f"  {len(fallback)} {label} for lack of statistics")
         lines = [line]
         for name, why in list(fallback.items())[:5]:
-            lines.append(f"  averaged {name}: {why}")
+            lines.append(f"  {label} {name}: {why}")
         if len(fallback) > 5:
             lines.append(f"  ... {len(fallback) - 5} more (the report lists all)")
+        missing = self.base_stats_missing
+        if missing:
+            lines.append(f"  {len(missing)} without base statistics, taken as zero")
+            lines += [f"  base statistics {name}: {why}" for name, why in list(missing.items())[:5]]
+            if len(missing) > 5:
+                lines.append(f"  ... {len(missing) - 5} more (the report lists all)")
         return lines
+
+    @property
+    def base_stats_missing(self) -> dict[str, str]:
+        return {b.name: b.base_missing for b in self.blocks if b.base_missing}
 
     @property
     def fallback_blocks(self) -> dict[str, str]:
@@ -287,6 +298,8 @@ def _bind_block(method: Method, params: Params, block: Block, names: list[str], 
         if key is not None:
             block.base_stats[kind] = key
             block.read_bytes_per_row += 4 * per_row if kind in ROW_KINDS else 0
+        elif stats.base is not None:  # a store was given and lacks it: say so, as for the models'
+            block.base_missing = f"no {kind} in {stats.base.path} (taken as zero)"
     block.fixed_bytes += method.fixed_bytes(params, block.merge_shape, n_inputs)
 
 

@@ -535,12 +535,15 @@ class Runner:
             "resumed": {"passes": self.resumed_passes, "chunks": len(self.done), "finished": finished},
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
+            "base_stats_missing": plan.base_stats_missing,
+            "summary": plan.method.run_summary(plan.params, block_notes),
             "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
                         "seconds": self.stats[b.name].seconds,
                         "bytes": self.stats[b.name].bytes_read + self.stats[b.name].bytes_written,
                         "crc32": f"{self.stats[b.name].crc32:08x}",
                         **({"statistics": sorted(b.stats)} if b.stats else {}),
                         **({"fallback": b.fallback} if b.fallback else {}),
+                        **({"base_stats_missing": b.base_missing} if b.base_missing else {}),
                         **block_notes.get(b.name, {})} for b in plan.blocks],
         }
 
@@ -574,6 +577,7 @@ class Runner:
             "base": plan.base.fingerprint() if plan.base is not None else None,
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
+            "base_stats_missing": plan.base_stats_missing,
             "settings": self.opts.settings,
             "seconds": round(seconds, 3),
             "patched_entries": patched,

@@ -144,26 +144,69 @@ def regmean_rows(inputs: list[torch.Tensor], fac: RegMeanFactor, tile: int) -> t
 class CGResult:
     x: torch.Tensor
     iterations: int
-    residual: float  # ‖b − A x‖ / ‖b‖ of the returned x, recomputed (not the recurrence's)
+    # ‖b − A x‖ of the returned x (recomputed, not the recurrence's) relative to ‖b‖; when b = 0,
+    # relative to ‖A x0‖, the part of the start the system can see; 0 when that is zero too
+    residual: float
+    no_information: bool = False  # b = 0 and A x0 = 0: the system says nothing, x is the start
+
+
+_DOT_ROW = 1 << 15  # elements summed by one thread (TensorIterator's grain): rows, never split
+_DOT_SLICE = 1 << 20  # elements converted to float64 at once: 8 MiB per operand
+
+
+def dot_workspace_bytes(numel: int) -> int:
+    """Bytes `_dot` holds at once: both operands' float64 slices and their product."""
+    return 24 * min(numel, _DOT_SLICE)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.sum(a * b, dtype=torch.float64))
+    """Σ a b in float64, products included: float32 squares of entries below ~1e-23 underflow.
+    Summed in fixed rows of 2^15 (each reduced whole by one thread) and the rows' sums added
+    exactly (fsum), so the value depends neither on the thread count nor on the slicing."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    n = a.numel()
+    full = n - n % _DOT_ROW
+    parts: list[float] = []
+    for s in range(0, full, _DOT_SLICE):
+        e = min(s + _DOT_SLICE, full)
+        x = a[s:e].to(torch.float64).view(-1, _DOT_ROW)
+        y = b[s:e].to(torch.float64).view(-1, _DOT_ROW)
+        parts.extend(torch.sum(x * y, dim=1).tolist())
+    if full < n:
+        parts.append(float(torch.sum(a[full:].to(torch.float64) * b[full:].to(torch.float64))))
+    return math.fsum(parts)
+
+
+def pow2_scale(tensors: list[torch.Tensor]) -> float:
+    """The power of two that brings the largest |entry| into [0.5, 1): multiplying a system's
+    operator and right-hand side by it is exact and leaves CG's iterates unchanged, while
+    statistics of 1e-30 (whose products with CG's vectors underflow float32) become ~1. Kept
+    within 2^±126, a normal float32 itself (subnormal statistics are only brought up to ~2^-22)."""
+    m = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
+    if m == 0.0 or not math.isfinite(m):
+        return 1.0
+    return math.ldexp(1.0, max(-126, min(126, -math.frexp(m)[1])))
 
 
 def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
                        max_iter: int, tol: float) -> CGResult:
-    """CG on A x = b for PSD A, stopping when ‖r‖ ≤ tol‖b‖ (scipy's rule) or after max_iter
-    matvecs; no preconditioner and no damping, as in the MaTS code."""
-    bnorm = math.sqrt(_dot(b, b))
-    if bnorm == 0.0:
-        return CGResult(torch.zeros_like(b), 0, 0.0)
+    """CG on A x = b for PSD A from x0, stopping when ‖r‖ ≤ tol‖b‖ (scipy's rule) or after
+    max_iter matvecs; no preconditioner and no damping, as in the MaTS code.
+
+    Every step adds a multiple of a residual, and residuals lie in range(A) (b does, for
+    b = Σ C_i θ_i): x only moves within A's range and keeps the start's null-space part. So
+    A = 0 returns the start, and b = 0 with A ≠ 0 projects the start onto A's null space
+    (the stopping rule then measures ‖r‖ against ‖A x0‖)."""
     x = x0.to(b.dtype, copy=True)
+    bnorm = math.sqrt(_dot(b, b))
     r = b - apply(x)
     rr = _dot(r, r)
+    scale = bnorm if bnorm > 0.0 else math.sqrt(rr)  # b = 0: r0 = −A x0
+    if scale == 0.0:  # b = 0 and A x0 = 0: nothing to solve for, nothing to measure against
+        return CGResult(x, 0, 0.0, no_information=True)
     p = r.clone()
     k = 0
-    while k < max_iter and math.sqrt(rr) > tol * bnorm:
+    while k < max_iter and math.sqrt(rr) > tol * scale:
         ap = apply(p)
         pap = _dot(p, ap)
         if pap <= 0.0:  # p in A's null space: nothing left to gain along it
@@ -176,7 +219,7 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
         p.mul_(rr_new / rr).add_(r)
         rr = rr_new
     res = b - apply(x)
-    return CGResult(x, k, math.sqrt(_dot(res, res)) / bnorm)
+    return CGResult(x, k, math.sqrt(_dot(res, res)) / scale)
 
 
 def kfac_apply(a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

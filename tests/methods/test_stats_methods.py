@@ -304,6 +304,50 @@ def test_mats_regmean_fisher_blockwise_objectives(tmp_path):
     torch.testing.assert_close(got["w"], sum(f * w for f, w in zip(fw, ws)) / sum(fw), rtol=1e-9, atol=1e-10)
 
 
+def test_mats_tiny_statistics_are_solved_not_zeroed(tmp_path):
+    """Fishers near 1e-30 (F·θ ~ 1e-30) and K-FAC factors near 1e-16 (B W A ~ 1e-32): their
+    squares underflow float32, but they are information all the same, at the default precision."""
+    ws = [rand(4, 3, seed=i) for i in range(3)]
+    base = rand(4, 3, seed=9)
+    fw = [((rand(4, 3, seed=40 + i).abs() + 0.5) * 1e-30).float().double() for i in range(3)]
+    got, rep = run(tmp_path, "mats", [{"w": w} for w in ws], [{"fisher": {"w": f.float()}} for f in fw],
+                   base={"w": base}, tag="fi", params={"objective": "fisher", "tol": "1e-6"})
+    want = sum(f * w for f, w in zip(fw, ws)) / sum(fw)
+    torch.testing.assert_close(got["w"], want, rtol=1e-4, atol=1e-5)
+    assert not rep["blocks"][0]["cg_no_information"] and rep["blocks"][0]["cg_residual"] <= 1e-6
+    ga = [(spd(3, seed=10 + i) * 1e-16).float().double() for i in range(3)]
+    gb = [(spd(4, seed=20 + i) * 1e-16).float().double() for i in range(3)]
+    got, rep = run(tmp_path, "mats", [{"w": w} for w in ws],
+                   [{"gram_in": {"w": a.float()}, "gram_out": {"w": b.float()}} for a, b in zip(ga, gb)],
+                   base={"w": base}, tag="kf")
+    K, rhs = kfac_system(ws, ga, gb)
+    want = torch.linalg.solve(K, rhs).reshape(4, 3)
+    torch.testing.assert_close(got["w"], want, rtol=1e-3, atol=1e-3)
+    assert not rep["blocks"][0]["cg_no_information"] and rep["blocks"][0]["cg_residual"] <= 1e-5
+
+
+@pytest.mark.parametrize("objective", ["kfac", "fisher"])
+def test_mats_statistics_zero_in_some_models_solve_with_the_others(tmp_path, objective):
+    """Model 0's statistics are exactly zero for w: C_0 = 0, so the system is the others' alone."""
+    ws = [rand(4, 3, seed=i) for i in range(3)]
+    base = rand(4, 3, seed=9)
+    if objective == "kfac":
+        ga = [torch.zeros(3, 3, dtype=F64)] + [spd(3, seed=10 + i) for i in range(1, 3)]
+        gb = [spd(4, seed=20 + i) for i in range(3)]
+        stats = [{"gram_in": {"w": a.float()}, "gram_out": {"w": b.float()}} for a, b in zip(ga, gb)]
+        K, rhs = kfac_system(ws[1:], ga[1:], gb[1:])
+        want = torch.linalg.solve(K, rhs).reshape(4, 3)
+    else:
+        fw = [torch.zeros(4, 3, dtype=F64)] + [(rand(4, 3, seed=40 + i).abs() + 0.1).float().double()
+                                               for i in range(1, 3)]
+        stats = [{"fisher": {"w": f.float()}} for f in fw]
+        want = sum(f * w for f, w in zip(fw[1:], ws[1:])) / sum(fw[1:])
+    got, rep = run(tmp_path, "mats", [{"w": w} for w in ws], stats, base={"w": base},
+                   params={"objective": objective, "precision": "float64", "tol": "1e-13"})
+    torch.testing.assert_close(got["w"], want, rtol=1e-9, atol=1e-10)
+    assert not rep["blocks"][0]["cg_no_information"] and rep["blocks"][0]["cg_iterations"] > 0
+
+
 def test_mats_block_over_budget_names_the_bytes(tmp_path):
     ws = [rand(64, 64, seed=i) for i in range(2)]
     g = spd(64, seed=3).float()
@@ -342,6 +386,42 @@ def test_ubgm_against_formula_and_special_cases(tmp_path):
     for k in base:
         f = [s * h[k].double() for s, h in zip([1.0, 3.0, 0.5], hs)]
         torch.testing.assert_close(got[k], sum(fi * m[k] for fi, m in zip(f, models)) / sum(f), rtol=1e-6, atol=1e-9)
+
+
+def test_ubgm_without_fishers_takes_the_h_zero_limit_and_reports_missing_base_keys(tmp_path):
+    """e: no store has it; b: one store lacks it -> both θ0 + α Σ τ (H_t = 0), listed as fallbacks.
+    u: every model's store has it, the base's does not -> H0 = 0, listed as such; w: everything."""
+    from tensormerge.api import plan
+
+    shapes = {"w": (5, 3), "u": (4,), "b": (6,), "e": (3, 2)}
+    base = {k: rand(*sh, seed=j) for j, (k, sh) in enumerate(shapes.items())}
+    models = [{k: v + 0.1 * rand(*v.shape, seed=10 * i + j) for j, (k, v) in enumerate(base.items())}
+              for i in range(1, 4)]
+    hs = [{k: (rand(*shapes[k], seed=100 + 10 * i + j).abs() + 0.1).float() for j, k in enumerate(("w", "u", "b"))}
+          for i in range(3)]
+    del hs[1]["b"]
+    h0 = {"w": (rand(5, 3, seed=200).abs() + 0.1).float()}
+    params = {"alpha": "0.7", "delta0": "1e-3", "base_scale": "2"}
+    got, rep = run(tmp_path, "ubgm", models, [{"fisher": h} for h in hs], base=base, base_stats={"fisher": h0},
+                   params=params)
+    for k in ("e", "b"):
+        want = base[k] + 0.7 * sum(m[k] - base[k] for m in models)
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-9)
+    zero = {"u": torch.zeros(4, dtype=F64), "w": h0["w"].double()}
+    for k in ("w", "u"):
+        want = ubgm_formula(base[k], [m[k] for m in models], [h[k].double() for h in hs], zero[k], 0.7, 1e-3, 2.0,
+                            [1.0] * 3)
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-9)
+    assert sorted(rep["fallback_blocks"]) == ["b", "e"] and "s1.zarr" in rep["fallback_blocks"]["b"]
+    assert list(rep["base_stats_missing"]) == ["u"] and "base.zarr" in rep["base_stats_missing"]["u"]
+    block = {b["name"]: b for b in rep["blocks"]}
+    assert "taken as zero" in block["u"]["base_stats_missing"] and "base_stats_missing" not in block["w"]
+    paths = [str(tmp_path / f"out-m{i}") for i in range(3)]
+    text = plan(MergeSpec("ubgm", paths, None, base=str(tmp_path / "out-base"), params=params,
+                          stats=[str(tmp_path / f"out-s{i}.zarr") for i in range(3)],
+                          base_stats=str(tmp_path / "out-base.zarr")))
+    assert "2 merged as θ0 + α Σ τ (H = 0) for lack of statistics" in text
+    assert "1 without base statistics, taken as zero" in text and "base statistics u: no fisher in" in text
 
 
 def test_ubgm_worked_example(tmp_path):
