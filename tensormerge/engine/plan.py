@@ -207,7 +207,7 @@ def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
             if other is not None and dtype_kind(ck.tensors[other].dtype) != dtype_kind(t.dtype):
                 problems.append(f"{n!r} is {dtype_kind(t.dtype)} ({_dt(t.dtype)}) in {ref.spec} but "
                                 f"{dtype_kind(ck.tensors[other].dtype)} ({_dt(ck.tensors[other].dtype)}) in {ck.spec}")
-        problems += _untied_in(ref, ck, groups)
+    problems += _untied(ref, others, groups)
     if problems:
         raise InputError("inputs differ: " + "; ".join(problems))
 
@@ -224,19 +224,19 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _untied_in(ref: Checkpoint, ck: Checkpoint, groups: dict[str, list[str]]) -> list[str]:
-    """Names the reference ties (one storage, e.g. lm_head and the embedding) that `ck` stores
-    apart. Merging name by name would read one of `ck`'s tensors and drop the other, and a tied
-    output cannot hold two merged tensors; so it is refused (an untied reference is fine: a
+def _untied(ref: Checkpoint, others: list[Checkpoint], groups: dict[str, list[str]]) -> list[str]:
+    """Names the reference ties (one storage, e.g. lm_head and the embedding) that another model
+    stores apart. Merging name by name would read one of its tensors and drop the other, and a
+    tied output cannot hold two merged tensors; so it is refused (an untied reference is fine: a
     tied model's lm_head is its embedding, and is read as such)."""
     out = []
     for n, group in groups.items():
         if n != ref.canonical(n) or len(group) < 2:
             continue
-        apart = sorted({ck.canonical(m) for m in group if m in ck.tensors})
-        if len(apart) > 1:
-            out.append(f"{ref.spec} ties {_few(group)} (one tensor) but {ck.spec} stores {_few(apart)} apart: "
-                       "untie the reference (save it with tie_word_embeddings=false) to merge them")
+        apart = [ck.spec for ck in others if len({ck.canonical(m) for m in group if m in ck.tensors}) > 1]
+        if apart:
+            out.append(f"{ref.spec} ties {_few(group)} (one tensor) but {', '.join(apart)} store(s) them apart "
+                       "(untie the reference: save it with tie_word_embeddings=false)")
     return out
 
 

@@ -213,15 +213,15 @@ def _check_overlaps(path: str, entries: dict[str, TensorEntry], data_start: int,
         if e.begin < pos and e.nbytes and prev is not None:
             raise InputError(f"{path}: tensors {quote(prev.name)} and {quote(e.name)} have overlapping data offsets")
         if e.begin != pos:
-            raise InputError(f"{path}: tensor {quote(e.name)} starts at data offset {e.begin - data_start}, not "
-                             f"{pos - data_start} where the previous tensor ends (a hole, or an empty tensor "
-                             "inside another; the safetensors library refuses such a file)")
+            raise InputError(f"{path}: tensor {quote(e.name)} starts at data offset {e.begin - data_start} where "
+                             f"{pos - data_start} was expected (a hole between tensors, bytes before the first, or "
+                             "an empty tensor inside another: the safetensors library refuses such a file)")
         pos = e.end
         if e.nbytes:
             prev = e
     if pos != data_start + data_len:
         raise InputError(f"{path}: {data_start + data_len - pos} bytes after the last tensor's data (the "
-                         "safetensors library refuses such a file; truncated or appended to?)")
+                         "safetensors library refuses such a file)")
     return aliases
 
 

@@ -238,7 +238,7 @@ def confinement(directory: str) -> str:
     real = os.path.realpath(directory)
     parent = os.path.dirname(real)
     repo = os.path.dirname(parent)
-    if (os.path.basename(parent) == "snapshots" and os.path.basename(repo).startswith(("models--", "datasets--"))
+    if (os.path.basename(parent) == "snapshots" and os.path.basename(repo).startswith("models--")
             and os.path.isdir(os.path.join(repo, "blobs"))):
         return repo
     return real

@@ -307,6 +307,9 @@ def test_hub_snapshot_link_outside_its_repo_folder_is_refused(hub_cache, tmp_pat
     with pytest.raises(InputError, match="outside") as ei:
         open_checkpoint("org/base")
     assert shard in str(ei.value) and "models--org--base" in str(ei.value)
+    ck = open_checkpoint("org/other")  # untouched, its links into its own blobs are fine
+    assert len(ck.files) == 2
+    ck.close()
 
 
 # ------------------------------------------------------------------------------- local confinement
