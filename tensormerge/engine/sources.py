@@ -244,14 +244,15 @@ def confinement(directory: str) -> str:
     return real
 
 
-def confined(path: str, directory: str, what: str) -> str:
+def confined(path: str, directory: str, what: str, hint: str = "") -> str:
     """`path` (a file in `directory`) resolved, or an InputError when a link takes it outside the
     directory's confinement: a stranger's checkpoint must not make us read, or copy into the
     output, a file elsewhere on this machine."""
     real, root = os.path.realpath(path), confinement(directory)
     if os.path.commonpath([real, root]) != root:
         where = "its Hugging Face repo folder" if root != os.path.realpath(directory) else "the checkpoint directory"
-        raise InputError(f"{path}: {what} links to {quote(real)}, outside {where} {quote(root)}")
+        raise InputError(f"{path}: {what} links to {quote(real)}, outside {where} {quote(root)}"
+                         + (f" ({hint})" if hint else ""))
     return real
 
 
@@ -303,7 +304,7 @@ def _from_path(spec: str, path: str) -> Checkpoint:
         for cand in _DIR_CANDIDATES:
             p = os.path.join(path, cand)
             if os.path.isfile(p):
-                confined(p, path, cand)
+                confined(p, path, cand, "name the file itself to read it where it is")
                 ck = _from_path(spec, p)
                 ck.config_dir = os.path.abspath(path)
                 return ck
@@ -329,13 +330,15 @@ def _refuse_ambiguous(path: str) -> None:
         s, i = os.path.join(path, single), os.path.join(path, index)
         if not (os.path.isfile(s) and os.path.isfile(i)):
             continue
+        confined(i, path, index)
+        shards = None  # unreadable, too large or malformed: ambiguous all the same
         try:
-            with open(i, "rb") as f:
-                raw = f.read(C.MAX_HEADER_BYTES + 1)
-            weight_map = load_json(i, raw, "index").get("weight_map")
-            shards = set(weight_map.values()) if isinstance(weight_map, dict) else None
+            if os.path.getsize(i) <= C.MAX_HEADER_BYTES:
+                with open(i, "rb") as f:
+                    weight_map = load_json(i, f.read(), "index").get("weight_map")
+                shards = set(weight_map.values()) if isinstance(weight_map, dict) else None
         except (OSError, InputError, AttributeError, TypeError):
-            shards = None  # unreadable or malformed: ambiguous all the same
+            pass
         if shards != {single}:
             raise InputError(f"{path}: ambiguous: holds both {single} and {index} naming other shards; name the "
                              f"one to merge ({os.path.join(path, single)}, which transformers loads, or "

@@ -267,7 +267,7 @@ def side_files(copy_from: str) -> list[tuple[str, str]]:
     for fname in sorted(os.listdir(copy_from)):
         src = os.path.join(copy_from, fname)
         if _is_side_file(fname) and os.path.isfile(src):
-            out.append((fname, confined(src, copy_from, "side file")))
+            out.append((fname, confined(src, copy_from, "side file", "copy the file in, or remove the link")))
     return out
 
 
