@@ -286,7 +286,7 @@ class Runner:
             shape = b.merge_shape if b.transposed else (r1 - r0,) + b.shape[1:] if b.shape else ()
             chunk_extras: list = []
             if b.kind == "copy":
-                out = self._copy(b, data).reshape(shape).contiguous().cpu()
+                out = self._copy(b, data).reshape(shape).to(b.out_dtype).contiguous().cpu()
             else:
                 out = torch.empty(shape, dtype=b.out_dtype)
                 if b.stats and first:

@@ -22,6 +22,7 @@ import torch
 from tensormerge import constants as C
 from tensormerge.engine import faults
 from tensormerge.engine.safetensors_format import build_header, element_size
+from tensormerge.engine.sources import confined
 from tensormerge.errors import OutputError
 
 PATCH_WINDOW_ELEMENTS = 1 << 22
@@ -192,11 +193,9 @@ class ShardedWriter:
                          "weight_map": {n: s.file for n, s in self.slots.items()}}
                 self._write_json(C.SAFE_INDEX, index)
             if copy_from:
-                for fname in sorted(os.listdir(copy_from)):
-                    src = os.path.join(copy_from, fname)
-                    if _is_side_file(fname) and os.path.isfile(src):
-                        self._finishing = os.path.join(self.partial, fname)
-                        shutil.copyfile(src, self._finishing)
+                for fname, src in side_files(copy_from):
+                    self._finishing = os.path.join(self.partial, fname)
+                    shutil.copyfile(src, self._finishing)
             self._write_json(C.PROVENANCE, provenance)
             for fname, fd in list(self._fds.items()):
                 # a network or thin-provisioned disk may report a full disk only here
@@ -258,6 +257,18 @@ def _is_side_file(fname: str) -> bool:
     if fname in C.WEIGHT_INDEX_NAMES or fname.endswith(".index.json"):
         return False
     return not fname.endswith(C.WEIGHT_SUFFIXES)
+
+
+def side_files(copy_from: str) -> list[tuple[str, str]]:
+    """(name, resolved path) of each file copied beside the merged weights, confined as the
+    weights are: a link out of the checkpoint (or out of its hub repo folder) is an InputError,
+    which the plan raises before any work."""
+    out = []
+    for fname in sorted(os.listdir(copy_from)):
+        src = os.path.join(copy_from, fname)
+        if _is_side_file(fname) and os.path.isfile(src):
+            out.append((fname, confined(src, copy_from, "side file", "copy the file in, or remove the link")))
+    return out
 
 
 def os_error_reason(e: OSError) -> str:
