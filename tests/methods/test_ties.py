@@ -1,5 +1,6 @@
 """TIES through the engine against a float64 re-implementation of the reference code."""
 
+import json
 import math
 
 import numpy as np
@@ -290,8 +291,12 @@ def test_zero_majority_sign_keeps_the_negative_entries(tmp_path, merge_fn, scope
     exp = reference_ties(base, fts, merge_fn=merge_fn, scope=scope, info=info)
     assert all(votes == 0 and cancelling > 0 for votes, cancelling in info), info  # the case under test
     outs = []
-    for tag, extra in (("one", ["--max-memory", "64MiB"]), ("many", ["--max-memory", "2KiB"]),
-                       ("torch", ["--max-memory", "2KiB", "--kernels", "torch"])):
+    runs = [("many", ["--max-memory", "2KiB"])]  # many chunks: the zero guess of early ones is patched
+    if merge_fn in ("dis-mean", "dis-sum"):  # where a zero sign selects something
+        runs.append(("one", ["--max-memory", "64MiB"]))
+    if merge_fn == "dis-mean":  # the numba kernel's case (auto) against the torch reference
+        runs.append(("torch", ["--max-memory", "2KiB", "--kernels", "torch"]))
+    for tag, extra in runs:
         out = tmp_path / tag
         res = H.run_cli(["run", "-q", "-m", "ties", "-i", ",".join(ft_paths), "-b", base_path, "-o", out,
                          "-p", f"merge={merge_fn}", "-p", f"scope={scope}", *extra], cwd=tmp_path)
@@ -300,7 +305,9 @@ def test_zero_majority_sign_keeps_the_negative_entries(tmp_path, merge_fn, scope
         for n, t in got.items():
             torch.testing.assert_close(t.double(), exp[n].to(t.dtype).double(), rtol=0, atol=TOL[t.dtype], msg=n)
         outs.append(H.shard_digests(out))
-    assert outs[0] == outs[1] == outs[2]
+        if tag == "many":  # early chunks guessed a nonzero majority: the patch step rewrote them
+            assert json.loads((out / "tensormerge.json").read_text())["patched_entries"] > 0
+    assert all(o == outs[0] for o in outs)
     if merge_fn == "dis-mean":  # (2, -1, -1) -> -1 and (-1, ·, 1) -> -1 below the base, by hand
         t = got["a.weight"].reshape(-1).double() - base["a.weight"].reshape(-1).double()
         assert int((t == -1).sum()) >= 3 * 3
