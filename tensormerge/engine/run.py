@@ -19,6 +19,7 @@ from tensormerge import __version__
 from tensormerge.constants import PASS_SUB_FACTOR, PROVENANCE, ROW_KINDS
 from tensormerge.engine import faults
 from tensormerge.engine.alloc import keep_freed_buffers
+from tensormerge.engine.cast import store_checked
 from tensormerge.engine.crc import crc32_combine
 from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.manifest import Manifest
@@ -27,7 +28,6 @@ from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError, OutputError
 from tensormerge.kernels import dispatch
-from tensormerge.kernels.reference import all_finite
 from tensormerge.methods.base import BlockData
 from tensormerge.stats.bind import check_gram
 
@@ -303,13 +303,8 @@ class Runner:
                         note = method.progress(extra)
                         if note and bar is not None:
                             bar.note = note
-                    if not all_finite(result):
-                        raise InputError(f"tensor {b.name!r}: the merge produced NaN or Inf (non-finite input values?)")
                     s0 = part.row_start - data.row_start
-                    if shape:
-                        out[s0:s0 + result.shape[0]].copy_(result)
-                    else:
-                        out.copy_(result)
+                    store_checked(b.name, result, out[s0:s0 + result.shape[0]] if shape else out)
             if b.transposed:
                 out = out.t().contiguous()
             self.stats[b.name].seconds += time.perf_counter() - t0
@@ -556,6 +551,9 @@ class Runner:
         for name, group in grouped.items():
             index = torch.cat([p.index for p in group])
             values = torch.cat([p.values for p in group])
+            cast = torch.empty(values.shape, dtype=by_block[name].out_dtype)
+            store_checked(name, values, cast)
+            values = cast
             for out_name in by_block[name].out_names:
                 writer.patch(out_name, index, values)
             count += index.numel()

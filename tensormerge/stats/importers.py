@@ -30,6 +30,7 @@ UNWRAP = ("state_dict", "fisher", "gram", "grams", "statistics")
 FISHER_TYPES = ("empirical", "true")
 SQUARE_KINDS = ("gram_in", "gram_out", "fisher_block")
 LIST_LIMIT = 8
+WEIGHT_LAYOUTS = ("out_in", "in_out")  # torch Linear [out, in]; GPT-2's Conv1D [in, out]
 
 
 @dataclass
@@ -193,7 +194,7 @@ def _check_keys(path: str, entries: list[Entry], kind: str) -> None:
             raise InputError(f"{path}: {kind} {e.source!r} has shape {list(e.shape)}, a {kind} must be square")
 
 
-def _check_model(path: str, entries: list[Entry], kind: str, ck, model: str) -> None:
+def _check_model(path: str, entries: list[Entry], kind: str, ck, model: str, in_out: bool) -> None:
     from tensormerge.stats.store import expected_shape
 
     bad = []
@@ -202,7 +203,8 @@ def _check_model(path: str, entries: list[Entry], kind: str, ck, model: str) -> 
         if t is None:
             bad.append(f"{e.key} (no such tensor)")
             continue
-        want = expected_shape(kind, tuple(t.shape))
+        shape = tuple(t.shape)
+        want = expected_shape(kind, shape[::-1] if in_out and len(shape) == 2 else shape)
         if want is None:
             bad.append(f"{e.key} (no {kind} for a tensor of shape {list(t.shape)})")
         elif tuple(e.shape) != want:
@@ -225,12 +227,22 @@ def _value(path: str, e: Entry) -> torch.Tensor:
 
 
 def import_stats(path: str, kind: str, output: str, *, model: str | None = None, count: int | None = None,
-                 fisher_type: str | None = None, overwrite: bool = False, append: bool = False) -> dict:
-    """Write the statistics in `path` to a store at `output`; nothing is left there on failure."""
+                 fisher_type: str | None = None, overwrite: bool = False, append: bool = False,
+                 weight_layout: str = "out_in") -> dict:
+    """Write the statistics in `path` to a store at `output`; nothing is left there on failure.
+
+    weight_layout in_out marks Grams of weights stored [in, out] (GPT-2's Conv1D), as `stats
+    compute` marks them: a square Gram fits either layout, so only this mark keeps the merge
+    from solving with it on the wrong side."""
     from tensormerge.stats.store import StatsWriter
 
     if kind not in STATS_KINDS:
         raise ParameterError(f"--kind {kind!r}: expected one of {', '.join(STATS_KINDS)}")
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ParameterError(f"--weight-layout {weight_layout!r}: expected one of {', '.join(WEIGHT_LAYOUTS)}")
+    in_out = weight_layout == "in_out"
+    if in_out and kind not in ("gram_in", "gram_out"):
+        raise ParameterError(f"--weight-layout in_out applies to Grams (gram_in, gram_out), not to {kind}")
     if fisher_type not in (None, *FISHER_TYPES):
         raise ParameterError(f"--fisher-type {fisher_type!r}: expected one of {', '.join(FISHER_TYPES)}")
     if count is not None and count <= 0:
@@ -257,7 +269,7 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
         warnings += _name_keys(entries, kind, fmt, tensors, model)
         _check_keys(path, entries, kind)
         if ck is not None:
-            _check_model(path, entries, kind, ck, model)
+            _check_model(path, entries, kind, ck, model, in_out)
         writer = StatsWriter(
             output, model=None if ck is None else {"spec": model, "identity": ck.identity()},
             n_examples=count if kind in ("fisher", "fisher_block") else None, fisher_type=fisher_type,
@@ -265,6 +277,8 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
         try:
             for e in entries:
                 extra = {"source": e.source} if e.source != e.key else {}
+                if in_out:
+                    extra["weight_layout"] = "in_out"
                 writer.add(kind, e.key, _value(path, e), count=count, **extra)
             writer.close()
         except BaseException:

@@ -110,6 +110,38 @@ def test_fisher_normalize_uses_global_norms(tmp_path):
     assert [p["name"] for p in rep["passes"]] == ["fisher-norms"]
 
 
+def test_fisher_normalize_with_negative_zero_entries_cli(tmp_path):
+    """−0.0 is a valid zero Fisher (a squared gradient that underflowed through a negation, a
+    NumPy round trip): normalize=true reads its bit pattern for the global norms, and must
+    count it as 0, not crash on its sign bit. Through the CLI, against the float64 formula."""
+    from tests import helpers as H
+
+    shapes = {"a": (8, 3), "b": (5,)}
+    models = [{k: rand(*s, seed=i * 7 + j) for j, (k, s) in enumerate(shapes.items())} for i in range(2)]
+    fishers = [{k: (rand(*s, seed=50 + i * 7 + j).abs() * (1 + 9 * i)).float() for j, (k, s) in enumerate(shapes.items())}
+               for i in range(2)]
+    fishers[0]["a"][2, :] = -0.0  # a row no example reached, in both models' Fishers
+    fishers[1]["a"][2, 1] = -0.0
+    fishers[1]["b"][0] = -0.0
+    assert torch.signbit(fishers[0]["a"][2]).all()
+    paths = [save_model(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
+    stores = [write_store(tmp_path / f"s{i}.zarr", {"fisher": f}) for i, f in enumerate(fishers)]
+    from tensormerge.stats.store import StatsStore
+
+    assert torch.signbit(StatsStore(stores[0]).read("fisher", "a")[2]).all()  # the store kept the sign bit
+    out = tmp_path / "out"
+    res = H.run_cli(["run", "-q", "-m", "fisher", "-i", ",".join(paths), "--stats", ",".join(stores), "-o", out,
+                     "-p", "normalize=true"], cwd=tmp_path)
+    assert res.returncode == 0, str(res)
+    got = load_file(str(out / "model.safetensors"))
+    zeroed = [{k: v.abs() for k, v in f.items()} for f in fishers]  # −0.0 -> 0.0: the same Fisher
+    norms = [torch.sqrt(sum((f[k].double() ** 2).sum() for k in shapes)) for f in zeroed]
+    w = [0.5 / n for n in norms]
+    for k in shapes:
+        want = fisher_formula([m[k] for m in models], [f[k] for f in zeroed], w, 1e-8, "clamp", [True, True])
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-12)
+
+
 def test_fisher_missing_key_falls_back_to_average_and_is_reported(tmp_path):
     models = [{"a": rand(4, 3, seed=i), "b": rand(2, seed=9 + i)} for i in range(2)]
     stats = [{"fisher": {"a": rand(4, 3, seed=20).abs().float(), "b": rand(2, seed=21).abs().float()}},
