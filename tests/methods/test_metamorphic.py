@@ -820,3 +820,60 @@ def test_fisher_negative_zero_entries_are_zero_statistics(normalize, data):
         want = sum(wi * f * f64(x[k]) for wi, f, x in zip(w, fk, case.models)) / sum(wi * f for wi, f in zip(w, fk))
         check(got[k], want, 4 * case.n * case.eps_w * maxabs + case.eps_o * maxabs, f"fisher {k}", case.dtype)
         assert torch.equal(got_neg[k], got[k]), f"fisher {k}: −0.0 Fisher entries changed the merge"
+
+
+# ================================================================================== DARE p > 0
+@given(data=st.data())
+@examples(5)
+def test_dare_entries_are_rescaled_subset_sums(data):
+    """DARE keeps or drops each (model, element) entry: every output element is θ_0 + λ/(1 − p)
+    Σ_{i∈S} τ_i for some subset S of the models (λ Σ_{i∈S} τ_i without rescale), and p = 0.9
+    drops some entries somewhere. The nearest of the 2^N candidates (float64) must be within
+    4·N·eps_w of the summed magnitudes plus the output rounding. (This is also what a
+    permutation changes for p > 0: which entries are kept, never the form of the result.)"""
+    case = data.draw(cases())
+    p = data.draw(st.sampled_from([0.3, 0.5, 0.9]))
+    lam = data.draw(st.floats(0.1, 2.0))
+    rescale = data.draw(st.booleans())
+    with tempfile.TemporaryDirectory(prefix="tm-meta-") as d:
+        m = Merger(d)
+        got, _ = m("dare", m.models(case.models), m.model(case.base), params={"p": p, "lambda": lam, "rescale": rescale,
+                                                                              "seed": data.draw(st.integers(0, 99))})
+    s = lam / (1 - p) if rescale else lam
+    scale = 2 * case.maxabs() * (1 + case.n * s)
+    kept_all = True
+    for k in case.base:
+        th0 = f64(case.base[k])
+        taus = [f64(x[k]) - th0 for x in case.models]
+        cands = torch.stack([th0 + s * sum((t for t, keep in zip(taus, mask) if keep), torch.zeros_like(th0))
+                             for mask in itertools.product([False, True], repeat=case.n)])
+        dist = (cands - f64(got[k])).abs()
+        best = dist.min(0)
+        atol = 4 * case.n * case.eps_w * scale + case.eps_o * float(f64(got[k]).abs().max())
+        assert float(best.values.max()) <= atol, f"dare {k}: an element is no rescaled subset sum ({best.values.max():.3e})"
+        kept_all &= bool((best.indices == 2**case.n - 1).all())
+    if p == 0.9:
+        assert not kept_all, "dare p=0.9 kept every entry"
+
+
+@given(data=st.data())
+@examples(4)
+def test_ubgm_base_statistics_of_some_blocks_only(data):
+    """SPEC §4: the base's Fishers are optional, zero where absent: a block the base store lacks
+    is merged with H_0 = 0, the others with theirs (float64 formula, tolerance as the
+    permutation test's)."""
+    case = data.draw(cases())
+    hs = [fisher(case, case.gen(i)) for i in range(case.n)]
+    h0 = fisher(case, case.gen(99))
+    missing = data.draw(st.sampled_from([W, B]))
+    params = {"alpha": data.draw(st.floats(0.1, 2.0)), "delta0": 1e-3, "base_scale": data.draw(st.floats(0.5, 3.0))}
+    with tempfile.TemporaryDirectory(prefix="tm-meta-") as d:
+        m = Merger(d)
+        got, _ = m("ubgm", m.models(case.models), m.model(case.base), m.stores([{"fisher": h} for h in hs]),
+                   m.stores([{"fisher": {k: v for k, v in h0.items() if k != missing}}])[0], params)
+    scale = 2 * case.maxabs() * (1 + case.n * lam_bound(params))
+    for k in case.base:
+        stats = [{"fisher": h} for h in hs] + ([] if k == missing else [{"fisher": h0}])
+        want = elementwise_formula("ubgm", case, k, {k_: str(v) for k_, v in params.items()}, stats)
+        atol = 4 * case.n * case.eps_w * scale + case.eps_o * float(want.abs().max())
+        check(got[k], want, atol, f"ubgm {k} (base store lacks {missing})", case.dtype)
