@@ -641,14 +641,8 @@ def test_fisher_invariant_to_one_scale_of_every_fisher(data):
 
 
 # ================================================================================== zero statistics
-CG_XFAIL = pytest.mark.xfail(strict=True, reason="issue 11: fixed on branch i11-cg (mats CG returns zeros when "
-                                                 "the right-hand side is zero)")
-
-
 @pytest.mark.parametrize("method", [
-    "fisher", "regmean", "ubgm",
-    pytest.param("mats-kfac", marks=CG_XFAIL), pytest.param("mats-regmean", marks=CG_XFAIL),
-    pytest.param("mats-fisher", marks=CG_XFAIL), pytest.param("mats-blockwise", marks=CG_XFAIL)])
+    "fisher", "regmean", "ubgm", "mats-kfac", "mats-regmean", "mats-fisher", "mats-blockwise"])
 @given(data=st.data())
 @examples(5)
 def test_zero_statistics_give_the_fallback(method, data):
@@ -721,12 +715,8 @@ def test_zero_statistics_give_the_fallback(method, data):
 
 
 # ================================================================================== partial statistics
-UBGM_XFAIL = pytest.mark.xfail(strict=True, reason="issue 11: fixed on branch i11-cg (ubgm merges blocks without "
-                                                   "a Fisher by the average, not θ_0 + α Σ τ_t)")
-
-
 @pytest.mark.parametrize("method", ["fisher", "regmean", "mats-kfac", "mats-regmean", "mats-fisher",
-                                    "mats-blockwise", pytest.param("ubgm", marks=UBGM_XFAIL)])
+                                    "mats-blockwise", "ubgm"])
 @given(data=st.data())
 @examples(5)
 def test_statistics_of_some_models_only(method, data):
@@ -787,8 +777,7 @@ def test_statistics_of_some_models_only(method, data):
     check(got[target], want, atol, f"{method} {target} lacking {drop} in stores {sorted(lacking)}", case.dtype)
 
 
-@pytest.mark.parametrize("normalize", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="issue 11: fixed on branch i11-misc (fisher normalize=true crashes on −0.0 Fisher entries)"))])
+@pytest.mark.parametrize("normalize", [False, True])
 @given(data=st.data())
 @examples(4)
 def test_fisher_negative_zero_entries_are_zero_statistics(normalize, data):
