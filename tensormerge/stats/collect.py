@@ -33,6 +33,7 @@ import torch
 
 from tensormerge import __version__
 from tensormerge.constants import PARTIAL_SUFFIX
+from tensormerge.engine import outdir
 from tensormerge.errors import BudgetError, InputError, OutputError, ParameterError
 from tensormerge.stats.data import Tokenize, batches, data_fingerprint, load_examples
 from tensormerge.stats.grads import PerExampleGrads, batch_grad
@@ -300,11 +301,21 @@ def _load_checkpoint(output: str, fingerprint: str) -> dict | None:
 # ------------------------------------------------------------------ entry point
 def compute_stats(opts: ComputeOptions) -> dict:
     """Compute and write the store; a failure leaves no store at `output` (and, unless a
-    checkpoint was saved for --resume, nothing at output.partial either)."""
+    checkpoint was saved for --resume, nothing at output.partial either). The output is checked
+    (engine/outdir) and locked before the model is loaded."""
+    opts.check()
+    if "://" in opts.output:
+        return _compute_stats(opts)
+    outdir.check_output(opts.output, overwrite=opts.overwrite, kind="stats", protected=[
+        ("the model", opts.model), ("the base model", opts.base_model), ("the data", opts.data)])
+    with outdir.OutputLock(opts.output, "stats compute"):
+        return _compute_stats(opts)
+
+
+def _compute_stats(opts: ComputeOptions) -> dict:
     from tensormerge.stats.model import load_model
     from tensormerge.stats.store import StatsWriter
 
-    opts.check()
     say = (lambda m: None) if opts.quiet else (lambda m: print(m, flush=True))
     if os.path.exists(opts.output) and not opts.overwrite:
         raise OutputError(f"{opts.output}: exists (pass --overwrite to replace it)")

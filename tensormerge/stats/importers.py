@@ -22,6 +22,7 @@ import torch
 from tensormerge.kernels.reference import all_finite
 
 from tensormerge.constants import STATS_KINDS
+from tensormerge.engine import outdir
 from tensormerge.errors import InputError, OutputError, ParameterError
 
 FORMATS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".safetensors": "safetensors",
@@ -244,6 +245,11 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
         raise OutputError(f"{output}: exists (pass --overwrite to replace it, or --append to add to it)")
 
     with contextlib.ExitStack() as stack:
+        if "://" not in output:
+            outdir.check_output(output, overwrite=overwrite or append, kind="stats",
+                                protected=[("the imported file", path), ("the model", model)],
+                                flag="--overwrite" if overwrite else "--append")
+            stack.enter_context(outdir.OutputLock(output, "stats import"))
         ck = None
         if model is not None:
             from tensormerge.engine.sources import open_checkpoint
