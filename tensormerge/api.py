@@ -128,7 +128,7 @@ def merge(spec: MergeSpec) -> dict:
     outdir.check_output(out, overwrite=spec.overwrite, keep_existing=resuming_done, protected=protected)
     outdir.check_report(spec.report, out, protected)
     with ExitStack() as stack:
-        stack.enter_context(outdir.OutputLock(out, "run"))
+        lock = stack.enter_context(outdir.OutputLock(out, "run", quiet=spec.quiet))
         merge_plan = open_plan(spec, stack)
         cks = merge_plan.checkpoints + list(merge_plan.extras.values())
         outdir.check_paths(out, [("input", f) for ck in cks for f in ck.files])  # hub snapshots, MaTS' init
@@ -140,6 +140,8 @@ def merge(spec: MergeSpec) -> dict:
                                           spec.device or "cpu")
             stack.callback(runner.cluster.close)
         report = runner.execute()
+        if lock.stale:
+            report["stale_lock"] = lock.stale  # a killed run's lock, taken over: said even with --quiet
     if spec.report:
         try:
             with open(spec.report, "w") as f:

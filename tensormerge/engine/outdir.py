@@ -196,12 +196,15 @@ class OutputLock:
     """Exclusive right to write OUT (and OUT.partial) for one run; see the module docstring.
 
     `with OutputLock(out, "run"):` fails at once with one line naming the holder when another
-    live run holds it."""
+    live run holds it. A lock file left by a dead run is taken over with a warning on stderr
+    (unless `quiet`), also kept in `stale` for the caller's report."""
 
-    def __init__(self, out: str, command: str = "run"):
+    def __init__(self, out: str, command: str = "run", quiet: bool = False):
         self.out = out
         self.path = out + LOCK_SUFFIX
         self.command = command
+        self.quiet = quiet
+        self.stale: str | None = None
         self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
@@ -245,8 +248,10 @@ class OutputLock:
                                   f"cannot be checked from {host}; if no tensormerge run is writing it there, "
                                   f"remove {self.path}")
             state = "which is no longer running" if not _alive(left["pid"]) else "which no longer holds it"
-            print(f"warning: {self.path}: left by pid {left['pid']} ({left.get('command', '?')}, since "
-                  f"{left.get('started', '?')}), {state}; taking it over", file=sys.stderr, flush=True)
+            self.stale = (f"{self.path}: left by pid {left['pid']} ({left.get('command', '?')}, since "
+                          f"{left.get('started', '?')}), {state}; taking it over")
+            if not self.quiet:
+                print(f"warning: {self.stale}", file=sys.stderr, flush=True)
         me = json.dumps({"pid": os.getpid(), "host": host, "command": self.command,
                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
         try:

@@ -308,11 +308,11 @@ def compute_stats(opts: ComputeOptions) -> dict:
         return _compute_stats(opts)
     outdir.check_output(opts.output, overwrite=opts.overwrite, kind="stats", protected=[
         ("the model", opts.model), ("the base model", opts.base_model), ("the data", opts.data)])
-    with outdir.OutputLock(opts.output, "stats compute"):
-        return _compute_stats(opts)
+    with outdir.OutputLock(opts.output, "stats compute", quiet=True) as lock:
+        return _compute_stats(opts, lock.stale)
 
 
-def _compute_stats(opts: ComputeOptions) -> dict:
+def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     from tensormerge.stats.model import load_model
     from tensormerge.stats.store import StatsWriter
 
@@ -342,7 +342,7 @@ def _compute_stats(opts: ComputeOptions) -> dict:
 
     collector = Collector(opts, loaded, examples, say)
     collector.pad_id, collector.side = pad_id, side
-    warn: list[str] = []
+    warn: list[str] = [stale_lock] if stale_lock else []
     if collector.hooks is not None and collector.hooks.unstored:
         _warn(f"no Gram for {len(collector.hooks.unstored)} linear layer(s) whose weight is not stored under its "
               f"own name (tied): {', '.join(collector.hooks.unstored[:4])}", warn)

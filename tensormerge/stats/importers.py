@@ -249,7 +249,7 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
             outdir.check_output(output, overwrite=overwrite or append, kind="stats",
                                 protected=[("the imported file", path), ("the model", model)],
                                 flag="--overwrite" if overwrite else "--append")
-            stack.enter_context(outdir.OutputLock(output, "stats import"))
+            lock = stack.enter_context(outdir.OutputLock(output, "stats import", quiet=True))
         ck = None
         if model is not None:
             from tensormerge.engine.sources import open_checkpoint
@@ -257,6 +257,8 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
             ck = open_checkpoint(model)
             stack.callback(ck.close)
         entries, warnings = READERS[fmt](path, stack)
+        if "://" not in output and lock.stale:
+            warnings.append(lock.stale)
         if not entries:
             raise InputError(f"{path}: holds no tensors")
         tensors = None if ck is None else {**ck.tensors, **dict.fromkeys(ck.aliases)}

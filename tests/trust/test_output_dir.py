@@ -298,11 +298,14 @@ def test_a_dead_runs_lock_is_reported_when_taken_over(fam, tmp_path):
     lock = Path(str(out) + LOCK_SUFFIX)
     holder = json.loads(lock.read_text())
     assert holder["host"] == socket.gethostname() and holder["command"] == "run"
-    res = H.run_cli(args(fam, out, "--resume"))
+    report = tmp_path / "report.json"
+    res = H.run_cli([a for a in args(fam, out, "--resume", "--report", report) if a != "-q"])
     assert res.returncode == 0, res
-    assert f"left by pid {holder['pid']}" in res.stderr and "no longer running" in res.stderr
+    warning = f"left by pid {holder['pid']} (run, since {holder['started']}), which is no longer running"
+    assert warning in res.stderr
+    assert warning in json.loads(report.read_text())["stale_lock"]  # what --quiet runs read
     assert_average(out, fam)
-    nothing_beside(out)
+    nothing_beside(out, "report.json")
 
 
 def test_a_lock_left_by_another_host_is_refused_until_removed(fam, tmp_path):
