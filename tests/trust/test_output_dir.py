@@ -363,3 +363,34 @@ def test_stats_overwrite_keeps_a_sibling_old_and_replaces_the_store(tmp_path):
     assert torch.equal(StatsStore(str(out)).read("fisher", "a.weight"), torch.full((4, 3), 2.0))
     assert (old / "keep").read_text() == "mine"
     nothing_beside(out, "S.zarr.old", "f.safetensors")
+
+
+_APPEAR = """
+import os
+import tensormerge.engine.faults as faults
+_hit = faults.hit
+def hit(point):
+    if point == "finished":
+        os.makedirs({out!r})
+        with open(os.path.join({out!r}, "theirs.txt"), "w") as f:
+            f.write("made by someone else during the merge")
+    _hit(point)
+faults.hit = hit
+"""
+
+
+def test_a_directory_appearing_at_out_during_the_merge_is_kept_and_so_is_the_merge(fam, tmp_path):
+    """Checked again at the rename: something that is not a merge, made at OUT while the merge
+    ran, is neither moved nor removed, and the finished merge stays in OUT.partial, which
+    --resume then puts in place (it used to be moved aside and deleted)."""
+    out = tmp_path / "out"
+    res = H.run_cli(args(fam, out, "--overwrite"), setup=_APPEAR.format(out=str(out)))
+    line = H.assert_clean_error(res, str(out), "not a tensormerge output", "kept in")
+    assert res.returncode == 3, line
+    assert (out / "theirs.txt").read_text() == "made by someone else during the merge"
+    assert (Path(str(out) + ".partial") / "tensormerge.json").exists()
+    (out / "theirs.txt").unlink()  # now an empty directory, which --overwrite may replace
+    res = H.run_cli(args(fam, out, "--overwrite", "--resume"))
+    assert res.returncode == 0, res
+    assert_average(out, fam)
+    nothing_beside(out)
