@@ -218,6 +218,7 @@ class OutputLock:
         host = socket.gethostname()
         while True:
             try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)  # as OUT.partial's would be
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as e:
                 raise OutputError(f"{self.out}: cannot create the lock file {self.path} ({e.strerror})") from None

@@ -306,6 +306,7 @@ def compute_stats(opts: ComputeOptions) -> dict:
     opts.check()
     if "://" in opts.output:
         return _compute_stats(opts)
+    opts.output = os.path.normpath(opts.output)  # "S.zarr/" must not put S.zarr/.partial inside it
     outdir.check_output(opts.output, overwrite=opts.overwrite, kind="stats", protected=[
         ("the model", opts.model), ("the base model", opts.base_model), ("the data", opts.data)])
     with outdir.OutputLock(opts.output, "stats compute", quiet=True) as lock:

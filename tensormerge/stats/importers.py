@@ -246,6 +246,7 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
 
     with contextlib.ExitStack() as stack:
         if "://" not in output:
+            output = os.path.normpath(output)
             outdir.check_output(output, overwrite=overwrite or append, kind="stats",
                                 protected=[("the imported file", path), ("the model", model)],
                                 flag="--overwrite" if overwrite else "--append")

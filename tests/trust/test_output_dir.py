@@ -394,3 +394,16 @@ def test_a_directory_appearing_at_out_during_the_merge_is_kept_and_so_is_the_mer
     assert res.returncode == 0, res
     assert_average(out, fam)
     nothing_beside(out)
+
+
+def test_an_output_in_directories_yet_to_be_made(fam, tmp_path):
+    out = tmp_path / "runs" / "today" / "merged"
+    res = H.run_cli(args(fam, out))
+    assert res.returncode == 0, res
+    assert_average(out, fam)
+    nothing_beside(out)
+    src = tmp_path / "f.safetensors"
+    save_file({"a.weight": torch.rand(4, 3)}, str(src))
+    res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", f"{tmp_path}/new/S.zarr/"])
+    assert res.returncode == 0, res
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["S.zarr"]
