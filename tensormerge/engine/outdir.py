@@ -157,6 +157,8 @@ def check_report(report: str | None, out: str, protected: Iterable[tuple[str, st
             raise OutputError(f"--report {report}: is inside {role} {path}; refusing to write there")
     parent = os.path.realpath(os.path.dirname(os.path.abspath(report)))
     real_out = os.path.realpath(out)
+    if os.path.realpath(report) in (real_out, real_out + C.PARTIAL_SUFFIX):
+        raise OutputError(f"--report {report}: is the output directory; give a file name")
     if parent == real_out or parent == real_out + C.PARTIAL_SUFFIX:
         if os.path.basename(report) in (C.PROVENANCE, C.SAFE_INDEX, C.SAFE_SINGLE):
             raise OutputError(f"--report {report}: would replace the output's own {os.path.basename(report)}")

@@ -196,13 +196,13 @@ def test_output_that_is_a_regular_file_is_refused_before_any_work(fam, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("where", ["missing_dir", "a_directory", "an_input"])
+@pytest.mark.parametrize("where", ["missing_dir", "a_directory", "an_input", "the_output"])
 def test_unwritable_report_fails_before_the_merge(fam, tmp_path, where):
     out = tmp_path / "out"
     victim = Path(fam["inputs"][0]) / "config.json"
     before = victim.read_bytes()
     report = {"missing_dir": tmp_path / "no" / "such" / "r.json", "a_directory": tmp_path,
-              "an_input": victim}[where]
+              "an_input": victim, "the_output": out}[where]
     res = H.run_cli(args(fam, out, "--report", report))
     H.assert_clean_error(res, "--report", str(report), out_dir=out)
     assert victim.read_bytes() == before
