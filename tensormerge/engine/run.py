@@ -24,6 +24,7 @@ from tensormerge.engine.crc import crc32_combine
 from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.manifest import Manifest
 from tensormerge.engine.memory import MemoryMonitor
+from tensormerge.engine.outdir import remove_replaced
 from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError, OutputError
@@ -476,6 +477,7 @@ class Runner:
         t_patch = t_finish = time.perf_counter()
         with MemoryMonitor() as mem:
             finished = self._open_output(writer, fingerprint)
+            complete = finished  # from here on a failure keeps OUT.partial: it holds the whole merge
             try:
                 if not finished:
                     state: dict = {}
@@ -493,6 +495,7 @@ class Runner:
                     provenance = self._provenance(t_finish - t_start, patched, block_notes, fingerprint)
                     writer.finish_files(plan.ref.config_dir, provenance)
                     self.manifest.record_finished()
+                    complete = True
                 faults.hit("finished")
                 self.manifest.close()
                 writer.rename_into_place(opts.overwrite)
@@ -502,7 +505,10 @@ class Runner:
                 writer.close()  # OUT.partial stays, for --resume
                 raise
             except BaseException:
-                writer.abort()  # a failed merge leaves nothing behind; only an interrupted one stays
+                if complete:  # only the rename failed: --resume puts the finished merge in place
+                    writer.close()
+                else:
+                    writer.abort()  # a failed merge leaves nothing behind; only an interrupted one stays
                 raise
             finally:
                 if self.pool is not None:
@@ -606,6 +612,7 @@ def _complete(out_dir: str, fingerprint: str) -> bool:
             done = json.load(f).get("fingerprint") == fingerprint
     except (OSError, ValueError, AttributeError):
         return False
-    if done:
-        Manifest.remove(out_dir)  # a crash between the rename and this removal leaves it
+    if done:  # a crash between the rename and these removals leaves them
+        Manifest.remove(out_dir)
+        remove_replaced(out_dir)
     return done

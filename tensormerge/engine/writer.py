@@ -21,6 +21,7 @@ import torch
 
 from tensormerge import constants as C
 from tensormerge.engine import faults
+from tensormerge.engine.outdir import publish
 from tensormerge.engine.safetensors_format import build_header, element_size
 from tensormerge.engine.sources import confined
 from tensormerge.errors import OutputError
@@ -209,27 +210,15 @@ class ShardedWriter:
             raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
 
     def rename_into_place(self, overwrite: bool) -> None:
-        """`OUT.partial` -> `OUT` (an existing `OUT` is moved aside first and removed after)."""
+        """`OUT.partial` -> `OUT`; an existing `OUT` (a previous output, checked again now) is
+        removed only once the new one is in place, and no other name is touched (engine/outdir)."""
         self._finishing = self.out_dir
         try:
-            old = self.out_dir + ".old"
-            if os.path.exists(self.out_dir):
-                if not overwrite:
-                    raise OutputError(f"{self.out_dir}: exists (pass --overwrite to replace it)")
-                if os.path.exists(old):
-                    shutil.rmtree(old)
-                os.rename(self.out_dir, old)
-                faults.hit("rename")
-                os.rename(self.partial, self.out_dir)
-                shutil.rmtree(old)
-            else:
-                os.rename(self.partial, self.out_dir)
-            if os.path.exists(old):  # left by a run killed between its two renames
-                shutil.rmtree(old)
-            _fsync_dir(os.path.dirname(self.out_dir))
+            publish(self.partial, self.out_dir, overwrite=overwrite, kind="merge")
             faults.hit("renamed")
         except OSError as e:
-            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
+            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)}); "
+                              f"the finished merge is kept in {self.partial} (--resume puts it in place)") from None
 
     def _write_json(self, fname: str, obj: dict) -> None:
         path = self._finishing = os.path.join(self.partial, fname)

@@ -81,7 +81,7 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
               help="save the accumulators for --resume every N batches")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of true-Fisher label sampling")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
-@click.option("--overwrite", is_flag=True, help="replace an existing store")
+@click.option("--overwrite", is_flag=True, help="replace an existing statistics store (nothing else)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, warnings or summary line")
 @click.option("--gram-block-rows", type=int, hidden=True)
 @click.option("--traceback", is_flag=True, hidden=True)

@@ -22,6 +22,7 @@ import torch
 from tensormerge.kernels.reference import all_finite
 
 from tensormerge.constants import STATS_KINDS
+from tensormerge.engine import outdir
 from tensormerge.errors import InputError, OutputError, ParameterError
 
 FORMATS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".safetensors": "safetensors",
@@ -256,6 +257,12 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
         raise OutputError(f"{output}: exists (pass --overwrite to replace it, or --append to add to it)")
 
     with contextlib.ExitStack() as stack:
+        if "://" not in output:
+            output = os.path.normpath(output)
+            outdir.check_output(output, overwrite=overwrite or append, kind="stats",
+                                protected=[("the imported file", path), ("the model", model)],
+                                flag="--overwrite" if overwrite else "--append")
+            lock = stack.enter_context(outdir.OutputLock(output, "stats import", quiet=True))
         ck = None
         if model is not None:
             from tensormerge.engine.sources import open_checkpoint
@@ -263,6 +270,8 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
             ck = open_checkpoint(model)
             stack.callback(ck.close)
         entries, warnings = READERS[fmt](path, stack)
+        if "://" not in output and lock.stale:
+            warnings.append(lock.stale)
         if not entries:
             raise InputError(f"{path}: holds no tensors")
         tensors = None if ck is None else {**ck.tensors, **dict.fromkeys(ck.aliases)}
