@@ -1,4 +1,6 @@
-"""RegMean: per linear weight, W* = (Σ W_i Ĝ_i)(Σ Ĝ_i)^-1 with Ĝ = α G + (1 − α) diag(G).
+"""RegMean: per linear weight, W* = (Σ W_i Ĝ_i)(Σ Ĝ_i)^-1 with Ĝ = α G + (1 − α) diag(G),
+computed as W̄ + (Σ (W_i − W̄) Ĝ_i)(Σ Ĝ_i)^+ (W̄ the weighted average): the same where the sum is
+invertible, exactly W̄ when the models agree, and W̄ along directions no Gram determines.
 
 The factorisation of Σ Ĝ_i is made once per weight (`prepare`) and reused by every row chunk;
 rows are multiplied in fixed tiles aligned to the weight's row index, so chunking never changes
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tensormerge.errors import ParameterError
+from tensormerge.errors import InputError, ParameterError
 from tensormerge.kernels import linalg as L
 from tensormerge.kernels import reference as K
 from tensormerge.kernels.dispatch import ops
@@ -64,11 +66,16 @@ class RegMean(Method):
 
     def work_bytes_per_element(self, n_models: int, params: RegMeanParams) -> int:
         e = 8 if params.precision == "float64" else 4
-        return e * (n_models + 1) + 8 * 3  # row tiles of each model, the product, the float64 solve
+        return 3 * e + 8 * 5  # float64 tiles: W_1, W̄ − W_1, a model's and its deviation; deviation, product; solve
 
     def prepare(self, data: BlockData, params: RegMeanParams) -> L.RegMeanFactor:
         dtype = torch.float64 if params.precision == "float64" else K.work_dtype(*data.inputs)
-        return L.regmean_prepare(data.stats["gram_in"], params.alpha, params.resolved(len(data.inputs)), dtype)
+        try:
+            return L.regmean_prepare(data.stats["gram_in"], params.alpha, params.resolved(len(data.inputs)), dtype)
+        except L.IndefiniteGram as e:
+            raise InputError(f"tensor {data.name!r}: gram_in of input {e.index + 1} (store {e.index + 1} of --stats) "
+                             f"is not a Gram matrix: its smallest eigenvalue is {e.smallest:.3g} against a largest "
+                             f"of {e.largest:.3g} (indefinite)") from None
 
     def merge(self, data: BlockData, params: RegMeanParams, state: dict) -> torch.Tensor:
         if data.prepared is None:  # no Gram for this shape: the research code averages
