@@ -164,3 +164,68 @@ def test_regmean_indefinite_gram_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"tensor 'w': gram_in of input 2 .*not a Gram matrix.*indefinite"):
         run(tmp_path, "regmean", [{"w": x} for x in ws], [{"gram_in": {"w": g}} for g in (good[0], bad16, good[1])])
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- mats, float32 CG
+def kfac_matrix(ga, gb):
+    """Σ_i B_i ⊗ A_i on row-major vec(W) (W [out, in], C_i W = B_i W A_i), in float64."""
+    return sum(torch.kron(b.double(), a.double()) for a, b in zip(ga, gb))
+
+
+@pytest.mark.parametrize("objective", ["kfac", "regmean"])
+@pytest.mark.parametrize("conditioning", ["well", "ill"])
+def test_mats_default_precision_against_float64_solve(tmp_path, objective, conditioning):
+    """MaTS' defaults (float32 CG, tol 1e-5, 100 iterations, task-arithmetic start) against the
+    float64 direct solve x* of (Σ C_i) x = Σ C_i θ_i. CG stops on its residual, not on the error,
+    so the tolerance is derived from the residual: for SPD K, ‖x − x*‖ ≤ ‖K x − b‖ / λ_min(K). The
+    float64 residual of what the engine returns must match the residual it reports, up to the
+    float32 rounding of b and of one matvec (2 d u (‖b‖ + ‖K‖ ‖x‖), d the length of each dot
+    product), and the error is then bounded by that residual over λ_min: tight where K is well
+    conditioned (κ ≈ 1e2, converged), loose but still checked where it is not (κ ≈ 1e6)."""
+    out_d, in_d = 6, 8
+    span = {"well": 1.0, "ill": 6.0}[conditioning]
+    ga = spectral_grams(torch.logspace(0, -span, in_d, dtype=F64), 700)
+    gb = spectral_grams(torch.logspace(0, -1, out_d, dtype=F64), 800) if objective == "kfac" \
+        else [torch.eye(out_d)] * N  # the regmean objective: C_i W = W A_i
+    ws = finetunes(9, delta=1e-2)
+    ws = [x[:out_d, :in_d].contiguous() for x in ws]
+    base = (sum(x.double() for x in ws) / N + 1e-2 * rand(out_d, in_d, seed=77)).float()
+    stats = [{"gram_in": {"w": a}} | ({"gram_out": {"w": b}} if objective == "kfac" else {}) for a, b in zip(ga, gb)]
+    got, rep = run(tmp_path, "mats", [{"w": x} for x in ws], stats, base={"w": base},
+                   params={"objective": objective})
+    k = kfac_matrix(ga, gb)
+    b = sum(torch.kron(bb.double(), a.double()) @ x.double().reshape(-1) for a, bb, x in zip(ga, gb, ws))
+    want = torch.linalg.solve(k, b)
+    lam = torch.linalg.eigvalsh(k)
+    x = got["w"].double().reshape(-1)
+    block = rep["blocks"][0]
+    assert block["cg_iterations"] == 100 or block["cg_residual"] <= 1e-5
+    dot = in_d * (out_d if objective == "kfac" else 1) * N
+    slack = 2 * dot * U32 * (float(b.norm()) + float(lam.max()) * float(x.norm())) / float(b.norm())
+    res64 = float((b - k @ x).norm() / b.norm())
+    assert res64 <= block["cg_residual"] + slack, (res64, block["cg_residual"], slack)
+    err_bound = (block["cg_residual"] + slack) * float(b.norm()) / float(lam.min())
+    assert float((x - want).norm()) <= err_bound
+    if conditioning == "well":
+        assert block["cg_residual"] <= 1e-5 and float(lam.max() / lam.min()) < 1e3
+        assert float((x - want).norm()) <= 1e-3 * float(want.norm())
+    else:
+        assert float(lam.max() / lam.min()) > 1e5
+
+
+def test_mats_regmean_objective_keeps_its_start_where_the_grams_are_singular(tmp_path):
+    """CG moves only within the range of Σ A_i: along the null directions (collinear inputs) and
+    the dead input, the result is the task-arithmetic start, at the default float32 precision
+    (float32 rounding of the start and of CG's steps: 1e-5 of |θ|)."""
+    ga = singular_grams(400)
+    ws = finetunes(1)
+    base = (sum(x.double() for x in ws) / N + 1e-2 * rand(D_OUT, D_IN, seed=77)).float()
+    got, _ = run(tmp_path, "mats", [{"w": x} for x in ws], [{"gram_in": {"w": a}} for a in ga], base={"w": base},
+                 params={"objective": "regmean"})
+    s = sum(a.double() for a in ga)
+    lam, q = torch.linalg.eigh(s)
+    null = q[:, lam < 1e-9 * lam.max()]
+    assert null.shape[1] == 4  # three collinear inputs and the dead one
+    x0 = base.double() + 0.3 * sum(x.double() - base.double() for x in ws)
+    g = got["w"].double()
+    torch.testing.assert_close(g @ null, x0 @ null, rtol=0, atol=1e-5 * float(x0.abs().max()))
