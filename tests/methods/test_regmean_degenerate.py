@@ -91,7 +91,7 @@ def reference(ws, grams, weights, alpha=1.0):
     # length-d dot product), and S^+ multiplies that by at most 1 / (smallest kept eigenvalue)
     shares = [g[live][:, live] - c * sl for c, g in zip(w, gh)]
     row_err = sum(d[:, live].norm(dim=1) * float(e.norm()) for d, e in zip(devs, shares))
-    bound = (D_IN + 2) * U32 * row_err / float(lam[keep].min())
+    bound = (grams[0].shape[0] + 2) * U32 * row_err / float(lam[keep].min())
     facts = {"kappa": float(lam.max() / lam.min().clamp_min(1e-300)), "cut": cut, "lam": lam, "keep": int(keep.sum()),
              "maxdiag": float(sl.diagonal().max())}
     return out, wbar, bound, facts
