@@ -137,16 +137,15 @@ def regmean_prepare(grams: list[torch.Tensor], alpha: float, weights: list[float
     both the models and the Grams differ, never with the size of W or of S."""
     total = sum(weights)
     w = [x / total for x in weights]
-    acc = None
-    for gi, wi in zip(grams, w):  # one float64 Gram at a time: memory (4N + 24) d² bytes at most
-        g64 = scale_offdiag(gi.to(torch.float64), alpha).mul_(wi)
-        acc = g64 if acc is None else acc.add_(g64)
-        del g64
-    shares = []
+    # float64 buffers reused across models (no fresh d² allocation per Gram): memory (eN + 16) d²
+    acc = torch.zeros(grams[0].shape, dtype=torch.float64, device=grams[0].device)
+    buf = torch.empty_like(acc)
     for gi, wi in zip(grams, w):
-        e64 = scale_offdiag(gi.to(torch.float64), alpha).mul_(wi).sub_(acc, alpha=wi)
-        shares.append(e64.to(product_dtype))
-        del e64
+        acc.add_(_scaled_into(buf, gi, alpha, wi))
+    shares = torch.empty((len(grams),) + tuple(acc.shape), dtype=product_dtype, device=acc.device)
+    for share, gi, wi in zip(shares, grams, w):
+        share.copy_(_scaled_into(buf, gi, alpha, wi).sub_(acc, alpha=wi))
+    del buf
     try:
         solver = spd_factor(acc)
     except IndefiniteError:
@@ -154,8 +153,17 @@ def regmean_prepare(grams: list[torch.Tensor], alpha: float, weights: list[float
     del acc
     live = solver.live
     if not bool(live.all()):
-        shares = [e[live][:, live] for e in shares]
-    return RegMeanFactor(torch.stack(shares), solver, w, product_dtype)
+        shares = shares[:, live][:, :, live]
+    return RegMeanFactor(shares, solver, w, product_dtype)
+
+
+def _scaled_into(buf: torch.Tensor, g: torch.Tensor, alpha: float, w: float) -> torch.Tensor:
+    """buf = w S_α(g) in float64, in place."""
+    buf.copy_(g)
+    diag = buf.diagonal().clone()
+    buf.mul_(alpha * w)
+    buf.diagonal().copy_(diag.mul_(w))
+    return buf
 
 
 def _which_gram(grams: list[torch.Tensor], alpha: float, w: list[float]) -> IndefiniteGram:

@@ -28,7 +28,7 @@ class RegMeanParams(Params):
     alpha: float = param(1.0, "off-diagonal scale of the Grams: 1 = exact least squares, 0 = per-column weighting")
     weights: list[float] | None = param(None, "per-model weights (default uniform): scale each Gram, and the "
                                               "average of parameters without one")
-    precision: str = param("float32", "products W_i Ĝ_i in float32 (as the research code; the solve is always "
+    precision: str = param("float32", "products with the Grams in float32 (as the research code; the solve is always "
                                       "float64) or float64 (exact to the Grams' float32 storage, 2x the time)",
                            choices=("float32", "float64"))
 
