@@ -122,7 +122,7 @@ class IndefiniteGram(ValueError):
 
 @dataclass
 class RegMeanFactor:
-    shares: torch.Tensor  # (N, live, live): Ĝ_i − w_i S, each Gram's departure from its share of the sum
+    shares: torch.Tensor  # (N − 1, live, live): Ĝ_i − w_i S for i > 1, each Gram's departure from its share
     solver: SPDSolver  # of S = Σ Ĝ_i
     weights: list[float]  # normalised: the average W̄ = Σ w_i W_i
     product_dtype: torch.dtype
@@ -131,19 +131,20 @@ class RegMeanFactor:
 def regmean_prepare(grams: list[torch.Tensor], alpha: float, weights: list[float],
                     product_dtype: torch.dtype = torch.float32) -> RegMeanFactor:
     """Once per weight: the factorisation of S = Σ Ĝ_i (Ĝ_i = w_i S_α(G_i), float64) and the
-    products' right factors E_i = Ĝ_i − w_i S, cast to `product_dtype` (float32 as in the
-    research code). Since Σ w_i (W_i − W̄) = 0, Σ (W_i − W̄) Ĝ_i = Σ (W_i − W̄) E_i exactly, and E_i
-    is zero when the Grams agree: the rounding of float32 products then scales with how much
-    both the models and the Grams differ, never with the size of W or of S."""
+    products' right factors E_i = Ĝ_i − w_i S (i > 1), cast to `product_dtype` (float32 as in the
+    research code). E_i is zero when the Grams agree, and the rows multiply it by W_i − W_1: the
+    rounding of float32 products scales with how much both the models and the Grams differ,
+    never with the size of W or of S (which S's condition number would amplify)."""
     total = sum(weights)
     w = [x / total for x in weights]
-    # float64 buffers reused across models (no fresh d² allocation per Gram): memory (eN + 16) d²
+    # float64 buffers reused across models (no fresh d² allocation per Gram): (eN + 16) d² bytes,
+    # (eN + 24) d² with the factor (`fixed_bytes`)
     acc = torch.zeros(grams[0].shape, dtype=torch.float64, device=grams[0].device)
     buf = torch.empty_like(acc)
     for gi, wi in zip(grams, w):
         acc.add_(_scaled_into(buf, gi, alpha, wi))
-    shares = torch.empty((len(grams),) + tuple(acc.shape), dtype=product_dtype, device=acc.device)
-    for share, gi, wi in zip(shares, grams, w):
+    shares = torch.empty((len(grams) - 1,) + tuple(acc.shape), dtype=product_dtype, device=acc.device)
+    for share, gi, wi in zip(shares, grams[1:], w[1:]):
         share.copy_(_scaled_into(buf, gi, alpha, wi).sub_(acc, alpha=wi))
     del buf
     try:
@@ -177,34 +178,38 @@ def _which_gram(grams: list[torch.Tensor], alpha: float, w: list[float]) -> Inde
 
 
 def regmean_rows(inputs: list[torch.Tensor], fac: RegMeanFactor, tile: int) -> torch.Tensor:
-    """W* rows = W̄ + (Σ (W_i − W̄) E_i) S^+ for rows of [out, in] weights, in float64: the
+    """W* rows = W̄ + (Σ (W_i − W̄) Ĝ_i) S^+ for rows of [out, in] weights, in float64: the
     deviation from the average W̄ is what is solved for, so the models agreeing gives exactly W̄,
     and W̄ is kept along directions no Gram determines (the null space S^+ drops) and in the
     columns no model ever feeds (not live).
 
-    W̄ is W_1 + Σ w_i (W_i − W_1) in float64, exact when the models agree. Rows are taken `tile` at
-    a time into fresh buffers, so each product has the same shape and operands whatever chunk
-    the rows came in: the bytes do not depend on the chunking."""
+    Since Σ_i E_i = 0 and Σ_i w_i (W_i − W̄) = 0, Σ (W_i − W̄) Ĝ_i = Σ_{i>1} (W_i − W_1) E_i: N − 1
+    products of differences, each zero when the models or the Grams agree. W̄ is
+    W_1 + Σ w_i (W_i − W_1) in float64, exact when the models agree. Rows are taken `tile` at a
+    time into buffers of their own, so each product has the same shape and operands whatever
+    chunk the rows came in: the bytes do not depend on the chunking."""
     rows, d = inputs[0].shape
     out = torch.empty(rows, d, dtype=torch.float64, device=inputs[0].device)
     live = fac.solver.live
     all_live = bool(live.all())
-    f64 = torch.float64
+    f64, pd = torch.float64, fac.product_dtype
     for t in range(0, rows, tile):
         e = min(t + tile, rows)
         first = inputs[0][t:e].to(f64, copy=True)
-        shift = torch.zeros_like(first)  # Σ w_i (W_i − W_1)
-        for x, c in zip(inputs[1:], fac.weights[1:]):
-            shift.add_(x[t:e].to(f64) - first, alpha=c)
         avg = out[t:e]
-        torch.add(first, shift, out=avg)
-        if fac.solver.kind == "empty":
+        avg.copy_(first)
+        m = None
+        for x, c, ei in zip(inputs[1:], fac.weights[1:], fac.shares):
+            diff = x[t:e].to(f64).sub(first)  # W_i − W_1 in float64
+            avg.add_(diff, alpha=c)
+            if fac.solver.kind == "empty":
+                continue
+            dp = diff.to(pd) if all_live else diff[:, live].to(pd)
+            if m is None:
+                m = torch.zeros(e - t, dp.shape[1], dtype=pd, device=out.device)
+            m.addmm_(dp, ei)
+        if m is None:  # one model, or no live input
             continue
-        m = torch.zeros(e - t, int(live.sum()), dtype=fac.product_dtype, device=out.device)
-        for i, (x, ei) in enumerate(zip(inputs, fac.shares)):
-            dev = (x[t:e].to(f64) - first).sub_(shift) if i else -shift  # W_i − W̄
-            dev = dev.to(fac.product_dtype) if all_live else dev[:, live].to(fac.product_dtype)
-            m.addmm_(dev, ei)
         if all_live:
             avg.add_(fac.solver.solve_right(m.to(f64)))
         else:

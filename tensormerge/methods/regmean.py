@@ -66,7 +66,7 @@ class RegMean(Method):
 
     def work_bytes_per_element(self, n_models: int, params: RegMeanParams) -> int:
         e = 8 if params.precision == "float64" else 4
-        return 3 * e + 8 * 5  # float64 tiles: W_1, W̄ − W_1, a model's and its deviation; deviation, product; solve
+        return 3 * e + 8 * 6  # float64 tiles: W_1, W_i and W_i − W_1; that in e (live columns), the product; the solve
 
     def prepare(self, data: BlockData, params: RegMeanParams) -> L.RegMeanFactor:
         dtype = torch.float64 if params.precision == "float64" else K.work_dtype(*data.inputs)

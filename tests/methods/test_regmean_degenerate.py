@@ -86,11 +86,13 @@ def reference(ws, grams, weights, alpha=1.0):
     m = sum(d[:, live] @ g[live][:, live] for d, g in zip(devs, gh))
     out = wbar.clone()
     out[:, live] += m @ pinv
-    # the float32 products' rounding, bounded row by row: M's row r is off by at most
-    # (d + 2) u Σ_i ‖D_i,r‖ ‖E_i‖_F (D_i = W_i − W̄ and E_i = Ĝ_i − w_i S rounded to float32, then a
-    # length-d dot product), and S^+ multiplies that by at most 1 / (smallest kept eigenvalue)
+    # the float32 products' rounding, bounded row by row. M = Σ (W_i − W̄) Ĝ_i equals Σ_i D_i E_i
+    # for D_i any differences of the models (W_i − W̄, or W_i − W_1) and E_i = Ĝ_i − w_i S, whose
+    # rounded products are off by at most (d + 2) u Σ_i ‖D_i,r‖ ‖E_i‖_F (D_i and E_i rounded to
+    # float32, then a length-d dot product); ‖D_i,r‖ ≤ Σ_j ‖W_j,r − W̄_r‖ for either choice, and S^+
+    # multiplies the error by at most 1 / (smallest kept eigenvalue)
     shares = [g[live][:, live] - c * sl for c, g in zip(w, gh)]
-    row_err = sum(d[:, live].norm(dim=1) * float(e.norm()) for d, e in zip(devs, shares))
+    row_err = sum(d[:, live].norm(dim=1) for d in devs) * sum(float(e.norm()) for e in shares)
     bound = (grams[0].shape[0] + 2) * U32 * row_err / float(lam[keep].min())
     facts = {"kappa": float(lam.max() / lam.min().clamp_min(1e-300)), "cut": cut, "lam": lam, "keep": int(keep.sum()),
              "maxdiag": float(sl.diagonal().max())}
