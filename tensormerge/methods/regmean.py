@@ -62,11 +62,11 @@ class RegMean(Method):
     def fixed_bytes(self, params: Params, shape: tuple[int, ...], n_models: int) -> int:
         d = shape[1]
         e = 8 if params.precision == "float64" else 4
-        return d * d * (e * n_models + 24)  # scaled Grams; their float64 sum, its factor and one temporary
+        return d * d * (e * n_models + 24)  # the N − 1 E_i (a live-column copy within e d²); S, its factor, a buffer
 
     def work_bytes_per_element(self, n_models: int, params: RegMeanParams) -> int:
         e = 8 if params.precision == "float64" else 4
-        return 3 * e + 8 * 6  # float64 tiles: W_1, W_i and W_i − W_1; that in e (live columns), the product; the solve
+        return 3 * e + 8 * 6  # float64 tiles W_1, W_i, W_i − W_1; that in e (live columns), the product; solve
 
     def prepare(self, data: BlockData, params: RegMeanParams) -> L.RegMeanFactor:
         dtype = torch.float64 if params.precision == "float64" else K.work_dtype(*data.inputs)

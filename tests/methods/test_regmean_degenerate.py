@@ -32,7 +32,8 @@ def spectral_grams(lams, seed, same=False):
     q = orth(len(lams), seed)
     out = []
     for i in range(N):
-        r = torch.ones(len(lams), dtype=F64) if same else 2.0 ** (2 * torch.rand(len(lams), generator=torch.Generator().manual_seed(seed + 1 + i), dtype=F64) - 1)
+        u = torch.rand(len(lams), generator=torch.Generator().manual_seed(seed + 1 + i), dtype=F64)
+        r = torch.ones(len(lams), dtype=F64) if same else 2.0 ** (2 * u - 1)
         out.append(((q * (lams * r)) @ q.T).float())
     return out
 
