@@ -496,8 +496,6 @@ def test_identical_inputs_give_the_input(method, data):
         check(got[k], want, atol, f"{method} {k} of {case.n} identical inputs", case.dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: fixed on branch i11-regmean (identical models with singular "
-                                       "Grams do not come back)")
 @given(data=st.data())
 @examples(5)
 def test_regmean_identical_inputs_singular_grams(data):
