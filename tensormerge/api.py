@@ -107,6 +107,8 @@ def run_options(spec: MergeSpec, quiet: bool | None = None) -> RunOptions:
     """How the runner writes (shared by the client and, quiet, by dask workers)."""
     settings = {k: v for k, v in asdict(spec).items()
                 if k not in ("report", "quiet", "overwrite", "resume", "workers", "scheduler")}
+    method = get_method(spec.method)
+    settings["params"] = method.Params.typed(method.name, spec.params)  # `-p` text as numbers, like YAML's
     return RunOptions(os.path.abspath(spec.output), parse_size(spec.shard_size, "--shard-size"),
                       spec.device or "cpu", spec.overwrite, spec.quiet if quiet is None else quiet,
                       spec.kernels or "auto", spec.resume, settings)

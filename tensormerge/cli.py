@@ -2,6 +2,9 @@
 
 Every expected failure prints one line naming the file, tensor or parameter and exits
 non-zero; `--traceback` (or TENSORMERGE_TRACEBACK=1) shows the Python stack as well.
+
+Importing this module imports neither torch nor numba (seconds on a loaded machine): each
+command imports what it needs, so `--help` and errors in the arguments are immediate.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import traceback
 
 import click
 
-from tensormerge import __version__, api
-from tensormerge import constants as C
+from tensormerge import __version__
 from tensormerge.errors import ParameterError, TensorMergeError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # constants.DTYPE_CHOICES, without importing torch
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -56,7 +60,10 @@ def _recipe(path: str | None) -> dict:
     return data
 
 
-def _spec(kw: dict) -> api.MergeSpec:
+def _spec(kw: dict) -> "api.MergeSpec":
+    from tensormerge import api
+    from tensormerge import constants as C
+
     recipe = _recipe(kw.get("config"))
     inputs = _split(kw["inputs"]) or recipe.get("inputs") or []
     if isinstance(inputs, str):
@@ -96,7 +103,7 @@ def merge_options(f):
         click.option("--device", help="cpu, cuda or cuda:N [default: cpu]"),
         click.option("--kernels", type=click.Choice(["auto", "torch", "triton"]),
                      help="torch reference or fused Triton kernels; auto: Triton on CUDA when installed [default: auto]"),
-        click.option("--dtype", type=click.Choice(list(C.DTYPE_CHOICES)), help="output dtype [default: auto]"),
+        click.option("--dtype", type=click.Choice(DTYPES), help="output dtype [default: auto]"),
         click.option("--shard-size", help="largest output shard [default: 5GB]"),
         click.option("--workers", type=int, help="run on a local dask cluster of N worker processes"),
         click.option("--scheduler", help="run on an existing dask cluster: its scheduler tcp://HOST:PORT"),
@@ -105,7 +112,7 @@ def merge_options(f):
         click.option("--resume", is_flag=True,
                      help="continue an interrupted merge in OUTPUT.partial (checks what it wrote, reruns the rest)"),
         click.option("--report", type=click.Path(), help="write a JSON report of timings and memory"),
-        click.option("--quiet", "-q", is_flag=True, help="no progress bars"),
+        click.option("--quiet", "-q", is_flag=True, help="no progress bars or summary (warnings still print)"),
         click.option("--traceback", is_flag=True, help="show the Python stack on errors"),
     ]
     for o in reversed(opts):
@@ -123,15 +130,18 @@ def cli() -> None:
 @merge_options
 def run(**kw) -> None:
     """Merge INPUTS (and BASE) into OUTPUT."""
+    from tensormerge import api
+
     spec = _spec(kw)
     report = api.merge(spec)
     if report.get("already_complete"):
         click.echo(f"{report['output']}: already complete (nothing to resume)")
-    elif not spec.quiet:
-        click.echo(f"wrote {report['output']} ({len(report['shards'])} shard(s)) in {report['seconds']:.2f} s, "
-                   f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB")
-        for line in report.get("summary", []):
+        return
+    if not spec.quiet:
+        for line in report["summary"]:
             click.echo(line)
+    for line in report["warnings"]:
+        click.echo(f"warning: {line}", err=True)
 
 
 @cli.command()
@@ -140,6 +150,8 @@ def plan(**kw) -> None:
     """Print the blocks, passes and memory estimate of a merge; reads headers only.
 
     Takes the same arguments as `run`; --output, --overwrite, --report and --quiet are ignored."""
+    from tensormerge import api
+
     click.echo(api.plan(_spec(kw)))
 
 
@@ -155,6 +167,7 @@ def inspect(path: str, as_json: bool, traceback: bool) -> None:
         click.echo(inspect_store(path, as_json))
         return
     from tensormerge.engine.sources import open_checkpoint
+    from tensormerge.sizes import format_size
 
     ck = open_checkpoint(path)
     try:
@@ -165,7 +178,7 @@ def inspect(path: str, as_json: bool, traceback: bool) -> None:
                             for n, t in ck.tensors.items()}}, indent=2))
             return
         total = sum(t.nbytes for n, t in ck.tensors.items() if n not in ck.aliases)
-        click.echo(f"{path}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), {total / 1e9:.3f} GB")
+        click.echo(f"{path}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), {format_size(total)}")
         for f in ck.files:
             click.echo(f"  file {os.path.relpath(f, ck.root)}")
         for n, t in ck.tensors.items():
@@ -191,9 +204,11 @@ def methods(name: str | None) -> None:
     click.echo(f"  needs base: {'yes' if d['needs_base'] else 'no'}   split by rows: {'yes' if d['row_split'] else 'no'}")
     if d["statistics"]:
         click.echo(f"  statistics: {d['statistics']}")
-    for p in d["parameters"]:
-        choices = f" [{' | '.join(p['choices'])}]" if p["choices"] else ""
-        click.echo(f"  -p {p['key']}={p['default']!s:<10} ({p['type']}) {p['help']}{choices}")
+    rows = [(f"{p['key']}={p['default']!s}", f"({p['type']})", p["help"]
+             + (f" [{' | '.join(p['choices'])}]" if p["choices"] else "")) for p in d["parameters"]]
+    wide = [max((len(r[i]) for r in rows), default=0) for i in (0, 1)]
+    for setting, kind, text in rows:
+        click.echo(f"  -p {setting:<{wide[0]}}  {kind:<{wide[1]}}  {text}")
 
 
 from tensormerge.stats.cli import stats as _stats_group

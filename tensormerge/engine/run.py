@@ -26,6 +26,7 @@ from tensormerge.engine.manifest import Manifest
 from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.outdir import remove_replaced
 from tensormerge.engine.plan import Block, MergePlan
+from tensormerge.engine.summary import describe
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError, OutputError
 from tensormerge.kernels import dispatch
@@ -130,6 +131,7 @@ class Runner:
         self.resumed_passes = 0
         self.cluster = None  # a DaskExecutor when the merge runs on a dask cluster
         self.fingerprint = ""
+        self.overall: _Overall | None = None  # the whole run's bytes, for the bars' estimate of time left
 
     # ------------------------------------------------------------------ stages
     def _tasks(self, blocks: list[Block], with_output: bool, sample: float = 1.0, skip=()):
@@ -242,7 +244,8 @@ class Runner:
     def pass_blocks(self, gpass, state: dict, blocks: list[Block], take) -> int:
         """A global pass's map over `blocks`, handing each chunk's partials to `take` in plan
         order (here reduced; on a dask worker folded per block for the client to reduce)."""
-        bar = self._bar(gpass.name, int(gpass.sample * sum(b.read_bytes_per_row * b.rows for b in blocks)), len(blocks))
+        tasks = list(self._tasks(blocks, False, gpass.sample))
+        bar = self._bar(self._stage(gpass.name, gpass.label), sum(t.read_bytes for t in tasks), len(blocks))
 
         def compute(task: Task, data: BlockData):
             self._wait(data)
@@ -257,7 +260,6 @@ class Runner:
             self._advance(bar, task, last)
             faults.hit("pass")
 
-        tasks = list(self._tasks(blocks, False, gpass.sample))
         try:
             self.executor.run(tasks, lambda t: self._read(t, gpass.needs_inputs), compute, collect=collect)
         finally:
@@ -275,7 +277,7 @@ class Runner:
         extras = method.start_extras(params)
         whole = blocks is None
         blocks = self.plan.blocks if whole else blocks
-        bar = self._bar("merge", sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
+        bar = self._bar(self._stage("merge", "merge"), sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
         if whole:
             extras = self._replay(extras, bar)
 
@@ -365,6 +367,8 @@ class Runner:
                     extras = method.add_extra(extras, extra)
                 if bar is not None:
                     bar.update((r1 - r0) * b.read_bytes_per_row)
+                if self.overall is not None:
+                    self.overall.total -= (r1 - r0) * b.read_bytes_per_row  # no time spent on it here
             if bar is not None and skipped and len(skipped) == len(b.chunks):
                 bar.blocks_done += 1
         return extras
@@ -399,9 +403,16 @@ class Runner:
             raise
         return False
 
+    def _pass_bytes(self, gpass) -> int:
+        return sum(t.read_bytes for t in self._tasks(self.plan.merge_blocks, False, gpass.sample))
+
     def _passes(self, state: dict) -> None:
-        for i, gpass in enumerate(self.plan.method.passes(self.plan.params)):
+        passes = self.plan.method.passes(self.plan.params)
+        self.overall = _Overall(sum(map(self._pass_bytes, passes)) + self.plan.bytes_read_merge)
+        for i, gpass in enumerate(passes):
             saved = self.manifest.pass_state(i, gpass.name)
+            if saved is not None or gpass.skip(state):
+                self.overall.total -= self._pass_bytes(gpass)  # read by no bar
             if saved is not None:
                 state.clear()
                 state.update(saved)
@@ -418,6 +429,14 @@ class Runner:
             self.manifest.record_pass(i, gpass.name, state)
 
     # ------------------------------------------------------------------ progress
+    def _stage(self, name: str, label: str) -> str:
+        """A bar's description: what the pass does and where it stands among the run's passes
+        (a pass found not needed is skipped without a bar, so the count may jump)."""
+        passes = self.plan.method.passes(self.plan.params)
+        names = [p.name for p in passes] + ["merge"]
+        wide = max([len(p.label or p.name) for p in passes] + [len("merge")])
+        return f"{names.index(name) + 1}/{len(names)} {label or name:<{wide}}"
+
     def _bar(self, desc: str, total: int, blocks: int):
         if self.opts.quiet:
             return None
@@ -429,6 +448,7 @@ class Runner:
         bar.blocks_total = blocks
         bar.blocks_done = 0
         bar.note = ""
+        bar.overall = self.overall
         bar.set_postfix_str(f"blocks 0/{blocks}")
         return bar
 
@@ -436,10 +456,13 @@ class Runner:
     def _advance(bar, task: Task, last: bool) -> None:
         if bar is None:
             return
+        if bar.overall is not None:
+            bar.overall.done += task.read_bytes
         if last:
             bar.blocks_done += 1
             note = f", {bar.note}" if bar.note else ""
-            bar.set_postfix_str(f"blocks {bar.blocks_done}/{bar.blocks_total}{note}", refresh=False)
+            left = bar.overall.left() if bar.overall is not None else ""
+            bar.set_postfix_str(f"blocks {bar.blocks_done}/{bar.blocks_total}{note}{left}", refresh=False)
         bar.update(task.read_bytes)
 
     @staticmethod
@@ -515,7 +538,7 @@ class Runner:
                     self.pool.shutdown()
                     self.pool = None
                     torch.set_num_threads(threads)
-        return {
+        report = {
             "output": writer.out_dir,
             "method": plan.method.name,
             "params": plan.params.as_dict(),
@@ -537,7 +560,6 @@ class Runner:
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
             "base_stats_missing": plan.base_stats_missing,
-            "summary": plan.method.run_summary(plan.params, block_notes),
             "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
                         "seconds": self.stats[b.name].seconds,
                         "bytes": self.stats[b.name].bytes_read + self.stats[b.name].bytes_written,
@@ -547,6 +569,8 @@ class Runner:
                         **({"base_stats_missing": b.base_missing} if b.base_missing else {}),
                         **block_notes.get(b.name, {})} for b in plan.blocks],
         }
+        report.update(describe(plan, block_notes, report))  # "summary" and "warnings", in words
+        return report
 
     def _apply_patches(self, writer: ShardedWriter, state: dict, extras: Any) -> int:
         grouped: dict[str, list] = {}
@@ -589,6 +613,22 @@ class Runner:
                                 "seconds": round(self.stats[b.name].seconds, 4), **notes.get(b.name, {})}
                        for b in plan.blocks},
         }
+
+
+@dataclass
+class _Overall:
+    """Bytes the run's bars will read in all, and read so far: the whole run's time left,
+    estimated from its pace so far (a method's passes read about as fast as its merge)."""
+
+    total: int
+    done: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> str:
+        if self.done <= 0 or self.done >= self.total:
+            return ""
+        seconds = int((time.perf_counter() - self.t0) * (self.total - self.done) / self.done)
+        return f", run ~{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left"
 
 
 def _transpose(data: BlockData) -> None:

@@ -69,6 +69,15 @@ class Params:
 
     @classmethod
     def from_strings(cls, method: str, raw: dict[str, Any], n_models: int) -> "Params":
+        names = {key: f.name for key, f, _ in cls.spec()}
+        params = cls(**{names[key]: value for key, value in cls.typed(method, raw).items()})
+        params.validate(method, n_models)
+        return params
+
+    @classmethod
+    def typed(cls, method: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """The given values read as their parameters' types, by key: `-p` text and YAML values
+        go through this one reader, so both are recorded alike (numbers, booleans, lists)."""
         fields = {key: (f, tp) for key, f, tp in cls.spec()}
         values = {}
         for key, text in raw.items():
@@ -76,10 +85,8 @@ class Params:
                 known = ", ".join(fields) or "none"
                 raise ParameterError(f"method {method!r} has no parameter {key!r} (its parameters: {known})")
             f, tp = fields[key]
-            values[f.name] = _convert(method, key, text, tp, f.metadata.get("choices"))
-        params = cls(**values)
-        params.validate(method, n_models)
-        return params
+            values[key] = _convert(method, key, text, tp, f.metadata.get("choices"))
+        return values
 
     def validate(self, method: str, n_models: int) -> None:
         """Range checks; subclasses extend. Per-model lists must have one value per model."""
@@ -138,6 +145,7 @@ class GlobalPass(ABC):
     """
 
     name: str = "pass"
+    label: str = ""  # what the pass does, in the progress bar's words (the name when empty)
     sample: float = 1.0  # fraction of each chunk's rows the engine reads for this pass
     needs_inputs: bool = True  # False: the pass reads statistics only (Fisher norms)
 
@@ -235,6 +243,11 @@ class Method(ABC):
 
     def run_summary(self, params: Params, notes: dict[str, dict]) -> list[str]:
         """Lines `run` prints after the merge from the per-block entries (MaTS' CG outcome)."""
+        return []
+
+    def run_warnings(self, params: Params, notes: dict[str, dict]) -> list[str]:
+        """What likely is not what the user meant, said after the run (weights that do not sum to
+        1, CG blocks short of tol); from the parameters and the per-block entries."""
         return []
 
     def work_bytes_per_element(self, n_models: int, params: Params) -> int:

@@ -54,6 +54,7 @@ class FisherNorms(GlobalPass):
     patterns), so the weights and hence the bytes do not depend on chunking."""
 
     name = "fisher-norms"
+    label = "Fisher norms (normalize)"
     needs_inputs = False
 
     def map(self, data: BlockData, state: dict) -> Any:
