@@ -247,6 +247,7 @@ class StatsStore:
         self.attrs = attrs
         self.arrays: dict[str, dict[str, ArrayInfo]] = {}
         self._handles: dict[tuple[str, str], Any] = {}
+        self._kept: tuple[str, str, int, np.ndarray] | None = None  # see _read_verified
         for kind in STATS_KINDS:
             self.arrays[kind] = {}
             if kind not in self.root:
@@ -351,36 +352,52 @@ class StatsStore:
         rec = self.arrays[kind][name].chunks
         try:
             if rec is not None:
-                data = self._read_verified(kind, name, arr, rec, r0, r1)
+                data = self._read_verified(kind, name, arr, rec, r0, r1)  # a fresh array already
             else:
                 data = arr[...] if r0 is None or not arr.shape else arr[r0:r1]
+                data = np.array(data, dtype=np.float32, order="C", copy=True)
         except InputError:
             raise
         except Exception as e:
             raise InputError(f"{self.path}: {kind}/{name}: cannot read ({e.__class__.__name__}: {e})") from None
-        out = torch.from_numpy(np.array(data, dtype=np.float32, order="C", copy=True))
+        out = torch.from_numpy(data)
         if not all_finite(out):
             raise InputError(f"{self.path}: {kind}/{name} holds NaN or Inf values")
         return out
 
-    def _read_verified(self, kind: str, name: str, arr: Any, rec: dict, r0: int | None, r1: int | None):
+    def _read_verified(self, kind: str, name: str, arr: Any, rec: dict, r0: int | None, r1: int | None) -> np.ndarray:
         """Rows [r0, r1) from the whole chunks that hold them, each checked against its crc32
-        (zarr decodes whole chunks anyway, so this reads no more from disk)."""
+        (zarr decodes whole chunks anyway, so this reads no more from disk). The engine reads a
+        block's rows in order, often fewer than a chunk at a time: the verified chunk a read ends
+        inside is kept (one per store, <= STATS_CHUNK_BYTES) for the next read to start from, so
+        no chunk is decoded or checked twice."""
         shape = self.arrays[kind][name].shape
         if not shape:
-            data = np.asarray(arr[...])
+            data = np.array(arr[...], dtype=np.float32)
             self._check_chunk(kind, name, 0, data, shape, None, rec)
             return data
-        lo, hi = (0, shape[0]) if r0 is None else (max(0, r0), min(shape[0], r1))
+        lo = 0 if r0 is None else max(0, r0)
+        hi = shape[0] if r0 is None or r1 is None else min(shape[0], r1)
+        out = np.empty((max(hi - lo, 0),) + shape[1:], dtype=np.float32)
         if hi <= lo or rec["count"] == 0:
-            return arr[lo:max(lo, hi)]
+            return out
         rows = rec["rows"]
         c0, c1 = lo // rows, -(-hi // rows)
-        start = c0 * rows
-        data = np.ascontiguousarray(arr[start:min(c1 * rows, shape[0])])
-        for c in range(c0, c1):
-            self._check_chunk(kind, name, c, data[(c - c0) * rows:(c - c0 + 1) * rows], shape, rows, rec)
-        return data[lo - start:hi - start]
+        pos, first = lo, c0
+        kept = self._kept
+        if kept is not None and kept[:3] == (kind, name, c0):
+            pos = min(hi, (c0 + 1) * rows)
+            out[:pos - lo] = kept[3][lo - c0 * rows:pos - c0 * rows]
+            first = c0 + 1
+        if pos < hi:
+            start, end = first * rows, min(c1 * rows, shape[0])
+            data = np.ascontiguousarray(arr[start:end], dtype=np.float32)
+            for c in range(first, c1):
+                self._check_chunk(kind, name, c, data[(c - first) * rows:(c - first + 1) * rows], shape, rows, rec)
+            out[pos - lo:] = data[pos - start:hi - start]
+            if hi < end:  # the next read of this block starts inside the last chunk
+                self._kept = (kind, name, c1 - 1, data[(c1 - 1 - first) * rows:].copy())
+        return out
 
     def _check_chunk(self, kind: str, name: str, c: int, data: np.ndarray, shape, rows, rec: dict) -> None:
         if zlib.crc32(np.ascontiguousarray(data, dtype="<f4")) == rec["crc32"][c]:

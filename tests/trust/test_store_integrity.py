@@ -99,6 +99,11 @@ def test_every_array_records_its_chunk_count_and_crc32(tmp_path):
     assert s.arrays["fisher"]["w"].attrs == {"count": None}  # the record is not one of the statistic's attrs
     assert torch.equal(s.read("fisher", "w", 900, 1000), w[900:1000])
     assert torch.equal(s.read("fisher", "w"), w) and s.read("fisher", "e").shape == (0,)
+    for step in (97, 873, 1000):  # in order (the chunk a read ends inside is reused), then out of order
+        got = [s.read("fisher", "w", r0, r0 + step) for r0 in range(0, 2000, step)]
+        assert torch.equal(torch.cat(got), w)
+    for r0, r1 in ((1800, 1900), (10, 20), (15, 900), (872, 874), (1999, 2000), (5, 5)):
+        assert torch.equal(s.read("fisher", "w", r0, r1), w[r0:r1])
 
 
 # ----------------------------------------------------------------------------- incomplete copies
