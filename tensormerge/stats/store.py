@@ -256,9 +256,9 @@ class StatsStore:
             for name, arr in group.arrays():
                 if arr.dtype != np.float32:
                     raise InputError(f"{path}: {kind}/{name} is {arr.dtype}, statistics must be float32")
-                attrs = dict(arr.attrs)
-                chunks = self._chunks(kind, name, arr, attrs.pop(CHUNKS_ATTR, None))
-                self.arrays[kind][name] = ArrayInfo(kind, name, tuple(arr.shape), attrs, chunks)
+                own = dict(arr.attrs)
+                chunks = self._chunks(kind, name, arr, own.pop(CHUNKS_ATTR, None))
+                self.arrays[kind][name] = ArrayInfo(kind, name, tuple(arr.shape), own, chunks)
                 self._handles[(kind, name)] = arr
             others = [n for n, _ in group.groups()]
             if others:
