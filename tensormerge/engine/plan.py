@@ -148,6 +148,8 @@ class MergePlan:
                 + f"  {len(used)} blocks merged with {', '.join(kinds) or 'none'}"
                 + f"  {len(fallback)} {label} for lack of statistics")
         lines = [line]
+        for path in self.stats.unverified():
+            lines.append(f"  unverified {path}: a version-1 store records no chunk checksums")
         for name, why in list(fallback.items())[:5]:
             lines.append(f"  {label} {name}: {why}")
         if len(fallback) > 5:

@@ -75,7 +75,8 @@ class BlockStats:
 def merge_fingerprint(plan: MergePlan, writer: ShardedWriter) -> str:
     """What a resumed merge must share with the interrupted one: every input (names, shapes,
     dtypes, file sizes and modification times, sampled values), method and parameters,
-    statistics, and the output layout. Chunking may differ: chunks are matched by row range."""
+    statistics (metadata and every chunk's crc32), and the output layout. Chunking may differ:
+    chunks are matched by row range."""
 
     def ck(c):
         if c is None:
@@ -90,7 +91,7 @@ def merge_fingerprint(plan: MergePlan, writer: ShardedWriter) -> str:
         "inputs": [ck(c) for c in plan.inputs],
         "base": ck(plan.base),
         "extras": {role: ck(c) for role, c in sorted(plan.extras.items())},
-        "statistics": plan.stats.describe() if plan.stats is not None else None,
+        "statistics": plan.stats.fingerprint() if plan.stats is not None else None,
         "layout": [(n, str(d), list(sh)) for n, d, sh in writer.tensors],
         "files": writer.files,
     }
