@@ -26,9 +26,13 @@ from typing import Any
 
 from tensormerge.constants import RESUME_DIR
 from tensormerge.engine.writer import os_error_reason
-from tensormerge.errors import OutputError
+from tensormerge.errors import OutputError, short
 
 LOG = "manifest.jsonl"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 FORMAT = 1
 
 
@@ -82,10 +86,10 @@ class Manifest:
                 lines = f.read().split(b"\n")
         except OSError:
             return None
-        for raw in lines:
+        for lineno, raw in enumerate(lines, 1):
             try:
                 rec = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue  # a torn last line, or an empty one
             if not isinstance(rec, dict):
                 continue
@@ -93,12 +97,13 @@ class Manifest:
                 if rec.get("tensormerge_manifest") != FORMAT:
                     return None
                 m.fingerprint = rec.get("fingerprint")
-            elif "pass" in rec:
-                m.passes[int(rec["pass"])] = rec
-            elif "chunk" in rec:
-                block, r0, r1 = rec["chunk"]
-                m.chunks[(block, r0, r1)] = ChunkRecord(block, r0, r1, rec["crc32"], rec["nbytes"],
-                                                        rec.get("blob"), rec.get("sha256"))
+            elif "pass" in rec or "chunk" in rec:
+                try:
+                    m._take(rec)
+                except (KeyError, TypeError, ValueError):
+                    text = short(raw.decode(errors="replace"))
+                    raise OutputError(f"{m.path}: line {lineno} is not a manifest record ({text}); "
+                                      f"run without --resume to start over") from None
             elif rec.get("finished"):
                 m.finished = True
             m._seq += 1
@@ -106,6 +111,21 @@ class Manifest:
             return None
         m._fd = os.open(m.path, os.O_WRONLY | os.O_APPEND)
         return m
+
+    def _take(self, rec: dict) -> None:
+        """A pass or chunk line into memory; KeyError, TypeError or ValueError if malformed."""
+        if "pass" in rec:
+            if not _is_int(rec["pass"]):
+                raise ValueError(rec["pass"])
+            self.passes[rec["pass"]] = rec
+            return
+        block, r0, r1 = rec["chunk"]
+        fields = (r0, r1, rec["crc32"], rec["nbytes"])
+        if not (isinstance(block, str) and all(map(_is_int, fields))
+                and all(v is None or isinstance(v, str) for v in (rec.get("blob"), rec.get("sha256")))):
+            raise TypeError(rec)
+        self.chunks[(block, r0, r1)] = ChunkRecord(block, r0, r1, rec["crc32"], rec["nbytes"],
+                                                   rec.get("blob"), rec.get("sha256"))
 
     # ------------------------------------------------------------------ writing
     def _append(self, rec: dict) -> None:

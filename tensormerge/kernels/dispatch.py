@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from tensormerge.errors import ParameterError
+from tensormerge.errors import ParameterError, short
 from tensormerge.kernels import reference
 
 CHOICES = ("auto", "torch", "triton")
@@ -36,7 +36,7 @@ def select(choice: str, device: torch.device | str) -> ModuleType:
     and the numba-fused CPU kernels on CPU when numba is installed; torch is the pure reference."""
     device = torch.device(device)
     if choice not in CHOICES:
-        raise ParameterError(f"--kernels: {choice!r} is not one of {', '.join(CHOICES)}")
+        raise ParameterError(f"--kernels: {short(choice)} is not one of {', '.join(CHOICES)}")
     if choice == "torch":
         return reference
     usable, why = triton_status(device)
