@@ -259,6 +259,8 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
     """Write the statistics in `path` to a store at `output`; nothing is left there on failure."""
     from tensormerge.stats.store import StatsWriter
 
+    path, output = os.fspath(path), os.fspath(output)
+    model = None if model is None else os.fspath(model)
     if kind not in STATS_KINDS:
         raise ParameterError(f"--kind {kind!r}: expected one of {', '.join(STATS_KINDS)}")
     if fisher_type not in (None, *FISHER_TYPES):

@@ -419,3 +419,14 @@ def test_max_memory_stays_bounded_for_huge_finite_values(fam, tmp_path):
     out = tmp_path / "o"
     res = H.run_cli(merge_args(fam[2], out, "--max-memory", "1e30"), cwd=tmp_path, timeout=60)
     assert res.returncode == 0, res
+
+
+def test_stats_import_accepts_pathlike(tmp_path):
+    from tensormerge.stats.importers import import_stats
+    from tensormerge.stats.store import StatsStore
+
+    f = tmp_path / "s.pt"
+    torch.save({"w.weight": torch.full((2, 3), 0.5)}, f)
+    summary = import_stats(f, "fisher", tmp_path / "S.zarr")
+    assert summary["arrays"] == 1
+    assert torch.equal(StatsStore(str(tmp_path / "S.zarr")).read("fisher", "w.weight"), torch.full((2, 3), 0.5))
