@@ -117,27 +117,14 @@ def checked(spec: MergeSpec) -> MergeSpec:
         params=dict(params), device=device, kernels=spec.kernels or "auto")
 
 
-def _device(value: str) -> torch.device:
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError, ValueError):
-        raise ParameterError(f"--device: {short(value)} is not cpu, cuda or cuda:N") from None
-
-
 def _validate(spec: MergeSpec) -> None:
     if not spec.inputs:
         raise ParameterError("--inputs: at least one model is needed")
     if spec.dtype not in C.DTYPE_CHOICES:
         raise ParameterError(f"--dtype: {short(spec.dtype)} is not one of {', '.join(C.DTYPE_CHOICES)}")
-    dev = _device(spec.device) if spec.device else torch.device("cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ParameterError(f"--device: {short(spec.device)} is not cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ParameterError(f"--device {short(spec.device)}: no CUDA device is available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ParameterError(f"--device {spec.device}: there are {torch.cuda.device_count()} CUDA device(s)")
-    from tensormerge.kernels.dispatch import select
+    from tensormerge.kernels.dispatch import check_device, select
 
+    dev = check_device(spec.device or "cpu")
     select(spec.kernels or "auto", dev)  # refuses --kernels triton where it cannot run, before any work
 
 

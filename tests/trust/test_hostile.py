@@ -430,3 +430,11 @@ def test_stats_import_accepts_pathlike(tmp_path):
     summary = import_stats(f, "fisher", tmp_path / "S.zarr")
     assert summary["arrays"] == 1
     assert torch.equal(StatsStore(str(tmp_path / "S.zarr")).read("fisher", "w.weight"), torch.full((2, 3), 0.5))
+
+
+def test_malformed_device_of_stats_compute(fam, tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    out = tmp_path / "S.zarr"
+    res = H.run_cli(["stats", "compute", "--model", str(fam[2][0]), "--data", str(tmp_path / "d.jsonl"), "--kind",
+                     "fisher", "-o", str(out), "--device", "cuda:x"], cwd=tmp_path, timeout=60)
+    H.assert_clean_error(res, "--device", "'cuda:x'", out_dir=out)
