@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tensormerge import constants as C
+from tensormerge.engine import outdir
 from tensormerge.engine.plan import MergePlan, build_plan
 from tensormerge.engine.run import Runner, RunOptions
 from tensormerge.engine.sources import open_checkpoint
@@ -185,19 +186,27 @@ def run_options(spec: MergeSpec, quiet: bool | None = None) -> RunOptions:
                       spec.kernels or "auto", spec.resume, settings)
 
 
+def protected_paths(spec: MergeSpec) -> list[tuple[str, str]]:
+    """What an output may never be, contain or lie inside: every model and store the spec names."""
+    return ([("input", s) for s in spec.inputs] + [("the base", spec.base)]
+            + [("statistics store", s) for s in spec.stats] + [("statistics store", spec.base_stats)])
+
+
 def merge(spec: MergeSpec) -> dict:
     """Run the merge; returns the report (also written to `spec.report` when set)."""
     spec = checked(spec)
     if not spec.output:
         raise ParameterError("--output is required")
     out = os.path.abspath(spec.output)
-    if os.path.exists(out) and not spec.overwrite and not (spec.resume and not os.path.exists(out + C.PARTIAL_SUFFIX)):
-        raise OutputError(f"{spec.output}: exists (pass --overwrite to replace it)")
-    for s in spec.inputs + ([spec.base] if spec.base else []):
-        if os.path.exists(s) and os.path.abspath(s) in (out, out + C.PARTIAL_SUFFIX):
-            raise OutputError(f"{spec.output}: is also an input")
+    protected = protected_paths(spec)
+    resuming_done = spec.resume and not spec.overwrite and not os.path.exists(out + C.PARTIAL_SUFFIX)
+    outdir.check_output(out, overwrite=spec.overwrite, keep_existing=resuming_done, protected=protected)
+    outdir.check_report(spec.report, out, protected)
     with ExitStack() as stack:
+        lock = stack.enter_context(outdir.OutputLock(out, "run", quiet=spec.quiet))
         merge_plan = open_plan(spec, stack)
+        cks = merge_plan.checkpoints + list(merge_plan.extras.values())
+        outdir.check_paths(out, [("input", f) for ck in cks for f in ck.files])  # hub snapshots, MaTS' init
         runner = Runner(merge_plan, run_options(spec))
         if spec.workers is not None or spec.scheduler:
             from tensormerge.engine.distributed import DaskExecutor
@@ -206,7 +215,13 @@ def merge(spec: MergeSpec) -> dict:
                                           spec.device or "cpu")
             stack.callback(runner.cluster.close)
         report = runner.execute()
+        if lock.stale:
+            report["stale_lock"] = lock.stale  # a killed run's lock, taken over: said even with --quiet
     if spec.report:
-        with open(spec.report, "w") as f:
-            json.dump(report, f, indent=2)
+        try:
+            with open(spec.report, "w") as f:
+                json.dump(report, f, indent=2)
+        except OSError as e:
+            raise OutputError(f"--report {spec.report}: cannot write ({e.strerror}); the merge itself is "
+                              f"complete in {out}") from None
     return report

@@ -162,7 +162,7 @@ def merge_options(f):
         click.option("--workers", type=int, help="run on a local dask cluster of N worker processes"),
         click.option("--scheduler", help="run on an existing dask cluster: its scheduler tcp://HOST:PORT"),
         click.option("--output", "-o", help="output directory"),
-        click.option("--overwrite", is_flag=True, help="replace an existing output directory"),
+        click.option("--overwrite", is_flag=True, help="replace a previous tensormerge output (or an empty directory)"),
         click.option("--resume", is_flag=True,
                      help="continue an interrupted merge in OUTPUT.partial (checks what it wrote, reruns the rest)"),
         click.option("--report", type=click.Path(), help="write a JSON report of timings and memory"),
@@ -191,6 +191,8 @@ def run(**kw) -> None:
     elif not spec.quiet:
         click.echo(f"wrote {report['output']} ({len(report['shards'])} shard(s)) in {report['seconds']:.2f} s, "
                    f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB")
+        for line in report.get("summary", []):
+            click.echo(line)
 
 
 @cli.command()

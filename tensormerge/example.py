@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from tensormerge.kernels.reference import dare_keep
 from tensormerge.methods import REGISTRY
+from tensormerge.methods.mats import cg_summary
 
 HIDDEN, FF, VOCAB, LAYERS = 256, 688, 4096, 4
 MAX_MEMORY = "8MiB"
@@ -248,9 +249,7 @@ def main() -> None:
           "\n each tensor's largest value: up to 1 is rounding; regmean multiplies in float32 and mats stops at a"
           "\n relative residual of 1e-5, so theirs can be a little larger)")
     mats = json.load(open(os.path.join(root, "report-mats.json")))
-    cg = [b for b in mats["blocks"] if "cg_iterations" in b]
-    print(f"mats: {len(cg)} blocks solved by CG, {max(b['cg_iterations'] for b in cg)} iterations at most, "
-          f"largest final relative residual {max(b['cg_residual'] for b in cg):.1e}")
+    print(cg_summary(mats["blocks"], mats["params"]["tol"]))
 
 
 if __name__ == "__main__":

@@ -291,16 +291,21 @@ def merge(method: str, inputs: list[str], base: str, output: str, params: dict[s
 
 def merge_notes(method: str, out: str) -> list[str]:
     """From the output's tensormerge.json: tensors averaged for want of statistics, and MaTS's CG."""
+    from tensormerge.methods.base import get_method
+    from tensormerge.methods.mats import cg_summary
+
     with open(os.path.join(out, "tensormerge.json")) as f:
         meta = json.load(f)
     notes = []
     if meta.get("fallback_blocks"):
-        notes.append(f"{method}: averaged for want of statistics: {', '.join(sorted(meta['fallback_blocks']))}")
+        notes.append(f"{method}: {get_method(method).fallback_label} for want of statistics: "
+                     f"{', '.join(sorted(meta['fallback_blocks']))}")
+    if meta.get("base_stats_missing"):
+        notes.append(f"{method}: base statistics taken as zero: {', '.join(sorted(meta['base_stats_missing']))}")
     blocks = meta.get("blocks", {})
-    cg = [b for b in (blocks.values() if isinstance(blocks, dict) else blocks) if "cg_iterations" in b]
+    cg = cg_summary(blocks.values() if isinstance(blocks, dict) else blocks, meta.get("params", {}).get("tol", 1e-5))
     if cg:
-        notes.append(f"{method}: {len(cg)} blocks solved by CG, {max(b['cg_iterations'] for b in cg)} iterations at "
-                     f"most, largest final relative residual {max(b['cg_residual'] for b in cg):.1e}")
+        notes.append(cg)
     return notes
 
 

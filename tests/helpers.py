@@ -226,9 +226,11 @@ def write_family(root: Path, n: int = 3, fmt: str = "safetensors_dir", seed: int
 
 # ------------------------------------------------------------------------------------ hub cache
 def make_hub_cache(cache: Path, repo_id: str, sd: dict[str, torch.Tensor], commit: str | None = None,
-                   refs: tuple[str, ...] = ("main",)) -> str:
-    """huggingface_hub's cache layout: models--org--name/{blobs,refs/<ref>,snapshots/<commit>/...},
-    snapshot files as relative symlinks to blobs. Returns the commit hash."""
+                   refs: tuple[str, ...] = ("main",), n_shards: int = 1) -> str:
+    """huggingface_hub's cache layout, as the hub client writes it:
+    models--org--name/{blobs/<sha256>, refs/<ref>, snapshots/<commit>/<file> -> ../../blobs/<sha256>},
+    every snapshot file (weights, shards, index, side files) a relative symlink to its blob.
+    `n_shards` > 1 writes a sharded model with its index. Returns the commit hash."""
     commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
     repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
     snap = repo / "snapshots" / commit
@@ -236,9 +238,11 @@ def make_hub_cache(cache: Path, repo_id: str, sd: dict[str, torch.Tensor], commi
     for p in (snap, blobs, repo / "refs"):
         p.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as td:
-        save_file(_contig(sd), os.path.join(td, "model.safetensors"), metadata={"format": "pt"})
-        write_side_files(Path(td), {"config.json": SIDE_FILES["config.json"]})
-        for fname in ("model.safetensors", "config.json"):
+        if n_shards > 1:
+            save_sharded_safetensors(Path(td), sd, n_shards)
+        else:
+            save_safetensors_dir(Path(td), sd)
+        for fname in sorted(os.listdir(td)):
             data = Path(td, fname).read_bytes()
             blob = hashlib.sha256(data).hexdigest()
             (blobs / blob).write_bytes(data)

@@ -250,8 +250,13 @@ def test_output_exists_refused_then_overwritten(fam, tmp_path):
     assert not pathlib.Path(str(out) + ".partial").exists()
 
     res = run(merge_args("average", ft_specs, base_spec, out, "--overwrite"), tmp_path)
-    assert res.returncode == 0, res
-    assert not (out / "precious.txt").exists()
+    H.assert_clean_error(res, str(out), "not a tensormerge output", "precious.txt")  # only a merge is replaced
+    assert (out / "precious.txt").read_text() == "keep me"
+
+    (out / "precious.txt").unlink()
+    for _ in range(2):  # an empty directory, then the previous merge
+        res = run(merge_args("average", ft_specs, base_spec, out, "--overwrite"), tmp_path)
+        assert res.returncode == 0, res
     merged = H.load_dir(out)
     for n, e in H.expected_average(fts).items():
         H.assert_close(merged[n], e, fts[0][n].dtype, n)
@@ -329,6 +334,45 @@ def test_nan_error_mid_run_with_progress_bars(fam, tmp_path):
     assert len(errors) == 1 and "layer.0.mlp.weight" in errors[0], res
     assert res.stderr.rstrip("\n").splitlines()[-1] == errors[0]
     assert not out.exists() and not pathlib.Path(str(out) + ".partial").exists()
+
+
+def _fp16_family(root, base_values, ft_values):
+    """A base and fine-tunes of three fp16 tensors; `mid` (the one between two in-range
+    tensors) holds the given values."""
+    sds = []
+    for i, mid in enumerate([base_values] + ft_values):
+        sds.append({"first": torch.full((3, 4), 1.0 + i, dtype=torch.float16),
+                    "mid": torch.tensor(mid, dtype=torch.float16).reshape(-1, 1).repeat(1, 4),
+                    "last": torch.full((5,), 2.0 - i, dtype=torch.float16)})
+    return [str(H.save_safetensors_dir(root / f"m{i}", sd)) for i, sd in enumerate(sds)]
+
+
+def test_fp16_overflow_after_the_cast_names_tensor_and_value(tmp_path):
+    """A finite float32 result above 65504 becomes inf in an fp16 checkpoint: refused in one
+    line naming the tensor and the value, with nothing written (the check is on the cast)."""
+    base, *fts = _fp16_family(tmp_path, [32768.0, 1.0], [[49152.0, 1.0], [49152.0, 2.0], [16384.0, 1.5]])
+    out = tmp_path / "out"
+    # 32768 + 1.0 * (16384 + 16384 - 16384) = 49152: in range (and exact), so it merges
+    ok = run(merge_args("task_arithmetic", fts, base, out, "-p", "lambda=1.0"), tmp_path)
+    assert ok.returncode == 0, str(ok)
+    assert float(H.load_dir(out)["mid"][0, 0]) == 49152.0
+    shutil.rmtree(out)
+    # 32768 + 1.5 * (16384 + 16384) = 81920: finite in float32, inf in float16
+    res = run(merge_args("task_arithmetic", fts, base, out, "-p", "lambdas=1.5,1.5,0"), tmp_path)
+    line = H.assert_clean_error(res, "'mid'", "81920", "float16", out_dir=out)
+    assert "first" not in line and "last" not in line
+
+
+def test_fp16_overflow_in_a_ties_patch_is_refused(tmp_path):
+    """TIES rewrites exactly cancelling entries once the model-wide majority sign is known; a
+    rewritten value that overflows the output dtype is refused like a merged one."""
+    # mid[0]: τ = (+30000, −30000) cancels; first guess 0 takes the negative: 30000 − 2·30000;
+    # the majority (+1, from `last`) patches it to 30000 + 2·30000 = 90000: inf in fp16
+    base, *fts = _fp16_family(tmp_path, [30000.0, 0.0], [[60000.0, 1.0], [0.0, 1.0]])
+    out = tmp_path / "out"
+    res = run(merge_args("ties", fts, base, out, "-p", "k=1.0", "-p", "lambda=2", "--max-memory", "1KiB"),
+              tmp_path)
+    H.assert_clean_error(res, "'mid'", "90000", "float16", out_dir=out)
 
 
 def test_real_subprocess_entry_point(fam, tmp_path):

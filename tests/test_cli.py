@@ -69,7 +69,7 @@ def test_methods_lists_every_method(tmp_path):
               "k_rule": "reference"}),
     ("dare", {"p": "0.5", "lambda": "1.0", "seed": "0", "rescale": "True"}),
     ("task_arithmetic", {"lambda": "0.3"}),
-    ("average", {"weights": "None", "normalize": "False"}),
+    ("average", {"weights": "None", "normalize": "None"}),
 ])
 def test_methods_name_lists_parameters_and_defaults(tmp_path, method, expected):
     res = ok(H.run_cli(["methods", method], cwd=tmp_path))

@@ -14,6 +14,7 @@ import torch
 from tensormerge.constants import PASS_SUB_FACTOR, PIECE_BYTES, SUB_CHUNK_ELEMENTS
 from tensormerge.engine.safetensors_format import element_size
 from tensormerge.engine.sources import Checkpoint, TensorInfo
+from tensormerge.engine.writer import side_files
 from tensormerge.constants import ROW_KINDS
 from tensormerge.errors import BudgetError, InputError, short
 from tensormerge.methods.base import Method, Params
@@ -39,6 +40,7 @@ class Block:
     stats: dict[str, list[str]] = field(default_factory=dict)  # kind -> key in each model's store
     base_stats: dict[str, str] = field(default_factory=dict)  # kind -> key in the base's store
     fallback: str | None = None  # why the block is merged with the method's fallback
+    base_missing: str | None = None  # which --base-stats kind the base's store lacks (taken as zero)
     fixed_bytes: int = 0  # whole-block statistics and their factorisations, held across chunks
     extra_reads: dict[str, str] = field(default_factory=dict)  # extra checkpoint role -> name
     splits: bool = True
@@ -141,16 +143,26 @@ class MergePlan:
             return []
         used = [b for b in self.merge_blocks if b.stats]
         kinds = sorted({k for b in used for k in b.stats})
-        fallback = self.fallback_blocks
+        fallback, label = self.fallback_blocks, self.method.fallback_label
         line = (f"statistics {len(self.stats.stores)} store(s)" + (" + base" if self.stats.base else "")
                 + f"  {len(used)} blocks merged with {', '.join(kinds) or 'none'}"
-                + f"  {len(fallback)} averaged for lack of statistics")
+                + f"  {len(fallback)} {label} for lack of statistics")
         lines = [line]
         for name, why in list(fallback.items())[:5]:
-            lines.append(f"  averaged {name}: {why}")
+            lines.append(f"  {label} {name}: {why}")
         if len(fallback) > 5:
             lines.append(f"  ... {len(fallback) - 5} more (the report lists all)")
+        missing = self.base_stats_missing
+        if missing:
+            lines.append(f"  {len(missing)} without base statistics, taken as zero")
+            lines += [f"  base statistics {name}: {why}" for name, why in list(missing.items())[:5]]
+            if len(missing) > 5:
+                lines.append(f"  ... {len(missing) - 5} more (the report lists all)")
         return lines
+
+    @property
+    def base_stats_missing(self) -> dict[str, str]:
+        return {b.name: b.base_missing for b in self.blocks if b.base_missing}
 
     @property
     def fallback_blocks(self) -> dict[str, str]:
@@ -208,12 +220,47 @@ def check_compatible(ref: Checkpoint, others: list[Checkpoint]) -> None:
             problems.append(f"{ck.spec} lacks {_few(missing)}")
         if extra:
             problems.append(f"{ck.spec} has extra {_few(extra)}")
-        shapes = [f"{short(n)} is {list(t.shape)} in {ref.spec} but {list(ck.tensors[other].shape)} in {ck.spec}"
-                  for n, t in ref.tensors.items()
-                  if (other := found[n]) is not None and ck.tensors[other].shape != t.shape]
-        problems += shapes[:_FEW] + ([f"(+{len(shapes) - _FEW} more shapes differ)"] if len(shapes) > _FEW else [])
+        shapes = []
+        for n, t in ref.tensors.items():
+            other = found[n]
+            if other is not None and ck.tensors[other].shape != t.shape:
+                shapes.append(f"{short(n)} is {list(t.shape)} in {ref.spec} but {list(ck.tensors[other].shape)} "
+                              f"in {ck.spec}")
+            if other is not None and dtype_kind(ck.tensors[other].dtype) != dtype_kind(t.dtype):
+                shapes.append(f"{short(n)} is {dtype_kind(t.dtype)} ({_dt(t.dtype)}) in {ref.spec} but "
+                              f"{dtype_kind(ck.tensors[other].dtype)} ({_dt(ck.tensors[other].dtype)}) in {ck.spec}")
+        problems += shapes[:_FEW] + ([f"(+{len(shapes) - _FEW} more tensors differ)"] if len(shapes) > _FEW else [])
+    problems += _untied(ref, others, groups)
     if problems:
         raise InputError("inputs differ: " + "; ".join(problems))
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """What a tensor's values mean: floating-point weights are merged, integer ids and boolean
+    masks are copied; a tensor of one kind in a model and another in the next is no merge at all."""
+    if dtype.is_floating_point:
+        return "floating point"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _untied(ref: Checkpoint, others: list[Checkpoint], groups: dict[str, list[str]]) -> list[str]:
+    """Names the reference ties (one storage, e.g. lm_head and the embedding) that another model
+    stores apart. Merging name by name would read one of its tensors and drop the other, and a
+    tied output cannot hold two merged tensors; so it is refused (an untied reference is fine: a
+    tied model's lm_head is its embedding, and is read as such)."""
+    out = []
+    for n, group in groups.items():
+        if n != ref.canonical(n) or len(group) < 2:
+            continue
+        apart = [ck.spec for ck in others if len({ck.canonical(m) for m in group if m in ck.tensors}) > 1]
+        if apart:
+            out.append(f"{ref.spec} ties {_few(group)} (one tensor) but {', '.join(apart)} store(s) them apart "
+                       "(untie the reference: save it with tie_word_embeddings=false)")
+    return out
 
 
 _FEW = 8
@@ -233,6 +280,8 @@ def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: C
     ref = base if base is not None else inputs[0]
     everyone = inputs + ([base] if base is not None else [])
     check_compatible(ref, [c for c in everyone if c is not ref] + list(extras.values()))
+    if ref.config_dir:
+        side_files(ref.config_dir)  # a side file linked out of the checkpoint is refused now, not after the merge
     passes = [p.name for p in method.passes(params)]
 
     groups = _tie_groups(ref)
@@ -299,6 +348,8 @@ def _bind_block(method: Method, params: Params, block: Block, names: list[str], 
         if key is not None:
             block.base_stats[kind] = key
             block.read_bytes_per_row += 4 * per_row if kind in ROW_KINDS else 0
+        elif stats.base is not None:  # a store was given and lacks it: say so, as for the models'
+            block.base_missing = f"no {kind} in {stats.base.path} (taken as zero)"
     block.fixed_bytes += method.fixed_bytes(params, block.merge_shape, n_inputs)
 
 
@@ -306,14 +357,16 @@ def _make_block(method: Method, params: Params, name: str, info: TensorInfo, eve
                 group: list[str], has_base: bool, dtype: torch.dtype | None, n_inputs: int) -> Block:
     reads = [_resolve_name(ck, group) for ck in everyone]
     row_numel = info.row_numel
-    if info.is_float:
+    if info.is_float and info.numel:
         kind = "merge"
         out_dtype = dtype or info.dtype
         readers = everyone if (method.requires_base(params) or not has_base) else everyone[:n_inputs]
         work = method.work_bytes_per_element(n_inputs, params) * row_numel
     else:
+        # integer and bool tensors are copied (all must agree); an empty tensor ([0, n]) has no
+        # element to merge: copied too, in the output dtype, and skipped by global passes
         kind = "copy"
-        out_dtype = info.dtype
+        out_dtype = (dtype or info.dtype) if info.is_float else info.dtype
         readers = everyone
         work = 0
     sizes = [element_size(ck.tensors[r].dtype) for ck, r in zip(everyone, reads) if ck in readers]

@@ -19,15 +19,16 @@ from tensormerge import __version__
 from tensormerge.constants import PASS_SUB_FACTOR, PROVENANCE, ROW_KINDS
 from tensormerge.engine import faults
 from tensormerge.engine.alloc import keep_freed_buffers
+from tensormerge.engine.cast import store_checked
 from tensormerge.engine.crc import crc32_combine
 from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.manifest import Manifest
 from tensormerge.engine.memory import MemoryMonitor
+from tensormerge.engine.outdir import remove_replaced
 from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError, OutputError
 from tensormerge.kernels import dispatch
-from tensormerge.kernels.reference import all_finite
 from tensormerge.methods.base import BlockData
 from tensormerge.stats.bind import check_gram
 
@@ -286,7 +287,7 @@ class Runner:
             shape = b.merge_shape if b.transposed else (r1 - r0,) + b.shape[1:] if b.shape else ()
             chunk_extras: list = []
             if b.kind == "copy":
-                out = self._copy(b, data).reshape(shape).contiguous().cpu()
+                out = self._copy(b, data).reshape(shape).to(b.out_dtype).contiguous().cpu()
             else:
                 out = torch.empty(shape, dtype=b.out_dtype)
                 if b.stats and first:
@@ -303,13 +304,8 @@ class Runner:
                         note = method.progress(extra)
                         if note and bar is not None:
                             bar.note = note
-                    if not all_finite(result):
-                        raise InputError(f"tensor {b.name!r}: the merge produced NaN or Inf (non-finite input values?)")
                     s0 = part.row_start - data.row_start
-                    if shape:
-                        out[s0:s0 + result.shape[0]].copy_(result)
-                    else:
-                        out.copy_(result)
+                    store_checked(b.name, result, out[s0:s0 + result.shape[0]] if shape else out)
             if b.transposed:
                 out = out.t().contiguous()
             self.stats[b.name].seconds += time.perf_counter() - t0
@@ -481,6 +477,7 @@ class Runner:
         t_patch = t_finish = time.perf_counter()
         with MemoryMonitor() as mem:
             finished = self._open_output(writer, fingerprint)
+            complete = finished  # from here on a failure keeps OUT.partial: it holds the whole merge
             try:
                 if not finished:
                     state: dict = {}
@@ -498,6 +495,7 @@ class Runner:
                     provenance = self._provenance(t_finish - t_start, patched, block_notes, fingerprint)
                     writer.finish_files(plan.ref.config_dir, provenance)
                     self.manifest.record_finished()
+                    complete = True
                 faults.hit("finished")
                 self.manifest.close()
                 writer.rename_into_place(opts.overwrite)
@@ -507,7 +505,10 @@ class Runner:
                 writer.close()  # OUT.partial stays, for --resume
                 raise
             except BaseException:
-                writer.abort()  # a failed merge leaves nothing behind; only an interrupted one stays
+                if complete:  # only the rename failed: --resume puts the finished merge in place
+                    writer.close()
+                else:
+                    writer.abort()  # a failed merge leaves nothing behind; only an interrupted one stays
                 raise
             finally:
                 if self.pool is not None:
@@ -535,12 +536,15 @@ class Runner:
             "resumed": {"passes": self.resumed_passes, "chunks": len(self.done), "finished": finished},
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
+            "base_stats_missing": plan.base_stats_missing,
+            "summary": plan.method.run_summary(plan.params, block_notes),
             "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
                         "seconds": self.stats[b.name].seconds,
                         "bytes": self.stats[b.name].bytes_read + self.stats[b.name].bytes_written,
                         "crc32": f"{self.stats[b.name].crc32:08x}",
                         **({"statistics": sorted(b.stats)} if b.stats else {}),
                         **({"fallback": b.fallback} if b.fallback else {}),
+                        **({"base_stats_missing": b.base_missing} if b.base_missing else {}),
                         **block_notes.get(b.name, {})} for b in plan.blocks],
         }
 
@@ -553,6 +557,9 @@ class Runner:
         for name, group in grouped.items():
             index = torch.cat([p.index for p in group])
             values = torch.cat([p.values for p in group])
+            cast = torch.empty(values.shape, dtype=by_block[name].out_dtype)
+            store_checked(name, values, cast)
+            values = cast
             for out_name in by_block[name].out_names:
                 writer.patch(out_name, index, values)
             count += index.numel()
@@ -574,6 +581,7 @@ class Runner:
             "base": plan.base.fingerprint() if plan.base is not None else None,
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
+            "base_stats_missing": plan.base_stats_missing,
             "settings": self.opts.settings,
             "seconds": round(seconds, 3),
             "patched_entries": patched,
@@ -604,6 +612,7 @@ def _complete(out_dir: str, fingerprint: str) -> bool:
             done = json.load(f).get("fingerprint") == fingerprint
     except (OSError, ValueError, AttributeError):
         return False
-    if done:
-        Manifest.remove(out_dir)  # a crash between the rename and this removal leaves it
+    if done:  # a crash between the rename and these removals leaves them
+        Manifest.remove(out_dir)
+        remove_replaced(out_dir)
     return done

@@ -150,7 +150,7 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], list
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         entries[name] = _entry(path, name, info, data_start, data_len)
-    aliases = _check_overlaps(path, entries)
+    aliases = _check_overlaps(path, entries, data_start, data_len)
     return entries, metadata, aliases
 
 
@@ -196,18 +196,32 @@ def _entry(path: str, name: str, info, data_start: int, data_len: int) -> Tensor
     return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def _check_overlaps(path: str, entries: dict[str, TensorEntry]) -> list[tuple[str, str]]:
+def _check_overlaps(path: str, entries: dict[str, TensorEntry], data_start: int, data_len: int) -> list[tuple[str, str]]:
+    """Tensors must tile the data section exactly, as the safetensors library requires (a hole
+    between tensors, bytes before the first or after the last, or an empty tensor placed inside
+    another are refused there, so `transformers` could not load the file either). One extension:
+    a tensor written twice at identical offsets is a tied alias of the first."""
     aliases = []
     prev: TensorEntry | None = None
+    pos = data_start
     for e in sorted(entries.values(), key=lambda e: (e.begin, e.end, e.name)):
-        if e.nbytes == 0:
+        if prev is not None and e.nbytes and (e.begin, e.end) == (prev.begin, prev.end):
+            if (e.dtype, e.shape) != (prev.dtype, prev.shape):
+                raise InputError(f"{path}: tensors {quote(prev.name)} and {quote(e.name)} have overlapping data offsets")
+            aliases.append((e.name, prev.name))
             continue
-        if prev is not None and e.begin < prev.end:
-            if (e.begin, e.end, e.dtype, e.shape) == (prev.begin, prev.end, prev.dtype, prev.shape):
-                aliases.append((e.name, prev.name))
-                continue
+        if e.begin < pos and e.nbytes and prev is not None:
             raise InputError(f"{path}: tensors {quote(prev.name)} and {quote(e.name)} have overlapping data offsets")
-        prev = e
+        if e.begin != pos:
+            raise InputError(f"{path}: tensor {quote(e.name)} starts at data offset {e.begin - data_start} where "
+                             f"{pos - data_start} was expected (a hole between tensors, bytes before the first, or "
+                             "an empty tensor inside another: the safetensors library refuses such a file)")
+        pos = e.end
+        if e.nbytes:
+            prev = e
+    if pos != data_start + data_len:
+        raise InputError(f"{path}: {data_start + data_len - pos} bytes after the last tensor's data (the "
+                         "safetensors library refuses such a file)")
     return aliases
 
 

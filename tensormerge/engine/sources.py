@@ -241,15 +241,39 @@ def _load_failure(e: Exception) -> str:
     return lines[0] if lines else e.__class__.__name__
 
 
+def confinement(directory: str) -> str:
+    """The folder every file read or copied from a checkpoint directory must resolve into: the
+    directory itself, or for a Hugging Face cache snapshot (`models--org--name/snapshots/<commit>`,
+    whose files are links into `../../blobs`) the repo's folder `models--org--name`."""
+    real = os.path.realpath(directory)
+    parent = os.path.dirname(real)
+    repo = os.path.dirname(parent)
+    if (os.path.basename(parent) == "snapshots" and os.path.basename(repo).startswith("models--")
+            and os.path.isdir(os.path.join(repo, "blobs"))):
+        return repo
+    return real
+
+
+def confined(path: str, directory: str, what: str, hint: str = "") -> str:
+    """`path` (a file in `directory`) resolved, or an InputError when a link takes it outside the
+    directory's confinement: a stranger's checkpoint must not make us read, or copy into the
+    output, a file elsewhere on this machine."""
+    real, root = os.path.realpath(path), confinement(directory)
+    if os.path.commonpath([real, root]) != root:
+        where = "its Hugging Face repo folder" if root != os.path.realpath(directory) else "the checkpoint directory"
+        raise InputError(f"{path}: {what} links to {quote(real)}, outside {where} {quote(root)}"
+                         + (f" ({hint})" if hint else ""))
+    return real
+
+
 def _safe_join(root: str, rel: str, index_path: str) -> str:
     if not isinstance(rel, str) or "\0" in rel:
         # os.path functions raise ValueError on a NUL byte; a non-string is no file name at all
         raise InputError(f"{index_path}: weight_map entry {quote(rel)} is not a file name")
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", rel):
         raise InputError(f"{index_path}: weight_map entry {quote(rel)} points outside the checkpoint directory")
-    path = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
-        raise InputError(f"{index_path}: weight_map entry {quote(rel)} points outside the checkpoint directory")
+    path = os.path.normpath(os.path.join(root, rel))  # as named: a hub snapshot's shards are links into blobs
+    confined(path, root, f"shard {quote(rel)} of {os.path.basename(index_path)}")
     if not os.path.isfile(path):
         raise InputError(f"{index_path}: shard {quote(rel)} is missing")
     return path
@@ -286,9 +310,11 @@ _DIR_CANDIDATES = (C.SAFE_INDEX, C.SAFE_SINGLE, C.ADAPTER_SAFE, C.BIN_INDEX, C.B
 
 def _from_path(spec: str, path: str) -> Checkpoint:
     if os.path.isdir(path):
+        _refuse_ambiguous(path)
         for cand in _DIR_CANDIDATES:
             p = os.path.join(path, cand)
             if os.path.isfile(p):
+                confined(p, path, cand, "name the file itself to read it where it is")
                 ck = _from_path(spec, p)
                 ck.config_dir = os.path.abspath(path)
                 return ck
@@ -304,6 +330,29 @@ def _from_path(spec: str, path: str) -> Checkpoint:
     if path.endswith((".bin", ".pt", ".pth")):
         return BinCheckpoint(spec, root, [os.path.abspath(path)])
     raise InputError(f"{path}: not a checkpoint (expected a directory, .safetensors, .bin or .index.json)")
+
+
+def _refuse_ambiguous(path: str) -> None:
+    """A directory holding a single weights file and an index of other shards holds two models:
+    transformers loads the single file, a reader of the index another. Which one the user meant
+    cannot be known, so the user names the file (an index listing only the single file is fine)."""
+    for single, index in ((C.SAFE_SINGLE, C.SAFE_INDEX), (C.BIN_SINGLE, C.BIN_INDEX)):
+        s, i = os.path.join(path, single), os.path.join(path, index)
+        if not (os.path.isfile(s) and os.path.isfile(i)):
+            continue
+        confined(i, path, index)
+        shards = None  # unreadable, too large or malformed: ambiguous all the same
+        try:
+            if os.path.getsize(i) <= C.MAX_HEADER_BYTES:
+                with open(i, "rb") as f:
+                    weight_map = load_json(i, f.read(), "index").get("weight_map")
+                shards = set(weight_map.values()) if isinstance(weight_map, dict) else None
+        except (OSError, InputError, AttributeError, TypeError):
+            pass
+        if shards != {single}:
+            raise InputError(f"{path}: ambiguous: holds both {single} and {index} naming other shards; name the "
+                             f"one to merge ({os.path.join(path, single)}, which transformers loads, or "
+                             f"{os.path.join(path, index)})")
 
 
 def _from_hub(spec: str) -> Checkpoint:

@@ -21,7 +21,9 @@ import torch
 
 from tensormerge import constants as C
 from tensormerge.engine import faults
+from tensormerge.engine.outdir import publish
 from tensormerge.engine.safetensors_format import build_header, element_size
+from tensormerge.engine.sources import confined
 from tensormerge.errors import OutputError
 
 PATCH_WINDOW_ELEMENTS = 1 << 22
@@ -192,11 +194,9 @@ class ShardedWriter:
                          "weight_map": {n: s.file for n, s in self.slots.items()}}
                 self._write_json(C.SAFE_INDEX, index)
             if copy_from:
-                for fname in sorted(os.listdir(copy_from)):
-                    src = os.path.join(copy_from, fname)
-                    if _is_side_file(fname) and os.path.isfile(src):
-                        self._finishing = os.path.join(self.partial, fname)
-                        shutil.copyfile(src, self._finishing)
+                for fname, src in side_files(copy_from):
+                    self._finishing = os.path.join(self.partial, fname)
+                    shutil.copyfile(src, self._finishing)
             self._write_json(C.PROVENANCE, provenance)
             for fname, fd in list(self._fds.items()):
                 # a network or thin-provisioned disk may report a full disk only here
@@ -210,27 +210,15 @@ class ShardedWriter:
             raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
 
     def rename_into_place(self, overwrite: bool) -> None:
-        """`OUT.partial` -> `OUT` (an existing `OUT` is moved aside first and removed after)."""
+        """`OUT.partial` -> `OUT`; an existing `OUT` (a previous output, checked again now) is
+        removed only once the new one is in place, and no other name is touched (engine/outdir)."""
         self._finishing = self.out_dir
         try:
-            old = self.out_dir + ".old"
-            if os.path.exists(self.out_dir):
-                if not overwrite:
-                    raise OutputError(f"{self.out_dir}: exists (pass --overwrite to replace it)")
-                if os.path.exists(old):
-                    shutil.rmtree(old)
-                os.rename(self.out_dir, old)
-                faults.hit("rename")
-                os.rename(self.partial, self.out_dir)
-                shutil.rmtree(old)
-            else:
-                os.rename(self.partial, self.out_dir)
-            if os.path.exists(old):  # left by a run killed between its two renames
-                shutil.rmtree(old)
-            _fsync_dir(os.path.dirname(self.out_dir))
+            publish(self.partial, self.out_dir, overwrite=overwrite, kind="merge")
             faults.hit("renamed")
         except OSError as e:
-            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
+            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)}); "
+                              f"the finished merge is kept in {self.partial} (--resume puts it in place)") from None
 
     def _write_json(self, fname: str, obj: dict) -> None:
         path = self._finishing = os.path.join(self.partial, fname)
@@ -258,6 +246,18 @@ def _is_side_file(fname: str) -> bool:
     if fname in C.WEIGHT_INDEX_NAMES or fname.endswith(".index.json"):
         return False
     return not fname.endswith(C.WEIGHT_SUFFIXES)
+
+
+def side_files(copy_from: str) -> list[tuple[str, str]]:
+    """(name, resolved path) of each file copied beside the merged weights, confined as the
+    weights are: a link out of the checkpoint (or out of its hub repo folder) is an InputError,
+    which the plan raises before any work."""
+    out = []
+    for fname in sorted(os.listdir(copy_from)):
+        src = os.path.join(copy_from, fname)
+        if _is_side_file(fname) and os.path.isfile(src):
+            out.append((fname, confined(src, copy_from, "side file", "copy the file in, or remove the link")))
+    return out
 
 
 def os_error_reason(e: OSError) -> str:

@@ -280,5 +280,8 @@ def ties_merge(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[
     out = torch.empty(base.numel(), dtype=torch.float32)
     undecided = torch.empty(base.numel(), dtype=torch.bool)
     kernel = _kernel(len(xs), xs[0].dtype, b.dtype)
-    votes = kernel(*xs, b, below, np.float32(lam), np.float32(guess), out.numpy(), undecided.numpy().view(np.uint8))
+    # the kernel's resolved sign only selects (dis-mean): a zero one selects the negative
+    # entries, as the reference's where(s > 0, τ > 0, τ < 0), which is what −1 selects
+    pick = guess if guess else -1.0
+    votes = kernel(*xs, b, below, np.float32(lam), np.float32(pick), out.numpy(), undecided.numpy().view(np.uint8))
     return out, int(votes), undecided

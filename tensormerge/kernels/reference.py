@@ -187,13 +187,19 @@ def sum_models(stacked: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _selected(t: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
-    """1.0 where t agrees with the elected sign (any nonzero t when there is no election).
+def _selected(t: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
+    """1.0 where t agrees with `pick` (±1, see _pick; any nonzero t when there is no election).
 
     Kept as a float mask and built per model: reductions over a stacked bool tensor are an
     order of magnitude slower in torch than these 1-D float ops.
     """
-    return (t * sign).gt_(0) if sign is not None else t.abs().gt_(0)
+    return (t * pick).gt_(0) if pick is not None else t.abs().gt_(0)
+
+
+def _pick(sign: torch.Tensor | None) -> torch.Tensor | None:
+    """The sign whose entries are selected: the reference's where(s > 0, τ > 0, τ < 0) keeps
+    the negative entries where s is 0 (a model-wide majority of exactly 0), as s = −1 would."""
+    return None if sign is None else (sign - 0.5).sign_()
 
 
 def ties_disjoint(trimmed: torch.Tensor, sign: torch.Tensor | None, merge: str) -> torch.Tensor:
@@ -201,8 +207,9 @@ def ties_disjoint(trimmed: torch.Tensor, sign: torch.Tensor | None, merge: str) 
     if merge in ("dis-mean", "dis-sum"):
         total = torch.zeros_like(trimmed[0])
         count = torch.zeros_like(trimmed[0])
+        pick = _pick(sign)
         for t in trimmed:
-            sel = _selected(t, sign)
+            sel = _selected(t, pick)
             total.addcmul_(t, sel)
             count.add_(sel)
         return total if merge == "dis-sum" else total.div_(count.clamp_min_(1))
@@ -210,8 +217,9 @@ def ties_disjoint(trimmed: torch.Tensor, sign: torch.Tensor | None, merge: str) 
         if sign is None:
             return _magnitude(trimmed)
         biggest = torch.zeros_like(trimmed[0])
+        pick = _pick(sign)
         for t in trimmed:
-            torch.maximum(biggest, t.abs().mul_(_selected(t, sign)), out=biggest)
+            torch.maximum(biggest, t.abs().mul_(_selected(t, pick)), out=biggest)
         return biggest.mul_(sign)
     if merge == "mean":
         out = sum_models(trimmed).div_(trimmed.shape[0])

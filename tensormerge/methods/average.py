@@ -11,17 +11,22 @@ from tensormerge.methods.base import BlockData, Method, Params, param, register
 
 @dataclass
 class AverageParams(Params):
-    weights: list[float] | None = param(None, "per-model weights (default uniform 1/N); used verbatim unless normalize")
-    normalize: bool = param(False, "divide the weights by their sum")
+    weights: list[float] | None = param(None, "per-model weights (default uniform 1/N)")
+    normalize: bool | None = param(None, "divide the weights by their sum (default: true when weights are given, "
+                                         "as mergekit's linear; false uses them verbatim)")
+
+    @property
+    def normalizing(self) -> bool:
+        return self.normalize if self.normalize is not None else self.weights is not None
 
     def validate(self, method: str, n_models: int) -> None:
         super().validate(method, n_models)
-        if self.normalize and self.weights is not None and sum(self.weights) == 0:
+        if self.normalizing and self.weights is not None and sum(self.weights) == 0:
             raise ParameterError(f"{method}: parameter 'weights' sums to 0, cannot normalize")
 
     def resolved(self, n: int) -> list[float]:
         w = list(self.weights) if self.weights is not None else [1.0 / n] * n
-        if self.normalize:
+        if self.normalizing:
             total = sum(w)
             w = [x / total for x in w]
         return w

@@ -190,6 +190,7 @@ class Method(ABC):
     uses_stats: ClassVar[bool] = False  # takes --stats (one store per input)
     uses_base_stats: ClassVar[bool] = False  # takes --base-stats
     row_align: ClassVar[int] = 1  # chunks start at multiples of this many rows (fixed-shape products)
+    fallback_label: ClassVar[str] = "averaged"  # what `fallback` does, in the plan's and report's words
 
     def requires_base(self, params: Params) -> bool:
         return self.needs_base
@@ -207,7 +208,8 @@ class Method(ABC):
         return ()
 
     def base_block_stats(self, params: Params, shape: tuple[int, ...]) -> tuple[str, ...]:
-        """Kinds read from --base-stats when present (absent keys are simply not passed)."""
+        """Kinds read from --base-stats when present; a key the given store lacks is not passed
+        (the method takes it as zero) and the report lists it."""
         return ()
 
     def splits(self, params: Params, shape: tuple[int, ...], with_stats: bool) -> bool:
@@ -236,6 +238,10 @@ class Method(ABC):
     def block_report(self, extras: Any) -> dict[str, dict]:
         """Per-block entries for the report from the accumulated extras."""
         return {}
+
+    def run_summary(self, params: Params, notes: dict[str, dict]) -> list[str]:
+        """Lines `run` prints after the merge from the per-block entries (MaTS' CG outcome)."""
+        return []
 
     def work_bytes_per_element(self, n_models: int, params: Params) -> int:
         """Bytes of float32 intermediates per output element, for chunk sizing."""

@@ -44,7 +44,9 @@ class FisherParams(Params):
 
 
 def fisher_bits(f: torch.Tensor) -> torch.Tensor:
-    return f.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    """Bit patterns of |F|: a Fisher is >= 0 (negative values are refused on reading), but −0.0
+    is a valid zero whose sign bit would make its pattern negative (no histogram bin)."""
+    return S.abs_bits(f.to(torch.float32))
 
 
 class FisherNorms(GlobalPass):

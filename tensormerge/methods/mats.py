@@ -4,14 +4,16 @@ gradient from an initial merge. C_i is the objective's curvature: Kronecker-fact
 a vector parameter (F_i v), or the identity (the average).
 
 CG's step sizes are global over a block, so a CG block is merged whole; blocks without the
-objective's statistics are averaged (splittable), as the research code does.
+objective's statistics are averaged (splittable), as the research code does. CG moves the start
+only within the range of Σ C_i, so a block whose statistics are zero in every model (a head the
+data never used) keeps its start, and the report says it carried no information.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -31,7 +33,7 @@ class MatsParams(Params):
                                    "blockwise (fisher_block, vectors), average", choices=OBJECTIVES)
     alpha: float = param(1.0, "off-diagonal scale of every factor (Grams, Fisher blocks)")
     iterations: int = param(100, "most CG iterations per block")
-    tol: float = param(1e-5, "stop when ‖b − Aθ‖ ≤ tol ‖b‖ (scipy's rule)")
+    tol: float = param(1e-5, "stop when ‖b − Aθ‖ ≤ tol ‖b‖ (scipy's rule; ‖A θ_init‖ when b = 0)")
     init: str = param("task_arithmetic", "start: task_arithmetic, average, base, zeros, or a merged checkpoint path")
     init_lambda: float = param(0.3, "λ of the task_arithmetic start")
     precision: str = param("float32", "CG arithmetic (float32 as the research code; float64 for exactness)",
@@ -50,6 +52,19 @@ class MatsParams(Params):
 def is_vector(shape: tuple[int, ...]) -> bool:
     """A bias, a norm or an IA3 vector ([d], or [d, 1] / [1, d] as PEFT stores IA3): one axis > 1."""
     return len(shape) >= 1 and math.prod(shape) == max(shape)
+
+
+def cg_summary(blocks: Iterable[dict], tol: float) -> str:
+    """One line over the report's per-block entries: how CG went, the blocks that stopped above
+    `tol`, and those whose statistics were zero in every model (kept their start)."""
+    cg = [b for b in blocks if "cg_iterations" in b]
+    if not cg:
+        return ""
+    short = sum(1 for b in cg if not b["cg_residual"] <= tol)
+    blind = sum(1 for b in cg if b.get("cg_no_information"))
+    return (f"mats: {len(cg)} blocks solved by CG, {max(b['cg_iterations'] for b in cg)} iterations at most, "
+            f"largest final relative residual {max(b['cg_residual'] for b in cg):.1e}, {short} did not reach "
+            f"tol {tol:g}, {blind} carried no information (statistics zero in every model: start kept)")
 
 
 def _kinds(objective: str, shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -96,7 +111,8 @@ class Mats(Method):
         kinds = _kinds(params.objective, shape)
         sizes = {"gram_in": shape[-1] ** 2 if shape else 0, "gram_out": shape[0] ** 2 if shape else 0,
                  "fisher_block": math.prod(shape) ** 2 if shape else 0}
-        return sum((n_models + 1) * e * sizes[k] for k in kinds if k in sizes)
+        dots = L.dot_workspace_bytes(math.prod(shape)) if kinds else 0
+        return dots + sum((n_models + 1) * e * sizes[k] for k in kinds if k in sizes)
 
     def work_bytes_per_element(self, n_models: int, params: MatsParams) -> int:
         e = PRECISIONS[params.precision].itemsize
@@ -110,10 +126,16 @@ class Mats(Method):
         return acc
 
     def progress(self, extra: Any) -> str | None:
+        if extra.get("cg_no_information"):
+            return "cg: no information (statistics zero), start kept"
         return f"cg {extra['cg_iterations']} it, residual {extra['cg_residual']:.1e}"
 
     def block_report(self, extras: Any) -> dict[str, dict]:
         return extras
+
+    def run_summary(self, params: MatsParams, notes: dict[str, dict]) -> list[str]:
+        line = cg_summary(notes.values(), params.tol)
+        return [line] if line else []
 
     def _init(self, data: BlockData, params: MatsParams, thetas: list[torch.Tensor], wd: torch.dtype) -> torch.Tensor:
         if params.init == "task_arithmetic":
@@ -134,14 +156,18 @@ class Mats(Method):
         x0 = self._init(data, params, thetas, wd)
         apply, b = self._system(data, params, thetas, wd)
         res = L.conjugate_gradient(apply, b, x0, params.iterations, params.tol)
-        return res.x, {"name": data.name, "cg_iterations": res.iterations, "cg_residual": res.residual}
+        return res.x, {"name": data.name, "cg_iterations": res.iterations, "cg_residual": res.residual,
+                       "cg_no_information": res.no_information}
 
     def _system(self, data: BlockData, params: MatsParams, thetas: list[torch.Tensor], wd: torch.dtype):
         """The matvec θ -> Σ C_i θ and the right-hand side Σ C_i θ_i of the objective."""
         obj, a = params.objective, params.alpha
 
         def scaled(kind: str) -> torch.Tensor:
-            return torch.stack([L.scale_offdiag(g.to(wd), a) for g in data.stats[kind]])
+            # one power of two per kind over every model: exact, the solution unchanged, and
+            # statistics of 1e-30 no longer underflow float32 once multiplied by CG's vectors
+            c = L.pow2_scale(data.stats[kind])
+            return torch.stack([L.scale_offdiag(g.to(wd), a).mul_(c) for g in data.stats[kind]])
 
         if obj == "kfac":
             ga, gb = scaled("gram_in"), scaled("gram_out")
@@ -156,9 +182,10 @@ class Mats(Method):
             shape = thetas[0].shape  # IA3 vectors are stored [d, 1] or [1, d]: the block acts on the flat vector
             flat = torch.stack(thetas).reshape(len(thetas), -1, 1)
             return (lambda v: (total @ v.reshape(-1)).reshape(shape)), torch.matmul(f, flat).sum(0).reshape(shape)
-        fishers = [f.to(wd) for f in data.stats["fisher"]]
-        total = torch.stack(fishers).sum(0)
-        rhs = torch.zeros_like(thetas[0])
-        for f, t in zip(fishers, thetas):
-            rhs.addcmul_(f, t)
+        c = L.pow2_scale(data.stats["fisher"])
+        total, rhs = torch.zeros_like(thetas[0]), torch.zeros_like(thetas[0])
+        for f, t in zip(data.stats["fisher"], thetas):
+            fc = f.to(wd) * c  # scaled before the product with θ, which could underflow
+            total.add_(fc)
+            rhs.addcmul_(fc, t)
         return (lambda w: total * w), rhs

@@ -2,7 +2,9 @@
 
 Defaults follow the TIES reference code: each task vector is trimmed over the whole model
 flattened (tied tensors once), keeping |τ| ≥ the (D − floor(D·k))-th smallest |τ|, and entries
-whose elected sign is exactly zero take the model-wide majority sign. Both need the whole
+whose elected sign is exactly zero take the model-wide majority sign (when that is 0 too, the
+disjoint merges select their negative entries, as the reference's where(s > 0, τ > 0, τ < 0)
+does; kernels.reference.ties_disjoint). Both need the whole
 model, so they come from streaming passes: two radix-histogram passes give the exact
 thresholds, and the majority sign, known only after the merge pass, is applied by patching the
 (rare) exactly-cancelling entries recorded during it.

@@ -1,5 +1,13 @@
 """Uncertainty-based gradient matching (Daheim et al.): task arithmetic whose per-element
-weights are the models' diagonal Hessian estimates (Fishers) against the base's."""
+weights are the models' diagonal Hessian estimates (Fishers) against the base's.
+
+Where the statistics say nothing the method's own limit applies, not another method: a
+parameter without a Fisher in every model's store is merged at H_t = 0, which is θ_0 + α Σ τ_t
+whatever H_0 (task arithmetic with λ = α). A parameter that only some stores cover takes the
+same limit rather than H_t = 0 for the others alone, which would silently drop those models'
+task vectors (their weight would fall to (s_0 H_0 + δ0) / H̄). A base store without the key
+gives H_0 = 0; both cases are listed in the report.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ class UBGM(Method):
     needs_base = True
     uses_stats = True
     uses_base_stats = True
+    fallback_label = "merged as θ0 + α Σ τ (H = 0)"
 
     def block_stats(self, params: Params, shape: tuple[int, ...]) -> tuple[str, ...]:
         return ("fisher",)
@@ -46,7 +55,12 @@ class UBGM(Method):
         return ("fisher",)
 
     def describe_stats(self) -> str:
-        return "fisher/<param> of each input; of the base with --base-stats (zero when absent)"
+        return ("fisher/<param> of each input (a parameter some store lacks: θ0 + α Σ τ, the H = 0 limit); "
+                "of the base with --base-stats (zero when absent)")
+
+    def fallback(self, data: BlockData, params: UBGMParams) -> torch.Tensor:
+        """The H_t = 0 limit: every weight (s_0 H_0 + δ0) / H̄ is 1, so θ_0 + α Σ_t τ_t."""
+        return ops(data).task_arithmetic(data.inputs, data.base, [params.alpha] * len(data.inputs))
 
     def work_bytes_per_element(self, n_models: int, params: Params) -> int:
         return 4 * 6

@@ -25,17 +25,20 @@ def stats() -> None:
 @click.option("--model", help="check every key and shape against this model")
 @click.option("--count", type=int, help="examples or tokens the statistics were divided by")
 @click.option("--fisher-type", type=click.Choice(("empirical", "true")), help="how the Fisher was sampled")
+@click.option("--weight-layout", type=click.Choice(("out_in", "in_out")), default="out_in", show_default=True,
+              help="layout of the weights the Grams describe: out_in (torch Linear) or in_out (GPT-2 Conv1D)")
 @click.option("--overwrite", is_flag=True, help="replace an existing store (with --append: that kind in it)")
 @click.option("--append", is_flag=True, help="add this kind to an existing store (e.g. Grams beside a Fisher)")
 @click.option("--quiet", "-q", is_flag=True, help="no summary line")
 @click.option("--traceback", is_flag=True, hidden=True)
 def import_cmd(file: str, kind: str, output: str, model: str | None, count: int | None,
-               fisher_type: str | None, overwrite: bool, append: bool, quiet: bool, traceback: bool) -> None:
+               fisher_type: str | None, weight_layout: str, overwrite: bool, append: bool, quiet: bool,
+               traceback: bool) -> None:
     """Convert research code's statistics FILE (.pt/.pth/.bin, .safetensors, .h5) into a store."""
     from tensormerge.stats.importers import import_stats
 
     summary = import_stats(file, kind, output, model=model, count=count, fisher_type=fisher_type,
-                           overwrite=overwrite, append=append)
+                           overwrite=overwrite, append=append, weight_layout=weight_layout)
     for w in summary["warnings"]:
         click.echo(f"warning: {w}", err=True)
     if not quiet:
@@ -78,7 +81,7 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
               help="save the accumulators for --resume every N batches")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of true-Fisher label sampling")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
-@click.option("--overwrite", is_flag=True, help="replace an existing store")
+@click.option("--overwrite", is_flag=True, help="replace an existing statistics store (nothing else)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, warnings or summary line")
 @click.option("--gram-block-rows", type=int, hidden=True)
 @click.option("--traceback", is_flag=True, hidden=True)

@@ -22,6 +22,7 @@ import torch
 from tensormerge.kernels.reference import all_finite
 
 from tensormerge.constants import STATS_KINDS
+from tensormerge.engine import outdir
 from tensormerge.errors import InputError, OutputError, ParameterError, short
 
 FORMATS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".safetensors": "safetensors",
@@ -33,6 +34,7 @@ LIST_LIMIT = 8
 # deflate, the strongest filter HDF5 files carry in practice, expands at most 1032:1: a
 # filtered dataset cannot honestly declare more than that times the bytes it stores
 MAX_FILTER_RATIO = 1032
+WEIGHT_LAYOUTS = ("out_in", "in_out")  # torch Linear [out, in]; GPT-2's Conv1D [in, out]
 
 
 @dataclass
@@ -223,7 +225,7 @@ def _check_keys(path: str, entries: list[Entry], kind: str) -> None:
             raise InputError(f"{path}: {kind} {short(e.source)} has shape {list(e.shape)}, a {kind} must be square")
 
 
-def _check_model(path: str, entries: list[Entry], kind: str, ck, model: str) -> None:
+def _check_model(path: str, entries: list[Entry], kind: str, ck, model: str, in_out: bool) -> None:
     from tensormerge.stats.store import expected_shape
 
     bad = []
@@ -232,7 +234,8 @@ def _check_model(path: str, entries: list[Entry], kind: str, ck, model: str) -> 
         if t is None:
             bad.append(f"{e.key} (no such tensor)")
             continue
-        want = expected_shape(kind, tuple(t.shape))
+        shape = tuple(t.shape)
+        want = expected_shape(kind, shape[::-1] if in_out and len(shape) == 2 else shape)
         if want is None:
             bad.append(f"{e.key} (no {kind} for a tensor of shape {list(t.shape)})")
         elif tuple(e.shape) != want:
@@ -255,14 +258,24 @@ def _value(path: str, e: Entry) -> torch.Tensor:
 
 
 def import_stats(path: str, kind: str, output: str, *, model: str | None = None, count: int | None = None,
-                 fisher_type: str | None = None, overwrite: bool = False, append: bool = False) -> dict:
-    """Write the statistics in `path` to a store at `output`; nothing is left there on failure."""
+                 fisher_type: str | None = None, overwrite: bool = False, append: bool = False,
+                 weight_layout: str = "out_in") -> dict:
+    """Write the statistics in `path` to a store at `output`; nothing is left there on failure.
+
+    weight_layout in_out marks Grams of weights stored [in, out] (GPT-2's Conv1D), as `stats
+    compute` marks them: a square Gram fits either layout, so only this mark keeps the merge
+    from solving with it on the wrong side."""
     from tensormerge.stats.store import StatsWriter
 
     path, output = os.fspath(path), os.fspath(output)
     model = None if model is None else os.fspath(model)
     if kind not in STATS_KINDS:
         raise ParameterError(f"--kind {kind!r}: expected one of {', '.join(STATS_KINDS)}")
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ParameterError(f"--weight-layout {weight_layout!r}: expected one of {', '.join(WEIGHT_LAYOUTS)}")
+    in_out = weight_layout == "in_out"
+    if in_out and kind not in ("gram_in", "gram_out"):
+        raise ParameterError(f"--weight-layout in_out applies to Grams (gram_in, gram_out), not to {kind}")
     if fisher_type not in (None, *FISHER_TYPES):
         raise ParameterError(f"--fisher-type {fisher_type!r}: expected one of {', '.join(FISHER_TYPES)}")
     if count is not None and count <= 0:
@@ -276,6 +289,12 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
         raise OutputError(f"{output}: exists (pass --overwrite to replace it, or --append to add to it)")
 
     with contextlib.ExitStack() as stack:
+        if "://" not in output:
+            output = os.path.normpath(output)
+            outdir.check_output(output, overwrite=overwrite or append, kind="stats",
+                                protected=[("the imported file", path), ("the model", model)],
+                                flag="--overwrite" if overwrite else "--append")
+            lock = stack.enter_context(outdir.OutputLock(output, "stats import", quiet=True))
         ck = None
         if model is not None:
             from tensormerge.engine.sources import open_checkpoint
@@ -283,13 +302,15 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
             ck = open_checkpoint(model)
             stack.callback(ck.close)
         entries, warnings = READERS[fmt](path, stack)
+        if "://" not in output and lock.stale:
+            warnings.append(lock.stale)
         if not entries:
             raise InputError(f"{path}: holds no tensors")
         tensors = None if ck is None else {**ck.tensors, **dict.fromkeys(ck.aliases)}
         warnings += _name_keys(entries, kind, fmt, tensors, model)
         _check_keys(path, entries, kind)
         if ck is not None:
-            _check_model(path, entries, kind, ck, model)
+            _check_model(path, entries, kind, ck, model, in_out)
         writer = StatsWriter(
             output, model=None if ck is None else {"spec": model, "identity": ck.identity()},
             n_examples=count if kind in ("fisher", "fisher_block") else None, fisher_type=fisher_type,
@@ -297,6 +318,8 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
         try:
             for e in entries:
                 extra = {"source": e.source} if e.source != e.key else {}
+                if in_out:
+                    extra["weight_layout"] = "in_out"
                 writer.add(kind, e.key, _value(path, e), count=count, **extra)
             writer.close()
         except BaseException:

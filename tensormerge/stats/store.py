@@ -192,9 +192,12 @@ class StatsWriter:
         with _quiet():
             zarr.consolidate_metadata(self.build)
         if self.local and not self.append:
-            if os.path.exists(self.path):
-                shutil.rmtree(self.path)
-            os.replace(self.build, self.path)
+            from tensormerge.engine.outdir import publish
+
+            try:
+                publish(self.build, self.path, overwrite=self.overwrite, kind="stats")  # the old store goes last
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot put the store in place ({e.strerror or e})") from None
         return self.path
 
     def abort(self) -> None:

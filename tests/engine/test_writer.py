@@ -180,11 +180,16 @@ def test_overwrite_and_refusal(fam, tmp_path):
         merge(fam, out)
     assert (out / "keep.txt").read_text() == "old"
     assert not pathlib.Path(str(out) + ".partial").exists()
-    merge(fam, out, overwrite=True)
-    assert not (out / "keep.txt").exists()
+    with pytest.raises(OutputError, match="not a tensormerge output"):
+        merge(fam, out, overwrite=True)  # --overwrite replaces only a previous output (or an empty directory)
+    assert (out / "keep.txt").read_text() == "old"
+    (out / "keep.txt").unlink()
+    merge(fam, out, overwrite=True)  # empty
+    (out / "stale.txt").write_text("beside a previous output")
+    merge(fam, out, overwrite=True)  # a previous tensormerge output
+    assert not (out / "stale.txt").exists()
     assert (out / "model.safetensors").exists()
-    assert not pathlib.Path(str(out) + ".old").exists()
-    assert not pathlib.Path(str(out) + ".partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old, .partial or lock beside it
 
 
 def test_stale_partial_is_replaced(fam, tmp_path):

@@ -44,6 +44,10 @@ def test_average_and_weights(dtype, shape):
     torch.testing.assert_close(got.double(), 0.5 * x64[0] + 0.3 * x64[1] + 0.2 * x64[2], rtol=0, atol=1e-5)
     got = run("average", xs, weights="2,1,1", normalize="true")
     torch.testing.assert_close(got.double(), 0.5 * x64[0] + 0.25 * x64[1] + 0.25 * x64[2], rtol=0, atol=1e-5)
+    got = run("average", xs, weights="2,1,1")  # SPEC: normalize is true when weights are given (mergekit's linear)
+    torch.testing.assert_close(got.double(), 0.5 * x64[0] + 0.25 * x64[1] + 0.25 * x64[2], rtol=0, atol=1e-5)
+    got = run("average", xs, weights="2,1,1", normalize="false")
+    torch.testing.assert_close(got.double(), 2 * x64[0] + x64[1] + x64[2], rtol=0, atol=1e-5 * 4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

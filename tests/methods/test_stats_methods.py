@@ -110,6 +110,38 @@ def test_fisher_normalize_uses_global_norms(tmp_path):
     assert [p["name"] for p in rep["passes"]] == ["fisher-norms"]
 
 
+def test_fisher_normalize_with_negative_zero_entries_cli(tmp_path):
+    """−0.0 is a valid zero Fisher (a squared gradient that underflowed through a negation, a
+    NumPy round trip): normalize=true reads its bit pattern for the global norms, and must
+    count it as 0, not crash on its sign bit. Through the CLI, against the float64 formula."""
+    from tests import helpers as H
+
+    shapes = {"a": (8, 3), "b": (5,)}
+    models = [{k: rand(*s, seed=i * 7 + j) for j, (k, s) in enumerate(shapes.items())} for i in range(2)]
+    fishers = [{k: (rand(*s, seed=50 + i * 7 + j).abs() * (1 + 9 * i)).float() for j, (k, s) in enumerate(shapes.items())}
+               for i in range(2)]
+    fishers[0]["a"][2, :] = -0.0  # a row no example reached, in both models' Fishers
+    fishers[1]["a"][2, 1] = -0.0
+    fishers[1]["b"][0] = -0.0
+    assert torch.signbit(fishers[0]["a"][2]).all()
+    paths = [save_model(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
+    stores = [write_store(tmp_path / f"s{i}.zarr", {"fisher": f}) for i, f in enumerate(fishers)]
+    from tensormerge.stats.store import StatsStore
+
+    assert torch.signbit(StatsStore(stores[0]).read("fisher", "a")[2]).all()  # the store kept the sign bit
+    out = tmp_path / "out"
+    res = H.run_cli(["run", "-q", "-m", "fisher", "-i", ",".join(paths), "--stats", ",".join(stores), "-o", out,
+                     "-p", "normalize=true"], cwd=tmp_path)
+    assert res.returncode == 0, str(res)
+    got = load_file(str(out / "model.safetensors"))
+    zeroed = [{k: v.abs() for k, v in f.items()} for f in fishers]  # −0.0 -> 0.0: the same Fisher
+    norms = [torch.sqrt(sum((f[k].double() ** 2).sum() for k in shapes)) for f in zeroed]
+    w = [0.5 / n for n in norms]
+    for k in shapes:
+        want = fisher_formula([m[k] for m in models], [f[k] for f in zeroed], w, 1e-8, "clamp", [True, True])
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-12)
+
+
 def test_fisher_missing_key_falls_back_to_average_and_is_reported(tmp_path):
     models = [{"a": rand(4, 3, seed=i), "b": rand(2, seed=9 + i)} for i in range(2)]
     stats = [{"fisher": {"a": rand(4, 3, seed=20).abs().float(), "b": rand(2, seed=21).abs().float()}},
@@ -174,7 +206,8 @@ def test_regmean_dead_inputs_singular_sums_and_other_parameters(tmp_path):
     ws = [rand(5, 4, seed=i) for i in range(2)]
     bias = [rand(5, seed=30 + i) for i in range(2)]
     # input 2 never varies in any model: its column is the average; inputs 0,1,3 are collinear in
-    # both models (rank 2 of 3), so the sum is singular and the minimum-norm solution is taken
+    # both models (rank 2 of 3), so the sum is singular: the deviation from the average is solved
+    # for, and the average is kept along the direction no Gram determines
     grams = []
     for i in range(2):
         x = rand(40, 2, seed=40 + i)
@@ -183,10 +216,13 @@ def test_regmean_dead_inputs_singular_sums_and_other_parameters(tmp_path):
     got, _ = run(tmp_path, "regmean", [{"w": w, "b": b} for w, b in zip(ws, bias)],
                  [{"gram_in": {"w": g.float()}} for g in grams])
     live = [0, 1, 3]
+    wbar = (ws[0] + ws[1]) / 2
     s = sum(g[live][:, live] for g in grams)
-    m = sum(w[:, live] @ g[live][:, live] for w, g in zip(ws, grams))
-    want_live = m @ torch.linalg.pinv(s, hermitian=True, rtol=1e-6)  # float32 storage noise is not signal
+    m = sum((w - wbar)[:, live] @ g[live][:, live] for w, g in zip(ws, grams))
+    want_live = wbar[:, live] + m @ torch.linalg.pinv(s, hermitian=True, rtol=1e-6)  # float32 noise is not signal
     torch.testing.assert_close(got["w"][:, live], want_live, rtol=1e-5, atol=1e-5)
+    null = torch.tensor([1.0, 1.0, -1.0], dtype=F64) / 3**0.5  # x0 + x1 − x3 = 0 in both models
+    torch.testing.assert_close(got["w"][:, live] @ null, wbar[:, live] @ null, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got["w"][:, 2], (ws[0][:, 2] + ws[1][:, 2]) / 2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got["b"], (bias[0] + bias[1]) / 2, rtol=1e-12, atol=1e-12)
 
@@ -304,6 +340,50 @@ def test_mats_regmean_fisher_blockwise_objectives(tmp_path):
     torch.testing.assert_close(got["w"], sum(f * w for f, w in zip(fw, ws)) / sum(fw), rtol=1e-9, atol=1e-10)
 
 
+def test_mats_tiny_statistics_are_solved_not_zeroed(tmp_path):
+    """Fishers near 1e-30 (F·θ ~ 1e-30) and K-FAC factors near 1e-16 (B W A ~ 1e-32): their
+    squares underflow float32, but they are information all the same, at the default precision."""
+    ws = [rand(4, 3, seed=i) for i in range(3)]
+    base = rand(4, 3, seed=9)
+    fw = [((rand(4, 3, seed=40 + i).abs() + 0.5) * 1e-30).float().double() for i in range(3)]
+    got, rep = run(tmp_path, "mats", [{"w": w} for w in ws], [{"fisher": {"w": f.float()}} for f in fw],
+                   base={"w": base}, tag="fi", params={"objective": "fisher", "tol": "1e-6"})
+    want = sum(f * w for f, w in zip(fw, ws)) / sum(fw)
+    torch.testing.assert_close(got["w"], want, rtol=1e-4, atol=1e-5)
+    assert not rep["blocks"][0]["cg_no_information"] and rep["blocks"][0]["cg_residual"] <= 1e-6
+    ga = [(spd(3, seed=10 + i) * 1e-16).float().double() for i in range(3)]
+    gb = [(spd(4, seed=20 + i) * 1e-16).float().double() for i in range(3)]
+    got, rep = run(tmp_path, "mats", [{"w": w} for w in ws],
+                   [{"gram_in": {"w": a.float()}, "gram_out": {"w": b.float()}} for a, b in zip(ga, gb)],
+                   base={"w": base}, tag="kf")
+    K, rhs = kfac_system(ws, ga, gb)
+    want = torch.linalg.solve(K, rhs).reshape(4, 3)
+    torch.testing.assert_close(got["w"], want, rtol=1e-3, atol=1e-3)
+    assert not rep["blocks"][0]["cg_no_information"] and rep["blocks"][0]["cg_residual"] <= 1e-5
+
+
+@pytest.mark.parametrize("objective", ["kfac", "fisher"])
+def test_mats_statistics_zero_in_some_models_solve_with_the_others(tmp_path, objective):
+    """Model 0's statistics are exactly zero for w: C_0 = 0, so the system is the others' alone."""
+    ws = [rand(4, 3, seed=i) for i in range(3)]
+    base = rand(4, 3, seed=9)
+    if objective == "kfac":
+        ga = [torch.zeros(3, 3, dtype=F64)] + [spd(3, seed=10 + i) for i in range(1, 3)]
+        gb = [spd(4, seed=20 + i) for i in range(3)]
+        stats = [{"gram_in": {"w": a.float()}, "gram_out": {"w": b.float()}} for a, b in zip(ga, gb)]
+        K, rhs = kfac_system(ws[1:], ga[1:], gb[1:])
+        want = torch.linalg.solve(K, rhs).reshape(4, 3)
+    else:
+        fw = [torch.zeros(4, 3, dtype=F64)] + [(rand(4, 3, seed=40 + i).abs() + 0.1).float().double()
+                                               for i in range(1, 3)]
+        stats = [{"fisher": {"w": f.float()}} for f in fw]
+        want = sum(f * w for f, w in zip(fw[1:], ws[1:])) / sum(fw[1:])
+    got, rep = run(tmp_path, "mats", [{"w": w} for w in ws], stats, base={"w": base},
+                   params={"objective": objective, "precision": "float64", "tol": "1e-13"})
+    torch.testing.assert_close(got["w"], want, rtol=1e-9, atol=1e-10)
+    assert not rep["blocks"][0]["cg_no_information"] and rep["blocks"][0]["cg_iterations"] > 0
+
+
 def test_mats_block_over_budget_names_the_bytes(tmp_path):
     ws = [rand(64, 64, seed=i) for i in range(2)]
     g = spd(64, seed=3).float()
@@ -342,6 +422,42 @@ def test_ubgm_against_formula_and_special_cases(tmp_path):
     for k in base:
         f = [s * h[k].double() for s, h in zip([1.0, 3.0, 0.5], hs)]
         torch.testing.assert_close(got[k], sum(fi * m[k] for fi, m in zip(f, models)) / sum(f), rtol=1e-6, atol=1e-9)
+
+
+def test_ubgm_without_fishers_takes_the_h_zero_limit_and_reports_missing_base_keys(tmp_path):
+    """e: no store has it; b: one store lacks it -> both θ0 + α Σ τ (H_t = 0), listed as fallbacks.
+    u: every model's store has it, the base's does not -> H0 = 0, listed as such; w: everything."""
+    from tensormerge.api import plan
+
+    shapes = {"w": (5, 3), "u": (4,), "b": (6,), "e": (3, 2)}
+    base = {k: rand(*sh, seed=j) for j, (k, sh) in enumerate(shapes.items())}
+    models = [{k: v + 0.1 * rand(*v.shape, seed=10 * i + j) for j, (k, v) in enumerate(base.items())}
+              for i in range(1, 4)]
+    hs = [{k: (rand(*shapes[k], seed=100 + 10 * i + j).abs() + 0.1).float() for j, k in enumerate(("w", "u", "b"))}
+          for i in range(3)]
+    del hs[1]["b"]
+    h0 = {"w": (rand(5, 3, seed=200).abs() + 0.1).float()}
+    params = {"alpha": "0.7", "delta0": "1e-3", "base_scale": "2"}
+    got, rep = run(tmp_path, "ubgm", models, [{"fisher": h} for h in hs], base=base, base_stats={"fisher": h0},
+                   params=params)
+    for k in ("e", "b"):
+        want = base[k] + 0.7 * sum(m[k] - base[k] for m in models)
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-9)
+    zero = {"u": torch.zeros(4, dtype=F64), "w": h0["w"].double()}
+    for k in ("w", "u"):
+        want = ubgm_formula(base[k], [m[k] for m in models], [h[k].double() for h in hs], zero[k], 0.7, 1e-3, 2.0,
+                            [1.0] * 3)
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-9)
+    assert sorted(rep["fallback_blocks"]) == ["b", "e"] and "s1.zarr" in rep["fallback_blocks"]["b"]
+    assert list(rep["base_stats_missing"]) == ["u"] and "base.zarr" in rep["base_stats_missing"]["u"]
+    block = {b["name"]: b for b in rep["blocks"]}
+    assert "taken as zero" in block["u"]["base_stats_missing"] and "base_stats_missing" not in block["w"]
+    paths = [str(tmp_path / f"out-m{i}") for i in range(3)]
+    text = plan(MergeSpec("ubgm", paths, None, base=str(tmp_path / "out-base"), params=params,
+                          stats=[str(tmp_path / f"out-s{i}.zarr") for i in range(3)],
+                          base_stats=str(tmp_path / "out-base.zarr")))
+    assert "2 merged as θ0 + α Σ τ (H = 0) for lack of statistics" in text
+    assert "1 without base statistics, taken as zero" in text and "base statistics u: no fisher in" in text
 
 
 def test_ubgm_worked_example(tmp_path):

@@ -1,5 +1,6 @@
 """TIES through the engine against a float64 re-implementation of the reference code."""
 
+import json
 import math
 
 import numpy as np
@@ -9,10 +10,14 @@ from safetensors.torch import load_file, save_file
 
 from tensormerge.api import MergeSpec, merge
 from tensormerge.kernels import reference as K
+from tests import helpers as H
 
 
-def reference_ties(base, fts, k=0.2, lam=1.0, sign="mass", merge_fn="dis-mean", scope="global", k_rule="reference"):
-    """The TIES reference, written from METHODS.md §3: fp32 task vectors, kthvalue threshold."""
+def reference_ties(base, fts, k=0.2, lam=1.0, sign="mass", merge_fn="dis-mean", scope="global", k_rule="reference",
+                   info=None):
+    """The TIES reference, written from METHODS.md §3: fp32 task vectors, kthvalue threshold.
+    `info` (a list) receives, per trimming group, (Σ_j s_j before zero resolution, the number of
+    entries whose elected sign is 0 while some trimmed value there is negative)."""
     names = [n for n, t in base.items() if t.is_floating_point()]
     tau32 = {n: torch.stack([ft[n].float() - base[n].float() for ft in fts]).reshape(len(fts), -1) for n in names}
 
@@ -49,26 +54,33 @@ def reference_ties(base, fts, k=0.2, lam=1.0, sign="mass", merge_fn="dis-mean", 
             else:
                 s = torch.sign((torch.sign(flat) * frac).sum(0))
         if s is not None:
+            if info is not None:
+                info.append((float(s.sum()), int(((s == 0) & (flat < 0).any(0)).sum())))
             s[s == 0] = torch.sign(s.sum())
-        if merge_fn.startswith("dis"):
-            sel = flat if s is None else flat * torch.where(s > 0, flat > 0, flat < 0)
-            if merge_fn == "dis-mean":
-                m = sel.sum(0) / (sel != 0).sum(0).clamp(min=1)
-            elif merge_fn == "dis-sum":
-                m = sel.sum(0)
-            else:
-                m = sel.abs().max(0).values * s
-        else:
-            m = {"mean": lambda t: t.mean(0), "sum": lambda t: t.sum(0), "median": lambda t: t.median(0).values,
-                 "magnitude": lambda t: t[t.abs().argmax(0), torch.arange(t.shape[1])]}[merge_fn](flat)
-            if s is not None:
-                m = m.abs() * s
+        m = disjoint64(flat, s, merge_fn)
         pos = 0
         for n in group:
             size = base[n].numel()
             out[n] = (base[n].double() + lam * m[pos:pos + size].reshape(base[n].shape))
             pos += size
     return out
+
+
+def disjoint64(flat, s, merge_fn):
+    """METHODS.md §3.4 on trimmed rows [N, D] with resolved signs s (None: no election); a zero
+    sign selects the negative entries, as the reference's where(s > 0, τ > 0, τ < 0) does."""
+    if merge_fn.startswith("dis"):
+        sel = flat if s is None else flat * torch.where(s > 0, flat > 0, flat < 0)
+        if merge_fn == "dis-mean":
+            return sel.sum(0) / (sel != 0).sum(0).clamp(min=1)
+        if merge_fn == "dis-sum":
+            return sel.sum(0)
+        if s is not None:
+            return sel.abs().max(0).values * s
+        merge_fn = "magnitude"
+    m = {"mean": lambda t: t.mean(0), "sum": lambda t: t.sum(0), "median": lambda t: t.median(0).values,
+         "magnitude": lambda t: t[t.abs().argmax(0), torch.arange(t.shape[1])]}[merge_fn](flat)
+    return m if s is None else m.abs() * s
 
 
 def merged(base_path, ft_paths, tmp_path, tag, max_memory="64MiB", **params):
@@ -231,3 +243,112 @@ def test_many_models_sum_does_not_depend_on_the_chunk(merge, sign):
     parts = torch.cat([K.ties_merge([x[a:b] for x in xs], base[a:b], [0.0] * 7, sign, sq, merge, 1.0, 1.0)[0]
                        for a, b in ((0, 1), (1, 37), (37, 4099))])
     assert torch.equal(whole, parts)
+
+
+# ------------------------------------------------------------------ a model-wide majority of 0
+# Per entry, the task vectors of three models where they survive the trim (None: a small value
+# that the trim removes). Votes: +1 −1 −1 +1 and three exact cancellations (elected sign 0 with
+# negative entries) -> the majority is exactly 0; every model has 4 large entries per group.
+ZERO_MAJORITY = [(2.0, -1.0, -1.0), (-1.0, None, 1.0), (None, 1.0, -1.0), (1.0, None, None), (None, -1.0, None),
+                 (None, None, -1.0), (1.0, 1.0, None)]
+ZERO_MAJORITY_SPEC = {"a.weight": ((5, 11), torch.float32, 3), "b.weight": ((7, 5), torch.bfloat16, 2),
+                      "c.bias": ((15,), torch.float16, 1)}  # 20c - 5 entries: k=0.2 keeps 4c per model
+
+
+def zero_majority_family(root):
+    """A base and three fine-tunes whose trimmed task vectors have a model-wide (and, tensor by
+    tensor, per-tensor) majority sign of exactly 0 at the default k = 0.2: every value below is
+    dyadic, so the task vectors are exact in every dtype. Returns (base path, input paths,
+    base, fine-tunes)."""
+    g = torch.Generator().manual_seed(11)
+    base, fts = {}, [{}, {}, {}]
+    for name, (shape, dtype, c) in ZERO_MAJORITY_SPEC.items():
+        d = math.prod(shape)
+        b = torch.randint(-16, 17, (d,), generator=g).float() / 8
+        small = (torch.rand(3, d, generator=g) * 0.2 + 0.01) * (torch.randint(0, 2, (3, d), generator=g) * 2 - 1)
+        taus = small.clone()
+        where = torch.randperm(d, generator=g)[:7 * c]
+        for j, pos in enumerate(where.tolist()):
+            for i, v in enumerate(ZERO_MAJORITY[j % 7]):
+                if v is not None:
+                    taus[i, pos] = v
+        base[name] = b.reshape(shape).to(dtype)
+        for i in range(3):
+            fts[i][name] = (b + taus[i]).reshape(shape).to(dtype)
+    paths = [H.save(root / n, sd) for n, sd in zip(("base", "ft0", "ft1", "ft2"), [base] + fts)]
+    return paths[0], paths[1:], base, fts
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("merge_fn", K.TIES_MERGES)
+def test_zero_majority_sign_keeps_the_negative_entries(tmp_path, merge_fn, scope):
+    """With a majority sign of exactly 0 the undecided entries keep sign 0 and the reference's
+    where(s > 0, τ > 0, τ < 0) selects their negative entries: dis-mean writes their mean and
+    dis-sum their sum (the others multiply by s = 0). Through the CLI, one chunk and many
+    (patched), numba and torch kernels, against the float64 reference."""
+    base_path, ft_paths, base, fts = zero_majority_family(tmp_path / "m")
+    info = []
+    exp = reference_ties(base, fts, merge_fn=merge_fn, scope=scope, info=info)
+    assert all(votes == 0 and cancelling > 0 for votes, cancelling in info), info  # the case under test
+    outs = []
+    runs = [("many", ["--max-memory", "2KiB"])]  # many chunks: the zero guess of early ones is patched
+    if merge_fn in ("dis-mean", "dis-sum"):  # where a zero sign selects something
+        runs.append(("one", ["--max-memory", "64MiB"]))
+    if merge_fn == "dis-mean":  # the numba kernel's case (auto) against the torch reference
+        runs.append(("torch", ["--max-memory", "2KiB", "--kernels", "torch"]))
+    for tag, extra in runs:
+        out = tmp_path / tag
+        res = H.run_cli(["run", "-q", "-m", "ties", "-i", ",".join(ft_paths), "-b", base_path, "-o", out,
+                         "-p", f"merge={merge_fn}", "-p", f"scope={scope}", *extra], cwd=tmp_path)
+        assert res.returncode == 0, str(res)
+        got = H.load_dir(out)
+        for n, t in got.items():
+            torch.testing.assert_close(t.double(), exp[n].to(t.dtype).double(), rtol=0, atol=TOL[t.dtype], msg=n)
+        outs.append(H.shard_digests(out))
+        if tag == "many":  # early chunks guessed a nonzero majority: the patch step rewrote them
+            assert json.loads((out / "tensormerge.json").read_text())["patched_entries"] > 0
+    assert all(o == outs[0] for o in outs)
+    if merge_fn == "dis-mean":  # (2, -1, -1) -> -1 and (-1, ·, 1) -> -1 below the base, by hand
+        t = got["a.weight"].reshape(-1).double() - base["a.weight"].reshape(-1).double()
+        assert int((t == -1).sum()) >= 3 * 3
+
+
+@pytest.mark.parametrize("merge_fn", K.TIES_MERGES)
+@pytest.mark.parametrize("guess", [0.0, 1.0, -1.0])
+def test_zero_sign_kernels_agree_with_the_formula(merge_fn, guess):
+    """One chunk whose undecided entries resolve to `guess` (0 before any vote): the torch
+    reference, the numba kernel and the interpreted Triton kernel give the same bits, and the
+    float64 formula's value."""
+    g = torch.Generator().manual_seed(5)
+    n = 301
+    base = (torch.randint(-16, 17, (n,), generator=g) / 8).float()
+    taus = torch.randint(-4, 5, (3, n), generator=g) / 4
+    taus[1, :60] = -taus[0, :60]  # exact cancellations, with and without a third vote
+    taus[2, :30] = 0
+    taus[:, 60:63] = torch.tensor([[2.0, -1.0, 1.0], [-1.0, 1.0, 0.0], [-1.0, 0.0, -1.0]])  # columns: entries
+    xs = [(base + t).float() for t in taus]
+    thresholds = [0.5, 0.0, 0.25]
+    want = None
+    kernels = [K]
+    try:
+        from tensormerge.kernels import cpu
+        kernels.append(cpu)
+    except ImportError:
+        pass
+    try:
+        import tensormerge.kernels.triton as T
+        kernels.append(T)
+    except ImportError:
+        pass
+    for mod in kernels:
+        got = mod.ties_merge(xs, base, thresholds, "mass", None, merge_fn, 0.5, guess)
+        if want is None:
+            want = got
+            trimmed = taus.double() * (taus.abs() >= torch.tensor(thresholds, dtype=torch.float64)[:, None])
+            s = torch.sign(trimmed.sum(0))
+            s[s == 0] = guess
+            exp = base.double() + 0.5 * disjoint64(trimmed, s, merge_fn)
+            torch.testing.assert_close(got[0].double(), exp, rtol=0, atol=1e-6)
+            assert bool(got[2][60:63].all())
+        assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32)), mod.__name__
+        assert got[1] == want[1] and torch.equal(got[2].cpu(), want[2]), mod.__name__

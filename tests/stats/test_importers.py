@@ -255,3 +255,64 @@ def test_unknown_format_refused(tmp_path):
     src.write_bytes(b"")
     with pytest.raises(InputError, match="unknown statistics format"):
         import_stats(str(src), "fisher", str(tmp_path / "S.zarr"))
+
+
+# ------------------------------------------------------------------------------ Conv1D layout
+C_PROJ, C_FC = "h.0.attn.c_proj.weight", "h.0.mlp.c_fc.weight"
+
+
+def test_conv1d_grams_imported_in_out_merge_as_their_transpose(tmp_path):
+    """GPT-2 keeps Conv1D weights [in, out] (y = x W), so RegMean is (Σ G_i)^-1 Σ G_i W_i. A
+    square c_proj Gram fits either layout: only --weight-layout in_out says which side it
+    multiplies. With it the merge equals that formula; without it the merge solves on the other
+    side (shown to differ), and a non-square c_fc Gram is refused as of the wrong layout."""
+    d = 4
+    g = torch.Generator().manual_seed(3)
+    models, sds, grams = [], [], []
+    for i in range(3):
+        sd = {C_PROJ: torch.randn(d, d, generator=g), C_FC: torch.randn(d, 3 * d, generator=g)}  # [in, out]
+        m = tmp_path / f"m{i}"
+        m.mkdir()
+        save_file(sd, str(m / "model.safetensors"))
+        models.append(str(m))
+        sds.append(sd)
+        grams.append({C_PROJ: gram(d, seed=10 + i), C_FC: gram(d, seed=20 + i)})  # [in, in]
+    stores, plain = [], []
+    for i, (m, gr) in enumerate(zip(models, grams)):
+        torch.save(gr, tmp_path / f"g{i}.pt")
+        stores.append(tmp_path / f"s{i}.zarr")
+        res = H.run_cli(["stats", "import", tmp_path / f"g{i}.pt", "--kind", "gram_in", "-o", stores[-1], "--model", m,
+                         "--weight-layout", "in_out"], cwd=tmp_path)
+        assert res.returncode == 0, str(res)
+        assert StatsStore(str(stores[-1])).in_out("gram_in", C_PROJ)
+        torch.save({C_PROJ: gr[C_PROJ]}, tmp_path / f"p{i}.pt")
+        plain.append(tmp_path / f"p{i}.zarr")
+        res = H.run_cli(["stats", "import", tmp_path / f"p{i}.pt", "--kind", "gram_in", "-o", plain[-1], "--model", m],
+                        cwd=tmp_path)  # square: accepted in either layout
+        assert res.returncode == 0, str(res)
+
+    def merged(stats, tag):
+        out = tmp_path / tag
+        res = H.run_cli(["run", "-q", "-m", "regmean", "-i", ",".join(models), "--stats", ",".join(map(str, stats)),
+                         "-o", out], cwd=tmp_path)
+        assert res.returncode == 0, str(res)
+        return H.load_dir(out)
+
+    got = merged(stores, "in_out")
+    for n in (C_PROJ, C_FC):
+        gs = [gr[n].double() for gr in grams]
+        want = torch.linalg.solve(sum(gs), sum(gi @ sd[n].double() for gi, sd in zip(gs, sds)))
+        torch.testing.assert_close(got[n].double(), want, rtol=1e-4, atol=1e-5, msg=n)
+    wrong = merged(plain, "out_in")[C_PROJ].double()
+    gs = [gr[C_PROJ].double() for gr in grams]
+    other_side = sum(sd[C_PROJ].double() @ gi for gi, sd in zip(gs, sds)) @ torch.linalg.inv(sum(gs))
+    torch.testing.assert_close(wrong, other_side, rtol=1e-4, atol=1e-5)
+    assert (wrong - got[C_PROJ].double()).abs().max() > 0.1
+
+    out = tmp_path / "refused.zarr"
+    res = H.run_cli(["stats", "import", tmp_path / "g0.pt", "--kind", "gram_in", "-o", out, "--model", models[0]],
+                    cwd=tmp_path)
+    refused(res, out, f"{C_FC} [4, 4] (expected [12, 12])")
+    res = H.run_cli(["stats", "import", tmp_path / "g0.pt", "--kind", "fisher", "-o", out, "--weight-layout", "in_out"],
+                    cwd=tmp_path)
+    refused(res, out, "--weight-layout", "fisher")

@@ -132,8 +132,8 @@ def _median(vals, N: tl.constexpr):
 def _selected(t, s, SIGN: tl.constexpr):
     if SIGN == NONE:
         sel = tl.where(tl.abs(t) > 0, 1.0, 0.0)
-    else:
-        sel = tl.where(t * s > 0, 1.0, 0.0)
+    else:  # the reference's where(s > 0, τ > 0, τ < 0): a zero sign selects the negative entries
+        sel = tl.where(s > 0, tl.where(t > 0, 1.0, 0.0), tl.where(t < 0, 1.0, 0.0))
     return sel
 
 
