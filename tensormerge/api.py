@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,13 +17,16 @@ from tensormerge.engine import outdir
 from tensormerge.engine.plan import MergePlan, build_plan
 from tensormerge.engine.run import Runner, RunOptions
 from tensormerge.engine.sources import open_checkpoint
-from tensormerge.errors import OutputError, ParameterError
+from tensormerge.errors import OutputError, ParameterError, short
 from tensormerge.methods import get_method
 from tensormerge.sizes import parse_size
 
 
 @dataclass
 class MergeSpec:
+    """What to merge. Paths may be str or os.PathLike; where a list of paths is wanted, a single
+    path is one path (never split on commas: a path may hold one)."""
+
     method: str
     inputs: list[str]
     output: str | None = None
@@ -42,23 +47,91 @@ class MergeSpec:
     quiet: bool = False
 
 
+def _path(value, what: str, optional: bool = True) -> str | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ParameterError(f"{what}: expected a path, got {type(value).__name__} {short(value)}")
+    return value
+
+
+def _paths(value, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [_path(value, what)]
+    if not isinstance(value, (list, tuple)):
+        raise ParameterError(f"{what}: expected a list of paths, got {type(value).__name__} {short(value)}")
+    return [_path(v, what, optional=False) for v in value]
+
+
+def _typed(value, types: type | tuple, what: str, expected: str):
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        # a bool is an int to Python, not to us
+        raise ParameterError(f"{what}: expected {expected}, got {short(value)}")
+    if not isinstance(value, types):
+        raise ParameterError(f"{what}: expected {expected}, got {type(value).__name__} {short(value)}")
+    return value
+
+
+# dask's addresses: [protocol://]host:port
+_SCHEDULER = re.compile(r"(?:(?:tcp|tls|ucx|ws|wss)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
+
+
+def checked(spec: MergeSpec) -> MergeSpec:
+    """The spec with paths as str, refused in one line if any field has the wrong type or form,
+    before anything is opened: the CLI gives strings, but the Python API takes what it is given."""
+    if not isinstance(spec, MergeSpec):
+        raise ParameterError(f"expected a MergeSpec, got {type(spec).__name__}")
+    _typed(spec.method, str, "--method", "a method name")
+    params = {} if spec.params is None else _typed(spec.params, dict, "params (-p)", "a dict of KEY: VALUE")
+    bad = next((k for k in params if not isinstance(k, str)), None)
+    if bad is not None:
+        raise ParameterError(f"params (-p): key {short(bad)} is not a string")
+    for name in ("max_memory", "shard_size"):
+        option = "--" + name.replace("_", "-")
+        parse_size(_typed(getattr(spec, name), (int, float, str), option, "a size such as 4GiB"), option)
+    for name in ("dtype", "kernels"):
+        value = getattr(spec, name)
+        _typed("auto" if value is None and name == "kernels" else value, str, f"--{name}", "a string")
+    device = spec.device if spec.device is not None else "cpu"
+    if isinstance(device, torch.device):
+        device = str(device)
+    _typed(device, str, "--device", "cpu, cuda or cuda:N")
+    for name in ("overwrite", "resume", "quiet"):
+        if not isinstance(getattr(spec, name), bool):
+            raise ParameterError(f"--{name}: expected True or False, got {short(getattr(spec, name))}")
+    if spec.workers is not None:
+        _typed(spec.workers, int, "--workers", "a number of worker processes")
+    if spec.scheduler is not None:
+        _typed(spec.scheduler, str, "--scheduler", "an address tcp://HOST:PORT")
+        m = _SCHEDULER.fullmatch(spec.scheduler)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ParameterError(f"--scheduler: {short(spec.scheduler)} is not a dask scheduler address "
+                                 "(tcp://HOST:PORT)")
+    return dataclasses.replace(
+        spec, inputs=_paths(spec.inputs, "--inputs"), stats=_paths(spec.stats, "--stats"),
+        output=_path(spec.output, "--output"), base=_path(spec.base, "--base"),
+        base_stats=_path(spec.base_stats, "--base-stats"), report=_path(spec.report, "--report"),
+        params=dict(params), device=device, kernels=spec.kernels or "auto")
+
+
 def _validate(spec: MergeSpec) -> None:
     if not spec.inputs:
         raise ParameterError("--inputs: at least one model is needed")
     if spec.dtype not in C.DTYPE_CHOICES:
-        raise ParameterError(f"--dtype: {spec.dtype!r} is not one of {', '.join(C.DTYPE_CHOICES)}")
-    dev = torch.device(spec.device) if spec.device else torch.device("cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ParameterError(f"--device {spec.device}: no CUDA device is available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ParameterError(f"--device: {spec.device!r} is not cpu, cuda or cuda:N")
-    from tensormerge.kernels.dispatch import select
+        raise ParameterError(f"--dtype: {short(spec.dtype)} is not one of {', '.join(C.DTYPE_CHOICES)}")
+    from tensormerge.kernels.dispatch import check_device, select
 
+    dev = check_device(spec.device or "cpu")
     select(spec.kernels or "auto", dev)  # refuses --kernels triton where it cannot run, before any work
 
 
 def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
     """Resolve inputs, parse parameters and build the plan; checkpoints close with `stack`."""
+    spec = checked(spec)
     _validate(spec)
     method = get_method(spec.method)
     params = method.Params.from_strings(method.name, spec.params, len(spec.inputs))
@@ -99,6 +172,7 @@ def _bind_stats(spec: MergeSpec, method, params, inputs, base):
 
 def plan(spec: MergeSpec) -> str:
     """The plan table `tensormerge plan` prints; nothing is read beyond headers, nothing written."""
+    spec = checked(spec)
     with ExitStack() as stack:
         return open_plan(spec, stack).table()
 
@@ -122,6 +196,7 @@ def protected_paths(spec: MergeSpec) -> list[tuple[str, str]]:
 
 def merge(spec: MergeSpec) -> dict:
     """Run the merge; returns the report (also written to `spec.report` when set)."""
+    spec = checked(spec)
     if not spec.output:
         raise ParameterError("--output is required")
     out = os.path.abspath(spec.output)

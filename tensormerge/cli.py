@@ -17,13 +17,15 @@ import traceback
 import click
 
 from tensormerge import __version__
-from tensormerge.errors import ParameterError, TensorMergeError
+from tensormerge.errors import ParameterError, TensorMergeError, short
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # constants.DTYPE_CHOICES, without importing torch
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
-    return [x for v in values for x in v.split(",") if x.strip()]
+    """Comma-separated lists, repeatable; a value that names an existing path whole is that one
+    path (so a path holding a comma can be given: repeat --inputs, one path each)."""
+    return [x for v in values for x in ([v] if os.path.exists(v.strip()) else v.split(",")) if x.strip()]
 
 
 def _params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -31,9 +33,40 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
     for p in pairs:
         key, sep, value = p.partition("=")
         if not sep or not key.strip():
-            raise ParameterError(f"-p {p!r}: expected KEY=VALUE")
+            raise ParameterError(f"-p {short(p)}: expected KEY=VALUE")
         out[key.strip()] = value.strip()
     return out
+
+
+# What each recipe key may hold: YAML gives any type, and a wrong one would otherwise surface
+# deep inside the merge as an internal error.
+_PATH = (str,)
+_SIZE = (str, int, float)
+_RECIPE_TYPES = {"method": (str,), "inputs": (str, list), "base": _PATH, "stats": (str, list), "base_stats": _PATH,
+                 "output": _PATH, "params": (dict,), "max_memory": _SIZE, "dtype": (str,), "shard_size": _SIZE,
+                 "device": (str,), "kernels": (str,)}
+_SCALARS = (str, int, float, bool)
+_RECIPE_BYTES = 1 << 20
+
+
+def _recipe_loader():
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        """SafeLoader without anchors and aliases: nested aliases let a few hundred bytes expand
+        to gigabytes (and a megabytes-long error line); a recipe has no use for them."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None) is not None:
+                mark = self.peek_event().start_mark
+                raise _AliasRefused(f"line {mark.line + 1}")
+            return super().compose_node(parent, index)
+
+    return RecipeLoader
+
+
+class _AliasRefused(Exception):
+    pass
 
 
 def _recipe(path: str | None) -> dict:
@@ -41,23 +74,51 @@ def _recipe(path: str | None) -> dict:
         return {}
     try:
         with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ParameterError(f"--config {path}: cannot read ({e.strerror})") from None
+            text = f.read(_RECIPE_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParameterError(f"--config {path}: cannot read ({getattr(e, 'strerror', None) or e.__class__.__name__})"
+                             ) from None
+    if len(text) > _RECIPE_BYTES:
+        raise ParameterError(f"--config {path}: larger than {_RECIPE_BYTES} characters; not a recipe")
     try:
         import yaml
 
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_recipe_loader())  # noqa: S506 (a SafeLoader, without aliases)
+    except _AliasRefused as e:
+        raise ParameterError(f"--config {path}: YAML anchors and aliases are not allowed in a recipe ({e})") from None
     except Exception as e:
         raise ParameterError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ParameterError(f"--config {path}: expected a mapping of options")
-    known = {"method", "inputs", "base", "stats", "base_stats", "output", "params", "max_memory", "dtype",
-             "shard_size", "device", "kernels"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(short, set(data) - set(_RECIPE_TYPES)))
     if unknown:
-        raise ParameterError(f"--config {path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return data
+        raise ParameterError(f"--config {path}: unknown keys {', '.join(unknown[:8])}"
+                             f"{f' (+{len(unknown) - 8} more)' if len(unknown) > 8 else ''} "
+                             f"(known: {', '.join(sorted(_RECIPE_TYPES))})")
+    for key, value in data.items():
+        _check_recipe_value(path, key, value)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _check_recipe_value(path: str, key: str, value) -> None:
+    types = _RECIPE_TYPES[key]
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, types):
+        want = " or ".join(t.__name__ for t in types)
+        raise ParameterError(f"--config {path}: {key} is {type(value).__name__} {short(value)}, expected {want}")
+    if isinstance(value, list):
+        bad = next((v for v in value if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ParameterError(f"--config {path}: {key} lists {type(bad).__name__} {short(bad)}, expected paths")
+    if isinstance(value, dict):  # params
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ParameterError(f"--config {path}: {key} key {short(k)} is not a string")
+            items = v if isinstance(v, list) else [v]
+            if any(not isinstance(x, _SCALARS) for x in items) and v is not None:
+                raise ParameterError(f"--config {path}: {key}.{short(k)[1:-1]} is {short(v)}, expected a number, "
+                                     "string, boolean or a list of them")
 
 
 def _spec(kw: dict) -> "api.MergeSpec":

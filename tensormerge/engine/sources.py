@@ -215,6 +215,16 @@ def _check_bin_entry(path: str, name, t) -> None:
         raise InputError(f"{path}: tensor {quote(name)} has a {t.layout} layout; only dense tensors can be merged")
     if t.dtype not in C.TORCH_TO_SAFETENSORS:
         raise InputError(f"{path}: tensor {quote(name)} has dtype {t.dtype}, which safetensors cannot store")
+    if not holds(t):
+        raise InputError(f"{path}: tensor {quote(name)} declares {list(t.shape)} but its storage holds "
+                         f"{t.untyped_storage().nbytes()} bytes (overlapping strides)")
+
+
+def holds(t: torch.Tensor) -> bool:
+    """Whether a loaded tensor's storage holds all its elements: a pickled tensor may declare
+    any shape over a few bytes with zero strides (149 GiB from a 4-byte storage), which every
+    copy, merge and write would then materialise."""
+    return t.numel() * t.element_size() <= t.untyped_storage().nbytes()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -9,6 +9,7 @@ runs as map-reduce over the same blocks before the merge pass.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from abc import ABC, abstractmethod
 import typing
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from tensormerge.errors import ParameterError
+from tensormerge.errors import ParameterError, short
 
 
 @dataclass
@@ -83,15 +84,20 @@ class Params:
         for key, text in raw.items():
             if key not in fields:
                 known = ", ".join(fields) or "none"
-                raise ParameterError(f"method {method!r} has no parameter {key!r} (its parameters: {known})")
+                raise ParameterError(f"method {method!r} has no parameter {short(key)} (its parameters: {known})")
             f, tp = fields[key]
             values[key] = _convert(method, key, text, tp, f.metadata.get("choices"))
         return values
 
     def validate(self, method: str, n_models: int) -> None:
-        """Range checks; subclasses extend. Per-model lists must have one value per model."""
+        """Range checks; subclasses extend (after this). Per-model lists must have one value per
+        model; no float parameter may be NaN or infinite (a NaN λ would merge without complaint
+        and blame the inputs' values once a check sees the output)."""
         for key, f, _ in self.spec():
             value = getattr(self, f.name)
+            for x in value if isinstance(value, list) else [value]:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ParameterError(f"{method}: parameter {key!r} is {x}, must be a finite number")
             if isinstance(value, list) and len(value) != n_models:
                 raise ParameterError(f"{method}: parameter {key!r} has {len(value)} values for {n_models} models")
 
@@ -113,9 +119,9 @@ def _convert(method: str, key: str, text: Any, tp: Any, choices: tuple | None) -
             return [_scalar(item, x) for x in items]
         value = _scalar(tp, text)
     except (TypeError, ValueError):
-        raise ParameterError(f"{where}: cannot read {text!r} as {getattr(tp, '__name__', tp)}") from None
+        raise ParameterError(f"{where}: cannot read {short(text)} as {getattr(tp, '__name__', tp)}") from None
     if choices and value not in choices:
-        raise ParameterError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        raise ParameterError(f"{where}: {short(value)} is not one of {', '.join(map(str, choices))}")
     return value
 
 
@@ -307,4 +313,4 @@ def get_method(name: str) -> Method:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ParameterError(f"unknown method {name!r} (available: {', '.join(sorted(REGISTRY))})") from None
+        raise ParameterError(f"unknown method {short(name)} (available: {', '.join(sorted(REGISTRY))})") from None

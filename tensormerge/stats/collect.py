@@ -88,6 +88,9 @@ class ComputeOptions:
             raise ParameterError(f"--max-examples {self.max_examples}: must be at least 1")
         if self.fisher_type == "true" and self.fisher_mode == "squared-batch":
             raise ParameterError("--fisher-type true needs --fisher-mode per-example")
+        from tensormerge.kernels.dispatch import check_device
+
+        check_device(self.device)
 
     def fingerprint(self, identity: str, data_hash: str) -> str:
         """What must not change between a run and its --resume (not: device, quiet, output)."""

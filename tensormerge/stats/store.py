@@ -39,7 +39,7 @@ import torch
 
 from tensormerge import __version__
 from tensormerge.constants import PARTIAL_SUFFIX, STATS_CHUNK_BYTES, STATS_FORMAT, STATS_FORMATS_READ, STATS_KINDS
-from tensormerge.errors import InputError, OutputError
+from tensormerge.errors import InputError, OutputError, short
 from tensormerge.kernels.reference import all_finite
 
 
@@ -117,6 +117,37 @@ def chunk_key(c: int, ndim: int) -> str:
     return "c" if ndim == 0 else "c/" + "/".join([str(c)] + ["0"] * (ndim - 1))
 
 
+def bad_key(name) -> str | None:
+    """Why `name` cannot be an array of a kind's group, or None. Keys are parameter names; zarr
+    would take "..", "." or "zarr.json" as a path or its own metadata file (and so write outside
+    the group, or fail half-way through a store)."""
+    if not isinstance(name, str):
+        return "not a string"
+    if not name:
+        return "empty"
+    if name in (".", "..") or "/" in name or "\\" in name:
+        return "a path, not a name"
+    if name == "zarr.json" or name.startswith("__"):
+        return "reserved by zarr"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "holds control characters"
+    return None
+
+
+# attribute: allowed types (None always allowed); a wrong one is refused when the store opens
+_ROOT_ATTRS = {"model": dict, "n_examples": int, "fisher_type": str, "created_by": str}
+_MODEL_ATTRS = {"identity": str, "spec": str}
+_ARRAY_ATTRS = {"count": (int, float), "weight_layout": str, "source": str}
+
+
+def _check_attrs(where: str, attrs: dict, types: dict) -> None:
+    for key, tp in types.items():
+        value = attrs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, tp)):
+            want = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
+            raise InputError(f"{where} attribute {key!r} is {short(value)}, expected {want}")
+
+
 @dataclass
 class ArrayInfo:
     kind: str
@@ -179,6 +210,9 @@ class StatsWriter:
         """Write one statistic (float32), with `count`: what it was divided by."""
         if kind not in STATS_KINDS:
             raise ValueError(f"unknown statistics kind {kind!r}")
+        why = bad_key(name)
+        if why:
+            raise InputError(f"{self.path}: {short(name)} cannot be a statistics key ({why})")
         if kind not in self.groups:
             if self.append and kind in self.root:
                 if not self.overwrite and self._existing.arrays.get(kind):
@@ -245,8 +279,10 @@ class StatsStore:
         fmt = attrs.get("tensormerge_stats")
         if type(fmt) is not int or fmt not in STATS_FORMATS_READ:
             raise InputError(f"{path}: not a tensormerge statistics store (root attribute "
-                             f"'tensormerge_stats' is {fmt!r}, expected one of {list(STATS_FORMATS_READ)})")
+                             f"'tensormerge_stats' is {short(fmt)}, expected one of {list(STATS_FORMATS_READ)})")
         self.format = fmt
+        _check_attrs(f"{path}: root", attrs, _ROOT_ATTRS)
+        _check_attrs(f"{path}: root attribute 'model':", attrs.get("model") or {}, _MODEL_ATTRS)
         self.attrs = attrs
         self.arrays: dict[str, dict[str, ArrayInfo]] = {}
         self._handles: dict[tuple[str, str], Any] = {}
@@ -258,8 +294,9 @@ class StatsStore:
             group = self.root[kind]
             for name, arr in group.arrays():
                 if arr.dtype != np.float32:
-                    raise InputError(f"{path}: {kind}/{name} is {arr.dtype}, statistics must be float32")
+                    raise InputError(f"{path}: {kind}/{short(name)} is {arr.dtype}, statistics must be float32")
                 own = dict(arr.attrs)
+                _check_attrs(f"{path}: {kind}/{short(name)}", own, _ARRAY_ATTRS)
                 chunks = self._chunks(kind, name, arr, own.pop(CHUNKS_ATTR, None))
                 self.arrays[kind][name] = ArrayInfo(kind, name, tuple(arr.shape), own, chunks)
                 self._handles[(kind, name)] = arr
