@@ -237,13 +237,12 @@ class ShardedWriter:
             raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
 
     def _write_bytes(self, fname: str, data: bytes) -> None:
-        """A whole file, replacing any copy of that name (a temporary file renamed over it)."""
+        """A whole file, replacing any copy of that name (a temporary file renamed over it, so
+        the copy is never seen half-rewritten; like the copies, it lands with the final rename)."""
         path = self._finishing = os.path.join(self.partial, fname)
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def _write_json(self, fname: str, obj: dict) -> None:
