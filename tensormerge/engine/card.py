@@ -145,8 +145,8 @@ def recipe(plan, settings: dict) -> dict:
     for key, value in plan.params.as_dict().items():
         if value is None:
             continue  # an unset optional parameter: its default behaviour
-        if key == "init" and isinstance(value, str) and _local(value):
-            value = os.path.abspath(value)  # MaTS' init checkpoint path
+        if key in plan.extras:  # a checkpoint read beside the inputs (MaTS' init): named as they are
+            value = model_ref(plan.extras[key])["spec"]
         params[key] = list(value) if isinstance(value, (list, tuple)) else value
     out: dict[str, Any] = {"method": plan.method.name, "inputs": [model_ref(ck)["spec"] for ck in plan.inputs]}
     if plan.base is not None:
@@ -236,6 +236,7 @@ def card_text(plan, settings: dict, out_dir: str, written: torch.dtype | None) -
     refs = [("input " + str(i + 1), model_ref(ck)) for i, ck in enumerate(plan.inputs)]
     if plan.base is not None:
         refs.append(("base", model_ref(plan.base)))
+    extras = [(f"`{role}` parameter", model_ref(ck)) for role, ck in sorted(plan.extras.items())]
     base_models: list[str] = []
     for _, r in refs:
         if r["name"] not in base_models:
@@ -266,7 +267,7 @@ def card_text(plan, settings: dict, out_dir: str, written: torch.dtype | None) -
     auto = " (auto: each tensor in the base's dtype, the first input's without a base)" if dtype_choice == "auto" else ""
     lines += ["", f"Output dtype: `{written_name}` (`--dtype {dtype_choice}`{auto}); `config.json` states it.", "",
               "## Models", "", "| role | model | revision |", "| --- | --- | --- |"]
-    for role, r in refs:
+    for role, r in refs + extras:
         lines.append(f"| {role} | `{_cell(r['name'])}` | {r['commit'] or 'local files'} |")
     lines += ["", "## Statistics", ""]
     stats = rec.get("stats") or []

@@ -345,3 +345,22 @@ def test_safe_open_reads_what_config_states(fam, tmp_path):
                 t = s.get_tensor(k)
                 if t.dtype.is_floating_point:
                     assert str(t.dtype) == "torch." + cfg["torch_dtype"]
+
+
+def test_recipe_pins_a_checkpoint_parameter(fam, tmp_path, monkeypatch):
+    """MaTS' `init` may name a checkpoint: the recipe gives its absolute path, the card lists it."""
+    base_spec, ft_specs, _, _ = fam
+    monkeypatch.chdir(pathlib.Path(base_spec).parent)
+    api.merge(api.MergeSpec(method="mats", inputs=["ft1", "ft2"], base="base", output=str(tmp_path / "out"),
+                            params={"objective": "average", "init": "ft2"}, quiet=True))
+    out = tmp_path / "out"
+    recipe = yaml.safe_load((out / "tensormerge-recipe.yaml").read_text())
+    assert recipe["params"]["init"] == os.path.abspath("ft2")
+    assert f"| `init` parameter | `{os.path.abspath('ft2')}` | local files |" in (out / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    from tensormerge.cli import cli
+
+    res = CliRunner().invoke(cli, ["run", "--config", str(out / "tensormerge-recipe.yaml"), "--output", "again",
+                                   "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert H.shard_digests(tmp_path / "again") == H.shard_digests(out)
