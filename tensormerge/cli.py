@@ -164,7 +164,7 @@ def merge_options(f):
         click.option("--device", help="cpu, cuda or cuda:N [default: cpu]"),
         click.option("--kernels", type=click.Choice(["auto", "torch", "triton"]),
                      help="torch reference or fused Triton kernels; auto: Triton on CUDA when installed [default: auto]"),
-        click.option("--dtype", type=click.Choice(DTYPES), help="output dtype [default: auto]"),
+        click.option("--dtype", type=click.Choice(DTYPES), help="output dtype; auto: each tensor keeps the base's dtype (the first input's without a base) [default: auto]"),
         click.option("--shard-size", help="largest output shard [default: 5GB]"),
         click.option("--workers", type=int, help="run on a local dask cluster of N worker processes"),
         click.option("--scheduler", help="run on an existing dask cluster: its scheduler tcp://HOST:PORT"),
@@ -262,6 +262,8 @@ def methods(name: str | None) -> None:
         return
     d = get_method(name).describe()
     click.echo(f"{d['name']}: {d['summary']}")
+    if d["citation"]:
+        click.echo(f"  paper: {d['citation']}")
     click.echo(f"  needs base: {'yes' if d['needs_base'] else 'no'}   split by rows: {'yes' if d['row_split'] else 'no'}")
     if d["statistics"]:
         click.echo(f"  statistics: {d['statistics']}")

@@ -61,7 +61,8 @@ DTYPE_CHOICES = {
 }
 
 # Hub: only these files are fetched for a repo id (weights are narrowed further at resolve time).
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken"]
+# README.md: its front matter's pipeline_tag goes into the output's own card (the card itself is not copied).
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken", "README.md"]
 HUB_BIN_PATTERNS = ["*.bin"]
 
 # Methods compute on sub-chunks of about this many elements, so float32 intermediates stay in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -17,7 +18,7 @@ import torch
 
 from tensormerge import __version__
 from tensormerge.constants import PASS_SUB_FACTOR, PROVENANCE, ROW_KINDS
-from tensormerge.engine import faults
+from tensormerge.engine import card, faults
 from tensormerge.engine.alloc import keep_freed_buffers
 from tensormerge.engine.cast import store_checked
 from tensormerge.engine.crc import crc32_combine
@@ -492,6 +493,9 @@ class Runner:
                 raise OutputError(f"{writer.out_dir}: exists and is not this merge (pass --overwrite to replace it)")
         if not opts.quiet:
             print(plan.summary(), file=sys.stderr, flush=True)
+            disagree = card.auto_dtype_disagreements(plan, opts.settings.get("dtype"))
+            if disagree:
+                card.warn(disagree)
         threads = torch.get_num_threads()
         if self.workers > 1:
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tensormerge-compute")
@@ -517,7 +521,9 @@ class Runner:
                     patched = self._apply_patches(writer, state, extras)
                     t_finish = time.perf_counter()
                     provenance = self._provenance(t_finish - t_start, patched, block_notes, fingerprint)
-                    writer.finish_files(plan.ref.config_dir, provenance)
+                    writer.finish_files(plan.ref.config_dir, provenance, functools.partial(
+                        card.generated_files, plan, opts.settings, writer.out_dir,
+                        warn_fn=None if opts.quiet else card.warn))
                     self.manifest.record_finished()
                     complete = True
                 faults.hit("finished")

@@ -71,6 +71,7 @@ class Checkpoint(ABC):
         self.tensors: dict[str, TensorInfo] = {}  # in file order: the output keeps it
         self.aliases: dict[str, str] = {}
         self.config_dir: str | None = None  # where config/tokenizer files lie, for a model directory
+        self.hub_commit: str | None = None  # the snapshot's commit, for a hub repo id
 
     def canonical(self, name: str) -> str:
         return self.aliases.get(name, name)
@@ -368,7 +369,9 @@ def _from_hub(spec: str) -> Checkpoint:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise InputError(f"{spec}: not a local path, and the hub could not resolve it ({first})") from None
-    return _from_path(spec, local)
+    ck = _from_path(spec, local)
+    ck.hub_commit = os.path.basename(os.path.normpath(local))  # snapshots/<commit>: what was read
+    return ck
 
 
 def open_checkpoint(spec: str) -> Checkpoint:

@@ -185,8 +185,10 @@ class ShardedWriter:
         self.finish_files(copy_from, provenance)
         self.rename_into_place(overwrite)
 
-    def finish_files(self, copy_from: str | None, provenance: dict) -> None:
-        """Everything but the rename: index, side files, provenance, all fsynced."""
+    def finish_files(self, copy_from: str | None, provenance: dict, generate=None) -> None:
+        """Everything but the rename: index, side files, provenance, all fsynced. `generate`,
+        given `OUT.partial` once the side files are in, returns files to add or replace there
+        (the card, the recipe, config.json with the written dtype: engine/card.py)."""
         self._finishing = self.partial  # the file or directory at fault, for the error line
         try:
             if len(self.files) > 1:
@@ -197,6 +199,8 @@ class ShardedWriter:
                 for fname, src in side_files(copy_from):
                     self._finishing = os.path.join(self.partial, fname)
                     shutil.copyfile(src, self._finishing)
+            for fname, data in (generate(self.partial) if generate else {}).items():
+                self._write_bytes(fname, data)
             self._write_json(C.PROVENANCE, provenance)
             for fname, fd in list(self._fds.items()):
                 # a network or thin-provisioned disk may report a full disk only here
@@ -220,6 +224,15 @@ class ShardedWriter:
             raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)}); "
                               f"the finished merge is kept in {self.partial} (--resume puts it in place)") from None
 
+    def _write_bytes(self, fname: str, data: bytes) -> None:
+        """A whole file, replacing any copy of that name (a temporary file renamed over it, so
+        the copy is never seen half-rewritten; like the copies, it lands with the final rename)."""
+        path = self._finishing = os.path.join(self.partial, fname)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
     def _write_json(self, fname: str, obj: dict) -> None:
         path = self._finishing = os.path.join(self.partial, fname)
         with open(path, "w") as f:
@@ -241,8 +254,8 @@ class ShardedWriter:
 
 def _is_side_file(fname: str) -> bool:
     """Config, generation config, tokenizer and the like: anything that is not weights."""
-    if fname.startswith(".") or fname == C.PROVENANCE:
-        return False
+    if fname.startswith(".") or fname == C.PROVENANCE or fname.lower() == "readme.md":
+        return False  # the base's card describes the base: the output gets its own
     if fname in C.WEIGHT_INDEX_NAMES or fname.endswith(".index.json"):
         return False
     return not fname.endswith(C.WEIGHT_SUFFIXES)

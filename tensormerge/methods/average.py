@@ -36,6 +36,8 @@ class AverageParams(Params):
 class Average(Method):
     name = "average"
     summary = "Σ w_i θ_i over the models (no base needed)"
+    citation = ('Wortsman et al. 2022, "Model soups: averaging weights of multiple fine-tuned models improves '
+                'accuracy without increasing inference time", ICML 2022, arXiv:2203.05482')
     Params = AverageParams
 
     def work_bytes_per_element(self, n_models: int, params: Params) -> int:

@@ -192,6 +192,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    citation: ClassVar[str] = ""  # the paper, one line: the output's model card and `methods NAME` show it
     Params: ClassVar[type[Params]]
     needs_base: ClassVar[bool] = False
     row_split: ClassVar[bool] = True
@@ -283,6 +284,7 @@ class Method(ABC):
         return {
             "name": self.name,
             "summary": self.summary,
+            "citation": self.citation,
             "needs_base": self.requires_base(self.Params()),
             "row_split": self.row_split,
             "statistics": self.describe_stats(),

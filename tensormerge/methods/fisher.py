@@ -82,6 +82,7 @@ class FisherNorms(GlobalPass):
 class Fisher(Method):
     name = "fisher"
     summary = "Σ w_i F_i θ_i / Σ w_i F_i per element with diagonal Fishers (--stats)"
+    citation = 'Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022, arXiv:2111.09832'
     Params = FisherParams
     uses_stats = True
 

@@ -83,6 +83,7 @@ def _kinds(objective: str, shape: tuple[int, ...]) -> tuple[str, ...]:
 class Mats(Method):
     name = "mats"
     summary = "conjugate gradient on Σ C_i θ = Σ C_i θ_i per block (K-FAC, RegMean, Fisher or blockwise C_i)"
+    citation = 'Tam et al. 2024, "Merging by Matching Models in Task Parameter Subspaces", TMLR 2024, arXiv:2312.04339'
     Params = MatsParams
     uses_stats = True
     row_split = False

@@ -49,6 +49,8 @@ class RegMeanParams(Params):
 class RegMean(Method):
     name = "regmean"
     summary = "least squares on the models' inputs per linear weight, from input Grams (--stats)"
+    citation = ('Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models"'
+                ', ICLR 2023, arXiv:2212.09849')
     Params = RegMeanParams
     uses_stats = True
     row_align = ROW_TILE

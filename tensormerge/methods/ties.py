@@ -341,6 +341,8 @@ class _UndecidedLog:
 class Ties(Method):
     name = "ties"
     summary = "trim, elect sign, disjoint merge (TIES); global top-k over the whole model by default"
+    citation = ('Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models"'
+                ', NeurIPS 2023, arXiv:2306.01708')
     Params = TiesParams
     needs_base = True
 

@@ -119,9 +119,14 @@ def test_side_files_copied_byte_identical_weights_not(fam, unsharded):
     out, _ = unsharded
     base_dir = pathlib.Path(base_spec)
     for fname in H.SIDE_FILES:
-        assert (out / fname).read_bytes() == (base_dir / fname).read_bytes(), fname
+        if fname != "config.json":
+            assert (out / fname).read_bytes() == (base_dir / fname).read_bytes(), fname
+    # config.json: the base's, stating the dtype of most written floating-point elements
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg == {**json.loads(H.SIDE_FILES["config.json"]), "torch_dtype": "float32"}
     names = {p.name for p in out.iterdir()}
-    assert names == set(H.SIDE_FILES) | {"model.safetensors", "tensormerge.json"}
+    # the output's own card and recipe (engine/card.py), not the base's
+    assert names == set(H.SIDE_FILES) | {"model.safetensors", "tensormerge.json", "README.md", "tensormerge-recipe.yaml"}
 
 
 def test_side_files_from_first_input_without_base(tmp_path):
@@ -133,7 +138,7 @@ def test_side_files_from_first_input_without_base(tmp_path):
     b = H.save_safetensors_dir(tmp_path / "b", fts[1])
     out = tmp_path / "out"
     api.merge(api.MergeSpec(method="average", inputs=[str(a), str(b)], output=str(out), quiet=True))
-    assert (out / "config.json").read_text() == '{"from": "first input"}'
+    assert json.loads((out / "config.json").read_text()) == {"from": "first input", "torch_dtype": "float32"}
     assert (out / "tokenizer.model").read_bytes() == bytes(range(256))
     assert not (out / "pytorch_model.bin").exists()
     assert not (out / "model-00001-of-00002.safetensors").exists()
