@@ -200,3 +200,25 @@ def test_hub_inputs_record_commit_and_blob_sha256(hub_cache, tmp_path):
                 assert rec["hub_files"][f] == {"sha256": hashlib.sha256((snap / f).read_bytes()).hexdigest()}
         assert rec["content"]["digest"] == expected_content(snap)
     assert prov["base"]["repo"] == "org/base" and "safetensors" in "".join(prov["base"]["hub_files"])
+
+
+def test_a_snapshot_named_by_path_is_recorded_as_the_hub_commit(hub_cache):
+    from tensormerge.engine.provenance import hub_snapshot
+    from tensormerge.engine.sources import open_checkpoint
+
+    commit = H.make_hub_cache(hub_cache, "org/name", H.make_family(1, seed=2)[0], commit="c" * 40)
+    snap = hub_cache / "models--org--name" / "snapshots" / commit
+    for spec in (str(snap), str(snap / "model.safetensors")):
+        ck = open_checkpoint(spec)
+        try:
+            rec = hub_snapshot(ck)
+        finally:
+            ck.close()
+        assert (rec["repo"], rec["revision"]) == ("org/name", commit)
+        digest = hashlib.sha256((snap / "model.safetensors").read_bytes()).hexdigest()
+        assert rec["hub_files"]["model.safetensors"] == {"sha256": digest}
+    local = hub_cache.parent / "local"
+    H.save(local, H.make_family(1, seed=2)[0])
+    ck = open_checkpoint(str(local))
+    assert hub_snapshot(ck) is None
+    ck.close()
