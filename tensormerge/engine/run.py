@@ -27,6 +27,8 @@ from tensormerge.engine.manifest import Manifest
 from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.outdir import remove_replaced
 from tensormerge.engine.plan import Block, MergePlan
+from tensormerge.engine.provenance import FILL_BYTES, ContentHashes
+from tensormerge.engine.provenance import describe as describe_input
 from tensormerge.engine.summary import describe
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError, OutputError
@@ -82,7 +84,7 @@ def merge_fingerprint(plan: MergePlan, writer: ShardedWriter) -> str:
     def ck(c):
         if c is None:
             return None
-        return {"fingerprint": c.fingerprint()["sha256"], "identity": c.identity(),
+        return {"fingerprint": c.fingerprint()["fingerprint"], "identity": c.identity(),
                 "mtimes": {os.path.basename(f): os.stat(f).st_mtime_ns for f in c.files}}
 
     what = {
@@ -134,6 +136,8 @@ class Runner:
         self.cluster = None  # a DaskExecutor when the merge runs on a dask cluster
         self.fingerprint = ""
         self.overall: _Overall | None = None  # the whole run's bytes, for the bars' estimate of time left
+        self.content = ContentHashes()  # crc32s of the input rows the merge pass reads
+        self.content_reread = 0  # bytes read after the merge to complete them
 
     # ------------------------------------------------------------------ stages
     def _tasks(self, blocks: list[Block], with_output: bool, sample: float = 1.0, skip=()):
@@ -148,7 +152,7 @@ class Runner:
                 yield Task((b, r0, r1, i == len(chunks) - 1, i == 0), rows * b.read_bytes_per_row,
                            b.work_bytes(rows) + b.fixed_bytes, rows * b.out_bytes_per_row if with_output else 0)
 
-    def _read(self, task: Task, inputs_too: bool = True) -> BlockData:
+    def _read(self, task: Task, inputs_too: bool = True, content: bool = False) -> BlockData:
         b, r0, r1, _, first = task.key
         t0 = time.perf_counter()
         plan = self.plan
@@ -158,6 +162,9 @@ class Runner:
         base = None
         if inputs_too and plan.base is not None and (plan.method.requires_base(plan.params) or b.kind == "copy"):
             base = plan.base.read(b.reads[n], r0, r1)
+        if content:  # before the bytes are transposed or sent to a device
+            for i, x in enumerate(inputs + ([] if base is None else [base])):
+                self.content.add(i, b.reads[i], r0, r1, x)
         data = BlockData(b.name, inputs, base, b.shape, r0, ops=self.ops)
         if plan.stats is not None:
             self._read_stats(b, data, r0, r1, first)
@@ -337,7 +344,8 @@ class Runner:
                 faults.hit("shard")
 
         try:
-            self.executor.run(self._tasks(blocks, True, skip=self.done), self._read, compute, write=write)
+            self.executor.run(self._tasks(blocks, True, skip=self.done), lambda t: self._read(t, content=True),
+                              compute, write=write)
         finally:
             self._close(bar)
         return extras
@@ -563,6 +571,7 @@ class Runner:
             "bytes_written": plan.bytes_written,
             "shards": writer.files,
             "patched_entries": patched,
+            "content_bytes_reread": self.content_reread,
             "resumed": {"passes": self.resumed_passes, "chunks": len(self.done), "finished": finished},
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
@@ -608,8 +617,8 @@ class Runner:
             "method": plan.method.name,
             "params": plan.params.as_dict(),
             "fingerprint": fingerprint,
-            "inputs": [ck.fingerprint() for ck in plan.inputs],
-            "base": plan.base.fingerprint() if plan.base is not None else None,
+            "inputs": [describe_input(ck, self._content(i)) for i, ck in enumerate(plan.inputs)],
+            "base": describe_input(plan.base, self._content(len(plan.inputs))) if plan.base is not None else None,
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
             "base_stats_missing": plan.base_stats_missing,
@@ -620,6 +629,14 @@ class Runner:
                                 "seconds": round(self.stats[b.name].seconds, 4), **notes.get(b.name, {})}
                        for b in plan.blocks},
         }
+
+
+    def _content(self, which: int) -> dict:
+        """The content digest of `plan.checkpoints[which]`; rows the merge did not read are read now."""
+        piece = max(1, min(self.plan.max_memory // 4, FILL_BYTES))
+        content, reread = self.content.digest(self.plan.checkpoints[which], which, piece)
+        self.content_reread += reread
+        return content
 
 
 @dataclass

@@ -81,14 +81,15 @@ class Checkpoint(ABC):
         """Rows [row_start, row_end) of tensor `name`, in its stored dtype, in a fresh buffer."""
 
     def fingerprint(self) -> dict:
-        """What identifies this input for provenance and resume: names, shapes, dtypes, sizes."""
+        """The cheap identity a resumed merge matches: names, shapes, dtypes, file sizes (not
+        the values: two fine-tunes of one model share it; see engine/provenance.py)."""
         h = hashlib.sha256()
         for name in sorted(self.tensors):
             t = self.tensors[name]
             h.update(f"{name}|{t.dtype}|{t.shape}|{self.aliases.get(name, '')}\n".encode())
         sizes = {os.path.basename(f): os.path.getsize(f) for f in self.files}
         h.update(json.dumps(sizes, sort_keys=True).encode())
-        return {"spec": self.spec, "files": sizes, "tensors": len(self.tensors), "sha256": h.hexdigest()}
+        return {"spec": self.spec, "files": sizes, "tensors": len(self.tensors), "fingerprint": h.hexdigest()}
 
     def identity(self) -> str:
         """Which weights these are, independent of file layout: names, shapes and the first row

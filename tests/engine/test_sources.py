@@ -110,7 +110,7 @@ def test_fingerprint_tracks_content_shape(tmp_path, family):
     fa, fb, fc = a.fingerprint(), b.fingerprint(), c.fingerprint()
     assert fa["tensors"] == len(base)
     assert fa["files"] == {"model.safetensors": (tmp_path / "a" / "model.safetensors").stat().st_size}
-    assert fa["sha256"] != fc["sha256"]
+    assert fa["fingerprint"] != fc["fingerprint"]
     assert len(fb["files"]) == 3
     for ck in (a, b, c):
         ck.close()

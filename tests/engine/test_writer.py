@@ -160,11 +160,13 @@ def test_provenance(fam, tmp_path):
     assert [i["spec"] for i in prov["inputs"]] == ft_specs
     assert prov["base"]["spec"] == base_spec
     for fp, spec in zip(prov["inputs"] + [prov["base"]], ft_specs + [base_spec]):
-        assert re.fullmatch(r"[0-9a-f]{64}", fp["sha256"])
+        assert re.fullmatch(r"[0-9a-f]{64}", fp["fingerprint"])
         assert fp["tensors"] == len(base)
         assert fp["files"] == {"model.safetensors": (pathlib.Path(spec) / "model.safetensors").stat().st_size}
     # inputs differ in values only: fingerprints are of names/shapes/dtypes/sizes, so equal
-    assert len({fp["sha256"] for fp in prov["inputs"] + [prov["base"]]}) == 1
+    assert len({fp["fingerprint"] for fp in prov["inputs"] + [prov["base"]]}) == 1
+    # ... and their content digests differ (tests/engine/test_provenance.py checks their values)
+    assert len({fp["content"]["digest"] for fp in prov["inputs"] + [prov["base"]]}) == len(ft_specs) + 1
     assert "torch" in prov["versions"] and "safetensors" in prov["versions"]
     assert prov["tensormerge"]
     # per-block checksums are crc32 of the bytes written (after TIES' patches)
