@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from tensormerge import constants as C
+from tensormerge.engine import lora
 from tensormerge.engine.plan import MergePlan, build_plan
 from tensormerge.engine.run import Runner, RunOptions
 from tensormerge.engine.sources import open_checkpoint
@@ -39,6 +40,7 @@ class MergeSpec:
     scheduler: str | None = None
     report: str | None = None
     quiet: bool = False
+    lora: str | None = None  # merging LoRA adapters: concat | full | svd:R | factors (engine.lora)
 
 
 def _validate(spec: MergeSpec) -> None:
@@ -70,13 +72,24 @@ def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
     if spec.base:
         base = open_checkpoint(spec.base)
         stack.callback(base.close)
+    mode, rank = lora.parse_mode(spec.lora)
+    adapters = lora.detect(inputs)
+    if adapters is None and mode is not None:
+        raise ParameterError(f"--lora {spec.lora}: the inputs are not PEFT adapters")
+    lp = lora.LoraPlan(adapters, mode, rank, method, params, base) if adapters else None
+    if lp is not None:
+        inputs, base = lp.engine_inputs()
     stats = _bind_stats(spec, method, params, inputs, base)
     extras = {}
     for role, path in method.extra_checkpoints(params).items():
         extras[role] = open_checkpoint(path)
         stack.callback(extras[role].close)
-    return build_plan(method, params, inputs, base, parse_size(spec.max_memory, "--max-memory"),
-                      C.DTYPE_CHOICES[spec.dtype], stats, extras)
+    max_memory, dtype = parse_size(spec.max_memory, "--max-memory"), C.DTYPE_CHOICES[spec.dtype]
+    if lp is not None:
+        if extras:
+            raise ParameterError(f"method {method.name!r} with extra models cannot merge PEFT adapters")
+        return lora.build(lp, build_plan, inputs, base, max_memory, dtype, stats)
+    return build_plan(method, params, inputs, base, max_memory, dtype, stats, extras)
 
 
 def _bind_stats(spec: MergeSpec, method, params, inputs, base):
@@ -99,7 +112,12 @@ def _bind_stats(spec: MergeSpec, method, params, inputs, base):
 def plan(spec: MergeSpec) -> str:
     """The plan table `tensormerge plan` prints; nothing is read beyond headers, nothing written."""
     with ExitStack() as stack:
-        return open_plan(spec, stack).table()
+        p = open_plan(spec, stack)
+        note = ""
+        if p.lora is not None and p.lora.mode == "svd":
+            note = (f"\n(stage 1 of --lora svd:{p.lora.rank}: the dense merged updates, then each re-factored to "
+                    f"rank {p.lora.rank} by a truncated SVD)")
+        return p.table() + note
 
 
 def run_options(spec: MergeSpec, quiet: bool | None = None) -> RunOptions:
@@ -123,6 +141,12 @@ def merge(spec: MergeSpec) -> dict:
             raise OutputError(f"{spec.output}: is also an input")
     with ExitStack() as stack:
         merge_plan = open_plan(spec, stack)
+        if merge_plan.lora is not None and merge_plan.lora.mode == "svd":
+            report = _merge_svd(spec, merge_plan, stack)
+            if spec.report:
+                with open(spec.report, "w") as f:
+                    json.dump(report, f, indent=2)
+            return report
         runner = Runner(merge_plan, run_options(spec))
         if spec.workers is not None or spec.scheduler:
             from tensormerge.engine.distributed import DaskExecutor
@@ -134,4 +158,30 @@ def merge(spec: MergeSpec) -> dict:
     if spec.report:
         with open(spec.report, "w") as f:
             json.dump(report, f, indent=2)
+    return report
+
+
+def _merge_svd(spec: MergeSpec, dense_plan: MergePlan, stack: ExitStack) -> dict:
+    """--lora svd:R: the method merges the dense updates into a scratch directory beside the
+    output, then each merged ΔW is re-factored into the output adapter; the scratch is removed."""
+    if spec.workers is not None or spec.scheduler:
+        raise ParameterError("--lora svd:R runs locally (no --workers or --scheduler)")
+    scratch = lora.dense_dir(spec.output)
+    if os.path.exists(scratch) and not os.path.isfile(os.path.join(scratch, C.PROVENANCE)):
+        raise OutputError(f"{scratch}: exists and is not a tensormerge scratch output; move it away")
+    opts = run_options(spec)
+    opts.output, opts.overwrite = scratch, True
+    first = Runner(dense_plan, opts).execute()
+    dense = open_checkpoint(scratch)
+    stack.callback(dense.close)
+    lp = dense_plan.lora
+    plan = lora.svd_plan(lp, dense, dense_plan.max_memory, C.DTYPE_CHOICES[spec.dtype])
+    report = Runner(plan, run_options(spec)).execute()
+    dense.close()
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    report["dense_stage"] = {k: first[k] for k in ("seconds", "passes", "peak_rss_bytes", "bytes_read",
+                                                    "bytes_written", "summary") if k in first}
+    report["blocks"] = first.get("blocks", []) + report["blocks"]
     return report

@@ -49,7 +49,7 @@ def _recipe(path: str | None) -> dict:
     if not isinstance(data, dict):
         raise ParameterError(f"--config {path}: expected a mapping of options")
     known = {"method", "inputs", "base", "stats", "base_stats", "output", "params", "max_memory", "dtype",
-             "shard_size", "device", "kernels"}
+             "shard_size", "device", "kernels", "lora"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ParameterError(f"--config {path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -80,7 +80,7 @@ def _spec(kw: dict) -> api.MergeSpec:
         kernels=kw.get("kernels") or recipe.get("kernels") or "auto",
         overwrite=kw.get("overwrite", False), resume=kw.get("resume", False), report=kw.get("report"),
         workers=kw.get("workers"), scheduler=kw.get("scheduler"),
-        quiet=kw.get("quiet", False))
+        quiet=kw.get("quiet", False), lora=kw.get("lora") or recipe.get("lora"))
 
 
 def merge_options(f):
@@ -98,6 +98,11 @@ def merge_options(f):
                      help="torch reference or fused Triton kernels; auto: Triton on CUDA when installed [default: auto]"),
         click.option("--dtype", type=click.Choice(list(C.DTYPE_CHOICES)), help="output dtype [default: auto]"),
         click.option("--shard-size", help="largest output shard [default: 5GB]"),
+        click.option("--lora", metavar="concat|full|svd:R|factors",
+                     help="LoRA adapters are merged as their updates ΔW = s·B·A: concat (exact, average and "
+                     "task_arithmetic; the default for them), full (a full model: --base plus the merged ΔW; any "
+                     "method), svd:R (the merged ΔW re-factored to rank R; any method), factors (A and B merged "
+                     "separately, not ΔW's merge). Other methods need full or svd:R"),
         click.option("--workers", type=int, help="run on a local dask cluster of N worker processes"),
         click.option("--scheduler", help="run on an existing dask cluster: its scheduler tcp://HOST:PORT"),
         click.option("--output", "-o", help="output directory"),

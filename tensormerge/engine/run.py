@@ -147,6 +147,7 @@ class Runner:
         b, r0, r1, _, first = task.key
         t0 = time.perf_counter()
         plan = self.plan
+        inputs_too = inputs_too and b.kind != "derived"  # computed by b.produce, from its own reads
         n = len(plan.inputs)
         cks = plan.checkpoints
         inputs = [cks[i].read(b.reads[i], r0, r1) for i in range(n)] if inputs_too else []
@@ -287,6 +288,9 @@ class Runner:
             chunk_extras: list = []
             if b.kind == "copy":
                 out = self._copy(b, data).reshape(shape).to(b.out_dtype).contiguous().cpu()
+            elif b.kind == "derived":
+                out = torch.empty(shape, dtype=b.out_dtype)
+                store_checked(b.name, b.produce(r0, r1), out)
             else:
                 out = torch.empty(shape, dtype=b.out_dtype)
                 if b.stats and first:
@@ -451,8 +455,9 @@ class Runner:
         """The output layout: every name the base has, in its order, sharded by --shard-size."""
         names = [(n, b.out_dtype, b.shape) for b in self.plan.blocks for n in b.out_names]
         order = {n: i for i, n in enumerate(self.plan.ref.tensors)}
-        names.sort(key=lambda t: order[t[0]])
-        return ShardedWriter(self.opts.output, names, self.opts.shard_size)
+        names.sort(key=lambda t: order.get(t[0], len(order)))  # produced blocks (engine.lora) are in order
+        return ShardedWriter(self.opts.output, names, self.opts.shard_size, self.plan.weights_name,
+                             self.plan.json_files)
 
     def execute(self) -> dict:
         plan, opts = self.plan, self.opts
@@ -491,7 +496,7 @@ class Runner:
                     patched = self._apply_patches(writer, state, extras)
                     t_finish = time.perf_counter()
                     provenance = self._provenance(t_finish - t_start, patched, block_notes, fingerprint)
-                    writer.finish_files(plan.ref.config_dir, provenance)
+                    writer.finish_files(plan.side_dir or plan.ref.config_dir, provenance)
                     self.manifest.record_finished()
                 faults.hit("finished")
                 self.manifest.close()
@@ -532,6 +537,7 @@ class Runner:
             "fallback_blocks": plan.fallback_blocks,
             "base_stats_missing": plan.base_stats_missing,
             "summary": plan.method.run_summary(plan.params, block_notes),
+            **({"lora": plan.lora.report()} if plan.lora is not None else {}),
             "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
                         "seconds": self.stats[b.name].seconds,
                         "bytes": self.stats[b.name].bytes_read + self.stats[b.name].bytes_written,
@@ -577,6 +583,7 @@ class Runner:
             "fallback_blocks": plan.fallback_blocks,
             "base_stats_missing": plan.base_stats_missing,
             "settings": self.opts.settings,
+            **({"lora": plan.lora.report()} if plan.lora is not None else {}),
             "seconds": round(seconds, 3),
             "patched_entries": patched,
             "blocks": {b.name: {"crc32": f"{self.stats[b.name].crc32:08x}", "chunks": len(b.chunks),

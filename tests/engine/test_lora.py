@@ -1,0 +1,383 @@
+"""PEFT adapters in, PEFT adapters out (engine/lora.py, SPEC §6).
+
+Tiny Llama base, LoRA adapters made by PEFT (equal and unequal ranks, different alphas, rslora,
+different target modules) and IA3 adapters. Each merge is loaded with
+`PeftModel.from_pretrained` (or `from_pretrained` for `--lora full`) and its logits compared with
+those of the same merge computed here in float64: ΔW_i = s_i B_i A_i read from the files and the
+configs by this file's own code, merged by the method's formula, added to the base in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from tests import helpers as H  # noqa: E402
+from tests.methods.test_stats_methods import fisher_formula  # noqa: E402
+from tests.methods.test_ties import reference_ties  # noqa: E402
+from tests.stats import collect_models as cm  # noqa: E402
+from tensormerge.api import MergeSpec, merge  # noqa: E402
+from tensormerge.errors import TensorMergeError  # noqa: E402
+
+PRE = "base_model.model."
+MAX_MEMORY = "16KiB"
+
+
+def _adapter(root: Path, name: str, cfg, seed: int) -> str:
+    model = cm.llama()
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, cfg)
+    if isinstance(cfg, IA3Config):  # IA3 starts at ones: move it off, as training would
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "ia3_l" in n:
+                    p.add_(0.3 * torch.randn_like(p))
+    d = root / name
+    peft_model.save_pretrained(str(d))
+    conf = json.loads((d / "adapter_config.json").read_text())
+    conf["base_model_name_or_path"] = str(root / "base")
+    (d / "adapter_config.json").write_text(json.dumps(conf))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    cm.save(cm.llama(), root / "base")
+    lora = lambda **kw: LoraConfig(init_lora_weights=False, **kw)  # noqa: E731
+    return {
+        "root": root,
+        "base": str(root / "base"),
+        "equal": [_adapter(root, f"eq{i}", lora(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), 10 + i)
+                  for i in range(2)],
+        "unequal": [
+            _adapter(root, "un0", lora(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), 20),
+            _adapter(root, "un1", lora(r=4, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "o_proj"]), 21),
+            _adapter(root, "un2", lora(r=3, lora_alpha=6, target_modules=["v_proj", "down_proj"]), 22),
+        ],
+        "ia3": [_adapter(root, f"ia{i}", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                   feedforward_modules=["down_proj"]), 30 + i) for i in range(2)],
+    }
+
+
+# ------------------------------------------------------------------ the reference, from the files
+def deltas(adapter: str) -> dict[str, torch.Tensor]:
+    """{base weight name: s·B·A} in float64, s = alpha/r (alpha/√r with rslora)."""
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    sd = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    out = {}
+    for k, a in sd.items():
+        if ".lora_A." not in k:
+            continue
+        module = k[len(PRE):].split(".lora_A.")[0]
+        b = sd[k.replace(".lora_A.", ".lora_B.")]
+        r = a.shape[0]
+        alpha = cfg["lora_alpha"]
+        s = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        out[f"{module}.weight"] = s * b.double() @ a.double()
+    return out
+
+
+def base_sd(zoo) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(zoo["base"]) / "model.safetensors"))
+
+
+def logits(model) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, cm.V, (2, 7), generator=g)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+def base_model(zoo):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(zoo["base"], dtype=torch.float32)
+
+
+def reference_logits(zoo, merged_delta: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The base with the merged ΔW added in float64, as float32 weights."""
+    model = base_model(zoo)
+    sd = model.state_dict()
+    for n, d in merged_delta.items():
+        sd[n] = (sd[n].double() + d).float()
+    before = logits(model)
+    model.load_state_dict(sd)
+    after = logits(model)
+    assert float((after - before).abs().max()) > 1e-3  # the merge is visible in the logits
+    return after
+
+
+def peft_logits(zoo, out: str) -> torch.Tensor:
+    return logits(PeftModel.from_pretrained(base_model(zoo), out))
+
+
+def union(ds: list[dict]) -> list[str]:
+    names = []
+    for d in ds:
+        names += [n for n in d if n not in names]
+    return names
+
+
+def with_zeros(ds: list[dict], shapes: dict) -> list[dict]:
+    """Each adapter's ΔW for every module any adapter targets (zero where it targets none)."""
+    names = union(ds)
+    return [{n: d.get(n, torch.zeros(shapes[n], dtype=torch.float64)) for n in names} for d in ds]
+
+
+def run(zoo, tag, method, inputs, **kw):
+    out = str(zoo["root"] / f"out-{tag}")
+    report = merge(MergeSpec(method, inputs, out, quiet=True, max_memory=kw.pop("max_memory", MAX_MEMORY), **kw))
+    return out, report
+
+
+def assert_logits(got, want, tol=2e-5):
+    err = float((got - want).abs().max())
+    assert err <= tol * max(1.0, float(want.abs().max())), err
+
+
+# ------------------------------------------------------------------ concat: linear methods, exact
+@pytest.mark.parametrize("family", ["equal", "unequal"])
+@pytest.mark.parametrize("method,params", [("average", {}), ("task_arithmetic", {"lambda": "0.7"}),
+                                           ("average", {"weights": "0.2,-0.5,1.5"})])
+def test_concat_is_the_merge_of_the_updates(zoo, family, method, params):
+    ads = zoo[family]
+    n = len(ads)
+    if "weights" in params:
+        params = {"weights": ",".join(params["weights"].split(",")[:n])}
+    ds = [deltas(a) for a in ads]
+    coef = ([float(x) for x in params["weights"].split(",")] if "weights" in params else
+            [0.7] * n if method == "task_arithmetic" else [1 / n] * n)
+    want = {name: sum(c * d[name] for c, d in zip(coef, ds) if name in d) for name in union(ds)}
+    out, report = run(zoo, f"concat-{family}-{method}-{len(params)}", method, ads, params=params)
+    assert report["lora"] == {"kind": "lora", "mode": "concat"}
+    files = sorted(p.name for p in Path(out).iterdir())
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    # the file holds the concatenated factors: rank Σ r_i of the adapters targeting each module
+    written = load_file(str(Path(out) / "adapter_model.safetensors"))
+    cfg = json.loads((Path(out) / "adapter_config.json").read_text())
+    for name in want:
+        module = name[: -len(".weight")]
+        ranks = [json.loads((Path(a) / "adapter_config.json").read_text())["r"] for a, d in zip(ads, ds) if name in d]
+        a = written[f"{PRE}{module}.lora_A.weight"]
+        assert a.shape[0] == sum(ranks)
+        r_cfg = cfg["rank_pattern"].get(module, cfg["r"])
+        assert r_cfg == sum(ranks) and cfg["alpha_pattern"].get(module, cfg["lora_alpha"]) == r_cfg
+    assert sorted(cfg["target_modules"]) == sorted(n[: -len(".weight")] for n in want)
+    assert not cfg["use_rslora"]
+    assert_logits(peft_logits(zoo, out), reference_logits(zoo, want))
+
+
+def test_concat_bytes_do_not_depend_on_chunking(zoo):
+    a, _ = run(zoo, "chunk-small", "average", zoo["unequal"], max_memory="2KiB")
+    b, _ = run(zoo, "chunk-large", "average", zoo["unequal"], max_memory="1GiB")
+    assert H.sha256_file(Path(a) / "adapter_model.safetensors") == H.sha256_file(Path(b) / "adapter_model.safetensors")
+
+
+# ------------------------------------------------------------------ full: any method on dense ΔW
+def _fisher_stores(zoo, tag, names_shapes: dict, n: int) -> list[str]:
+    stores = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(40 + i)
+        f = {nm: torch.rand(sh, generator=g) + 0.05 for nm, sh in names_shapes.items()}
+        stores.append(H.write_store(zoo["root"] / f"{tag}-f{i}.zarr", {"fisher": f}))
+    return stores, None
+
+
+def _merged_dense(zoo, method, ads, on_base: bool, stores_tag: str):
+    """(merged ΔW per module, MergeSpec kwargs) in float64 for TIES and fisher, on the base (full)
+    or on a zero base (svd)."""
+    base = base_sd(zoo)
+    ds = [deltas(a) for a in ads]
+    shapes = {n: tuple(base[n].shape) for n in union(ds)}
+    ds = with_zeros(ds, shapes)
+    names = list(ds[0])
+    if method == "ties":
+        b = {n: (base[n].double() if on_base else torch.zeros(shapes[n], dtype=torch.float64)) for n in names}
+        fts = [{n: (b[n].float().double() + d[n]).float() for n in names} for d in ds]
+        merged = reference_ties({n: b[n].float() for n in names}, fts, k=0.2, lam=1.0)
+        return {n: merged[n] - b[n].float().double() for n in names}, {}
+    g = torch.Generator().manual_seed(7)
+    fishers = [{n: torch.rand(shapes[n], generator=g) + 0.05 for n in names} for _ in ads]
+    stores = [H.write_store(zoo["root"] / f"{stores_tag}-f{i}.zarr", {"fisher": f}) for i, f in enumerate(fishers)]
+    thetas = [{n: (base[n].double() if on_base else 0) + d[n] for n in names} for d in ds]
+    w = [1 / len(ads)] * len(ads)
+    merged = {n: fisher_formula([t[n] for t in thetas], [f[n] for f in fishers], w, 1e-8, "clamp", [True] * len(ads))
+              - (base[n].double() if on_base else 0) for n in names}
+    return merged, {"stats": stores}
+
+
+@pytest.mark.parametrize("family", ["equal", "unequal"])
+@pytest.mark.parametrize("method", ["ties", "fisher", "average", "task_arithmetic"])
+def test_full_is_the_base_plus_the_merged_update(zoo, family, method):
+    from transformers import AutoModelForCausalLM
+
+    ads = zoo[family]
+    tag = f"full-{family}-{method}"
+    if method in ("ties", "fisher"):
+        want, kw = _merged_dense(zoo, method, ads, True, tag)
+    else:
+        ds = [deltas(a) for a in ads]
+        c = 0.3 if method == "task_arithmetic" else 1 / len(ads)
+        want, kw = {n: sum(c * d[n] for d in ds if n in d) for n in union(ds)}, {}
+    out, report = run(zoo, tag, method, ads, base=zoo["base"], lora="full", **kw)
+    assert report["lora"]["mode"] == "full"
+    assert (Path(out) / "model.safetensors").is_file() and (Path(out) / "config.json").is_file()
+    got = load_file(str(Path(out) / "model.safetensors"))
+    base = base_sd(zoo)
+    for n, t in got.items():  # tensors no adapter updates are the base's, bit for bit
+        if n not in want:
+            assert torch.equal(t, base[n]), n
+    got_logits = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
+    assert_logits(got_logits, reference_logits(zoo, want), tol=1e-4)
+
+
+# ------------------------------------------------------------------ svd:R
+@pytest.mark.parametrize("method", ["ties", "fisher", "average"])
+def test_svd_refactors_the_merged_update_within_the_reported_energy(zoo, method):
+    ads = zoo["unequal"]
+    tag = f"svd-{method}"
+    if method == "average":
+        ds = [deltas(a) for a in ads]
+        want, kw = {n: sum(d[n] / 3 for d in ds if n in d) for n in union(ds)}, {}
+    else:
+        want, kw = _merged_dense(zoo, method, ads, False, tag)
+    rank = 3
+    out, report = run(zoo, tag, method, ads, lora=f"svd:{rank}", **kw)
+    assert not Path(out + ".lora-dense").exists()
+    written = load_file(str(Path(out) / "adapter_model.safetensors"))
+    cfg = json.loads((Path(out) / "adapter_config.json").read_text())
+    assert cfg["r"] == rank and cfg["lora_alpha"] == rank and not cfg["rank_pattern"]
+    energy = report["lora"]["modules"]
+    truncated = {}
+    for n, dw in want.items():
+        module = n[: -len(".weight")]
+        u, s, vh = torch.linalg.svd(dw, full_matrices=False)
+        truncated[n] = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        expect = float((s[rank:] ** 2).sum() / (s**2).sum())
+        assert energy[module] == pytest.approx(expect, rel=1e-3, abs=1e-9)
+        ba = written[f"{PRE}{module}.lora_B.weight"].double() @ written[f"{PRE}{module}.lora_A.weight"].double()
+        # what is lost is exactly the reported share of ΔW's energy (Eckart–Young)
+        lost = float(((dw - ba) ** 2).sum() / (dw**2).sum())
+        assert lost == pytest.approx(expect, rel=1e-3, abs=1e-9)
+        torch.testing.assert_close(ba, truncated[n], rtol=1e-4, atol=1e-5 * float(dw.abs().max()))
+    assert_logits(peft_logits(zoo, out), reference_logits(zoo, truncated), tol=1e-4)
+
+
+def test_svd_at_the_updates_rank_is_exact(zoo):
+    """Two rank-2 updates average to a rank-4 one: svd:4 loses nothing."""
+    ads = zoo["equal"]
+    ds = [deltas(a) for a in ads]
+    want = {n: (ds[0][n] + ds[1][n]) / 2 for n in ds[0]}
+    out, report = run(zoo, "svd-exact", "average", ads, lora="svd:4")
+    assert max(report["lora"]["modules"].values()) < 1e-12
+    assert_logits(peft_logits(zoo, out), reference_logits(zoo, want), tol=1e-4)
+
+
+# ------------------------------------------------------------------ IA3: element-wise, every method
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "fisher"])
+def test_ia3_merges_elementwise_and_loads(zoo, method):
+    ads = zoo["ia3"]
+    sds = [load_file(str(Path(a) / "adapter_model.safetensors")) for a in ads]
+    names = list(sds[0])
+    ones = {n: torch.ones_like(sds[0][n]) for n in names}
+    kw = {}
+    if method == "average":
+        want = {n: sum(sd[n].double() for sd in sds) / 2 for n in names}
+    elif method == "task_arithmetic":
+        want = {n: 1 + 0.3 * sum(sd[n].double() - 1 for sd in sds) for n in names}
+    elif method == "ties":
+        want = reference_ties(ones, sds, k=0.2, lam=1.0)
+    else:
+        g = torch.Generator().manual_seed(3)
+        fishers = [{n: torch.rand(sd[n].shape, generator=g) + 0.05 for n in names} for sd in sds]
+        kw["stats"] = [H.write_store(zoo["root"] / f"ia3-f{i}.zarr", {"fisher": f}) for i, f in enumerate(fishers)]
+        want = {n: fisher_formula([sd[n] for sd in sds], [f[n] for f in fishers], [0.5, 0.5], 1e-8, "clamp",
+                                  [True, True]) for n in names}
+    out, report = run(zoo, f"ia3-{method}", method, ads, **kw)
+    assert (Path(out) / "adapter_model.safetensors").is_file() and not (Path(out) / "model.safetensors").exists()
+    got = load_file(str(Path(out) / "adapter_model.safetensors"))
+    for n in names:
+        H.assert_close(got[n], want[n], name=n)
+    ref = PeftModel.from_pretrained(base_model(zoo), ads[0])
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            key = n.replace(".default", "")
+            if key in want:
+                p.copy_(want[key].float().reshape(p.shape))
+    assert_logits(peft_logits(zoo, out), logits(ref))
+
+
+# ------------------------------------------------------------------ factors, choices and errors
+def test_factors_is_the_old_merge_under_its_name(zoo, capsys):
+    ads = zoo["equal"]
+    sds = [load_file(str(Path(a) / "adapter_model.safetensors")) for a in ads]
+    out, _ = run(zoo, "factors", "average", ads, lora="factors")
+    assert "not the merge" in capsys.readouterr().err
+    got = load_file(str(Path(out) / "adapter_model.safetensors"))
+    for n in sds[0]:
+        H.assert_close(got[n], (sds[0][n].double() + sds[1][n].double()) / 2, name=n)
+    assert json.loads((Path(out) / "adapter_config.json").read_text())["r"] == 2
+    PeftModel.from_pretrained(base_model(zoo), out)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("ties-default", "--lora svd:R"),
+    ("ties-concat", "exact only for linear methods"),
+    ("full-no-base", "--lora full needs --base"),
+    ("svd-too-large", "the rank cannot exceed"),
+    ("factors-unequal", "equal ranks"),
+    ("not-adapters", "not PEFT adapters"),
+    ("bad-mode", "is not one of"),
+    ("ia3-lora", "not LoRA"),
+])
+def test_one_line_errors(zoo, case, needle):
+    e, u, ia = zoo["equal"], zoo["unequal"], zoo["ia3"]
+    specs = {
+        "ties-default": ("ties", e, {}),
+        "ties-concat": ("ties", e, {"lora": "concat"}),
+        "full-no-base": ("ties", e, {"lora": "full"}),
+        "svd-too-large": ("ties", e, {"lora": "svd:17"}),
+        "factors-unequal": ("average", u, {"lora": "factors"}),
+        "not-adapters": ("average", [zoo["base"], zoo["base"]], {"lora": "concat"}),
+        "bad-mode": ("average", e, {"lora": "svd:x"}),
+        "ia3-lora": ("average", ia, {"lora": "concat"}),
+    }
+    method, inputs, kw = specs[case]
+    out = zoo["root"] / f"err-{case}"
+    with pytest.raises(TensorMergeError) as info:
+        merge(MergeSpec(method, inputs, str(out), quiet=True, **kw))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_adapters_of_different_base_models_and_mixed_inputs_are_refused(zoo, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(zoo["equal"][1], other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someone/else"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TensorMergeError, match="different base models"):
+        merge(MergeSpec("average", [zoo["equal"][0], str(other)], str(tmp_path / "o"), quiet=True))
+    with pytest.raises(TensorMergeError, match="mix PEFT adapters and models"):
+        merge(MergeSpec("average", [zoo["equal"][0], zoo["base"]], str(tmp_path / "o"), quiet=True))
+
+
+def test_cli_lora_option(zoo, tmp_path):
+    out = tmp_path / "cli"
+    res = H.run_cli(["run", "-m", "ties", "-i", ",".join(zoo["equal"]), "-o", str(out), "-q"])
+    H.assert_clean_error(res, "--lora svd:R", out_dir=out)
+    res = H.run_cli(["run", "-m", "ties", "-i", ",".join(zoo["equal"]), "-o", str(out), "-q", "--lora", "svd:2"])
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
