@@ -15,7 +15,7 @@ from tensormerge.engine import lora
 from tensormerge.engine.plan import MergePlan, build_plan
 from tensormerge.engine.run import Runner, RunOptions
 from tensormerge.engine.sources import open_checkpoint
-from tensormerge.errors import OutputError, ParameterError
+from tensormerge.errors import InputError, OutputError, ParameterError
 from tensormerge.methods import get_method
 from tensormerge.sizes import parse_size
 
@@ -79,7 +79,12 @@ def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
     lp = lora.LoraPlan(adapters, mode, rank, method, params, base) if adapters else None
     if lp is not None:
         inputs, base = lp.engine_inputs()
-    stats = _bind_stats(spec, method, params, inputs, base)
+    try:
+        stats = _bind_stats(spec, method, params, inputs, base)
+    except InputError as e:
+        if lp is None or "names no tensor" not in str(e):
+            raise
+        raise InputError(str(e) + lp.stats_hint()) from None
     extras = {}
     for role, path in method.extra_checkpoints(params).items():
         extras[role] = open_checkpoint(path)

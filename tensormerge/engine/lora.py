@@ -266,18 +266,29 @@ class LoraPlan:
         needs = self.method.requires_base(self.params)
         if self.mode == "elementwise":
             base = self.user_base
-            if base is None and needs and self.kind == "IA3":
-                base = filled(ads[0], 1.0, "ones (IA3 identity)")
+            if self.kind == "IA3" and (base is None or read_config(base) is None):
+                # IA3 scales activations: its vectors' origin is ones, whatever model (--base) they adapt
+                base = filled(ads[0], 1.0, "ones (IA3 identity)") if needs else None
             return ads, base
         if self.mode == "factors":
-            base = self.user_base if self.user_base is not None else (filled(ads[0], 0.0, "zeros") if needs else None)
+            base = self.user_base
+            if base is None or read_config(base) is None:  # a LoRA's origin is the zero update
+                base = filled(ads[0], 0.0, "zeros") if needs else None
             return ads, base
         if self.mode == "full":
             return [self._full(i) for i in range(len(self.adapters))], self.user_base
         if self.mode == "svd":
             deltas = [self._delta(i) for i in range(len(self.adapters))]
             return deltas, (filled(deltas[0], 0.0, "zero update") if needs else None)
-        return ads, None
+        return ads, None  # concat: a LoRA's origin is the zero update; --base is not read
+
+    def stats_hint(self) -> str:
+        """Why a statistics store keyed by LoRA factors does not bind to the dense updates."""
+        if self.mode not in ("full", "svd"):
+            return ""
+        return (" (with --lora full or svd:R statistics weight the dense update of each module, keyed by the "
+                "base model's weight names such as 'model.layers.0.self_attn.q_proj.weight': compute them on "
+                "the base with each adapter merged in)")
 
     def _targets(self) -> dict[str, tuple[str, bool]]:
         """Module path -> (the base's weight name, whether it is stored [in, out] (Conv1D))."""
@@ -318,7 +329,9 @@ class LoraPlan:
 
     def _delta(self, i: int) -> Virtual:
         ad = self.adapters[i]
+        # the dense updates are merged, written and re-factored in float32 at least
         dt = _float_dtype([m for ms in self.modules.values() for _, m in ms], self.adapters)
+        dt = dt if element_size(dt) >= 4 else torch.float32
         tensors = {f"{p}.weight": TensorInfo(f"{p}.weight", dt, (ms[0][1].n_out, ms[0][1].n_in))
                    for p, ms in self.modules.items()}
 
@@ -429,8 +442,8 @@ class LoraPlan:
                    target_modules=list(self.modules))
         # a module path's dots are regex wildcards to PEFT's pattern lookup; anchored by (.*\.)?path$ they
         # still match only that module (every other module path differs in a non-dot character)
-        cfg.pop("layers_to_transform", None)
-        cfg.pop("layers_pattern", None)
+        for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):  # target_modules is exact now
+            cfg.pop(key, None)
         return cfg
 
     def report(self) -> dict:

@@ -303,7 +303,8 @@ def test_ia3_merges_elementwise_and_loads(zoo, method):
         kw["stats"] = [H.write_store(zoo["root"] / f"ia3-f{i}.zarr", {"fisher": f}) for i, f in enumerate(fishers)]
         want = {n: fisher_formula([sd[n] for sd in sds], [f[n] for f in fishers], [0.5, 0.5], 1e-8, "clamp",
                                   [True, True]) for n in names}
-    out, report = run(zoo, f"ia3-{method}", method, ads, **kw)
+    # a --base model (the adapters' base) is not the vectors' origin: ones are, for every method
+    out, report = run(zoo, f"ia3-{method}", method, ads, base=zoo["base"], **kw)
     assert (Path(out) / "adapter_model.safetensors").is_file() and not (Path(out) / "model.safetensors").exists()
     got = load_file(str(Path(out) / "adapter_model.safetensors"))
     for n in names:
@@ -381,3 +382,50 @@ def test_cli_lora_option(zoo, tmp_path):
     res = H.run_cli(["run", "-m", "ties", "-i", ",".join(zoo["equal"]), "-o", str(out), "-q", "--lora", "svd:2"])
     assert res.returncode == 0, res.stderr
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_statistics_of_the_factors_do_not_weight_the_dense_update(zoo):
+    ad = zoo["equal"]
+    stores = []
+    for i, a in enumerate(ad):
+        sd = load_file(str(Path(a) / "adapter_model.safetensors"))
+        stores.append(H.write_store(zoo["root"] / f"factor-f{i}.zarr", {"fisher": {n: t.abs() for n, t in sd.items()}}))
+    out = zoo["root"] / "err-factor-stats"
+    with pytest.raises(TensorMergeError, match="keyed by the base model's weight names") as info:
+        merge(MergeSpec("fisher", ad, str(out), quiet=True, stats=stores, lora="full", base=zoo["base"]))
+    assert "\n" not in str(info.value) and not out.exists()
+
+
+def test_plan_prints_the_adapter_layout(zoo):
+    res = H.run_cli(["plan", "-m", "task_arithmetic", "-i", ",".join(zoo["unequal"])])
+    assert res.returncode == 0, res.stderr
+    assert "lora_B.weight" in res.stdout and "derived" in res.stdout
+    res = H.run_cli(["plan", "-m", "ties", "-i", ",".join(zoo["unequal"]), "--lora", "svd:2"])
+    assert res.returncode == 0, res.stderr
+    assert "stage 1 of --lora svd:2" in res.stdout and "q_proj.weight" in res.stdout
+
+
+def test_full_on_a_conv1d_model(tmp_path):
+    """GPT-2 stores its projections [in, out] (fan_in_fan_out): ΔW is added transposed."""
+    from transformers import AutoModelForCausalLM
+
+    cm.save(cm.gpt2(), tmp_path / "base")
+    ads = []
+    for i in range(2):
+        model = cm.gpt2()
+        torch.manual_seed(50 + i)
+        cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+        d = tmp_path / f"g{i}"
+        get_peft_model(model, cfg).save_pretrained(str(d))
+        ads.append(str(d))
+    out = tmp_path / "out"
+    merge(MergeSpec("task_arithmetic", ads, str(out), base=str(tmp_path / "base"), lora="full", quiet=True,
+                    max_memory=MAX_MEMORY, params={"lambda": "0.5"}))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    got = load_file(str(out / "model.safetensors"))
+    ds = [deltas(a) for a in ads]
+    for n, t in got.items():
+        want = base[n].double() + sum(0.5 * d[n].t() for d in ds if n in d)
+        H.assert_close(t, want, name=n)
+    assert any(n in ds[0] for n in got)
+    AutoModelForCausalLM.from_pretrained(str(out))
