@@ -205,6 +205,7 @@ class LoraPlan:
         self.kind = adapters[0].kind
         self.rank = rank
         self.notes: dict[str, dict] = {}  # per output module: discarded energy (svd)
+        self.dense: Checkpoint | None = None  # svd: the first stage's merged updates
         self.mode = self._choose(mode)
         self.modules = self._modules() if self.kind == "LORA" else {}
 
@@ -389,6 +390,7 @@ class LoraPlan:
     def svd_layout(self, dense: Checkpoint, dtype: torch.dtype | None):
         """A and B of rank R from each merged dense ΔW (read whole, once for both factors)."""
         cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.dense = dense
         out = []
         for path, ms in self.modules.items():
             name = f"{path}.weight"
@@ -449,8 +451,11 @@ class LoraPlan:
     def report(self) -> dict:
         out = {"kind": self.kind.lower(), "mode": self.mode}
         if self.mode == "svd":
+            for p in self.modules:
+                if p not in self.notes and getattr(self, "dense", None) is not None:  # factors a resumed run kept
+                    self._svd(p, self.dense.read(f"{p}.weight").double())
             out["rank"] = self.rank
-            out["modules"] = {p: n["discarded_energy"] for p, n in self.notes.items()}
+            out["modules"] = {p: self.notes[p]["discarded_energy"] for p in self.modules if p in self.notes}
         return out
 
 
@@ -520,6 +525,7 @@ def build(lp: LoraPlan, build_plan, inputs, base, max_memory: int, dtype, stats)
         return finish_plan(lp, plan)
     plan = build_plan(lp.method, lp.params, inputs, base, max_memory, dtype, stats)
     if lp.mode == "svd":
+        svd_plan(lp, inputs[0], max_memory, dtype)  # the second stage's budget, checked before any work
         plan.lora = lp
         return plan
     return finish_plan(lp, plan)

@@ -340,6 +340,7 @@ def test_factors_is_the_old_merge_under_its_name(zoo, capsys):
     ("not-adapters", "not PEFT adapters"),
     ("bad-mode", "is not one of"),
     ("ia3-lora", "not LoRA"),
+    ("svd-budget", "is re-factored whole and needs"),
 ])
 def test_one_line_errors(zoo, case, needle):
     e, u, ia = zoo["equal"], zoo["unequal"], zoo["ia3"]
@@ -352,13 +353,14 @@ def test_one_line_errors(zoo, case, needle):
         "not-adapters": ("average", [zoo["base"], zoo["base"]], {"lora": "concat"}),
         "bad-mode": ("average", e, {"lora": "svd:x"}),
         "ia3-lora": ("average", ia, {"lora": "concat"}),
+        "svd-budget": ("ties", e, {"lora": "svd:2", "max_memory": "4KiB"}),
     }
     method, inputs, kw = specs[case]
     out = zoo["root"] / f"err-{case}"
     with pytest.raises(TensorMergeError) as info:
         merge(MergeSpec(method, inputs, str(out), quiet=True, **kw))
     assert needle in str(info.value) and "\n" not in str(info.value)
-    assert not out.exists()
+    assert not out.exists() and not Path(str(out) + ".lora-dense").exists()
 
 
 def test_adapters_of_different_base_models_and_mixed_inputs_are_refused(zoo, tmp_path):
@@ -429,3 +431,29 @@ def test_full_on_a_conv1d_model(tmp_path):
         H.assert_close(t, want, name=n)
     assert any(n in ds[0] for n in got)
     AutoModelForCausalLM.from_pretrained(str(out))
+
+
+@pytest.mark.parametrize("lora,crash", [("concat", "chunk:3"), ("svd:3", "chunk:3"), ("svd:3", "renamed:1"),
+                                        ("svd:3", "stage2")])
+def test_interrupted_adapter_merge_resumes_to_the_same_bytes(zoo, tmp_path, lora, crash):
+    method = "average" if lora == "concat" else "ties"
+    budget = "4KiB" if lora == "concat" else "16KiB"  # svd re-factors a module whole
+    args = ["run", "-m", method, "-i", ",".join(zoo["unequal"]), "--lora", lora, "--max-memory", budget, "-q"]
+    ref = tmp_path / "ref"
+    assert H.run_cli(args + ["-o", ref, "--report", tmp_path / "r.json"]).returncode == 0
+    if crash == "stage2":  # the second chunk of the re-factoring, after every chunk of the dense merge
+        blocks = json.loads((tmp_path / "r.json").read_text())["blocks"]
+        crash = f"chunk:{sum(b['chunks'] for b in blocks if '.lora_' not in b['name']) + 2}"
+    out = tmp_path / "out"
+    crashed = H.run_cli(args + ["-o", out], env={"TENSORMERGE_CRASH_AT": crash})
+    assert crashed.returncode != 0 and not out.exists()
+    if lora != "concat" and crash != "chunk:3":  # the dense stage had finished
+        assert Path(str(out) + ".lora-dense").is_dir()
+    res = H.run_cli(args + ["-o", out, "--resume"])
+    assert res.returncode == 0, res.stderr
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert H.sha256_file(out / f) == H.sha256_file(ref / f), f
+    if lora != "concat":  # a resumed run reports every module's discarded energy, as an uninterrupted one
+        want = json.loads((ref / "tensormerge.json").read_text())["lora"]
+        assert json.loads((out / "tensormerge.json").read_text())["lora"] == want
+    assert not Path(str(out) + ".lora-dense").exists() and not Path(str(out) + ".partial").exists()
