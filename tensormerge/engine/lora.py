@@ -32,7 +32,7 @@ import torch
 from tensormerge import constants as C
 from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.safetensors_format import element_size
-from tensormerge.engine.sources import Checkpoint, TensorInfo, confined
+from tensormerge.engine.sources import Checkpoint, TensorInfo, confined, open_checkpoint
 from tensormerge.errors import BudgetError, InputError, ParameterError
 from tensormerge.methods.base import Method
 from tensormerge.sizes import format_size
@@ -155,9 +155,24 @@ def detect(inputs: list[Checkpoint]) -> list[Adapter] | None:
     if len(kinds) > 1:
         raise InputError(f"inputs are adapters of different PEFT types ({', '.join(sorted(kinds))})")
     bases = {c.get("base_model_name_or_path") for c in cfgs} - {None, ""}
-    if len(bases) > 1:
+    if len(bases) > 1 and len({_base_identity(b) for b in bases}) > 1:
         raise InputError(f"inputs are adapters of different base models ({', '.join(sorted(map(str, bases)))})")
     return [read_adapter(ck, c) for ck, c in zip(inputs, cfgs)]
+
+
+def _base_identity(spec) -> str:
+    """Which weights a base named in adapter_config.json holds: one model saved at two local
+    paths is one base; a name that is no local model directory is only its name."""
+    if not isinstance(spec, str) or not os.path.isdir(spec):
+        return f"name:{spec}"
+    try:
+        ck = open_checkpoint(spec)
+    except InputError:
+        return f"name:{spec}"
+    try:
+        return ck.identity()
+    finally:
+        ck.close()
 
 
 # ------------------------------------------------------------------ virtual checkpoints

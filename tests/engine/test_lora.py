@@ -373,6 +373,16 @@ def test_adapters_of_different_base_models_and_mixed_inputs_are_refused(zoo, tmp
     (other / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(TensorMergeError, match="different base models"):
         merge(MergeSpec("average", [zoo["equal"][0], str(other)], str(tmp_path / "o"), quiet=True))
+    # the same base saved at two paths is one base
+    shutil.copytree(zoo["base"], tmp_path / "base-copy")
+    cfg["base_model_name_or_path"] = str(tmp_path / "base-copy")
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    merge(MergeSpec("average", [zoo["equal"][0], str(other)], str(tmp_path / "same"), quiet=True))
+    cm.save(cm.llama(seed=1), tmp_path / "another")  # same architecture, other weights
+    cfg["base_model_name_or_path"] = str(tmp_path / "another")
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TensorMergeError, match="different base models"):
+        merge(MergeSpec("average", [zoo["equal"][0], str(other)], str(tmp_path / "o"), quiet=True))
     with pytest.raises(TensorMergeError, match="mix PEFT adapters and models"):
         merge(MergeSpec("average", [zoo["equal"][0], zoo["base"]], str(tmp_path / "o"), quiet=True))
 
