@@ -189,4 +189,10 @@ def _merge_svd(spec: MergeSpec, dense_plan: MergePlan, stack: ExitStack) -> dict
     report["dense_stage"] = {k: first[k] for k in ("seconds", "passes", "peak_rss_bytes", "bytes_read",
                                                     "bytes_written", "summary") if k in first}
     report["blocks"] = first.get("blocks", []) + report["blocks"]
+    energy = report.get("lora", {}).get("modules", {})
+    if energy:
+        worst = max(energy, key=energy.get)
+        report["summary"] = list(report.get("summary") or []) + [
+            f"lora svd:{lp.rank}: discarded energy {min(energy.values()):.3g} to {energy[worst]:.3g} of ΔW "
+            f"({worst}); per module in tensormerge.json"]
     return report

@@ -184,15 +184,6 @@ def test_concat_bytes_do_not_depend_on_chunking(zoo):
 
 
 # ------------------------------------------------------------------ full: any method on dense ΔW
-def _fisher_stores(zoo, tag, names_shapes: dict, n: int) -> list[str]:
-    stores = []
-    for i in range(n):
-        g = torch.Generator().manual_seed(40 + i)
-        f = {nm: torch.rand(sh, generator=g) + 0.05 for nm, sh in names_shapes.items()}
-        stores.append(H.write_store(zoo["root"] / f"{tag}-f{i}.zarr", {"fisher": f}))
-    return stores, None
-
-
 def _merged_dense(zoo, method, ads, on_base: bool, stores_tag: str):
     """(merged ΔW per module, MergeSpec kwargs) in float64 for TIES and fisher, on the base (full)
     or on a zero base (svd)."""
@@ -394,6 +385,9 @@ def test_cli_lora_option(zoo, tmp_path):
     res = H.run_cli(["run", "-m", "ties", "-i", ",".join(zoo["equal"]), "-o", str(out), "-q", "--lora", "svd:2"])
     assert res.returncode == 0, res.stderr
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    res = H.run_cli(["run", "-m", "ties", "-i", ",".join(zoo["equal"]), "-o", str(out), "--overwrite",
+                     "--lora", "svd:2"])
+    assert res.returncode == 0 and "lora svd:2: discarded energy" in res.stdout, res
 
 
 def test_statistics_of_the_factors_do_not_weight_the_dense_update(zoo):
