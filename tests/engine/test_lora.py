@@ -461,3 +461,14 @@ def test_interrupted_adapter_merge_resumes_to_the_same_bytes(zoo, tmp_path, lora
         want = json.loads((ref / "tensormerge.json").read_text())["lora"]
         assert json.loads((out / "tensormerge.json").read_text())["lora"] == want
     assert not Path(str(out) + ".lora-dense").exists() and not Path(str(out) + ".partial").exists()
+
+
+@pytest.mark.parametrize("lora,method", [("concat", "task_arithmetic"), ("svd:3", "ties"), ("full", "ties")])
+def test_same_bytes_whatever_the_thread_count_and_chunking(zoo, tmp_path, lora, method):
+    def run_merge(out, max_memory="16KiB"):
+        merge(MergeSpec(method, zoo["unequal"], str(out), quiet=True, lora=lora, max_memory=max_memory,
+                        base=zoo["base"] if lora == "full" else None))
+
+    a, b = H.digests_per_thread_count(run_merge, tmp_path)
+    run_merge(tmp_path / "big", "1GiB")
+    assert a == b == H.shard_digests(tmp_path / "big") and a
