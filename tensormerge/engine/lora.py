@@ -111,8 +111,10 @@ def _pattern(patterns: dict, path: str, default):
 
 def read_adapter(ck: Checkpoint, cfg: dict) -> Adapter:
     ad = Adapter(ck, cfg)
-    if ad.kind != "LORA":
+    if ad.kind == "IA3":
         return ad
+    if ad.kind != "LORA":  # LoHa, LoKr, ...: products of factors too, which element-wise merging would break
+        raise InputError(f"{ck.spec}: PEFT type {ad.kind or '(none)'!r}: merging supports LORA and IA3 adapters")
     where = os.path.join(ck.config_dir or ck.root, CONFIG)
     for key in ("lora_bias", "use_dora"):
         if cfg.get(key):
@@ -140,6 +142,8 @@ def read_adapter(ck: Checkpoint, cfg: dict) -> Adapter:
             raise InputError(f"{where}: lora_alpha {alpha!r} is not a number")
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         ad.modules[path] = Module(path, p["A"], p["B"], r, a.shape[1], b.shape[0], float(scale))
+    if not ad.modules:
+        raise InputError(f"{ck.spec}: a LoRA adapter without lora_A/lora_B tensors")
     return ad
 
 

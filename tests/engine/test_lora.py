@@ -374,6 +374,13 @@ def test_adapters_of_different_base_models_and_mixed_inputs_are_refused(zoo, tmp
     (other / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(TensorMergeError, match="different base models"):
         merge(MergeSpec("average", [zoo["equal"][0], str(other)], str(tmp_path / "o"), quiet=True))
+    loha = tmp_path / "loha"
+    shutil.copytree(zoo["equal"][0], loha)
+    cfg = json.loads((loha / "adapter_config.json").read_text())
+    cfg["peft_type"] = "LOHA"
+    (loha / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TensorMergeError, match="merging supports LORA and IA3"):
+        merge(MergeSpec("average", [str(loha), str(loha)], str(tmp_path / "o"), quiet=True))
     with pytest.raises(TensorMergeError, match="mix PEFT adapters and models"):
         merge(MergeSpec("average", [zoo["equal"][0], zoo["base"]], str(tmp_path / "o"), quiet=True))
 
