@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensormerge import constants as C
-from tensormerge.engine.plan import Block, MergePlan
+from tensormerge.engine.plan import Block, MergePlan, _chunks
 from tensormerge.engine.safetensors_format import element_size
 from tensormerge.engine.sources import Checkpoint, TensorInfo, confined, open_checkpoint
 from tensormerge.errors import BudgetError, InputError, ParameterError
@@ -534,7 +534,17 @@ def finish_plan(lp: LoraPlan, plan: MergePlan) -> MergePlan:
         for b in plan.blocks:
             if b.kind == "merge" and b.name not in targets:
                 b.kind, b.stats, b.fallback, b.base_stats, b.work_bytes_per_row = "copy", {}, None, {}, 0
+        _count_virtual_reads(plan, targets)
     return plan
+
+
+def _count_virtual_reads(plan: MergePlan, names: set[str]) -> None:
+    """A read of W + ΔW_i (or ΔW_i) makes float64 rows of ΔW and of the sum before handing back the
+    row chunk: held within --max-memory like the reads (which are counted twice, double-buffered)."""
+    for b in plan.blocks:
+        if b.kind == "merge" and b.name in names:
+            b.read_bytes_per_row += 8 * (b.numel // b.rows if b.rows else 0)
+            b.chunks = _chunks(plan.method, b, plan.max_memory)
 
 
 def build(lp: LoraPlan, build_plan, inputs, base, max_memory: int, dtype, stats) -> MergePlan:
@@ -545,6 +555,7 @@ def build(lp: LoraPlan, build_plan, inputs, base, max_memory: int, dtype, stats)
     plan = build_plan(lp.method, lp.params, inputs, base, max_memory, dtype, stats)
     if lp.mode == "svd":
         svd_plan(lp, inputs[0], max_memory, dtype)  # the second stage's budget, checked before any work
+        _count_virtual_reads(plan, {b.name for b in plan.blocks})
         plan.lora = lp
         return plan
     return finish_plan(lp, plan)
