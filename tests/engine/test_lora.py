@@ -479,3 +479,15 @@ def test_same_bytes_whatever_the_thread_count_and_chunking(zoo, tmp_path, lora, 
     a, b = H.digests_per_thread_count(run_merge, tmp_path)
     run_merge(tmp_path / "big", "1GiB")
     assert a == b == H.shard_digests(tmp_path / "big") and a
+
+
+def test_dask_workers_write_the_same_bytes(zoo, tmp_path):
+    pytest.importorskip("distributed")
+    for lora, method, base in (("concat", "average", None), ("full", "ties", zoo["base"])):
+        outs = []
+        for workers in (None, 2):
+            out = tmp_path / f"{lora}-{workers}"
+            merge(MergeSpec(method, zoo["unequal"], str(out), base=base, lora=lora, quiet=True,
+                            max_memory=MAX_MEMORY, workers=workers))
+            outs.append(H.shard_digests(out))
+        assert outs[0] == outs[1] and outs[0]
