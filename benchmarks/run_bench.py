@@ -461,8 +461,8 @@ def summary_markdown(results: dict) -> str:
         f"{'warm' if floor['warm_cache'] else 'cold'} cache).",
         "",
         "| method | tensormerge s | x floor | MB/s | peak RSS GB | peak anon GB "
-        "| naive s | naive peak RSS GB | mergekit s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| naive s | naive peak RSS GB | mergekit s | mergekit peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, r in results["methods"].items():
         tm, naive, mk = r["tensormerge"], r["naive"], r["mergekit"]
@@ -478,40 +478,50 @@ def summary_markdown(results: dict) -> str:
             cell(naive, naive.get("wall_s"), ".1f"),
             cell(naive, naive.get("peak_rss_bytes"), ".2f", GB),
             cell(mk, mk.get("wall_s"), ".1f"),
+            cell(mk, mk.get("peak_rss_bytes"), ".2f", GB),
         ]) + " |")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    """Two panels: seconds per method and tool, and peak RSS per method and tool."""
+    """Two panels: seconds per method and tool, and peak RSS per method and tool. A tool that
+    ran for no method (skipped or failed everywhere) gets no bars and no legend entry; the
+    title names it instead."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(results["methods"])
-    tools = ["tensormerge", "naive", "mergekit"]
 
     def value(method: str, tool: str, key: str) -> float:
         run = results["methods"][method][tool]
         return run.get(key, 0.0) if run.get("returncode") == 0 else 0.0
 
+    every = ["tensormerge", "naive", "mergekit"]
+    tools = [t for t in every if any(results["methods"][m][t].get("returncode") == 0 for m in methods)]
+    absent = [t for t in every if t not in tools]
+
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = np.arange(len(methods))
     width = 0.2
     floor = results["io_floor"]["total_s"]
-    ax_t.bar(x - 1.5 * width, [floor] * len(methods), width, label="I/O floor", color="gray")
+    colors = {"tensormerge": "C0", "naive": "C1", "mergekit": "C2"}
+    left = x - len(tools) / 2 * width  # the floor, then each tool, centred on the tick
+    ax_t.bar(left, [floor] * len(methods), width, label="I/O floor", color="gray")
     for i, tool in enumerate(tools):
-        ax_t.bar(x + (i - 0.5) * width, [value(m, tool, "wall_s") for m in methods], width,
-                 label=tool)
-        ax_m.bar(x + (i - 1) * width, [value(m, tool, "peak_rss_bytes") / GB for m in methods],
-                 width, label=tool)
+        ax_t.bar(left + (i + 1) * width, [value(m, tool, "wall_s") for m in methods], width,
+                 label=tool, color=colors[tool])
+        ax_m.bar(x + (i - (len(tools) - 1) / 2) * width,
+                 [value(m, tool, "peak_rss_bytes") / GB for m in methods], width, label=tool,
+                 color=colors[tool])
     ram = results["machine"]["ram_total_bytes"] / GB
     for ax, ylabel in ((ax_t, "wall seconds"), (ax_m, f"peak RSS (GB; machine has {ram:.0f})")):
         ax.set_xticks(x, methods)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.suptitle(f"{results['preset']}: {param_count(results['model']['params'])} params x "
-                 f"{results['n_finetunes'] + 1} models (missing bar = skipped or failed)")
+                 f"{results['n_finetunes'] + 1} models (missing bar = skipped or failed"
+                 + (f"; not run: {', '.join(absent)}" if absent else "") + ")")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -522,9 +532,11 @@ def plot(results: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=synth.PRESETS, required=True)
-    ap.add_argument("--data", type=Path, required=True,
+    ap.add_argument("--preset", choices=synth.PRESETS)
+    ap.add_argument("--data", type=Path,
                     help="directory holding base/ and ft1..ftN/ (generated if missing)")
+    ap.add_argument("--from-json", type=Path,
+                    help="run nothing: make --plot and --summary-md from an earlier run's JSON")
     ap.add_argument("--methods", default="average,task_arithmetic,ties,dare")
     ap.add_argument("--max-memory", default="1GiB")
     ap.add_argument("--n-finetunes", type=int, default=3)
@@ -539,6 +551,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep-outputs", action="store_true",
                     help="keep merged models (default: delete each after measuring)")
     args = ap.parse_args(argv)
+    if args.from_json is None and (args.preset is None or args.data is None):
+        ap.error("--preset and --data are required (unless --from-json)")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(MERGEKIT_METHODS)
     if unknown:
@@ -548,6 +562,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        if args.plot:
+            plot(results, args.plot)
+        if args.summary_md:
+            print(summary_markdown(results))
+        return 0
     args.data.mkdir(parents=True, exist_ok=True)
     base, fts, gen_s = ensure_data(args)
     stats = model_stats(base)

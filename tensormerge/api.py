@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -11,17 +13,20 @@ from typing import Any
 import torch
 
 from tensormerge import constants as C
-from tensormerge.engine import lora
+from tensormerge.engine import lora, outdir
 from tensormerge.engine.plan import MergePlan, build_plan
 from tensormerge.engine.run import Runner, RunOptions
 from tensormerge.engine.sources import open_checkpoint
-from tensormerge.errors import InputError, OutputError, ParameterError
+from tensormerge.errors import InputError, OutputError, ParameterError, short
 from tensormerge.methods import get_method
 from tensormerge.sizes import parse_size
 
 
 @dataclass
 class MergeSpec:
+    """What to merge. Paths may be str or os.PathLike; where a list of paths is wanted, a single
+    path is one path (never split on commas: a path may hold one)."""
+
     method: str
     inputs: list[str]
     output: str | None = None
@@ -43,23 +48,95 @@ class MergeSpec:
     lora: str | None = None  # merging LoRA adapters: concat | full | svd:R | factors (engine.lora)
 
 
+def _path(value, what: str, optional: bool = True) -> str | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ParameterError(f"{what}: expected a path, got {type(value).__name__} {short(value)}")
+    return value
+
+
+def _paths(value, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [_path(value, what)]
+    if not isinstance(value, (list, tuple)):
+        raise ParameterError(f"{what}: expected a list of paths, got {type(value).__name__} {short(value)}")
+    return [_path(v, what, optional=False) for v in value]
+
+
+def _typed(value, types: type | tuple, what: str, expected: str):
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        # a bool is an int to Python, not to us
+        raise ParameterError(f"{what}: expected {expected}, got {short(value)}")
+    if not isinstance(value, types):
+        raise ParameterError(f"{what}: expected {expected}, got {type(value).__name__} {short(value)}")
+    return value
+
+
+# dask's addresses: [protocol://]host:port
+_SCHEDULER = re.compile(r"(?:(?:tcp|tls|ucx|ws|wss)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
+
+
+def checked(spec: MergeSpec) -> MergeSpec:
+    """The spec with paths as str, refused in one line if any field has the wrong type or form,
+    before anything is opened: the CLI gives strings, but the Python API takes what it is given."""
+    if not isinstance(spec, MergeSpec):
+        raise ParameterError(f"expected a MergeSpec, got {type(spec).__name__}")
+    _typed(spec.method, str, "--method", "a method name")
+    params = {} if spec.params is None else _typed(spec.params, dict, "params (-p)", "a dict of KEY: VALUE")
+    bad = next((k for k in params if not isinstance(k, str)), None)
+    if bad is not None:
+        raise ParameterError(f"params (-p): key {short(bad)} is not a string")
+    for name in ("max_memory", "shard_size"):
+        option = "--" + name.replace("_", "-")
+        parse_size(_typed(getattr(spec, name), (int, float, str), option, "a size such as 4GiB"), option)
+    for name in ("dtype", "kernels"):
+        value = getattr(spec, name)
+        _typed("auto" if value is None and name == "kernels" else value, str, f"--{name}", "a string")
+    device = spec.device if spec.device is not None else "cpu"
+    if isinstance(device, torch.device):
+        device = str(device)
+    _typed(device, str, "--device", "cpu, cuda or cuda:N")
+    for name in ("overwrite", "resume", "quiet"):
+        if not isinstance(getattr(spec, name), bool):
+            raise ParameterError(f"--{name}: expected True or False, got {short(getattr(spec, name))}")
+    if spec.workers is not None:
+        _typed(spec.workers, int, "--workers", "a number of worker processes")
+    if spec.scheduler is not None:
+        _typed(spec.scheduler, str, "--scheduler", "an address tcp://HOST:PORT")
+        m = _SCHEDULER.fullmatch(spec.scheduler)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ParameterError(f"--scheduler: {short(spec.scheduler)} is not a dask scheduler address "
+                                 "(tcp://HOST:PORT)")
+    if spec.lora is not None:
+        mode, _ = lora.parse_mode(_typed(spec.lora, str, "--lora", "concat, full, svd:R or factors"))
+        if mode == "svd" and (spec.workers is not None or spec.scheduler):
+            raise ParameterError("--lora svd:R runs locally (no --workers or --scheduler)")
+    return dataclasses.replace(
+        spec, inputs=_paths(spec.inputs, "--inputs"), stats=_paths(spec.stats, "--stats"),
+        output=_path(spec.output, "--output"), base=_path(spec.base, "--base"),
+        base_stats=_path(spec.base_stats, "--base-stats"), report=_path(spec.report, "--report"),
+        params=dict(params), device=device, kernels=spec.kernels or "auto")
+
+
 def _validate(spec: MergeSpec) -> None:
     if not spec.inputs:
         raise ParameterError("--inputs: at least one model is needed")
     if spec.dtype not in C.DTYPE_CHOICES:
-        raise ParameterError(f"--dtype: {spec.dtype!r} is not one of {', '.join(C.DTYPE_CHOICES)}")
-    dev = torch.device(spec.device) if spec.device else torch.device("cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ParameterError(f"--device {spec.device}: no CUDA device is available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ParameterError(f"--device: {spec.device!r} is not cpu, cuda or cuda:N")
-    from tensormerge.kernels.dispatch import select
+        raise ParameterError(f"--dtype: {short(spec.dtype)} is not one of {', '.join(C.DTYPE_CHOICES)}")
+    from tensormerge.kernels.dispatch import check_device, select
 
+    dev = check_device(spec.device or "cpu")
     select(spec.kernels or "auto", dev)  # refuses --kernels triton where it cannot run, before any work
 
 
 def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
     """Resolve inputs, parse parameters and build the plan; checkpoints close with `stack`."""
+    spec = checked(spec)
     _validate(spec)
     method = get_method(spec.method)
     params = method.Params.from_strings(method.name, spec.params, len(spec.inputs))
@@ -116,6 +193,7 @@ def _bind_stats(spec: MergeSpec, method, params, inputs, base):
 
 def plan(spec: MergeSpec) -> str:
     """The plan table `tensormerge plan` prints; nothing is read beyond headers, nothing written."""
+    spec = checked(spec)
     with ExitStack() as stack:
         p = open_plan(spec, stack)
         note = ""
@@ -129,28 +207,39 @@ def run_options(spec: MergeSpec, quiet: bool | None = None) -> RunOptions:
     """How the runner writes (shared by the client and, quiet, by dask workers)."""
     settings = {k: v for k, v in asdict(spec).items()
                 if k not in ("report", "quiet", "overwrite", "resume", "workers", "scheduler")}
+    method = get_method(spec.method)
+    settings["params"] = method.Params.typed(method.name, spec.params)  # `-p` text as numbers, like YAML's
     return RunOptions(os.path.abspath(spec.output), parse_size(spec.shard_size, "--shard-size"),
                       spec.device or "cpu", spec.overwrite, spec.quiet if quiet is None else quiet,
                       spec.kernels or "auto", spec.resume, settings)
 
 
+def protected_paths(spec: MergeSpec) -> list[tuple[str, str]]:
+    """What an output may never be, contain or lie inside: every model and store the spec names."""
+    return ([("input", s) for s in spec.inputs] + [("the base", spec.base)]
+            + [("statistics store", s) for s in spec.stats] + [("statistics store", spec.base_stats)])
+
+
 def merge(spec: MergeSpec) -> dict:
     """Run the merge; returns the report (also written to `spec.report` when set)."""
+    spec = checked(spec)
     if not spec.output:
         raise ParameterError("--output is required")
     out = os.path.abspath(spec.output)
-    if os.path.exists(out) and not spec.overwrite and not (spec.resume and not os.path.exists(out + C.PARTIAL_SUFFIX)):
-        raise OutputError(f"{spec.output}: exists (pass --overwrite to replace it)")
-    for s in spec.inputs + ([spec.base] if spec.base else []):
-        if os.path.exists(s) and os.path.abspath(s) in (out, out + C.PARTIAL_SUFFIX):
-            raise OutputError(f"{spec.output}: is also an input")
+    protected = protected_paths(spec)
+    resuming_done = spec.resume and not spec.overwrite and not os.path.exists(out + C.PARTIAL_SUFFIX)
+    outdir.check_output(out, overwrite=spec.overwrite, keep_existing=resuming_done, protected=protected)
+    outdir.check_report(spec.report, out, protected)
     with ExitStack() as stack:
+        lock = stack.enter_context(outdir.OutputLock(out, "run", quiet=spec.quiet))
         merge_plan = open_plan(spec, stack)
+        cks = merge_plan.checkpoints + list(merge_plan.extras.values())
+        outdir.check_paths(out, [("input", f) for ck in cks for f in ck.files])  # hub snapshots, MaTS' init
         if merge_plan.lora is not None and merge_plan.lora.mode == "svd":
             report = _merge_svd(spec, merge_plan, stack)
-            if spec.report:
-                with open(spec.report, "w") as f:
-                    json.dump(report, f, indent=2)
+            if lock.stale:
+                report["stale_lock"] = lock.stale
+            _write_report(spec, report, out)
             return report
         runner = Runner(merge_plan, run_options(spec))
         if spec.workers is not None or spec.scheduler:
@@ -160,10 +249,20 @@ def merge(spec: MergeSpec) -> dict:
                                           spec.device or "cpu")
             stack.callback(runner.cluster.close)
         report = runner.execute()
-    if spec.report:
-        with open(spec.report, "w") as f:
-            json.dump(report, f, indent=2)
+        if lock.stale:
+            report["stale_lock"] = lock.stale  # a killed run's lock, taken over: said even with --quiet
+    _write_report(spec, report, out)
     return report
+
+
+def _write_report(spec: MergeSpec, report: dict, out: str) -> None:
+    if spec.report:
+        try:
+            with open(spec.report, "w") as f:
+                json.dump(report, f, indent=2)
+        except OSError as e:
+            raise OutputError(f"--report {spec.report}: cannot write ({e.strerror}); the merge itself is "
+                              f"complete in {out}") from None
 
 
 def _merge_svd(spec: MergeSpec, dense_plan: MergePlan, stack: ExitStack) -> dict:

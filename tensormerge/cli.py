@@ -2,6 +2,9 @@
 
 Every expected failure prints one line naming the file, tensor or parameter and exits
 non-zero; `--traceback` (or TENSORMERGE_TRACEBACK=1) shows the Python stack as well.
+
+Importing this module imports neither torch nor numba (seconds on a loaded machine): each
+command imports what it needs, so `--help` and errors in the arguments are immediate.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import traceback
 
 import click
 
-from tensormerge import __version__, api
-from tensormerge import constants as C
-from tensormerge.errors import ParameterError, TensorMergeError
+from tensormerge import __version__
+from tensormerge.errors import ParameterError, TensorMergeError, short
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # constants.DTYPE_CHOICES, without importing torch
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
-    return [x for v in values for x in v.split(",") if x.strip()]
+    """Comma-separated lists, repeatable; a value that names an existing path whole is that one
+    path (so a path holding a comma can be given: repeat --inputs, one path each)."""
+    return [x for v in values for x in ([v] if os.path.exists(v.strip()) else v.split(",")) if x.strip()]
 
 
 def _params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -27,9 +33,40 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
     for p in pairs:
         key, sep, value = p.partition("=")
         if not sep or not key.strip():
-            raise ParameterError(f"-p {p!r}: expected KEY=VALUE")
+            raise ParameterError(f"-p {short(p)}: expected KEY=VALUE")
         out[key.strip()] = value.strip()
     return out
+
+
+# What each recipe key may hold: YAML gives any type, and a wrong one would otherwise surface
+# deep inside the merge as an internal error.
+_PATH = (str,)
+_SIZE = (str, int, float)
+_RECIPE_TYPES = {"method": (str,), "inputs": (str, list), "base": _PATH, "stats": (str, list), "base_stats": _PATH,
+                 "output": _PATH, "params": (dict,), "max_memory": _SIZE, "dtype": (str,), "shard_size": _SIZE,
+                 "device": (str,), "kernels": (str,), "lora": (str,)}
+_SCALARS = (str, int, float, bool)
+_RECIPE_BYTES = 1 << 20
+
+
+def _recipe_loader():
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        """SafeLoader without anchors and aliases: nested aliases let a few hundred bytes expand
+        to gigabytes (and a megabytes-long error line); a recipe has no use for them."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None) is not None:
+                mark = self.peek_event().start_mark
+                raise _AliasRefused(f"line {mark.line + 1}")
+            return super().compose_node(parent, index)
+
+    return RecipeLoader
+
+
+class _AliasRefused(Exception):
+    pass
 
 
 def _recipe(path: str | None) -> dict:
@@ -37,26 +74,57 @@ def _recipe(path: str | None) -> dict:
         return {}
     try:
         with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ParameterError(f"--config {path}: cannot read ({e.strerror})") from None
+            text = f.read(_RECIPE_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParameterError(f"--config {path}: cannot read ({getattr(e, 'strerror', None) or e.__class__.__name__})"
+                             ) from None
+    if len(text) > _RECIPE_BYTES:
+        raise ParameterError(f"--config {path}: larger than {_RECIPE_BYTES} characters; not a recipe")
     try:
         import yaml
 
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_recipe_loader())  # noqa: S506 (a SafeLoader, without aliases)
+    except _AliasRefused as e:
+        raise ParameterError(f"--config {path}: YAML anchors and aliases are not allowed in a recipe ({e})") from None
     except Exception as e:
         raise ParameterError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ParameterError(f"--config {path}: expected a mapping of options")
-    known = {"method", "inputs", "base", "stats", "base_stats", "output", "params", "max_memory", "dtype",
-             "shard_size", "device", "kernels", "lora"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(short, set(data) - set(_RECIPE_TYPES)))
     if unknown:
-        raise ParameterError(f"--config {path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return data
+        raise ParameterError(f"--config {path}: unknown keys {', '.join(unknown[:8])}"
+                             f"{f' (+{len(unknown) - 8} more)' if len(unknown) > 8 else ''} "
+                             f"(known: {', '.join(sorted(_RECIPE_TYPES))})")
+    for key, value in data.items():
+        _check_recipe_value(path, key, value)
+    return {k: v for k, v in data.items() if v is not None}
 
 
-def _spec(kw: dict) -> api.MergeSpec:
+def _check_recipe_value(path: str, key: str, value) -> None:
+    types = _RECIPE_TYPES[key]
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, types):
+        want = " or ".join(t.__name__ for t in types)
+        raise ParameterError(f"--config {path}: {key} is {type(value).__name__} {short(value)}, expected {want}")
+    if isinstance(value, list):
+        bad = next((v for v in value if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ParameterError(f"--config {path}: {key} lists {type(bad).__name__} {short(bad)}, expected paths")
+    if isinstance(value, dict):  # params
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ParameterError(f"--config {path}: {key} key {short(k)} is not a string")
+            items = v if isinstance(v, list) else [v]
+            if any(not isinstance(x, _SCALARS) for x in items) and v is not None:
+                raise ParameterError(f"--config {path}: {key}.{short(k)[1:-1]} is {short(v)}, expected a number, "
+                                     "string, boolean or a list of them")
+
+
+def _spec(kw: dict) -> "api.MergeSpec":
+    from tensormerge import api
+    from tensormerge import constants as C
+
     recipe = _recipe(kw.get("config"))
     inputs = _split(kw["inputs"]) or recipe.get("inputs") or []
     if isinstance(inputs, str):
@@ -96,7 +164,7 @@ def merge_options(f):
         click.option("--device", help="cpu, cuda or cuda:N [default: cpu]"),
         click.option("--kernels", type=click.Choice(["auto", "torch", "triton"]),
                      help="torch reference or fused Triton kernels; auto: Triton on CUDA when installed [default: auto]"),
-        click.option("--dtype", type=click.Choice(list(C.DTYPE_CHOICES)), help="output dtype [default: auto]"),
+        click.option("--dtype", type=click.Choice(DTYPES), help="output dtype; auto: each tensor keeps the base's dtype (the first input's without a base) [default: auto]"),
         click.option("--shard-size", help="largest output shard [default: 5GB]"),
         click.option("--lora", metavar="concat|full|svd:R|factors",
                      help="LoRA adapters are merged as their updates ΔW = s·B·A: concat (exact, average and "
@@ -106,11 +174,11 @@ def merge_options(f):
         click.option("--workers", type=int, help="run on a local dask cluster of N worker processes"),
         click.option("--scheduler", help="run on an existing dask cluster: its scheduler tcp://HOST:PORT"),
         click.option("--output", "-o", help="output directory"),
-        click.option("--overwrite", is_flag=True, help="replace an existing output directory"),
+        click.option("--overwrite", is_flag=True, help="replace a previous tensormerge output (or an empty directory)"),
         click.option("--resume", is_flag=True,
                      help="continue an interrupted merge in OUTPUT.partial (checks what it wrote, reruns the rest)"),
         click.option("--report", type=click.Path(), help="write a JSON report of timings and memory"),
-        click.option("--quiet", "-q", is_flag=True, help="no progress bars"),
+        click.option("--quiet", "-q", is_flag=True, help="no progress bars or summary (warnings still print)"),
         click.option("--traceback", is_flag=True, help="show the Python stack on errors"),
     ]
     for o in reversed(opts):
@@ -128,15 +196,18 @@ def cli() -> None:
 @merge_options
 def run(**kw) -> None:
     """Merge INPUTS (and BASE) into OUTPUT."""
+    from tensormerge import api
+
     spec = _spec(kw)
     report = api.merge(spec)
     if report.get("already_complete"):
         click.echo(f"{report['output']}: already complete (nothing to resume)")
-    elif not spec.quiet:
-        click.echo(f"wrote {report['output']} ({len(report['shards'])} shard(s)) in {report['seconds']:.2f} s, "
-                   f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB")
-        for line in report.get("summary", []):
+        return
+    if not spec.quiet:
+        for line in report["summary"]:
             click.echo(line)
+    for line in report["warnings"]:
+        click.echo(f"warning: {line}", err=True)
 
 
 @cli.command()
@@ -145,6 +216,8 @@ def plan(**kw) -> None:
     """Print the blocks, passes and memory estimate of a merge; reads headers only.
 
     Takes the same arguments as `run`; --output, --overwrite, --report and --quiet are ignored."""
+    from tensormerge import api
+
     click.echo(api.plan(_spec(kw)))
 
 
@@ -160,6 +233,7 @@ def inspect(path: str, as_json: bool, traceback: bool) -> None:
         click.echo(inspect_store(path, as_json))
         return
     from tensormerge.engine.sources import open_checkpoint
+    from tensormerge.sizes import format_size
 
     ck = open_checkpoint(path)
     try:
@@ -170,7 +244,7 @@ def inspect(path: str, as_json: bool, traceback: bool) -> None:
                             for n, t in ck.tensors.items()}}, indent=2))
             return
         total = sum(t.nbytes for n, t in ck.tensors.items() if n not in ck.aliases)
-        click.echo(f"{path}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), {total / 1e9:.3f} GB")
+        click.echo(f"{path}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), {format_size(total)}")
         for f in ck.files:
             click.echo(f"  file {os.path.relpath(f, ck.root)}")
         for n, t in ck.tensors.items():
@@ -193,12 +267,16 @@ def methods(name: str | None) -> None:
         return
     d = get_method(name).describe()
     click.echo(f"{d['name']}: {d['summary']}")
+    if d["citation"]:
+        click.echo(f"  paper: {d['citation']}")
     click.echo(f"  needs base: {'yes' if d['needs_base'] else 'no'}   split by rows: {'yes' if d['row_split'] else 'no'}")
     if d["statistics"]:
         click.echo(f"  statistics: {d['statistics']}")
-    for p in d["parameters"]:
-        choices = f" [{' | '.join(p['choices'])}]" if p["choices"] else ""
-        click.echo(f"  -p {p['key']}={p['default']!s:<10} ({p['type']}) {p['help']}{choices}")
+    rows = [(f"{p['key']}={p['default']!s}", f"({p['type']})", p["help"]
+             + (f" [{' | '.join(p['choices'])}]" if p["choices"] else "")) for p in d["parameters"]]
+    wide = [max((len(r[i]) for r in rows), default=0) for i in (0, 1)]
+    for setting, kind, text in rows:
+        click.echo(f"  -p {setting:<{wide[0]}}  {kind:<{wide[1]}}  {text}")
 
 
 from tensormerge.stats.cli import stats as _stats_group

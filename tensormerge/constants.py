@@ -61,7 +61,8 @@ DTYPE_CHOICES = {
 }
 
 # Hub: only these files are fetched for a repo id (weights are narrowed further at resolve time).
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken"]
+# README.md: its front matter's pipeline_tag goes into the output's own card (the card itself is not copied).
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "*.tiktoken", "README.md"]
 HUB_BIN_PATTERNS = ["*.bin"]
 
 # Methods compute on sub-chunks of about this many elements, so float32 intermediates stay in
@@ -75,9 +76,11 @@ PASS_SUB_FACTOR = 4
 # are fresh mappings whose page faults cost more than the reads themselves (0.7 vs 4 GB/s here).
 PIECE_BYTES = 24 * 1024 * 1024
 
-# Statistics stores (SPEC §3): format marker, the kinds a store may hold, and the bytes of one
-# Zarr chunk (whole rows). Chunks of ~1 MiB keep a row-range read within ~2 MiB of what it needs.
-STATS_FORMAT = 1
+# Statistics stores (SPEC §3, §6): format marker written (2: arrays carry chunk checksums) and
+# those still read, the kinds a store may hold, and the bytes of one Zarr chunk (whole rows).
+# Chunks of ~1 MiB keep a row-range read within ~2 MiB of what it needs.
+STATS_FORMAT = 2
+STATS_FORMATS_READ = (1, 2)
 STATS_KINDS = ("fisher", "gram_in", "gram_out", "fisher_block")
 STATS_CHUNK_BYTES = 1 << 20
 # Kinds with the parameter's own shape, read by the same rows as the block; the others

@@ -29,3 +29,14 @@ class BudgetError(TensorMergeError):
     """A block cannot be processed within --max-memory; the message says how much it needs."""
 
     exit_code = 4
+
+
+# Error lines quote values the user or a file gave; a hostile one can be megabytes long.
+SHORT_CHARS = 200
+
+
+def short(value) -> str:
+    """repr of a value for an error line, cut to SHORT_CHARS (repr also escapes newlines and
+    terminal control codes, so the error stays one plain line)."""
+    text = repr(value)
+    return text if len(text) <= SHORT_CHARS else text[: SHORT_CHARS - 3] + "..."

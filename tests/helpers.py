@@ -329,7 +329,8 @@ def run_cli_subprocess(args: list[str], cwd: Path | str | None = None, env: dict
 # torch import per command. Set TENSORMERGE_TEST_FORK=0 to use plain subprocesses instead.
 _SERVER = r"""
 import json, os, runpy, sys, time, traceback
-import tensormerge.cli  # noqa: F401  (the expensive import, done once before any fork)
+import tensormerge.cli, tensormerge.api  # noqa: F401,E401  (the expensive import, done once before any fork;
+# the cli imports torch only when a command needs it, the api imports it and every method)
 sys.stdout.write("ready\n"); sys.stdout.flush()
 for line in sys.stdin:
     req = json.loads(line)

@@ -250,8 +250,13 @@ def test_output_exists_refused_then_overwritten(fam, tmp_path):
     assert not pathlib.Path(str(out) + ".partial").exists()
 
     res = run(merge_args("average", ft_specs, base_spec, out, "--overwrite"), tmp_path)
-    assert res.returncode == 0, res
-    assert not (out / "precious.txt").exists()
+    H.assert_clean_error(res, str(out), "not a tensormerge output", "precious.txt")  # only a merge is replaced
+    assert (out / "precious.txt").read_text() == "keep me"
+
+    (out / "precious.txt").unlink()
+    for _ in range(2):  # an empty directory, then the previous merge
+        res = run(merge_args("average", ft_specs, base_spec, out, "--overwrite"), tmp_path)
+        assert res.returncode == 0, res
     merged = H.load_dir(out)
     for n, e in H.expected_average(fts).items():
         H.assert_close(merged[n], e, fts[0][n].dtype, n)

@@ -69,7 +69,7 @@ def test_methods_lists_every_method(tmp_path):
               "k_rule": "reference"}),
     ("dare", {"p": "0.5", "lambda": "1.0", "seed": "0", "rescale": "True"}),
     ("task_arithmetic", {"lambda": "0.3"}),
-    ("average", {"weights": "None", "normalize": "False"}),
+    ("average", {"weights": "None", "normalize": "True"}),
 ])
 def test_methods_name_lists_parameters_and_defaults(tmp_path, method, expected):
     res = ok(H.run_cli(["methods", method], cwd=tmp_path))
@@ -151,8 +151,8 @@ def test_inspect_sharded_tied_json(tmp_path):
     d = H.save_sharded_bin(tmp_path / "m", sd, n_shards=1)
     res = ok(H.run_cli(["inspect", d], cwd=tmp_path))
     assert "(tied to shared.weight)" in res.stdout
-    # a tied tensor's bytes are counted once: 2 tensors * 24 floats * 4 bytes
-    assert f"{2 * 24 * 4 / 1e9:.3f} GB" in res.stdout.splitlines()[0]
+    # a tied tensor's bytes are counted once: 2 tensors * 24 floats * 4 bytes, in human units
+    assert res.stdout.splitlines()[0].endswith(", 192 B"), res.stdout
     d2 = H.save_sharded_safetensors(tmp_path / "s", {"a": torch.ones(3), "b": torch.zeros(2, 2, dtype=torch.bfloat16)},
                                     n_shards=2)
     res = ok(H.run_cli(["inspect", "--json", d2], cwd=tmp_path))
@@ -188,7 +188,7 @@ def test_run_prints_summary_without_quiet(small, tmp_path):
     out = tmp_path / "out"
     args = [a for a in run_args("average", ft_specs, None, out) if a != "--quiet"]
     res = ok(H.run_cli(args, cwd=tmp_path))
-    assert res.stdout.startswith(f"wrote {out} (1 shard(s))")
+    assert res.stdout.startswith(f"wrote {out} (1 shard, ")
 
 
 def test_average_weights_honoured(fam, tmp_path):
@@ -363,3 +363,150 @@ def test_dtype_auto_follows_base(small, tmp_path):
     merged = H.load_dir(out)
     for n, t in base.items():
         assert merged[n].dtype == t.dtype, n
+
+
+# ---------------------------------------------------------------------------------- what a run says
+def test_methods_parameter_columns_align(tmp_path):
+    """`methods NAME`: the type and help columns start at the same place on every -p line."""
+    for name in ("ties", "mats", "average"):
+        res = ok(H.run_cli(["methods", name], cwd=tmp_path))
+        rows = [ln for ln in res.stdout.splitlines() if ln.startswith("  -p ")]
+        assert len(rows) >= 2
+        type_at = {ln.index(" (") for ln in rows}
+        help_at = {ln.index(") ") + 2 + len(ln[ln.index(") ") + 2:]) - len(ln[ln.index(") ") + 2:].lstrip())
+                   for ln in rows}
+        assert len(type_at) == 1 and len(help_at) == 1, "\n".join(rows)
+
+
+def test_inspect_human_sizes(tmp_path):
+    """A small model is not 0.000 GB: bytes in binary units."""
+    d = H.save_safetensors_dir(tmp_path / "m", {"a": torch.ones(3), "b": torch.zeros(1024, 1024)}, side_files=False)
+    first = ok(H.run_cli(["inspect", d], cwd=tmp_path)).stdout.splitlines()[0]
+    assert first.endswith(", 4.00 MiB"), first  # (3 + 1024²) * 4 bytes
+
+
+def test_help_does_not_import_torch(tmp_path):
+    """`--help` and argument errors answer at once: the cli imports neither torch nor numba."""
+    code = ("import runpy, sys\n"
+            "sys.argv = ['tensormerge', '--help']\n"
+            "try:\n    runpy.run_module('tensormerge', run_name='__main__', alter_sys=True)\n"
+            "except SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'numba', 'numpy', 'dask', 'zarr') if m in sys.modules))\n")
+    import subprocess
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "Merge fine-tuned models" in p.stdout
+    assert p.stdout.splitlines()[-1] == "heavy: []", p.stdout
+
+
+def test_cli_dtype_choices_match_constants():
+    from tensormerge import cli, constants
+
+    assert list(cli.DTYPES) == list(constants.DTYPE_CHOICES)
+
+
+def test_run_summary_lines_match_the_report(small, tmp_path):
+    """After every run: output, size, seconds, peak memory, blocks merged and copied; the report
+    holds the same lines; no warning for a plain average."""
+    _, _, ft_specs, _, _ = small
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    args = [a for a in run_args("average", ft_specs, None, out, "--report", rep) if a != "--quiet"]
+    res = ok(H.run_cli(args, cwd=tmp_path))
+    report = json.loads(rep.read_text())
+    assert res.stdout.splitlines() == report["summary"]
+    size = (24 * 33 * 4 + 12 * 19 * 2 + 10 * 7 * 2 + 5 * 4 + 12 * 8) / 1024
+    assert report["summary"][0].startswith(f"wrote {out} (1 shard, {size:.2f} KiB) in "), report["summary"]
+    assert "peak RSS" in report["summary"][0] and " MiB" in report["summary"][0]
+    assert report["summary"][1] == "blocks: 4 merged by average, 1 copied (not floating point)"
+    assert report["warnings"] == [] and "warning" not in res.stderr
+
+
+def test_average_weights_1_2_3_is_the_weighted_average(fam, tmp_path):
+    """SPEC §4: `normalize` is true when weights are given (mergekit's linear): 1,2,3 -> Σ w_i θ_i / 6."""
+    _, _, ft_specs, _, fts = fam
+    out = tmp_path / "out"
+    res = ok(H.run_cli(run_args("average", ft_specs, None, out, "-p", "weights=1,2,3"), cwd=tmp_path))
+    assert "warning" not in res.stderr
+    merged = H.load_dir(out)
+    for n in merged:
+        if fts[0][n].dtype.is_floating_point:
+            e = sum(w * H.f64(sd[n]) for w, sd in zip((1, 2, 3), fts)) / 6
+            H.assert_close(merged[n], e, fts[0][n].dtype, n)
+
+
+def test_average_unnormalized_weights_warn(fam, tmp_path):
+    """normalize=false keeps the weights verbatim (a sum 6 times a model's scale) and says so,
+    even under --quiet."""
+    _, _, ft_specs, _, fts = fam
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    res = ok(H.run_cli(run_args("average", ft_specs, None, out, "-p", "weights=1,2,3", "-p", "normalize=false",
+                                "--report", rep), cwd=tmp_path))
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1 and "weights sum to 6" in warnings[0] and "normalize" in warnings[0], res.stderr
+    assert json.loads(rep.read_text())["warnings"] == [warnings[0][len("warning: "):]]
+    merged = H.load_dir(out)
+    e = sum(w * H.f64(sd["embed.weight"]) for w, sd in zip((1, 2, 3), fts))
+    H.assert_close(merged["embed.weight"], e, torch.float32, "embed.weight")
+
+
+def test_base_a_method_ignores_warns(small, tmp_path):
+    _, base_spec, ft_specs, _, _ = small
+    res = ok(H.run_cli(run_args("average", ft_specs, base_spec, tmp_path / "out"), cwd=tmp_path))
+    assert res.stdout == ""  # --quiet: no summary
+    assert res.stderr.startswith("warning: --base: method 'average'") and len(res.stderr.splitlines()) == 1, res.stderr
+    res = ok(H.run_cli(run_args("task_arithmetic", ft_specs, base_spec, tmp_path / "out2"), cwd=tmp_path))
+    assert res.stderr == ""
+
+
+def test_mats_stopping_early_says_so(tmp_path):
+    """A MaTS run whose CG stops before tol prints the summary line and a warning."""
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(6, 5, generator=g), "v": torch.randn(7, generator=g)}
+    models = [{k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    paths = [str(H.save_safetensors_dir(tmp_path / f"m{i}", m)) for i, m in enumerate(models)]
+    bpath = str(H.save_safetensors_dir(tmp_path / "base", base))
+    stores = [H.write_store(tmp_path / f"s{i}.zarr",
+                            {"fisher": {k: torch.rand(v.shape, generator=g) + 0.01 for k, v in base.items()}})
+              for i in range(3)]
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    res = ok(H.run_cli(["run", "-m", "mats", "-i", ",".join(paths), "-b", bpath, "--stats", ",".join(stores),
+                        "-p", "objective=fisher", "-p", "iterations=1", "-p", "tol=1e-9", "-o", out, "--report", rep],
+                       cwd=tmp_path))
+    report = json.loads(rep.read_text())
+    assert res.stdout.splitlines() == report["summary"]
+    assert "blocks: 2 merged by mats, 0 averaged for lack of statistics, 0 copied (not floating point)" in res.stdout
+    assert "2 did not reach tol 1e-09" in res.stdout, res.stdout
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: mats: 2 of 2 CG blocks stopped short of tol"), \
+        res.stderr
+    worst = max(b["cg_residual"] for b in report["blocks"])
+    assert f"largest relative residual {worst:.1e}" in warnings[0]
+
+
+def test_provenance_records_typed_params(small, tmp_path):
+    """tensormerge.json records `-p` values as numbers, booleans and lists, as a YAML recipe's."""
+    _, base_spec, ft_specs, _, _ = small
+    flags = ["-p", "p=0.25", "-p", "seed=3", "-p", "rescale=false", "-p", "lambda=1"]
+    ok(H.run_cli(run_args("dare", ft_specs, base_spec, tmp_path / "a", *flags), cwd=tmp_path))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("params:\n  p: 0.25\n  seed: 3\n  rescale: false\n  lambda: 1\n")
+    ok(H.run_cli(run_args("dare", ft_specs, base_spec, tmp_path / "b", "--config", recipe), cwd=tmp_path))
+    want = {"p": 0.25, "seed": 3, "rescale": False, "lambda": 1.0}
+    for d in ("a", "b"):
+        got = json.loads((tmp_path / d / "tensormerge.json").read_text())["settings"]["params"]
+        assert got == want and type(got["seed"]) is int and type(got["lambda"]) is float, got
+    ok(H.run_cli(run_args("average", ft_specs, None, tmp_path / "c", "-p", "weights=1,2,3"), cwd=tmp_path))
+    got = json.loads((tmp_path / "c" / "tensormerge.json").read_text())["settings"]["params"]
+    assert got == {"weights": [1.0, 2.0, 3.0]}
+
+
+def test_progress_bars_say_what_each_pass_does(small, tmp_path):
+    _, base_spec, ft_specs, _, _ = small
+    args = [a for a in run_args("ties", ft_specs, base_spec, tmp_path / "out") if a != "--quiet"]
+    res = ok(H.run_cli(args, cwd=tmp_path))
+    bars = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if "%|" in ln]
+    assert any(ln.startswith("1/5 top-k threshold: sample ") for ln in bars), res.stderr
+    assert any(ln.startswith("2/5 top-k threshold: high bits ") for ln in bars), res.stderr
+    assert any(ln.startswith("5/5 merge ") for ln in bars), res.stderr
+    assert not any("ties_" in ln for ln in bars)  # what a pass does, not its internal name
+    assert any("run ~0:00:" in ln for ln in bars)  # and the whole run's time left

@@ -226,3 +226,48 @@ def test_merged_model_loads_and_matches_in_memory_merge(family, method):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # and the merge did something: the logits moved away from the base's
     assert (got - fam["base_logits"]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ config.json states the written dtype
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    """A tiny Llama base saved in float32 and in bfloat16, and two float32 fine-tunes."""
+    root = tmp_path_factory.mktemp("llama-dtype")
+    torch.manual_seed(0)
+    base = _llama(False).eval()
+    base.save_pretrained(root / "base32")
+    base.to(torch.bfloat16).save_pretrained(root / "base16")
+    base.to(torch.float32)
+    fts = []
+    for i in range(2):
+        ft = _llama(False)
+        ft.load_state_dict({k: v + NOISE * torch.randn_like(v) for k, v in base.state_dict().items()})
+        ft.save_pretrained(root / f"ft{i}")
+        fts.append(str(root / f"ft{i}"))
+    return root, fts
+
+
+@pytest.mark.parametrize("dtype,base,want", [("auto", "base32", torch.float32), ("float32", "base16", torch.float32),
+                                             ("bfloat16", "base32", torch.bfloat16),
+                                             ("float16", "base32", torch.float16),
+                                             ("auto", "base16", torch.bfloat16)])
+def test_from_pretrained_auto_loads_the_written_dtype(llama_pair, dtype, base, want):
+    """`from_pretrained(dtype="auto")` takes its dtype from config.json: the merge must state
+    the dtype it wrote, whatever --dtype, so the weights load as written, not cast."""
+    root, fts = llama_pair
+    out = root / f"merged-{dtype}-{base}"
+    merge(MergeSpec(method="task_arithmetic", inputs=fts, base=str(root / base), output=str(out), dtype=dtype,
+                    quiet=True))
+    model = LlamaForCausalLM.from_pretrained(str(out), dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {want}
+    with open(out / "config.json") as f:
+        cfg = json.load(f)
+    name = str(want).replace("torch.", "")
+    assert cfg["torch_dtype"] == name
+    assert cfg["dtype"] == name  # transformers 5 writes (and prefers) `dtype`
+    from safetensors.torch import load_file
+
+    written = load_file(str(out / "model.safetensors"))
+    got = model.state_dict()
+    for name_, t in written.items():
+        assert t.dtype == want and torch.equal(got[name_], t), name_

@@ -25,24 +25,34 @@ def _square(mat: list[int]) -> list[int]:
     return [_times(mat, mat[n]) for n in range(32)]
 
 
+def _powers() -> list[list[int]]:
+    """The operators that append 2**k zero bytes to a crc, k = 0..63, computed once: each
+    combine then costs one operator application per set bit of the length, not ~log2(len)
+    squarings (tens of milliseconds in Python, per chunk)."""
+    one_bit = [_POLY] + [1 << n for n in range(31)]
+    op = _square(_square(_square(one_bit)))  # eight zero bits: one zero byte
+    out = []
+    for _ in range(64):
+        out.append(op)
+        op = _square(op)
+    return out
+
+
+_POWERS: list[list[int]] | None = None
+
+
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """crc32(a + b) from crc32(a), crc32(b) and len(b): zlib's GF(2) operator squaring."""
+    """crc32(a + b) from crc32(a), crc32(b) and len(b): crc1 moved past len(b) zero bytes
+    (zlib's GF(2) operators), then crc2 added."""
+    global _POWERS
     if len2 <= 0:
         return crc1
-    odd = [_POLY] + [1 << n for n in range(31)]  # the operator for one zero bit
-    even = _square(odd)  # two zero bits
-    odd = _square(even)  # four zero bits
-    while True:
-        even = _square(odd)  # apply len2's bits, starting with one zero byte
+    if _POWERS is None:
+        _POWERS = _powers()
+    k = 0
+    while len2:
         if len2 & 1:
-            crc1 = _times(even, crc1)
+            crc1 = _times(_POWERS[k], crc1)
         len2 >>= 1
-        if not len2:
-            break
-        odd = _square(even)
-        if len2 & 1:
-            crc1 = _times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
+        k += 1
     return crc1 ^ crc2

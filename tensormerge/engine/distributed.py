@@ -94,6 +94,7 @@ def pass_task(spec, fingerprint: str, index: int, names: list[str], state: dict,
 
 
 def merge_task(spec, fingerprint: str, names: list[str], state: dict, skip: set, threads: int | None):
+    from tensormerge.engine.provenance import ContentHashes
     from tensormerge.engine.run import BlockStats
 
     runner, writer = _worker_runner(spec, fingerprint, threads)
@@ -103,9 +104,11 @@ def merge_task(spec, fingerprint: str, names: list[str], state: dict, skip: set,
     runner.done = skip
     runner.stats = {b.name: BlockStats() for b in blocks}
     runner.prepared = {}
+    runner.content = ContentHashes()  # this task's input rows, for the client's content digests
     runner.run_merge(writer, state, blocks)
     writer.sync()  # on shared storage, durable before the client records it
-    return records, {n: (s.seconds, s.bytes_read, s.bytes_written, s.chunks) for n, s in runner.stats.items()}
+    return (records, {n: (s.seconds, s.bytes_read, s.bytes_written, s.chunks) for n, s in runner.stats.items()},
+            runner.content.ranges)
 
 
 # ------------------------------------------------------------------ client side
@@ -189,7 +192,8 @@ class DaskExecutor:
                    for names in self.groups(todo)]
         new: dict[tuple[str, int, int], list] = {}
         for fut in as_completed(futures):
-            records, stats = fut.result()
+            records, stats, content = fut.result()
+            runner.content.update(content)
             for name, r0, r1, crc, nbytes, extras in records:
                 runner.manifest.record_chunk(name, r0, r1, crc, nbytes, extras)
                 runner.stats[name].crcs[r0] = (crc, nbytes)

@@ -33,7 +33,7 @@ from tensormerge import constants as C
 from tensormerge.engine.plan import Block, MergePlan, _chunks
 from tensormerge.engine.safetensors_format import element_size
 from tensormerge.engine.sources import Checkpoint, TensorInfo, confined, open_checkpoint
-from tensormerge.errors import BudgetError, InputError, ParameterError
+from tensormerge.errors import BudgetError, InputError, ParameterError, short
 from tensormerge.methods.base import Method
 from tensormerge.sizes import format_size
 
@@ -78,7 +78,7 @@ def parse_mode(text: str | None) -> tuple[str | None, int]:
     m = re.fullmatch(r"svd:(\d+)", t)
     if m and int(m.group(1)) > 0:
         return "svd", int(m.group(1))
-    raise ParameterError(f"--lora: {text!r} is not one of concat, full, svd:R (R a positive rank), factors")
+    raise ParameterError(f"--lora: {short(text)} is not one of concat, full, svd:R (R a positive rank), factors")
 
 
 def read_config(ck: Checkpoint) -> dict | None:
@@ -301,6 +301,16 @@ class LoraPlan:
             deltas = [self._delta(i) for i in range(len(self.adapters))]
             return deltas, (filled(deltas[0], 0.0, "zero update") if needs else None)
         return ads, None  # concat: a LoRA's origin is the zero update; --base is not read
+
+    def option(self) -> str | None:
+        """The `--lora` value that remakes this merge (the recipe's), None where none is taken."""
+        return {"svd": f"svd:{self.rank}", "elementwise": None}.get(self.mode, self.mode)
+
+    def user_checkpoints(self, plan: MergePlan) -> tuple[list[Checkpoint], Checkpoint | None]:
+        """The adapters and the --base the user named, as the recipe and provenance name them
+        (not the virtual W + ΔW, ΔW, zeros or ones the engine reads); the base only where its
+        values are read (full, or an adapter base of factors)."""
+        return [ad.ck for ad in self.adapters], (self.user_base if plan.base is self.user_base else None)
 
     def stats_hint(self) -> str:
         """Why a statistics store keyed by LoRA factors does not bind to the dense updates."""

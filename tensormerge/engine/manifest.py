@@ -6,10 +6,15 @@ a blob beside the log) and one per written row chunk (its crc32, and the extras 
 returned for it, such as TIES' undecided entries, in a blob). A line is appended only after the
 bytes it describes were written, and `--resume` re-reads and checks every chunk against its
 crc32, so a torn write, a lost page or a damaged file is merged again, never trusted. A torn
-last line (a crash mid-append) is ignored.
+last line (a crash mid-append) is cut off before anything is appended; any other line that is
+not one of ours is an error.
 
-Blobs are pickles written by this process into its own output directory; each line holds its
-blob's sha256 and a blob that does not match is treated as missing.
+Blobs are data, never code: a safetensors file whose metadata holds the state as tagged JSON
+(dicts, lists, tuples, numbers, strings, fractions) and whose tensors are the state's tensors.
+Nothing is unpickled, so a manifest planted in `OUT.partial` can at worst make the merge redo
+work. Each line holds its blob's sha256; a blob that does not match, or does not decode, is
+treated as missing (its pass or chunk runs again). Manifests of format 1 held pickles and are
+refused unread.
 """
 
 from __future__ import annotations
@@ -17,19 +22,106 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import numbers
 import os
-import pickle
 import shutil
+import stat
+import struct
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
+
+import torch
 
 from tensormerge.constants import RESUME_DIR
 from tensormerge.engine.writer import os_error_reason
 from tensormerge.errors import OutputError
 
 LOG = "manifest.jsonl"
-FORMAT = 1
+FORMAT = 2
+STATE_KEY = "tensormerge_state"  # the blob's safetensors metadata entry holding the tagged JSON
+
+
+class BadBlob(ValueError):
+    """A blob that is not state this module wrote: it is treated as missing."""
+
+
+def encode_state(obj: Any) -> bytes:
+    """`obj` (dicts, lists, tuples, str, int, float, bool, None, Fraction, tensors) as a
+    safetensors file: tensors as tensors, the rest as tagged JSON in its metadata."""
+    import safetensors.torch
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any) -> Any:
+        if x is None or isinstance(x, (bool, str)):
+            return x
+        if isinstance(x, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = x.detach().cpu().contiguous().clone()  # clone: no two may share storage
+            return {"tensor": key}
+        if isinstance(x, Fraction):
+            return {"fraction": [x.numerator, x.denominator]}
+        if isinstance(x, numbers.Integral):
+            return int(x)
+        if isinstance(x, numbers.Real):
+            f = float(x)
+            return f if math.isfinite(f) else {"float": repr(f)}
+        if isinstance(x, tuple):
+            return {"tuple": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if isinstance(x, dict):
+            return {"dict": [[enc(k), enc(v)] for k, v in x.items()]}
+        raise TypeError(f"resume manifest: cannot record a {type(x).__name__} (not state data)")
+
+    meta = json.dumps(enc(obj), separators=(",", ":"), allow_nan=False)
+    return safetensors.torch.save(tensors, metadata={STATE_KEY: meta})
+
+
+def decode_state(data: bytes) -> Any:
+    """The inverse of `encode_state`; anything else raises BadBlob."""
+    import safetensors.torch
+
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        meta = json.loads(header["__metadata__"][STATE_KEY])
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # not a safetensors file of ours, whatever the reason
+        raise BadBlob(str(e)) from None
+
+    def dec(x: Any) -> Any:
+        if x is None or isinstance(x, (bool, str, int, float)):
+            return x
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if isinstance(x, dict) and len(x) == 1:
+            (tag, v), = x.items()
+            if tag == "tensor" and isinstance(v, str) and v in tensors:
+                return tensors[v]
+            if tag == "fraction" and isinstance(v, list) and len(v) == 2 and all(type(i) is int for i in v) and v[1]:
+                return Fraction(v[0], v[1])
+            if tag == "float" and v in ("nan", "inf", "-inf"):
+                return float(v)
+            if tag == "tuple" and isinstance(v, list):
+                return tuple(dec(i) for i in v)
+            if tag == "dict" and isinstance(v, list) and all(isinstance(i, list) and len(i) == 2 for i in v):
+                out = {}
+                for k, val in v:
+                    k = dec(k)
+                    if not isinstance(k, (str, int, float, bool, tuple, type(None))):
+                        raise BadBlob("unhashable key")
+                    out[k] = dec(val)
+                return out
+        raise BadBlob(f"unexpected value {str(x)[:40]}")
+
+    try:
+        return dec(meta)
+    except RecursionError:
+        raise BadBlob("nested too deep") from None
 
 
 @dataclass
@@ -75,37 +167,60 @@ class Manifest:
 
     @classmethod
     def load(cls, partial: str) -> Manifest | None:
-        """The manifest of an interrupted merge, or None when there is none to continue."""
+        """The manifest of an interrupted merge, or None when there is none to continue. A line
+        that is not one this module writes is an error naming the line; a torn last line (no
+        newline: the crash came mid-append) is cut off, so the next append starts a line."""
         m = cls(partial)
         try:
+            st = os.stat(m.path)
+            if not stat.S_ISREG(st.st_mode):
+                raise OutputError(f"{m.path}: not a regular file; remove {partial} or run without --resume")
             with open(m.path, "rb") as f:
-                lines = f.read().split(b"\n")
-        except OSError:
+                data = f.read()
+        except FileNotFoundError:
             return None
-        for raw in lines:
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                continue  # a torn last line, or an empty one
-            if not isinstance(rec, dict):
-                continue
-            if "tensormerge_manifest" in rec:
-                if rec.get("tensormerge_manifest") != FORMAT:
-                    return None
-                m.fingerprint = rec.get("fingerprint")
-            elif "pass" in rec:
-                m.passes[int(rec["pass"])] = rec
-            elif "chunk" in rec:
-                block, r0, r1 = rec["chunk"]
-                m.chunks[(block, r0, r1)] = ChunkRecord(block, r0, r1, rec["crc32"], rec["nbytes"],
-                                                        rec.get("blob"), rec.get("sha256"))
-            elif rec.get("finished"):
-                m.finished = True
+        except OSError as e:
+            raise OutputError(f"{m.path}: cannot read ({os_error_reason(e)})") from None
+        end = data.rfind(b"\n") + 1
+        lines = data[:end].split(b"\n")[:-1]
+        for number, raw in enumerate(lines, 1):
+            m._parse(number, raw)
             m._seq += 1
         if m.fingerprint is None:
             return None
-        m._fd = os.open(m.path, os.O_WRONLY | os.O_APPEND)
+        with m._writing(m.path):
+            if end < len(data):
+                os.truncate(m.path, end)
+            m._fd = os.open(m.path, os.O_WRONLY | os.O_APPEND)
         return m
+
+    def _parse(self, number: int, raw: bytes) -> None:
+        where = f"{self.path}: line {number}"
+        fix = f"remove {os.path.dirname(self.dir)} or run without --resume"
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if number == 1:
+            if isinstance(rec, dict) and rec.get("tensormerge_manifest") != FORMAT \
+                    and type(rec.get("tensormerge_manifest")) is int:
+                raise OutputError(f"{where}: a manifest of format {rec['tensormerge_manifest']} (an earlier "
+                                  f"tensormerge; its state is not read); {fix}")
+            if not _fits(rec, {"tensormerge_manifest": int, "fingerprint": str}):
+                raise OutputError(f"{where}: not a tensormerge resume manifest; {fix}")
+            self.fingerprint = rec["fingerprint"]
+        elif _fits(rec, {"pass": int, "name": str, "blob": str, "sha256": str}):
+            self.passes[rec["pass"]] = rec
+        elif (_fits(rec, {"chunk": list, "crc32": int, "nbytes": int}, {"blob": str, "sha256": str})
+              and len(rec["chunk"]) == 3 and isinstance(rec["chunk"][0], str)
+              and all(type(r) is int for r in rec["chunk"][1:])):
+            block, r0, r1 = rec["chunk"]
+            self.chunks[(block, r0, r1)] = ChunkRecord(block, r0, r1, rec["crc32"], rec["nbytes"],
+                                                       rec.get("blob"), rec.get("sha256"))
+        elif rec == {"finished": True}:
+            self.finished = True
+        else:
+            raise OutputError(f"{where}: not a line this version of tensormerge writes; {fix}")
 
     # ------------------------------------------------------------------ writing
     def _append(self, rec: dict) -> None:
@@ -115,9 +230,9 @@ class Manifest:
             self._seq += 1
 
     def _blob(self, prefix: str, obj: Any) -> tuple[str, str]:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode_state(obj)
         with self._lock:
-            name = f"{prefix}-{self._seq:08d}.pkl"
+            name = f"{prefix}-{self._seq:08d}.safetensors"
             self._seq += 1
         tmp = os.path.join(self.dir, name + ".tmp")
         with self._writing(tmp):
@@ -143,16 +258,22 @@ class Manifest:
 
     # ------------------------------------------------------------------ reading
     def _read_blob(self, blob: str | None, sha: str | None) -> Any:
-        if blob is None or os.sep in blob or blob.startswith("."):
+        if blob is None or os.sep in blob or "/" in blob or blob.startswith("."):
             return None
+        path = os.path.join(self.dir, blob)
         try:
-            with open(os.path.join(self.dir, blob), "rb") as f:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read
+                return None
+            with open(path, "rb") as f:
                 data = f.read()
         except OSError:
             return None
         if hashlib.sha256(data).hexdigest() != sha:
             return None
-        return pickle.loads(data)
+        try:
+            return decode_state(data)
+        except BadBlob:
+            return None
 
     def pass_state(self, index: int, name: str) -> dict | None:
         rec = self.passes.get(index)
@@ -176,3 +297,14 @@ class Manifest:
     @staticmethod
     def remove(directory: str) -> None:
         shutil.rmtree(os.path.join(directory, RESUME_DIR), ignore_errors=True)
+
+
+def _fits(rec: Any, required: dict[str, type], optional: dict[str, type] | None = None) -> bool:
+    """A JSON object with exactly these keys and types (bools are not ints here)."""
+    if not isinstance(rec, dict):
+        return False
+    optional = optional or {}
+    if not set(required) <= set(rec) <= set(required) | set(optional):
+        return False
+    return all(isinstance(rec[k], t) and not (t is int and isinstance(rec[k], bool))
+               for k, t in {**required, **optional}.items() if k in rec)

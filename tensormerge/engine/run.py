@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -17,14 +18,18 @@ import torch
 
 from tensormerge import __version__
 from tensormerge.constants import PASS_SUB_FACTOR, PROVENANCE, ROW_KINDS
-from tensormerge.engine import faults
+from tensormerge.engine import card, faults
 from tensormerge.engine.alloc import keep_freed_buffers
 from tensormerge.engine.cast import store_checked
 from tensormerge.engine.crc import crc32_combine
 from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.manifest import Manifest
 from tensormerge.engine.memory import MemoryMonitor
+from tensormerge.engine.outdir import remove_replaced
 from tensormerge.engine.plan import Block, MergePlan
+from tensormerge.engine.provenance import FILL_BYTES, ContentHashes
+from tensormerge.engine.provenance import describe as describe_input
+from tensormerge.engine.summary import describe
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError, OutputError
 from tensormerge.kernels import dispatch
@@ -73,12 +78,13 @@ class BlockStats:
 def merge_fingerprint(plan: MergePlan, writer: ShardedWriter) -> str:
     """What a resumed merge must share with the interrupted one: every input (names, shapes,
     dtypes, file sizes and modification times, sampled values), method and parameters,
-    statistics, and the output layout. Chunking may differ: chunks are matched by row range."""
+    statistics (metadata and every chunk's crc32), and the output layout. Chunking may differ:
+    chunks are matched by row range."""
 
     def ck(c):
         if c is None:
             return None
-        return {"fingerprint": c.fingerprint()["sha256"], "identity": c.identity(),
+        return {"fingerprint": c.fingerprint()["fingerprint"], "identity": c.identity(),
                 "mtimes": {os.path.basename(f): os.stat(f).st_mtime_ns for f in c.files}}
 
     what = {
@@ -88,7 +94,7 @@ def merge_fingerprint(plan: MergePlan, writer: ShardedWriter) -> str:
         "inputs": [ck(c) for c in plan.inputs],
         "base": ck(plan.base),
         "extras": {role: ck(c) for role, c in sorted(plan.extras.items())},
-        "statistics": plan.stats.describe() if plan.stats is not None else None,
+        "statistics": plan.stats.fingerprint() if plan.stats is not None else None,
         "layout": [(n, str(d), list(sh)) for n, d, sh in writer.tensors],
         "files": writer.files,
     }
@@ -129,6 +135,9 @@ class Runner:
         self.resumed_passes = 0
         self.cluster = None  # a DaskExecutor when the merge runs on a dask cluster
         self.fingerprint = ""
+        self.overall: _Overall | None = None  # the whole run's bytes, for the bars' estimate of time left
+        self.content = ContentHashes()  # crc32s of the input rows the merge pass reads
+        self.content_reread = 0  # bytes read after the merge to complete them
 
     # ------------------------------------------------------------------ stages
     def _tasks(self, blocks: list[Block], with_output: bool, sample: float = 1.0, skip=()):
@@ -143,7 +152,7 @@ class Runner:
                 yield Task((b, r0, r1, i == len(chunks) - 1, i == 0), rows * b.read_bytes_per_row,
                            b.work_bytes(rows) + b.fixed_bytes, rows * b.out_bytes_per_row if with_output else 0)
 
-    def _read(self, task: Task, inputs_too: bool = True) -> BlockData:
+    def _read(self, task: Task, inputs_too: bool = True, content: bool = False) -> BlockData:
         b, r0, r1, _, first = task.key
         t0 = time.perf_counter()
         plan = self.plan
@@ -154,6 +163,9 @@ class Runner:
         base = None
         if inputs_too and plan.base is not None and (plan.method.requires_base(plan.params) or b.kind == "copy"):
             base = plan.base.read(b.reads[n], r0, r1)
+        if content:  # before the bytes are transposed or sent to a device
+            for i, x in enumerate(inputs + ([] if base is None else [base])):
+                self.content.add(i, b.reads[i], r0, r1, x)
         data = BlockData(b.name, inputs, base, b.shape, r0, ops=self.ops)
         if plan.stats is not None:
             self._read_stats(b, data, r0, r1, first)
@@ -242,7 +254,8 @@ class Runner:
     def pass_blocks(self, gpass, state: dict, blocks: list[Block], take) -> int:
         """A global pass's map over `blocks`, handing each chunk's partials to `take` in plan
         order (here reduced; on a dask worker folded per block for the client to reduce)."""
-        bar = self._bar(gpass.name, int(gpass.sample * sum(b.read_bytes_per_row * b.rows for b in blocks)), len(blocks))
+        tasks = list(self._tasks(blocks, False, gpass.sample))
+        bar = self._bar(self._stage(gpass.name, gpass.label), sum(t.read_bytes for t in tasks), len(blocks))
 
         def compute(task: Task, data: BlockData):
             self._wait(data)
@@ -257,7 +270,6 @@ class Runner:
             self._advance(bar, task, last)
             faults.hit("pass")
 
-        tasks = list(self._tasks(blocks, False, gpass.sample))
         try:
             self.executor.run(tasks, lambda t: self._read(t, gpass.needs_inputs), compute, collect=collect)
         finally:
@@ -275,7 +287,7 @@ class Runner:
         extras = method.start_extras(params)
         whole = blocks is None
         blocks = self.plan.blocks if whole else blocks
-        bar = self._bar("merge", sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
+        bar = self._bar(self._stage("merge", "merge"), sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
         if whole:
             extras = self._replay(extras, bar)
 
@@ -336,7 +348,8 @@ class Runner:
                 faults.hit("shard")
 
         try:
-            self.executor.run(self._tasks(blocks, True, skip=self.done), self._read, compute, write=write)
+            self.executor.run(self._tasks(blocks, True, skip=self.done), lambda t: self._read(t, content=True),
+                              compute, write=write)
         finally:
             self._close(bar)
         return extras
@@ -368,6 +381,8 @@ class Runner:
                     extras = method.add_extra(extras, extra)
                 if bar is not None:
                     bar.update((r1 - r0) * b.read_bytes_per_row)
+                if self.overall is not None:
+                    self.overall.total -= (r1 - r0) * b.read_bytes_per_row  # no time spent on it here
             if bar is not None and skipped and len(skipped) == len(b.chunks):
                 bar.blocks_done += 1
         return extras
@@ -402,9 +417,16 @@ class Runner:
             raise
         return False
 
+    def _pass_bytes(self, gpass) -> int:
+        return sum(t.read_bytes for t in self._tasks(self.plan.merge_blocks, False, gpass.sample))
+
     def _passes(self, state: dict) -> None:
-        for i, gpass in enumerate(self.plan.method.passes(self.plan.params)):
+        passes = self.plan.method.passes(self.plan.params)
+        self.overall = _Overall(sum(map(self._pass_bytes, passes)) + self.plan.bytes_read_merge)
+        for i, gpass in enumerate(passes):
             saved = self.manifest.pass_state(i, gpass.name)
+            if saved is not None or gpass.skip(state):
+                self.overall.total -= self._pass_bytes(gpass)  # read by no bar
             if saved is not None:
                 state.clear()
                 state.update(saved)
@@ -421,6 +443,14 @@ class Runner:
             self.manifest.record_pass(i, gpass.name, state)
 
     # ------------------------------------------------------------------ progress
+    def _stage(self, name: str, label: str) -> str:
+        """A bar's description: what the pass does and where it stands among the run's passes
+        (a pass found not needed is skipped without a bar, so the count may jump)."""
+        passes = self.plan.method.passes(self.plan.params)
+        names = [p.name for p in passes] + ["merge"]
+        wide = max([len(p.label or p.name) for p in passes] + [len("merge")])
+        return f"{names.index(name) + 1}/{len(names)} {label or name:<{wide}}"
+
     def _bar(self, desc: str, total: int, blocks: int):
         if self.opts.quiet:
             return None
@@ -432,6 +462,7 @@ class Runner:
         bar.blocks_total = blocks
         bar.blocks_done = 0
         bar.note = ""
+        bar.overall = self.overall
         bar.set_postfix_str(f"blocks 0/{blocks}")
         return bar
 
@@ -439,10 +470,13 @@ class Runner:
     def _advance(bar, task: Task, last: bool) -> None:
         if bar is None:
             return
+        if bar.overall is not None:
+            bar.overall.done += task.read_bytes
         if last:
             bar.blocks_done += 1
             note = f", {bar.note}" if bar.note else ""
-            bar.set_postfix_str(f"blocks {bar.blocks_done}/{bar.blocks_total}{note}", refresh=False)
+            left = bar.overall.left() if bar.overall is not None else ""
+            bar.set_postfix_str(f"blocks {bar.blocks_done}/{bar.blocks_total}{note}{left}", refresh=False)
         bar.update(task.read_bytes)
 
     @staticmethod
@@ -472,6 +506,9 @@ class Runner:
                 raise OutputError(f"{writer.out_dir}: exists and is not this merge (pass --overwrite to replace it)")
         if not opts.quiet:
             print(plan.summary(), file=sys.stderr, flush=True)
+            disagree = card.auto_dtype_disagreements(plan, opts.settings.get("dtype"))
+            if disagree:
+                card.warn(disagree)
         threads = torch.get_num_threads()
         if self.workers > 1:
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tensormerge-compute")
@@ -481,6 +518,7 @@ class Runner:
         t_patch = t_finish = time.perf_counter()
         with MemoryMonitor() as mem:
             finished = self._open_output(writer, fingerprint)
+            complete = finished  # from here on a failure keeps OUT.partial: it holds the whole merge
             try:
                 if not finished:
                     state: dict = {}
@@ -496,8 +534,11 @@ class Runner:
                     patched = self._apply_patches(writer, state, extras)
                     t_finish = time.perf_counter()
                     provenance = self._provenance(t_finish - t_start, patched, block_notes, fingerprint)
-                    writer.finish_files(plan.side_dir or plan.ref.config_dir, provenance)
+                    writer.finish_files(plan.side_dir or plan.ref.config_dir, provenance, functools.partial(
+                        card.generated_files, plan, opts.settings, writer.out_dir,
+                        warn_fn=None if opts.quiet else card.warn))
                     self.manifest.record_finished()
+                    complete = True
                 faults.hit("finished")
                 self.manifest.close()
                 writer.rename_into_place(opts.overwrite)
@@ -507,14 +548,17 @@ class Runner:
                 writer.close()  # OUT.partial stays, for --resume
                 raise
             except BaseException:
-                writer.abort()  # a failed merge leaves nothing behind; only an interrupted one stays
+                if complete:  # only the rename failed: --resume puts the finished merge in place
+                    writer.close()
+                else:
+                    writer.abort()  # a failed merge leaves nothing behind; only an interrupted one stays
                 raise
             finally:
                 if self.pool is not None:
                     self.pool.shutdown()
                     self.pool = None
                     torch.set_num_threads(threads)
-        return {
+        report = {
             "output": writer.out_dir,
             "method": plan.method.name,
             "params": plan.params.as_dict(),
@@ -532,11 +576,11 @@ class Runner:
             "bytes_written": plan.bytes_written,
             "shards": writer.files,
             "patched_entries": patched,
+            "content_bytes_reread": self.content_reread,
             "resumed": {"passes": self.resumed_passes, "chunks": len(self.done), "finished": finished},
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
             "base_stats_missing": plan.base_stats_missing,
-            "summary": plan.method.run_summary(plan.params, block_notes),
             **({"lora": plan.lora.report()} if plan.lora is not None else {}),
             "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
                         "seconds": self.stats[b.name].seconds,
@@ -547,6 +591,8 @@ class Runner:
                         **({"base_stats_missing": b.base_missing} if b.base_missing else {}),
                         **block_notes.get(b.name, {})} for b in plan.blocks],
         }
+        report.update(describe(plan, block_notes, report))  # "summary" and "warnings", in words
+        return report
 
     def _apply_patches(self, writer: ShardedWriter, state: dict, extras: Any) -> int:
         grouped: dict[str, list] = {}
@@ -577,8 +623,7 @@ class Runner:
             "method": plan.method.name,
             "params": plan.params.as_dict(),
             "fingerprint": fingerprint,
-            "inputs": [ck.fingerprint() for ck in plan.inputs],
-            "base": plan.base.fingerprint() if plan.base is not None else None,
+            **self._describe_inputs(),
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
             "base_stats_missing": plan.base_stats_missing,
@@ -590,6 +635,45 @@ class Runner:
                                 "seconds": round(self.stats[b.name].seconds, 4), **notes.get(b.name, {})}
                        for b in plan.blocks},
         }
+
+
+    def _describe_inputs(self) -> dict:
+        """The inputs and base as the user named them: for adapters (engine.lora) the adapter and
+        base files, not the virtual checkpoints the engine reads; a checkpoint the merge did not
+        read itself is digested whole by the re-read after it."""
+        plan = self.plan
+        inputs, base = (plan.inputs, plan.base) if plan.lora is None else plan.lora.user_checkpoints(plan)
+
+        def which(k: int, ck) -> int:
+            return next((j for j, c in enumerate(plan.checkpoints) if c is ck), -1 - k)
+        return {"inputs": [describe_input(ck, self._content(which(k, ck), ck)) for k, ck in enumerate(inputs)],
+                "base": describe_input(base, self._content(which(len(inputs), base), base)) if base is not None
+                else None}
+
+    def _content(self, which: int, ck=None) -> dict:
+        """The content digest of `plan.checkpoints[which]` (or of `ck`, recorded as `which`); rows
+        the merge did not read are read now."""
+        piece = max(1, min(self.plan.max_memory // 4, FILL_BYTES))
+        ck = self.plan.checkpoints[which] if ck is None else ck
+        content, reread = self.content.digest(ck, which, piece)
+        self.content_reread += reread
+        return content
+
+
+@dataclass
+class _Overall:
+    """Bytes the run's bars will read in all, and read so far: the whole run's time left,
+    estimated from its pace so far (a method's passes read about as fast as its merge)."""
+
+    total: int
+    done: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> str:
+        if self.done <= 0 or self.done >= self.total:
+            return ""
+        seconds = int((time.perf_counter() - self.t0) * (self.total - self.done) / self.done)
+        return f", run ~{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left"
 
 
 def _transpose(data: BlockData) -> None:
@@ -613,6 +697,7 @@ def _complete(out_dir: str, fingerprint: str) -> bool:
             done = json.load(f).get("fingerprint") == fingerprint
     except (OSError, ValueError, AttributeError):
         return False
-    if done:
-        Manifest.remove(out_dir)  # a crash between the rename and this removal leaves it
+    if done:  # a crash between the rename and these removals leaves them
+        Manifest.remove(out_dir)
+        remove_replaced(out_dir)
     return done

@@ -71,6 +71,7 @@ class Checkpoint(ABC):
         self.tensors: dict[str, TensorInfo] = {}  # in file order: the output keeps it
         self.aliases: dict[str, str] = {}
         self.config_dir: str | None = None  # where config/tokenizer files lie, for a model directory
+        self.hub_commit: str | None = None  # the snapshot's commit, for a hub repo id
 
     def canonical(self, name: str) -> str:
         return self.aliases.get(name, name)
@@ -80,14 +81,15 @@ class Checkpoint(ABC):
         """Rows [row_start, row_end) of tensor `name`, in its stored dtype, in a fresh buffer."""
 
     def fingerprint(self) -> dict:
-        """What identifies this input for provenance and resume: names, shapes, dtypes, sizes."""
+        """The cheap identity a resumed merge matches: names, shapes, dtypes, file sizes (not
+        the values: two fine-tunes of one model share it; see engine/provenance.py)."""
         h = hashlib.sha256()
         for name in sorted(self.tensors):
             t = self.tensors[name]
             h.update(f"{name}|{t.dtype}|{t.shape}|{self.aliases.get(name, '')}\n".encode())
         sizes = {os.path.basename(f): os.path.getsize(f) for f in self.files}
         h.update(json.dumps(sizes, sort_keys=True).encode())
-        return {"spec": self.spec, "files": sizes, "tensors": len(self.tensors), "sha256": h.hexdigest()}
+        return {"spec": self.spec, "files": sizes, "tensors": len(self.tensors), "fingerprint": h.hexdigest()}
 
     def identity(self) -> str:
         """Which weights these are, independent of file layout: names, shapes and the first row
@@ -215,6 +217,16 @@ def _check_bin_entry(path: str, name, t) -> None:
         raise InputError(f"{path}: tensor {quote(name)} has a {t.layout} layout; only dense tensors can be merged")
     if t.dtype not in C.TORCH_TO_SAFETENSORS:
         raise InputError(f"{path}: tensor {quote(name)} has dtype {t.dtype}, which safetensors cannot store")
+    if not holds(t):
+        raise InputError(f"{path}: tensor {quote(name)} declares {list(t.shape)} but its storage holds "
+                         f"{t.untyped_storage().nbytes()} bytes (overlapping strides)")
+
+
+def holds(t: torch.Tensor) -> bool:
+    """Whether a loaded tensor's storage holds all its elements: a pickled tensor may declare
+    any shape over a few bytes with zero strides (149 GiB from a 4-byte storage), which every
+    copy, merge and write would then materialise."""
+    return t.numel() * t.element_size() <= t.untyped_storage().nbytes()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -358,7 +370,9 @@ def _from_hub(spec: str) -> Checkpoint:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise InputError(f"{spec}: not a local path, and the hub could not resolve it ({first})") from None
-    return _from_path(spec, local)
+    ck = _from_path(spec, local)
+    ck.hub_commit = os.path.basename(os.path.normpath(local))  # snapshots/<commit>: what was read
+    return ck
 
 
 def open_checkpoint(spec: str) -> Checkpoint:

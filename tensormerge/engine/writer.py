@@ -21,6 +21,7 @@ import torch
 
 from tensormerge import constants as C
 from tensormerge.engine import faults
+from tensormerge.engine.outdir import publish
 from tensormerge.engine.safetensors_format import build_header, element_size
 from tensormerge.engine.sources import confined
 from tensormerge.errors import OutputError
@@ -188,8 +189,10 @@ class ShardedWriter:
         self.finish_files(copy_from, provenance)
         self.rename_into_place(overwrite)
 
-    def finish_files(self, copy_from: str | None, provenance: dict) -> None:
-        """Everything but the rename: index, side files, provenance, all fsynced."""
+    def finish_files(self, copy_from: str | None, provenance: dict, generate=None) -> None:
+        """Everything but the rename: index, side files, provenance, all fsynced. `generate`,
+        given `OUT.partial` once the side files are in, returns files to add or replace there
+        (the card, the recipe, config.json with the written dtype: engine/card.py)."""
         self._finishing = self.partial  # the file or directory at fault, for the error line
         try:
             if len(self.files) > 1:
@@ -203,6 +206,8 @@ class ShardedWriter:
                         shutil.copyfile(src, self._finishing)
             for fname, obj in self.json_files.items():
                 self._write_json(fname, obj)
+            for fname, data in (generate(self.partial) if generate else {}).items():
+                self._write_bytes(fname, data)
             self._write_json(C.PROVENANCE, provenance)
             for fname, fd in list(self._fds.items()):
                 # a network or thin-provisioned disk may report a full disk only here
@@ -216,27 +221,24 @@ class ShardedWriter:
             raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
 
     def rename_into_place(self, overwrite: bool) -> None:
-        """`OUT.partial` -> `OUT` (an existing `OUT` is moved aside first and removed after)."""
+        """`OUT.partial` -> `OUT`; an existing `OUT` (a previous output, checked again now) is
+        removed only once the new one is in place, and no other name is touched (engine/outdir)."""
         self._finishing = self.out_dir
         try:
-            old = self.out_dir + ".old"
-            if os.path.exists(self.out_dir):
-                if not overwrite:
-                    raise OutputError(f"{self.out_dir}: exists (pass --overwrite to replace it)")
-                if os.path.exists(old):
-                    shutil.rmtree(old)
-                os.rename(self.out_dir, old)
-                faults.hit("rename")
-                os.rename(self.partial, self.out_dir)
-                shutil.rmtree(old)
-            else:
-                os.rename(self.partial, self.out_dir)
-            if os.path.exists(old):  # left by a run killed between its two renames
-                shutil.rmtree(old)
-            _fsync_dir(os.path.dirname(self.out_dir))
+            publish(self.partial, self.out_dir, overwrite=overwrite, kind="merge")
             faults.hit("renamed")
         except OSError as e:
-            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
+            raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)}); "
+                              f"the finished merge is kept in {self.partial} (--resume puts it in place)") from None
+
+    def _write_bytes(self, fname: str, data: bytes) -> None:
+        """A whole file, replacing any copy of that name (a temporary file renamed over it, so
+        the copy is never seen half-rewritten; like the copies, it lands with the final rename)."""
+        path = self._finishing = os.path.join(self.partial, fname)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
 
     def _write_json(self, fname: str, obj: dict) -> None:
         path = self._finishing = os.path.join(self.partial, fname)
@@ -259,8 +261,8 @@ class ShardedWriter:
 
 def _is_side_file(fname: str) -> bool:
     """Config, generation config, tokenizer and the like: anything that is not weights."""
-    if fname.startswith(".") or fname == C.PROVENANCE:
-        return False
+    if fname.startswith(".") or fname == C.PROVENANCE or fname.lower() == "readme.md":
+        return False  # the base's card describes the base: the output gets its own
     if fname in C.WEIGHT_INDEX_NAMES or fname.endswith(".index.json"):
         return False
     return not fname.endswith(C.WEIGHT_SUFFIXES)

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from tensormerge.errors import ParameterError
+from tensormerge.errors import ParameterError, short
 from tensormerge.kernels import reference
 
 CHOICES = ("auto", "torch", "triton")
@@ -31,12 +31,27 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to interpret them on {device.type})"
 
 
+def check_device(value: str) -> torch.device:
+    """--device as a torch device that exists here, or a one-line ParameterError."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ParameterError(f"--device: {short(value)} is not cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ParameterError(f"--device: {short(value)} is not cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"--device {short(value)}: no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ParameterError(f"--device {value}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def select(choice: str, device: torch.device | str) -> ModuleType:
     """The kernel module for --kernels CHOICE on DEVICE: auto takes Triton where it runs natively
     and the numba-fused CPU kernels on CPU when numba is installed; torch is the pure reference."""
     device = torch.device(device)
     if choice not in CHOICES:
-        raise ParameterError(f"--kernels: {choice!r} is not one of {', '.join(CHOICES)}")
+        raise ParameterError(f"--kernels: {short(choice)} is not one of {', '.join(CHOICES)}")
     if choice == "torch":
         return reference
     usable, why = triton_status(device)

@@ -28,12 +28,27 @@ def symmetric_defect(g: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- SPD solve
+class IndefiniteError(ValueError):
+    """The matrix factorised has an eigenvalue clearly below zero: not a sum of Grams."""
+
+    def __init__(self, smallest: float, largest: float):
+        super().__init__(f"smallest eigenvalue {smallest:.3g} against largest {largest:.3g}")
+        self.smallest, self.largest = smallest, largest
+
+
+# An eigenvalue below -INDEFINITE x λ_max is not rounding: float32 storage and accumulation move a
+# PSD matrix's eigenvalues by about sqrt(n) 2^-24 λ_max (2^-24 n at worst, 1.7e-3 for n = 28672),
+# while a symmetric matrix that is not a Gram has negative eigenvalues of the order of its others.
+INDEFINITE = 1e-2
+
+
 @dataclass
 class SPDSolver:
     """A factorisation of a symmetric PSD S restricted to its live rows (non-zero diagonal),
     applied from the right (X S = M) as often as needed. Cholesky when S is safely positive
-    definite; otherwise an eigendecomposition that drops the null space (the minimum-norm
-    solution). Never an explicit inverse."""
+    definite; otherwise an eigendecomposition that drops the null space (X S^+, the minimum-norm
+    X: RegMean solves for the deviation from the average, so what is dropped there is the
+    deviation and the average is kept). Never an explicit inverse."""
 
     live: torch.Tensor
     kind: str
@@ -49,7 +64,15 @@ class SPDSolver:
         return ((m @ q) * self.inv_eigvals) @ q.T
 
 
+def noise_level(n: int) -> float:
+    """Relative size, against λ_max, of the eigenvalues float32 storage leaves undetermined in an
+    n x n PSD matrix: each entry is known to 2^-24 of the largest, and n such errors of random
+    sign move an eigenvalue by about sqrt(n) of them."""
+    return math.sqrt(n) * 2.0**-24
+
+
 def spd_factor(s: torch.Tensor) -> SPDSolver:
+    """Raises IndefiniteError when S has an eigenvalue below -INDEFINITE λ_max."""
     s = s.to(torch.float64)
     live = s.diagonal() > 0
     sl = s if bool(live.all()) else s[live][:, live]
@@ -58,12 +81,15 @@ def spd_factor(s: torch.Tensor) -> SPDSolver:
         return SPDSolver(live, "empty")
     # Statistics are stored in float32, so S is known to about 2^-24 of its largest entries:
     # directions with eigenvalues below that are noise, and solving along them would amplify it.
-    noise = math.sqrt(n) * 2.0**-24
+    noise = noise_level(n)
     chol, info = torch.linalg.cholesky_ex(sl)
     if int(info) == 0 and _smallest_eigenvalue(sl, chol) > noise * float(sl.diagonal().max()):
         return SPDSolver(live, "cholesky", chol=chol)
     evals, evecs = torch.linalg.eigh(sl)
-    cutoff = float(evals.max()) * noise
+    top = float(evals.max())
+    if float(evals.min()) < -INDEFINITE * top:
+        raise IndefiniteError(float(evals.min()), top)
+    cutoff = top * noise
     inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(cutoff if cutoff > 0 else 1.0), torch.zeros_like(evals))
     return SPDSolver(live, "eigh", eigvecs=evecs, inv_eigvals=inv)
 
@@ -86,56 +112,108 @@ def _smallest_eigenvalue(s: torch.Tensor, chol: torch.Tensor, block: int = 8, it
 
 
 # ----------------------------------------------------------------------------- RegMean
+class IndefiniteGram(ValueError):
+    """Input `index`'s scaled Gram has a clearly negative eigenvalue (found once the sum's did)."""
+
+    def __init__(self, index: int, smallest: float, largest: float):
+        super().__init__(f"input {index + 1}: smallest eigenvalue {smallest:.3g} against largest {largest:.3g}")
+        self.index, self.smallest, self.largest = index, smallest, largest
+
+
 @dataclass
 class RegMeanFactor:
-    grams: torch.Tensor  # (N, live, live): w_i S_α(G_i), the products' right factors
-    solver: SPDSolver
-    weights: list[float]  # normalised, for the columns no model ever feeds (dead inputs)
+    shares: torch.Tensor  # (N − 1, live, live): Ĝ_i − w_i S for i > 1, each Gram's departure from its share
+    solver: SPDSolver  # of S = Σ Ĝ_i
+    weights: list[float]  # normalised: the average W̄ = Σ w_i W_i
     product_dtype: torch.dtype
 
 
 def regmean_prepare(grams: list[torch.Tensor], alpha: float, weights: list[float],
                     product_dtype: torch.dtype = torch.float32) -> RegMeanFactor:
-    """Once per weight: scaled Grams and the factorisation of their sum (float64); the products
-    with the weights' rows run in `product_dtype` (float32 as in the research code)."""
+    """Once per weight: the factorisation of S = Σ Ĝ_i (Ĝ_i = w_i S_α(G_i), float64) and the
+    products' right factors E_i = Ĝ_i − w_i S (i > 1), cast to `product_dtype` (float32 as in the
+    research code). E_i is zero when the Grams agree, and the rows multiply it by W_i − W_1: the
+    rounding of float32 products scales with how much both the models and the Grams differ,
+    never with the size of W or of S (which S's condition number would amplify)."""
     total = sum(weights)
     w = [x / total for x in weights]
-    scaled, acc = [], None
-    for gi, wi in zip(grams, w):  # one float64 Gram at a time: memory (4N + 24) d² bytes at most
-        g64 = scale_offdiag(gi.to(torch.float64), alpha).mul_(wi)
-        acc = g64.clone() if acc is None else acc.add_(g64)
-        scaled.append(g64.to(product_dtype))
-        del g64
-    solver = spd_factor(acc)
+    # float64 buffers reused across models (no fresh d² allocation per Gram): (eN + 16) d² bytes,
+    # (eN + 24) d² with the factor (`fixed_bytes`)
+    acc = torch.zeros(grams[0].shape, dtype=torch.float64, device=grams[0].device)
+    buf = torch.empty_like(acc)
+    for gi, wi in zip(grams, w):
+        acc.add_(_scaled_into(buf, gi, alpha, wi))
+    shares = torch.empty((len(grams) - 1,) + tuple(acc.shape), dtype=product_dtype, device=acc.device)
+    for share, gi, wi in zip(shares, grams[1:], w[1:]):
+        share.copy_(_scaled_into(buf, gi, alpha, wi).sub_(acc, alpha=wi))
+    del buf
+    try:
+        solver = spd_factor(acc)
+    except IndefiniteError:
+        raise _which_gram(grams, alpha, w) from None
     del acc
     live = solver.live
     if not bool(live.all()):
-        scaled = [g[live][:, live] for g in scaled]
-    return RegMeanFactor(torch.stack(scaled), solver, w, product_dtype)
+        shares = shares[:, live][:, :, live]
+    return RegMeanFactor(shares, solver, w, product_dtype)
+
+
+def _scaled_into(buf: torch.Tensor, g: torch.Tensor, alpha: float, w: float) -> torch.Tensor:
+    """buf = w S_α(g) in float64, in place."""
+    buf.copy_(g)
+    diag = buf.diagonal().clone()
+    buf.mul_(alpha * w)
+    buf.diagonal().copy_(diag.mul_(w))
+    return buf
+
+
+def _which_gram(grams: list[torch.Tensor], alpha: float, w: list[float]) -> IndefiniteGram:
+    """The sum has a clearly negative eigenvalue, so some Gram has one: the most negative."""
+    found = []
+    for i, gi in enumerate(grams):
+        ev = torch.linalg.eigvalsh(scale_offdiag(gi.to(torch.float64), alpha))
+        found.append((float(ev.min()) / max(float(ev.max()), 1e-300), i, float(ev.min()), float(ev.max())))
+    _, i, lo, hi = min(found)
+    return IndefiniteGram(i, lo, hi)
 
 
 def regmean_rows(inputs: list[torch.Tensor], fac: RegMeanFactor, tile: int) -> torch.Tensor:
-    """W* rows = (Σ W_i Ĝ_i)(Σ Ĝ_i)^-1 for rows of [out, in] weights, in float64.
+    """W* rows = W̄ + (Σ (W_i − W̄) Ĝ_i) S^+ for rows of [out, in] weights, in float64: the
+    deviation from the average W̄ is what is solved for, so the models agreeing gives exactly W̄,
+    and W̄ is kept along directions no Gram determines (the null space S^+ drops) and in the
+    columns no model ever feeds (not live).
 
-    Rows are taken `tile` at a time into fresh buffers, so each product has the same shape and
-    operands whatever chunk the rows came in: the bytes do not depend on the chunking."""
+    Since Σ_i E_i = 0 and Σ_i w_i (W_i − W̄) = 0, Σ (W_i − W̄) Ĝ_i = Σ_{i>1} (W_i − W_1) E_i: N − 1
+    products of differences, each zero when the models or the Grams agree. W̄ is
+    W_1 + Σ w_i (W_i − W_1) in float64, exact when the models agree. Rows are taken `tile` at a
+    time into buffers of their own, so each product has the same shape and operands whatever
+    chunk the rows came in: the bytes do not depend on the chunking."""
     rows, d = inputs[0].shape
     out = torch.empty(rows, d, dtype=torch.float64, device=inputs[0].device)
     live = fac.solver.live
-    dead = ~live
+    all_live = bool(live.all())
+    f64, pd = torch.float64, fac.product_dtype
     for t in range(0, rows, tile):
         e = min(t + tile, rows)
-        ws = [x[t:e].to(fac.product_dtype, copy=True) for x in inputs]
-        if fac.solver.kind != "empty":
-            m = torch.zeros(e - t, int(live.sum()), dtype=fac.product_dtype, device=out.device)
-            for wi, gi in zip(ws, fac.grams):
-                m.addmm_(wi[:, live], gi)
-            out[t:e, live] = fac.solver.solve_right(m.to(torch.float64))
-        if bool(dead.any()):
-            avg = torch.zeros(e - t, int(dead.sum()), dtype=torch.float64, device=out.device)
-            for wi, c in zip(ws, fac.weights):
-                avg.add_(wi[:, dead].to(torch.float64), alpha=c)
-            out[t:e, dead] = avg
+        first = inputs[0][t:e].to(f64, copy=True)
+        avg = out[t:e]
+        avg.copy_(first)
+        m = None
+        for x, c, ei in zip(inputs[1:], fac.weights[1:], fac.shares):
+            diff = x[t:e].to(f64).sub(first)  # W_i − W_1 in float64
+            avg.add_(diff, alpha=c)
+            if fac.solver.kind == "empty":
+                continue
+            dp = diff.to(pd) if all_live else diff[:, live].to(pd)
+            if m is None:
+                m = torch.zeros(e - t, dp.shape[1], dtype=pd, device=out.device)
+            m.addmm_(dp, ei)
+        if m is None:  # one model, or no live input
+            continue
+        if all_live:
+            avg.add_(fac.solver.solve_right(m.to(f64)))
+        else:
+            avg[:, live] += fac.solver.solve_right(m.to(f64))
     return out
 
 

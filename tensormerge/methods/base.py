@@ -9,6 +9,7 @@ runs as map-reduce over the same blocks before the merge pass.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from abc import ABC, abstractmethod
 import typing
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from tensormerge.errors import ParameterError
+from tensormerge.errors import ParameterError, short
 
 
 @dataclass
@@ -69,22 +70,34 @@ class Params:
 
     @classmethod
     def from_strings(cls, method: str, raw: dict[str, Any], n_models: int) -> "Params":
+        names = {key: f.name for key, f, _ in cls.spec()}
+        params = cls(**{names[key]: value for key, value in cls.typed(method, raw).items()})
+        params.validate(method, n_models)
+        return params
+
+    @classmethod
+    def typed(cls, method: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """The given values read as their parameters' types, by key: `-p` text and YAML values
+        go through this one reader, so both are recorded alike (numbers, booleans, lists)."""
         fields = {key: (f, tp) for key, f, tp in cls.spec()}
         values = {}
         for key, text in raw.items():
             if key not in fields:
                 known = ", ".join(fields) or "none"
-                raise ParameterError(f"method {method!r} has no parameter {key!r} (its parameters: {known})")
+                raise ParameterError(f"method {method!r} has no parameter {short(key)} (its parameters: {known})")
             f, tp = fields[key]
-            values[f.name] = _convert(method, key, text, tp, f.metadata.get("choices"))
-        params = cls(**values)
-        params.validate(method, n_models)
-        return params
+            values[key] = _convert(method, key, text, tp, f.metadata.get("choices"))
+        return values
 
     def validate(self, method: str, n_models: int) -> None:
-        """Range checks; subclasses extend. Per-model lists must have one value per model."""
+        """Range checks; subclasses extend (after this). Per-model lists must have one value per
+        model; no float parameter may be NaN or infinite (a NaN λ would merge without complaint
+        and blame the inputs' values once a check sees the output)."""
         for key, f, _ in self.spec():
             value = getattr(self, f.name)
+            for x in value if isinstance(value, list) else [value]:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ParameterError(f"{method}: parameter {key!r} is {x}, must be a finite number")
             if isinstance(value, list) and len(value) != n_models:
                 raise ParameterError(f"{method}: parameter {key!r} has {len(value)} values for {n_models} models")
 
@@ -106,9 +119,9 @@ def _convert(method: str, key: str, text: Any, tp: Any, choices: tuple | None) -
             return [_scalar(item, x) for x in items]
         value = _scalar(tp, text)
     except (TypeError, ValueError):
-        raise ParameterError(f"{where}: cannot read {text!r} as {getattr(tp, '__name__', tp)}") from None
+        raise ParameterError(f"{where}: cannot read {short(text)} as {getattr(tp, '__name__', tp)}") from None
     if choices and value not in choices:
-        raise ParameterError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        raise ParameterError(f"{where}: {short(value)} is not one of {', '.join(map(str, choices))}")
     return value
 
 
@@ -138,6 +151,7 @@ class GlobalPass(ABC):
     """
 
     name: str = "pass"
+    label: str = ""  # what the pass does, in the progress bar's words (the name when empty)
     sample: float = 1.0  # fraction of each chunk's rows the engine reads for this pass
     needs_inputs: bool = True  # False: the pass reads statistics only (Fisher norms)
 
@@ -178,6 +192,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    citation: ClassVar[str] = ""  # the paper, one line: the output's model card and `methods NAME` show it
     Params: ClassVar[type[Params]]
     needs_base: ClassVar[bool] = False
     row_split: ClassVar[bool] = True
@@ -237,6 +252,11 @@ class Method(ABC):
         """Lines `run` prints after the merge from the per-block entries (MaTS' CG outcome)."""
         return []
 
+    def run_warnings(self, params: Params, notes: dict[str, dict]) -> list[str]:
+        """What likely is not what the user meant, said after the run (weights that do not sum to
+        1, CG blocks short of tol); from the parameters and the per-block entries."""
+        return []
+
     def work_bytes_per_element(self, n_models: int, params: Params) -> int:
         """Bytes of float32 intermediates per output element, for chunk sizing."""
         return 4 * (n_models + 3)
@@ -264,6 +284,7 @@ class Method(ABC):
         return {
             "name": self.name,
             "summary": self.summary,
+            "citation": self.citation,
             "needs_base": self.requires_base(self.Params()),
             "row_split": self.row_split,
             "statistics": self.describe_stats(),
@@ -294,4 +315,4 @@ def get_method(name: str) -> Method:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ParameterError(f"unknown method {name!r} (available: {', '.join(sorted(REGISTRY))})") from None
+        raise ParameterError(f"unknown method {short(name)} (available: {', '.join(sorted(REGISTRY))})") from None

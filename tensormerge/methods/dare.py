@@ -31,6 +31,8 @@ class DareParams(TaskArithmeticParams):
 class Dare(Method):
     name = "dare"
     summary = "random drop (p) and rescale of task vectors, then task arithmetic"
+    citation = ('Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch"'
+                ', ICML 2024, arXiv:2311.03099')
     Params = DareParams
     needs_base = True
 

@@ -54,6 +54,7 @@ class FisherNorms(GlobalPass):
     patterns), so the weights and hence the bytes do not depend on chunking."""
 
     name = "fisher-norms"
+    label = "Fisher norms (normalize)"
     needs_inputs = False
 
     def map(self, data: BlockData, state: dict) -> Any:
@@ -81,6 +82,7 @@ class FisherNorms(GlobalPass):
 class Fisher(Method):
     name = "fisher"
     summary = "Σ w_i F_i θ_i / Σ w_i F_i per element with diagonal Fishers (--stats)"
+    citation = 'Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022, arXiv:2111.09832'
     Params = FisherParams
     uses_stats = True
 

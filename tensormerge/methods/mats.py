@@ -83,6 +83,7 @@ def _kinds(objective: str, shape: tuple[int, ...]) -> tuple[str, ...]:
 class Mats(Method):
     name = "mats"
     summary = "conjugate gradient on Σ C_i θ = Σ C_i θ_i per block (K-FAC, RegMean, Fisher or blockwise C_i)"
+    citation = 'Tam et al. 2024, "Merging by Matching Models in Task Parameter Subspaces", TMLR 2024, arXiv:2312.04339'
     Params = MatsParams
     uses_stats = True
     row_split = False
@@ -136,6 +137,16 @@ class Mats(Method):
     def run_summary(self, params: MatsParams, notes: dict[str, dict]) -> list[str]:
         line = cg_summary(notes.values(), params.tol)
         return [line] if line else []
+
+    def run_warnings(self, params: MatsParams, notes: dict[str, dict]) -> list[str]:
+        cg = [b for b in notes.values() if "cg_iterations" in b]
+        short = [b for b in cg if not b["cg_residual"] <= params.tol]
+        if not short:
+            return []
+        return [f"mats: {len(short)} of {len(cg)} CG blocks stopped short of tol {params.tol:g} (largest relative "
+                f"residual {max(b['cg_residual'] for b in short):.1e}, at most {params.iterations} iterations): "
+                f"their merge is not the solution asked for; raise -p iterations or loosen -p tol "
+                f"(the report's blocks give each one's cg_residual)"]
 
     def _init(self, data: BlockData, params: MatsParams, thetas: list[torch.Tensor], wd: torch.dtype) -> torch.Tensor:
         if params.init == "task_arithmetic":

@@ -21,6 +21,7 @@ class TaskArithmeticParams(Params):
 class TaskArithmetic(Method):
     name = "task_arithmetic"
     summary = "θ_0 + λ Σ (θ_i − θ_0)"
+    citation = 'Ilharco et al. 2023, "Editing Models with Task Arithmetic", ICLR 2023, arXiv:2212.04089'
     Params = TaskArithmeticParams
     needs_base = True
 

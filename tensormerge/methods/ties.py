@@ -98,6 +98,7 @@ class _SamplePass(_HistogramPass):
     pass B is skipped; otherwise it runs, so the result is exact either way."""
 
     name = "ties_sample"
+    label = "top-k threshold: sample"
     sample = 1 / 64
 
     def start(self, state: dict) -> dict:
@@ -129,6 +130,7 @@ class _HighPass(_HistogramPass):
     norm-based signs, for keys without a window, and (pass A2) after a window missed."""
 
     name = "ties_high"
+    label = "top-k threshold: high bits"
 
     def start(self, state: dict) -> dict:
         return {"hist": {}, "numel": {}, "result": {}, "window": {}, "below": {},
@@ -219,6 +221,7 @@ class _HighMissPass(_HistogramPass):
     bin of the models pass A could not place (pass B then counts its low bits)."""
 
     name = "ties_high_miss"
+    label = "top-k threshold: recount"
 
     def start(self, state: dict) -> dict:
         return {"hist": {}, "numel": {}, "result": {}, "high": state[_HighPass.name]}
@@ -263,6 +266,7 @@ class _LowPass(_HistogramPass):
     Skipped when pass A's window already held every threshold bin."""
 
     name = "ties_low"
+    label = "top-k threshold: low bits"
 
     def start(self, state: dict) -> dict:
         return {"hist": {}, "result": {}, "high": dict(state[_HighPass.name])}
@@ -337,6 +341,8 @@ class _UndecidedLog:
 class Ties(Method):
     name = "ties"
     summary = "trim, elect sign, disjoint merge (TIES); global top-k over the whole model by default"
+    citation = ('Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models"'
+                ', NeurIPS 2023, arXiv:2306.01708')
     Params = TiesParams
     needs_base = True
 

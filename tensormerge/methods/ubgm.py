@@ -42,6 +42,7 @@ class UBGMParams(Params):
 class UBGM(Method):
     name = "ubgm"
     summary = "θ_0 + α Σ (s_t H_t + s_0 H_0 + δ0)/H̄ ⊙ τ_t with Fishers as Hessians (--stats, --base-stats)"
+    citation = 'Daheim et al. 2024, "Model Merging by Uncertainty-Based Gradient Matching", ICLR 2024, arXiv:2310.12808'
     Params = UBGMParams
     needs_base = True
     uses_stats = True

@@ -54,6 +54,15 @@ class StatsBinding:
         return {"stores": [s.describe() for s in self.stores],
                 "base": self.base.describe() if self.base is not None else None}
 
+    def fingerprint(self) -> dict:
+        """What --resume must find unchanged: each store's metadata and chunk checksums."""
+        return {"stores": [s.fingerprint() for s in self.stores],
+                "base": self.base.fingerprint() if self.base is not None else None}
+
+    def unverified(self) -> list[str]:
+        """Stores without chunk checksums (format 1): their reads cannot be verified."""
+        return [s.path for s in [*self.stores, self.base] if s is not None and not s.verified]
+
 
 def bind_stats(paths: list[str], base_path: str | None, inputs: list[Checkpoint],
                base: Checkpoint | None, method: str) -> StatsBinding:

@@ -81,7 +81,7 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
               help="save the accumulators for --resume every N batches")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of true-Fisher label sampling")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
-@click.option("--overwrite", is_flag=True, help="replace an existing store")
+@click.option("--overwrite", is_flag=True, help="replace an existing statistics store (nothing else)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, warnings or summary line")
 @click.option("--gram-block-rows", type=int, hidden=True)
 @click.option("--traceback", is_flag=True, hidden=True)
@@ -107,9 +107,13 @@ def inspect_store(path: str, as_json: bool) -> str:
     arrays = {kind: {name: {"shape": list(info.shape), "count": info.attrs.get("count")}
                      for name, info in group.items()}
               for kind, group in store.arrays.items() if group}
+    check = ("every chunk's crc32 recorded, verified on read" if store.verified
+             else "no chunk checksums: reads cannot be verified")
     if as_json:
-        return json.dumps({"path": path, "attrs": store.attrs, "arrays": arrays}, indent=2)
-    lines = [f"{path}: statistics store, {sum(len(a) for a in arrays.values())} arrays"]
+        return json.dumps({"path": path, "attrs": store.attrs, "format": store.format, "verified": store.verified,
+                           "digest": store.digest, "arrays": arrays}, indent=2)
+    lines = [f"{path}: statistics store (format {store.format}, {check}), "
+             f"{sum(len(a) for a in arrays.values())} arrays"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in store.attrs.items()]
     for kind, group in arrays.items():
         lines.append(f"  {kind} ({len(group)})")

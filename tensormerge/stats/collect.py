@@ -33,6 +33,7 @@ import torch
 
 from tensormerge import __version__
 from tensormerge.constants import PARTIAL_SUFFIX
+from tensormerge.engine import outdir
 from tensormerge.errors import BudgetError, InputError, OutputError, ParameterError
 from tensormerge.stats.data import Tokenize, batches, data_fingerprint, load_examples
 from tensormerge.stats.grads import PerExampleGrads, batch_grad
@@ -87,6 +88,9 @@ class ComputeOptions:
             raise ParameterError(f"--max-examples {self.max_examples}: must be at least 1")
         if self.fisher_type == "true" and self.fisher_mode == "squared-batch":
             raise ParameterError("--fisher-type true needs --fisher-mode per-example")
+        from tensormerge.kernels.dispatch import check_device
+
+        check_device(self.device)
 
     def fingerprint(self, identity: str, data_hash: str) -> str:
         """What must not change between a run and its --resume (not: device, quiet, output)."""
@@ -300,11 +304,22 @@ def _load_checkpoint(output: str, fingerprint: str) -> dict | None:
 # ------------------------------------------------------------------ entry point
 def compute_stats(opts: ComputeOptions) -> dict:
     """Compute and write the store; a failure leaves no store at `output` (and, unless a
-    checkpoint was saved for --resume, nothing at output.partial either)."""
+    checkpoint was saved for --resume, nothing at output.partial either). The output is checked
+    (engine/outdir) and locked before the model is loaded."""
+    opts.check()
+    if "://" in opts.output:
+        return _compute_stats(opts)
+    opts.output = os.path.normpath(opts.output)  # "S.zarr/" must not put S.zarr/.partial inside it
+    outdir.check_output(opts.output, overwrite=opts.overwrite, kind="stats", protected=[
+        ("the model", opts.model), ("the base model", opts.base_model), ("the data", opts.data)])
+    with outdir.OutputLock(opts.output, "stats compute", quiet=True) as lock:
+        return _compute_stats(opts, lock.stale)
+
+
+def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     from tensormerge.stats.model import load_model
     from tensormerge.stats.store import StatsWriter
 
-    opts.check()
     say = (lambda m: None) if opts.quiet else (lambda m: print(m, flush=True))
     if os.path.exists(opts.output) and not opts.overwrite:
         raise OutputError(f"{opts.output}: exists (pass --overwrite to replace it)")
@@ -331,7 +346,7 @@ def compute_stats(opts: ComputeOptions) -> dict:
 
     collector = Collector(opts, loaded, examples, say)
     collector.pad_id, collector.side = pad_id, side
-    warn: list[str] = []
+    warn: list[str] = [stale_lock] if stale_lock else []
     if collector.hooks is not None and collector.hooks.unstored:
         _warn(f"no Gram for {len(collector.hooks.unstored)} linear layer(s) whose weight is not stored under its "
               f"own name (tied): {', '.join(collector.hooks.unstored[:4])}", warn)

@@ -22,7 +22,8 @@ import torch
 from tensormerge.kernels.reference import all_finite
 
 from tensormerge.constants import STATS_KINDS
-from tensormerge.errors import InputError, OutputError, ParameterError
+from tensormerge.engine import outdir
+from tensormerge.errors import InputError, OutputError, ParameterError, short
 
 FORMATS = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".safetensors": "safetensors",
            ".h5": "hdf5", ".hdf5": "hdf5"}
@@ -30,6 +31,9 @@ UNWRAP = ("state_dict", "fisher", "gram", "grams", "statistics")
 FISHER_TYPES = ("empirical", "true")
 SQUARE_KINDS = ("gram_in", "gram_out", "fisher_block")
 LIST_LIMIT = 8
+# deflate, the strongest filter HDF5 files carry in practice, expands at most 1032:1: a
+# filtered dataset cannot honestly declare more than that times the bytes it stores
+MAX_FILTER_RATIO = 1032
 WEIGHT_LAYOUTS = ("out_in", "in_out")  # torch Linear [out, in]; GPT-2's Conv1D [in, out]
 
 
@@ -44,7 +48,7 @@ class Entry:
 
 def _short(names: list[str], limit: int = LIST_LIMIT) -> str:
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    return ", ".join(n if len(n) <= 200 else n[:197] + "..." for n in names[:limit]) + more
 
 
 # ------------------------------------------------------------------------------ readers
@@ -57,7 +61,7 @@ def _unwrap(path: str, obj) -> tuple[dict, list[str]]:
         nested = [k for k in UNWRAP if isinstance(obj.get(k), dict)]
         if len(nested) != 1:
             bad = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
-            raise InputError(f"{path}: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor (expected "
+            raise InputError(f"{path}: entry {short(bad)} is a {type(obj[bad]).__name__}, not a tensor (expected "
                              f"{{name: tensor}}, optionally under exactly one of {', '.join(UNWRAP)})")
         ignored = [str(k) for k in obj if k != nested[0]]
         if ignored:
@@ -66,10 +70,16 @@ def _unwrap(path: str, obj) -> tuple[dict, list[str]]:
         obj = obj[nested[0]]
         bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
         if bad is not None:
-            raise InputError(f"{path}: entry {nested[0]}[{bad!r}] is a {type(obj[bad]).__name__}, not a tensor")
+            raise InputError(f"{path}: entry {nested[0]}[{short(bad)}] is a {type(obj[bad]).__name__}, not a tensor")
     bad = next((k for k in obj if not isinstance(k, str)), None)
     if bad is not None:
-        raise InputError(f"{path}: key {bad!r} is not a string")
+        raise InputError(f"{path}: key {short(bad)} is not a string")
+    from tensormerge.engine.sources import holds
+
+    bad = next((k for k, t in obj.items() if not holds(t)), None)
+    if bad is not None:  # zero strides: a huge declared shape over a few stored bytes
+        raise InputError(f"{path}: {short(bad)} declares {list(obj[bad].shape)} but its storage holds "
+                         f"{obj[bad].untyped_storage().nbytes()} bytes")
     return obj, warnings
 
 
@@ -131,11 +141,28 @@ def _hdf5_entries(path: str, stack: contextlib.ExitStack) -> tuple[list[Entry], 
         tf_name = ds.attrs.get("name", ds.name.lstrip("/"))
         tf_name = tf_name.decode() if isinstance(tf_name, bytes) else str(tf_name)
         if ds.dtype.kind not in "fiub":
-            raise InputError(f"{path}: dataset {ds.name} ({tf_name}) is {ds.dtype}, not numbers")
+            raise InputError(f"{path}: dataset {short(ds.name)} ({short(tf_name)}) is {ds.dtype}, not numbers")
+        _check_hdf5_storage(path, ds, tf_name)
         pt_name, kernel = tf_to_pt(tf_name)
         load = lambda ds=ds: torch.from_numpy(np.ascontiguousarray(ds[()], dtype=np.float32))
         entries.append(Entry(tf_name, tuple(ds.shape), load, key=pt_name, transpose=kernel and len(ds.shape) == 2))
     return entries, []
+
+
+def _check_hdf5_storage(path: str, ds, tf_name: str) -> None:
+    """A dataset's declared shape is bounded by the bytes the file stores for it, before anything
+    is read: a 3 KB file can declare a 200000² dataset that is all fill value (chunks never
+    written), lives in another file (external, virtual), or is one compressed chunk."""
+    where = f"{path}: dataset {short(ds.name)} ({short(tf_name)})"
+    if ds.is_virtual or ds.external:
+        raise InputError(f"{where} keeps its data in other files (external or virtual storage); "
+                         f"copy it into the file")
+    declared = ds.size * ds.dtype.itemsize
+    stored = ds.id.get_storage_size()
+    filtered = ds.id.get_create_plist().get_nfilters() > 0
+    if declared > stored * (MAX_FILTER_RATIO if filtered else 1):
+        raise InputError(f"{where} declares {list(ds.shape)} {ds.dtype} ({declared} bytes) but the file stores "
+                         f"{stored} bytes of it (unwritten chunks or a compression bomb)")
 
 
 READERS = {"torch": _torch_entries, "safetensors": _safetensors_entries, "hdf5": _hdf5_entries}
@@ -183,15 +210,19 @@ def _name_keys(entries: list[Entry], kind: str, fmt: str, tensors: dict | None, 
 
 
 def _check_keys(path: str, entries: list[Entry], kind: str) -> None:
+    from tensormerge.stats.store import bad_key
+
     seen: dict[str, str] = {}
     for e in entries:
-        if not e.key or "/" in e.key or e.key.startswith("__"):
-            raise InputError(f"{path}: {e.source!r} cannot be a statistics key (empty, '/' or leading '__')")
+        why = bad_key(e.key)
+        if why:
+            src = f" (from {short(e.source)})" if e.source != e.key else ""
+            raise InputError(f"{path}: {short(e.key)}{src} cannot be a statistics key ({why})")
         if e.key in seen:
-            raise InputError(f"{path}: {e.source!r} and {seen[e.key]!r} both map to {e.key!r}")
+            raise InputError(f"{path}: {short(e.source)} and {short(seen[e.key])} both map to {short(e.key)}")
         seen[e.key] = e.source
         if kind in SQUARE_KINDS and (len(e.shape) != 2 or e.shape[0] != e.shape[1]):
-            raise InputError(f"{path}: {kind} {e.source!r} has shape {list(e.shape)}, a {kind} must be square")
+            raise InputError(f"{path}: {kind} {short(e.source)} has shape {list(e.shape)}, a {kind} must be square")
 
 
 def _check_model(path: str, entries: list[Entry], kind: str, ck, model: str, in_out: bool) -> None:
@@ -217,12 +248,12 @@ def _check_model(path: str, entries: list[Entry], kind: str, ck, model: str, in_
 def _value(path: str, e: Entry) -> torch.Tensor:
     t = e.load()
     if t.is_complex():
-        raise InputError(f"{path}: {e.source!r} is complex ({t.dtype})")
+        raise InputError(f"{path}: {short(e.source)} is complex ({t.dtype})")
     t = t.to(torch.float32)
     if e.transpose:
         t = t.t()
     if not all_finite(t):
-        raise InputError(f"{path}: {e.source!r} holds NaN or Inf values (as float32)")
+        raise InputError(f"{path}: {short(e.source)} holds NaN or Inf values (as float32)")
     return t
 
 
@@ -236,6 +267,8 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
     from solving with it on the wrong side."""
     from tensormerge.stats.store import StatsWriter
 
+    path, output = os.fspath(path), os.fspath(output)
+    model = None if model is None else os.fspath(model)
     if kind not in STATS_KINDS:
         raise ParameterError(f"--kind {kind!r}: expected one of {', '.join(STATS_KINDS)}")
     if weight_layout not in WEIGHT_LAYOUTS:
@@ -256,6 +289,12 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
         raise OutputError(f"{output}: exists (pass --overwrite to replace it, or --append to add to it)")
 
     with contextlib.ExitStack() as stack:
+        if "://" not in output:
+            output = os.path.normpath(output)
+            outdir.check_output(output, overwrite=overwrite or append, kind="stats",
+                                protected=[("the imported file", path), ("the model", model)],
+                                flag="--overwrite" if overwrite else "--append")
+            lock = stack.enter_context(outdir.OutputLock(output, "stats import", quiet=True))
         ck = None
         if model is not None:
             from tensormerge.engine.sources import open_checkpoint
@@ -263,6 +302,8 @@ def import_stats(path: str, kind: str, output: str, *, model: str | None = None,
             ck = open_checkpoint(model)
             stack.callback(ck.close)
         entries, warnings = READERS[fmt](path, stack)
+        if "://" not in output and lock.stale:
+            warnings.append(lock.stale)
         if not entries:
             raise InputError(f"{path}: holds no tensors")
         tensors = None if ck is None else {**ck.tensors, **dict.fromkeys(ck.aliases)}

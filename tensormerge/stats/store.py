@@ -8,15 +8,29 @@ chosen by measurement in benchmarks/stats_codec.py).
 Opening a store checks what metadata can show (format marker, keys, shapes, dtypes, the model
 identity) against the model it is used with; values are checked as they are read, before the
 block they feed is merged, so a NaN never reaches the output and no full extra pass is needed.
+
+A store is read completely or not at all (format 2). Zarr fills a chunk it cannot find with the
+array's fill value, so an incomplete copy (a lost chunk file, an array the consolidated metadata
+lists but the directory lacks, a fill value edited in a metadata file) would merge silently
+different numbers. So each array records what a complete copy holds (its chunk count and the
+crc32 of every chunk's decoded float32 bytes), every chunk file is written (even all-zero ones,
+so a missing file is never a legitimate fill), a local store is listed at open (a missing chunk
+or array directory, or anything that is not a regular file, is refused before any read could
+block), and every read decodes whole chunks and checks each against its crc32. crc32 catches
+damage and incomplete copies, not a deliberate forgery: whoever can rewrite a chunk can rewrite
+its checksum. Version-1 stores (no checksums) still open, marked unverified.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import shutil
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +38,8 @@ import numpy as np
 import torch
 
 from tensormerge import __version__
-from tensormerge.constants import PARTIAL_SUFFIX, STATS_CHUNK_BYTES, STATS_FORMAT, STATS_KINDS
-from tensormerge.errors import InputError, OutputError
+from tensormerge.constants import PARTIAL_SUFFIX, STATS_CHUNK_BYTES, STATS_FORMAT, STATS_FORMATS_READ, STATS_KINDS
+from tensormerge.errors import InputError, OutputError, short
 from tensormerge.kernels.reference import all_finite
 
 
@@ -76,12 +90,71 @@ def expected_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     raise ValueError(kind)
 
 
+# The array attribute (format 2) that says what a complete array holds:
+# {"rows": rows per chunk (absent for a 0-d array), "count": chunks, "crc32": [one per chunk]}.
+CHUNKS_ATTR = "tensormerge_chunks"
+
+
+def chunk_count(shape: tuple[int, ...], rows: int | None) -> int:
+    if any(n == 0 for n in shape):
+        return 0
+    return 1 if not shape else -(-shape[0] // rows)
+
+
+def chunk_record(data: np.ndarray, chunks: tuple[int, ...]) -> dict:
+    """The CHUNKS_ATTR of `data` written with row chunks `chunks`: crc32 of each chunk's
+    little-endian float32 bytes, as decoded (so independent of the codec)."""
+    if not data.shape:
+        return {"count": 1, "crc32": [zlib.crc32(np.ascontiguousarray(data, dtype="<f4"))]}
+    data = np.ascontiguousarray(data, dtype="<f4")
+    rows = chunks[0]
+    n = chunk_count(data.shape, rows)
+    return {"rows": rows, "count": n, "crc32": [zlib.crc32(data[c * rows:(c + 1) * rows]) for c in range(n)]}
+
+
+def chunk_key(c: int, ndim: int) -> str:
+    """Zarr v3's default key ('/' separator) of row chunk `c`, relative to the array."""
+    return "c" if ndim == 0 else "c/" + "/".join([str(c)] + ["0"] * (ndim - 1))
+
+
+def bad_key(name) -> str | None:
+    """Why `name` cannot be an array of a kind's group, or None. Keys are parameter names; zarr
+    would take "..", "." or "zarr.json" as a path or its own metadata file (and so write outside
+    the group, or fail half-way through a store)."""
+    if not isinstance(name, str):
+        return "not a string"
+    if not name:
+        return "empty"
+    if name in (".", "..") or "/" in name or "\\" in name:
+        return "a path, not a name"
+    if name == "zarr.json" or name.startswith("__"):
+        return "reserved by zarr"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "holds control characters"
+    return None
+
+
+# attribute: allowed types (None always allowed); a wrong one is refused when the store opens
+_ROOT_ATTRS = {"model": dict, "n_examples": int, "fisher_type": str, "created_by": str}
+_MODEL_ATTRS = {"identity": str, "spec": str}
+_ARRAY_ATTRS = {"count": (int, float), "weight_layout": str, "source": str}
+
+
+def _check_attrs(where: str, attrs: dict, types: dict) -> None:
+    for key, tp in types.items():
+        value = attrs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, tp)):
+            want = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
+            raise InputError(f"{where} attribute {key!r} is {short(value)}, expected {want}")
+
+
 @dataclass
 class ArrayInfo:
     kind: str
     name: str
     shape: tuple[int, ...]
-    attrs: dict[str, Any]
+    attrs: dict[str, Any]  # the statistic's own attributes (count, source, ...)
+    chunks: dict | None = None  # CHUNKS_ATTR, checked against the array; None: unverified (format 1)
 
 
 class StatsWriter:
@@ -137,6 +210,9 @@ class StatsWriter:
         """Write one statistic (float32), with `count`: what it was divided by."""
         if kind not in STATS_KINDS:
             raise ValueError(f"unknown statistics kind {kind!r}")
+        why = bad_key(name)
+        if why:
+            raise InputError(f"{self.path}: {short(name)} cannot be a statistics key ({why})")
         if kind not in self.groups:
             if self.append and kind in self.root:
                 if not self.overwrite and self._existing.arrays.get(kind):
@@ -145,10 +221,12 @@ class StatsWriter:
             self.groups[kind] = self.root.require_group(kind)
             self.added.append(kind)
         data = value.detach().to(torch.float32).contiguous().cpu().numpy()
+        chunks = row_chunks(data.shape)
+        # every chunk written, all-zero ones too: a chunk file missing is then always an incomplete copy
         arr = self.groups[kind].create_array(
-            name, shape=data.shape, dtype="float32", chunks=row_chunks(data.shape),
-            compressors=[_codec()], fill_value=0.0, overwrite=True,
-            attributes={"count": count, **attrs})
+            name, shape=data.shape, dtype="float32", chunks=chunks,
+            compressors=[_codec()], fill_value=0.0, overwrite=True, config={"write_empty_chunks": True},
+            attributes={"count": count, **attrs, CHUNKS_ATTR: chunk_record(data, chunks)})
         arr[...] = data
         self.count += 1
 
@@ -158,9 +236,12 @@ class StatsWriter:
         with _quiet():
             zarr.consolidate_metadata(self.build)
         if self.local and not self.append:
-            if os.path.exists(self.path):
-                shutil.rmtree(self.path)
-            os.replace(self.build, self.path)
+            from tensormerge.engine.outdir import publish
+
+            try:
+                publish(self.build, self.path, overwrite=self.overwrite, kind="stats")  # the old store goes last
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot put the store in place ({e.strerror or e})") from None
         return self.path
 
     def abort(self) -> None:
@@ -180,20 +261,32 @@ class StatsStore:
         import zarr
 
         self.path = path
-        if not _is_url(path) and not os.path.exists(path):
-            raise InputError(f"{path}: statistics store not found")
+        self.local = _local_path(path)
+        self._files: set[str] | None = None  # every file of a local store, relative to it
+        if self.local is not None:
+            if not os.path.exists(self.local):
+                raise InputError(f"{path}: statistics store not found")
+            if os.path.isdir(self.local):
+                self._files = _scan(self.local)  # before zarr reads a byte: a FIFO would block it
+            elif not os.path.isfile(self.local):
+                raise InputError(f"{path}: not a regular file or directory (a statistics store is a directory)")
         try:
             with _quiet():
                 self.root = zarr.open_group(path, mode="r", zarr_format=3)
             attrs = dict(self.root.attrs)
         except Exception as e:  # zarr raises several types for a directory that is not a store
             raise InputError(f"{path}: not a Zarr v3 statistics store ({e.__class__.__name__})") from None
-        if attrs.get("tensormerge_stats") != STATS_FORMAT:
+        fmt = attrs.get("tensormerge_stats")
+        if type(fmt) is not int or fmt not in STATS_FORMATS_READ:
             raise InputError(f"{path}: not a tensormerge statistics store (root attribute "
-                             f"'tensormerge_stats' is {attrs.get('tensormerge_stats')!r}, expected {STATS_FORMAT})")
+                             f"'tensormerge_stats' is {short(fmt)}, expected one of {list(STATS_FORMATS_READ)})")
+        self.format = fmt
+        _check_attrs(f"{path}: root", attrs, _ROOT_ATTRS)
+        _check_attrs(f"{path}: root attribute 'model':", attrs.get("model") or {}, _MODEL_ATTRS)
         self.attrs = attrs
         self.arrays: dict[str, dict[str, ArrayInfo]] = {}
         self._handles: dict[tuple[str, str], Any] = {}
+        self._kept: tuple[str, str, int, np.ndarray] | None = None  # see _read_verified
         for kind in STATS_KINDS:
             self.arrays[kind] = {}
             if kind not in self.root:
@@ -201,8 +294,11 @@ class StatsStore:
             group = self.root[kind]
             for name, arr in group.arrays():
                 if arr.dtype != np.float32:
-                    raise InputError(f"{path}: {kind}/{name} is {arr.dtype}, statistics must be float32")
-                self.arrays[kind][name] = ArrayInfo(kind, name, tuple(arr.shape), dict(arr.attrs))
+                    raise InputError(f"{path}: {kind}/{short(name)} is {arr.dtype}, statistics must be float32")
+                own = dict(arr.attrs)
+                _check_attrs(f"{path}: {kind}/{short(name)}", own, _ARRAY_ATTRS)
+                chunks = self._chunks(kind, name, arr, own.pop(CHUNKS_ATTR, None))
+                self.arrays[kind][name] = ArrayInfo(kind, name, tuple(arr.shape), own, chunks)
                 self._handles[(kind, name)] = arr
             others = [n for n, _ in group.groups()]
             if others:
@@ -214,6 +310,42 @@ class StatsStore:
 
     def __repr__(self) -> str:
         return f"StatsStore({self.path!r})"
+
+    def _chunks(self, kind: str, name: str, arr: Any, rec: Any) -> dict | None:
+        """The array's record of its chunks, checked against its metadata and, for a local
+        store, against the files there: an incomplete copy is refused here, before any work."""
+        where = f"{self.path}: {kind}/{name}"
+        if self._files is not None and f"{kind}/{name}/zarr.json" not in self._files:
+            raise InputError(f"{where} is listed in the store's metadata but its directory is missing "
+                             f"(an incomplete copy of the store?)")
+        if rec is None:
+            if self.format >= 2:
+                raise InputError(f"{where} records no chunk checksums ('{CHUNKS_ATTR}'), which every array of a "
+                                 f"version-{self.format} store has: its metadata was changed")
+            return None
+        shape = tuple(arr.shape)
+        rows = rec.get("rows") if isinstance(rec, dict) else None
+        crcs = rec.get("crc32") if isinstance(rec, dict) else None
+        want_rows = arr.chunks[0] if shape else None
+        if (not isinstance(rec, dict) or rows != want_rows or type(rec.get("count")) is not int
+                or not isinstance(crcs, list) or not all(type(c) is int and 0 <= c < 1 << 32 for c in crcs)):
+            raise InputError(f"{where}: attribute '{CHUNKS_ATTR}' is malformed or does not match the array's "
+                             f"chunks {list(arr.chunks)}")
+        n = chunk_count(shape, rows)
+        if shape and tuple(arr.chunks[1:]) != shape[1:] or rec["count"] != n or len(crcs) != n:
+            raise InputError(f"{where}: the array has {n} chunk(s) of {list(arr.chunks)}, its record says "
+                             f"{rec['count']} ({len(crcs)} checksums): its metadata was changed")
+        if self._files is not None:
+            for c in range(n):
+                if f"{kind}/{name}/{chunk_key(c, len(shape))}" not in self._files:
+                    raise InputError(f"{where}: chunk {c} of {n}{_rows(shape, rows, c)} is missing "
+                                     f"(an incomplete copy of the store?)")
+        return rec
+
+    @property
+    def verified(self) -> bool:
+        """Whether every array carries chunk checksums (format 2), so reads are verified."""
+        return all(info.chunks is not None for group in self.arrays.values() for info in group.values())
 
     def has(self, kind: str, name: str) -> bool:
         return name in self.arrays.get(kind, {})
@@ -257,21 +389,132 @@ class StatsStore:
     def read(self, kind: str, name: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
         """Rows [r0, r1) (all rows when None) as float32, refused if any value is not finite."""
         arr = self._handles[(kind, name)]
+        rec = self.arrays[kind][name].chunks
         try:
-            data = arr[...] if r0 is None or not arr.shape else arr[r0:r1]
+            if rec is not None:
+                data = self._read_verified(kind, name, arr, rec, r0, r1)  # a fresh array already
+            else:
+                data = arr[...] if r0 is None or not arr.shape else arr[r0:r1]
+                data = np.array(data, dtype=np.float32, order="C", copy=True)
+        except InputError:
+            raise
         except Exception as e:
             raise InputError(f"{self.path}: {kind}/{name}: cannot read ({e.__class__.__name__}: {e})") from None
-        out = torch.from_numpy(np.array(data, dtype=np.float32, order="C", copy=True))
+        out = torch.from_numpy(data)
         if not all_finite(out):
             raise InputError(f"{self.path}: {kind}/{name} holds NaN or Inf values")
         return out
 
+    def _read_verified(self, kind: str, name: str, arr: Any, rec: dict, r0: int | None, r1: int | None) -> np.ndarray:
+        """Rows [r0, r1) from the whole chunks that hold them, each checked against its crc32
+        (zarr decodes whole chunks anyway, so this reads no more from disk). The engine reads a
+        block's rows in order, often fewer than a chunk at a time: the verified chunk a read ends
+        inside is kept (one per store, <= STATS_CHUNK_BYTES) for the next read to start from, so
+        no chunk is decoded or checked twice."""
+        shape = self.arrays[kind][name].shape
+        if not shape:
+            data = np.array(arr[...], dtype=np.float32)
+            self._check_chunk(kind, name, 0, data, shape, None, rec)
+            return data
+        lo = 0 if r0 is None else max(0, r0)
+        hi = shape[0] if r0 is None or r1 is None else min(shape[0], r1)
+        out = np.empty((max(hi - lo, 0),) + shape[1:], dtype=np.float32)
+        if hi <= lo or rec["count"] == 0:
+            return out
+        rows = rec["rows"]
+        c0, c1 = lo // rows, -(-hi // rows)
+        pos, first = lo, c0
+        kept = self._kept
+        if kept is not None and kept[:3] == (kind, name, c0):
+            pos = min(hi, (c0 + 1) * rows)
+            out[:pos - lo] = kept[3][lo - c0 * rows:pos - c0 * rows]
+            first = c0 + 1
+        if pos < hi:
+            start, end = first * rows, min(c1 * rows, shape[0])
+            data = np.ascontiguousarray(arr[start:end], dtype=np.float32)
+            for c in range(first, c1):
+                self._check_chunk(kind, name, c, data[(c - first) * rows:(c - first + 1) * rows], shape, rows, rec)
+            out[pos - lo:] = data[pos - start:hi - start]
+            if hi < end:  # the next read of this block starts inside the last chunk
+                self._kept = (kind, name, c1 - 1, data[(c1 - 1 - first) * rows:].copy())
+        return out
+
+    def _check_chunk(self, kind: str, name: str, c: int, data: np.ndarray, shape, rows, rec: dict) -> None:
+        if zlib.crc32(np.ascontiguousarray(data, dtype="<f4")) == rec["crc32"][c]:
+            return
+        where = f"{self.path}: {kind}/{name}: chunk {c} of {rec['count']}{_rows(shape, rows, c)}"
+        if self.local is not None and not os.path.exists(os.path.join(self.local, kind, name,
+                                                                      *chunk_key(c, len(shape)).split("/"))):
+            raise InputError(f"{where} is missing (an incomplete copy of the store?)")
+        raise InputError(f"{where} does not match its recorded crc32 (damaged, or changed after it was written)")
+
     def nbytes(self, kind: str, name: str) -> int:
         return 4 * math.prod(self.arrays[kind][name].shape)
 
+    @property
+    def digest(self) -> str:
+        """sha256 of the store's metadata, every array's chunk checksums included: a format-2
+        store whose values changed has another digest (a format-1 store: names, shapes, attrs)."""
+        what = {"attrs": self.attrs,
+                "arrays": {f"{k}/{n}": [list(i.shape), i.attrs, i.chunks] for k, g in self.arrays.items()
+                           for n, i in sorted(g.items())}}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
     def describe(self) -> dict:
-        return {"path": self.path, "attrs": self.attrs,
-                "arrays": {k: len(v) for k, v in self.arrays.items() if v}}
+        return {"path": self.path, "attrs": self.attrs, "format": self.format, "verified": self.verified,
+                "digest": self.digest, "arrays": {k: len(v) for k, v in self.arrays.items() if v}}
+
+    def fingerprint(self) -> dict:
+        """What --resume compares: `describe()` (the digest covers every chunk's crc32), plus,
+        for the unverified arrays of a local format-1 store, each chunk file's size and mtime."""
+        out = self.describe()
+        if self._files is not None and not self.verified:
+            stats = {}
+            for rel in sorted(self._files):
+                st = os.stat(os.path.join(self.local, rel))
+                stats[rel] = (st.st_size, st.st_mtime_ns)
+            out["files"] = stats
+        return out
+
+
+def _local_path(path: str) -> str | None:
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if _is_url(path) else path
+
+
+def _rows(shape: tuple[int, ...], rows: int | None, c: int) -> str:
+    return f" (rows {c * rows}-{min((c + 1) * rows, shape[0]) - 1})" if shape else ""
+
+
+def _scan(root: str) -> set[str]:
+    """Every file under a local store (relative, '/'-separated). Anything that is not a regular
+    file or a directory (a FIFO, socket, device or broken link) is refused naming its path: zarr
+    would block on a FIFO's first read, or read a device forever. Links are followed."""
+    files: set[str] = set()
+    seen: set[tuple[int, int]] = set()
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        here = os.path.join(root, rel) if rel else root
+        try:
+            st = os.stat(here)
+            if (st.st_dev, st.st_ino) in seen:
+                raise InputError(f"{here}: reached twice while listing the statistics store (a directory link loop?)")
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(here))
+        except OSError as e:
+            raise InputError(f"{here}: cannot list ({e.strerror})") from None
+        for e in entries:
+            r = f"{rel}/{e.name}" if rel else e.name
+            if e.is_dir():
+                todo.append(r)
+            elif e.is_file():
+                files.add(r)
+            else:
+                raise InputError(f"{e.path}: not a regular file (a FIFO, socket, device or broken link inside a "
+                                 f"statistics store is refused, not read)")
+    return files
 
 
 def open_store(path: str) -> StatsStore:

@@ -23,6 +23,7 @@ import torch
 
 from tensormerge.constants import RESUME_DIR
 from tensormerge.engine.faults import ENV
+from tensormerge.engine.outdir import REPLACED
 from tests import helpers as H
 
 SPEC = H.CHUNKED_SPEC
@@ -126,15 +127,18 @@ def test_block_checksums_of_a_resumed_merge_equal_an_uninterrupted_one(fam, refe
 
 def test_killed_between_the_renames_of_an_overwrite(fam, reference, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    res = H.run_cli(_args(fam, "dare", out))  # a previous output, which --overwrite may replace
+    assert res.returncode == 0, res
     (out / "old-file").write_text("previous output")
     res = H.run_cli(_args(fam, "ties", out, "--overwrite"), env={ENV: "rename:1"})
     assert res.returncode == -signal.SIGKILL, res
-    assert not out.exists() and Path(str(out) + ".old").exists()  # OUT moved aside, new not yet in place
+    # OUT moved inside the finished OUT.partial (no name beside it), the new one not yet in place
+    assert not out.exists() and (Path(str(out) + ".partial") / REPLACED / "old-file").exists()
     res = H.run_cli(_args(fam, "ties", out, "--overwrite", "--resume"))
     assert res.returncode == 0, res
     assert H.shard_digests(out) == reference["ties"]
-    assert not (out / "old-file").exists() and not Path(str(out) + ".old").exists()
+    assert not (out / "old-file").exists() and not (out / REPLACED).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_killed_after_the_rename_is_already_complete(fam, reference, tmp_path):

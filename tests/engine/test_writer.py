@@ -119,9 +119,14 @@ def test_side_files_copied_byte_identical_weights_not(fam, unsharded):
     out, _ = unsharded
     base_dir = pathlib.Path(base_spec)
     for fname in H.SIDE_FILES:
-        assert (out / fname).read_bytes() == (base_dir / fname).read_bytes(), fname
+        if fname != "config.json":
+            assert (out / fname).read_bytes() == (base_dir / fname).read_bytes(), fname
+    # config.json: the base's, stating the dtype of most written floating-point elements
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg == {**json.loads(H.SIDE_FILES["config.json"]), "torch_dtype": "float32"}
     names = {p.name for p in out.iterdir()}
-    assert names == set(H.SIDE_FILES) | {"model.safetensors", "tensormerge.json"}
+    # the output's own card and recipe (engine/card.py), not the base's
+    assert names == set(H.SIDE_FILES) | {"model.safetensors", "tensormerge.json", "README.md", "tensormerge-recipe.yaml"}
 
 
 def test_side_files_from_first_input_without_base(tmp_path):
@@ -133,7 +138,7 @@ def test_side_files_from_first_input_without_base(tmp_path):
     b = H.save_safetensors_dir(tmp_path / "b", fts[1])
     out = tmp_path / "out"
     api.merge(api.MergeSpec(method="average", inputs=[str(a), str(b)], output=str(out), quiet=True))
-    assert (out / "config.json").read_text() == '{"from": "first input"}'
+    assert json.loads((out / "config.json").read_text()) == {"from": "first input", "torch_dtype": "float32"}
     assert (out / "tokenizer.model").read_bytes() == bytes(range(256))
     assert not (out / "pytorch_model.bin").exists()
     assert not (out / "model-00001-of-00002.safetensors").exists()
@@ -155,11 +160,13 @@ def test_provenance(fam, tmp_path):
     assert [i["spec"] for i in prov["inputs"]] == ft_specs
     assert prov["base"]["spec"] == base_spec
     for fp, spec in zip(prov["inputs"] + [prov["base"]], ft_specs + [base_spec]):
-        assert re.fullmatch(r"[0-9a-f]{64}", fp["sha256"])
+        assert re.fullmatch(r"[0-9a-f]{64}", fp["fingerprint"])
         assert fp["tensors"] == len(base)
         assert fp["files"] == {"model.safetensors": (pathlib.Path(spec) / "model.safetensors").stat().st_size}
     # inputs differ in values only: fingerprints are of names/shapes/dtypes/sizes, so equal
-    assert len({fp["sha256"] for fp in prov["inputs"] + [prov["base"]]}) == 1
+    assert len({fp["fingerprint"] for fp in prov["inputs"] + [prov["base"]]}) == 1
+    # ... and their content digests differ (tests/engine/test_provenance.py checks their values)
+    assert len({fp["content"]["digest"] for fp in prov["inputs"] + [prov["base"]]}) == len(ft_specs) + 1
     assert "torch" in prov["versions"] and "safetensors" in prov["versions"]
     assert prov["tensormerge"]
     # per-block checksums are crc32 of the bytes written (after TIES' patches)
@@ -180,11 +187,16 @@ def test_overwrite_and_refusal(fam, tmp_path):
         merge(fam, out)
     assert (out / "keep.txt").read_text() == "old"
     assert not pathlib.Path(str(out) + ".partial").exists()
-    merge(fam, out, overwrite=True)
-    assert not (out / "keep.txt").exists()
+    with pytest.raises(OutputError, match="not a tensormerge output"):
+        merge(fam, out, overwrite=True)  # --overwrite replaces only a previous output (or an empty directory)
+    assert (out / "keep.txt").read_text() == "old"
+    (out / "keep.txt").unlink()
+    merge(fam, out, overwrite=True)  # empty
+    (out / "stale.txt").write_text("beside a previous output")
+    merge(fam, out, overwrite=True)  # a previous tensormerge output
+    assert not (out / "stale.txt").exists()
     assert (out / "model.safetensors").exists()
-    assert not pathlib.Path(str(out) + ".old").exists()
-    assert not pathlib.Path(str(out) + ".partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old, .partial or lock beside it
 
 
 def test_stale_partial_is_replaced(fam, tmp_path):

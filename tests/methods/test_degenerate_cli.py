@@ -54,6 +54,6 @@ def test_mats_zero_statistics_in_every_model_keep_the_start(tmp_path, objective)
     assert blocks["w"]["cg_residual"] == 0.0
     assert blocks["u"]["cg_no_information"] is False and blocks["u"]["cg_iterations"] > 0
     assert "1 carried no information" in res.stdout and "0 did not reach tol" in res.stdout, str(res)
-    assert rep["summary"] == [line for line in res.stdout.splitlines() if line.startswith("mats:")]
+    assert rep["summary"] == res.stdout.splitlines()
     prov = json.loads((out / "tensormerge.json").read_text())
     assert prov["blocks"]["w"]["cg_no_information"] is True

@@ -44,6 +44,10 @@ def test_average_and_weights(dtype, shape):
     torch.testing.assert_close(got.double(), 0.5 * x64[0] + 0.3 * x64[1] + 0.2 * x64[2], rtol=0, atol=1e-5)
     got = run("average", xs, weights="2,1,1", normalize="true")
     torch.testing.assert_close(got.double(), 0.5 * x64[0] + 0.25 * x64[1] + 0.25 * x64[2], rtol=0, atol=1e-5)
+    got = run("average", xs, weights="2,1,1")  # SPEC: normalize is true when weights are given (mergekit's linear)
+    torch.testing.assert_close(got.double(), 0.5 * x64[0] + 0.25 * x64[1] + 0.25 * x64[2], rtol=0, atol=1e-5)
+    got = run("average", xs, weights="2,1,1", normalize="false")
+    torch.testing.assert_close(got.double(), 2 * x64[0] + x64[1] + x64[2], rtol=0, atol=1e-5 * 4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,3 +133,20 @@ def test_dare_mask_equals_the_hash_in_python_integers(start):
         want.append(h >= cut)
     assert got.tolist() == want
     assert not K.dare_keep(5, 2, "blk", start, 40, 1.0).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_average_normalizes_given_weights_by_default(dtype):
+    """SPEC §4, as mergekit's linear: weights 1,2,3 are divided by their sum 6; normalize=false
+    keeps them verbatim; no weights is 1/N either way."""
+    _, xs = models((37, 19), dtype)
+    x64 = [x.double() for x in xs]
+    want = (1 * x64[0] + 2 * x64[1] + 3 * x64[2]) / 6
+    torch.testing.assert_close(run("average", xs, weights="1,2,3").double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(run("average", xs, weights="1,2,3", normalize="false").double(), 6 * want,
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(run("average", xs, normalize="false").double(), sum(x64) / 3, rtol=0, atol=1e-5)
+    with pytest.raises(ParameterError, match="normalize=false"):
+        run("average", xs, weights="1,-1,0")
+    torch.testing.assert_close(run("average", xs, weights="1,-1,0", normalize="false").double(), x64[0] - x64[1],
+                               rtol=0, atol=1e-5)

@@ -206,7 +206,8 @@ def test_regmean_dead_inputs_singular_sums_and_other_parameters(tmp_path):
     ws = [rand(5, 4, seed=i) for i in range(2)]
     bias = [rand(5, seed=30 + i) for i in range(2)]
     # input 2 never varies in any model: its column is the average; inputs 0,1,3 are collinear in
-    # both models (rank 2 of 3), so the sum is singular and the minimum-norm solution is taken
+    # both models (rank 2 of 3), so the sum is singular: the deviation from the average is solved
+    # for, and the average is kept along the direction no Gram determines
     grams = []
     for i in range(2):
         x = rand(40, 2, seed=40 + i)
@@ -215,10 +216,13 @@ def test_regmean_dead_inputs_singular_sums_and_other_parameters(tmp_path):
     got, _ = run(tmp_path, "regmean", [{"w": w, "b": b} for w, b in zip(ws, bias)],
                  [{"gram_in": {"w": g.float()}} for g in grams])
     live = [0, 1, 3]
+    wbar = (ws[0] + ws[1]) / 2
     s = sum(g[live][:, live] for g in grams)
-    m = sum(w[:, live] @ g[live][:, live] for w, g in zip(ws, grams))
-    want_live = m @ torch.linalg.pinv(s, hermitian=True, rtol=1e-6)  # float32 storage noise is not signal
+    m = sum((w - wbar)[:, live] @ g[live][:, live] for w, g in zip(ws, grams))
+    want_live = wbar[:, live] + m @ torch.linalg.pinv(s, hermitian=True, rtol=1e-6)  # float32 noise is not signal
     torch.testing.assert_close(got["w"][:, live], want_live, rtol=1e-5, atol=1e-5)
+    null = torch.tensor([1.0, 1.0, -1.0], dtype=F64) / 3**0.5  # x0 + x1 − x3 = 0 in both models
+    torch.testing.assert_close(got["w"][:, live] @ null, wbar[:, live] @ null, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got["w"][:, 2], (ws[0][:, 2] + ws[1][:, 2]) / 2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got["b"], (bias[0] + bias[1]) / 2, rtol=1e-12, atol=1e-12)
 

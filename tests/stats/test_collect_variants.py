@@ -49,7 +49,7 @@ def test_gpt2_conv1d_grams_follow_the_in_out_layout(tmp_path):
 
 
 def test_gpt2_conv1d_weights_merge_with_regmean_as_their_transpose(tmp_path):
-    """RegMean of a Conv1D weight W [in, out] (y = x W) is (Σ G_i)^+ Σ G_i W_i: the engine merges
+    """RegMean of a Conv1D weight W [in, out] (y = x W) is W̄ + (Σ G_i)^+ Σ G_i (W_i − W̄): the engine merges
     the block as its transpose, with the [out, in] formula, and writes it back [in, out]."""
     from safetensors.torch import load_file
 
@@ -73,10 +73,12 @@ def test_gpt2_conv1d_weights_merge_with_regmean_as_their_transpose(tmp_path):
                         for n in conv)  # [in, out] weights, [in, in] Grams
     for n in conv:
         g = [x[n].double() for x in grams]
-        # inputs after a LayerNorm sum to zero, so their Grams are singular: the minimum-norm
-        # least-squares solution, dropping directions at float32 noise (the Grams are float32)
+        # inputs after a LayerNorm sum to zero, so their Grams are singular: the deviation from the
+        # average is solved for, dropping directions at float32 noise (the Grams are float32)
         noise = g[0].shape[0] ** 0.5 * 2.0**-24
-        want = torch.linalg.pinv(sum(g), hermitian=True, rtol=noise) @ sum(gi @ sd[n].double() for gi, sd in zip(g, sds))
+        avg = sum(sd[n].double() for sd in sds) / 3
+        dev = sum(gi @ (sd[n].double() - avg) for gi, sd in zip(g, sds))
+        want = avg + torch.linalg.pinv(sum(g), hermitian=True, rtol=noise) @ dev
         torch.testing.assert_close(got[n].double(), want, rtol=1e-5, atol=1e-6, msg=n)
     transposed = [b for b in report["blocks"] if b["name"] in conv]
     assert len(transposed) == len(conv) and all(b["chunks"] == 1 for b in transposed)

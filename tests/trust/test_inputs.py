@@ -288,7 +288,10 @@ def test_sharded_hub_model_loads_and_merges(hub_cache, tmp_path):
     for n, e in H.expected_task_arithmetic(base, fts, 0.5).items():
         H.assert_close(merged[n], e, base[n].dtype, n)
     for f in ("config.json", "tokenizer.json"):  # side files are links into blobs: copied as files
-        assert not (out / f).is_symlink() and (out / f).read_text() == H.SIDE_FILES[f]
+        assert not (out / f).is_symlink()
+    assert (out / "tokenizer.json").read_text() == H.SIDE_FILES["tokenizer.json"]
+    config = json.loads((out / "config.json").read_text())  # the base's, stating the written dtype
+    assert config.pop("torch_dtype") == "float32" and config == json.loads(H.SIDE_FILES["config.json"])
     # a snapshot directory named as a path is confined the same way
     snap = next((hub_cache / "models--org--base" / "snapshots").iterdir())
     ck = open_checkpoint(str(snap))

@@ -1,0 +1,330 @@
+"""Where a run may write, one run at a time per output, and the final rename.
+
+Shared by `run` (and a future `sweep`) and the statistics commands, so every command that
+writes a directory refuses the same things before any work:
+
+- an output that is, contains or lies inside an input, the base, a statistics store or a data
+  file, or that is or contains the working directory (`--output .` would empty it);
+- an output (or `OUT.partial`) that is a symbolic link or not a directory;
+- `--overwrite` of anything but an empty directory or an output of the same command (a merge's
+  `tensormerge.json`, a store's `zarr.json`), since replacing it deletes what is there.
+
+The lock is `fcntl.flock` on `OUT.partial.lock`, a file beside `OUT.partial` that holds the
+holder's pid, host and start time for the error line. flock rather than an O_EXCL file:
+the kernel releases it when the holder dies however it dies, so `--resume` after a SIGKILL
+just takes it, pid reuse cannot fake a live holder, and NFS propagates it between hosts.
+Beside rather than inside `OUT.partial`, because that directory is removed, recreated and
+renamed during a run (and zarr clears a store it opens for writing). The file is unlinked
+while still locked, and a locker checks that the path still names the inode it locked, so a
+run never holds a lock on a file another run no longer sees. A lock file left behind (its
+holder was killed) is reported when it is taken over, never silently; one left by another host,
+whose process cannot be checked from here, is refused until the user removes it.
+
+The finish moves an existing `OUT` into `OUT.partial/.tensormerge-replaced` (a name inside
+this run's own directory), renames `OUT.partial` to `OUT`, and only then removes the old
+output from inside the new one: no name beside `OUT` is ever created or removed, and a crash
+between the renames leaves the finished merge in `OUT.partial` for `--resume` to put in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterable
+
+from tensormerge import constants as C
+from tensormerge.engine import faults
+from tensormerge.errors import OutputError
+
+LOCK_SUFFIX = C.PARTIAL_SUFFIX + ".lock"  # OUT.partial.lock
+REPLACED = ".tensormerge-replaced"  # the previous OUT, inside OUT.partial (then OUT) during the finish
+OURS_SUBDIRS = {C.RESUME_DIR, REPLACED}  # the only directories a merge output ever holds
+MAX_MARKER_BYTES = 64 * 1024 * 1024  # a tensormerge.json / zarr.json larger than this is not ours
+
+
+def _within(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _relation(out: str, other: str) -> str | None:
+    """How real path `out` relates to real path `other`: 'is', 'contains', 'is inside', or None."""
+    if out == other:
+        return "is"
+    if _within(other, out):
+        return "contains"
+    if _within(out, other):
+        return "is inside"
+    return None
+
+
+def check_paths(out: str, protected: Iterable[tuple[str, str]], option: str = "--output") -> None:
+    """Refuse an output (or `OUT.partial`) that is, contains or lies inside a protected path
+    (role, path), or that is or contains the working directory. Paths that do not exist locally
+    (hub repo ids, URLs) are skipped; symlinks are resolved on both sides."""
+    real = os.path.realpath(out)
+    for candidate in (real, real + C.PARTIAL_SUFFIX):
+        for role, path in protected:
+            if not path or "://" in path or not os.path.lexists(path):
+                continue
+            rel = _relation(candidate, os.path.realpath(path))
+            if rel is not None:
+                what = out if candidate == real else out + C.PARTIAL_SUFFIX
+                raise OutputError(f"{option} {what}: {rel} {role} {path}; refusing to write there")
+        cwd = os.path.realpath(os.getcwd())
+        if _within(cwd, candidate):
+            rel = "is" if cwd == candidate else "contains"
+            raise OutputError(f"{option} {out}: {rel} the working directory {cwd}; refusing to write there")
+
+
+def what_is_there(path: str, kind: str) -> str | None:
+    """None when --overwrite may replace the directory `path`: it is empty, or an output of the
+    same kind ('merge': its tensormerge.json names a method and the version that wrote it, and
+    it holds no directory tensormerge does not make; 'stats': its zarr.json is a statistics
+    store's). Otherwise what is there, in words, for the error line."""
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        return f"cannot be listed ({e.strerror})"
+    if not entries:
+        return None
+    example = f"holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, e.g. {entries[0]!r}"
+    marker = C.PROVENANCE if kind == "merge" else "zarr.json"
+    doc = _read_json(os.path.join(path, marker))
+    if kind == "merge":
+        ours = isinstance(doc, dict) and "tensormerge" in doc and "method" in doc
+        if ours:
+            dirs = [e for e in entries if e not in OURS_SUBDIRS and os.path.isdir(os.path.join(path, e))]
+            if dirs:
+                return f"is a tensormerge output but also holds the directory {dirs[0]!r}, which tensormerge never writes"
+            return None
+        return f"is not a tensormerge output ({example}; no {marker} of a merge)"
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    if isinstance(attrs, dict) and "tensormerge_stats" in attrs:
+        return None
+    return f"is not a statistics store ({example}; no {marker} of a tensormerge store)"
+
+
+def _read_json(path: str):
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) > MAX_MARKER_BYTES:
+            return None
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind: str = "merge",
+                 protected: Iterable[tuple[str, str]] = (), option: str = "--output",
+                 flag: str = "--overwrite") -> None:
+    """Everything about OUT that can be known before any work (see the module docstring).
+    `keep_existing`: an existing OUT is fine without --overwrite (--resume finds it complete).
+    `flag`: the option that lets an existing OUT be written (`--append` adds to a store)."""
+    protected = list(protected)
+    check_paths(out, protected, option)
+    partial = out + C.PARTIAL_SUFFIX
+    for path in (out, partial):
+        if os.path.islink(path):
+            raise OutputError(f"{option} {path}: is a symbolic link (to {os.readlink(path)}); "
+                              f"give the directory itself")
+        if os.path.lexists(path) and not os.path.isdir(path):
+            what = "a file" if os.path.isfile(path) else "not a directory"
+            raise OutputError(f"{option} {path}: is {what}; refusing to write there")
+    if os.path.lexists(out) and not keep_existing:
+        if not overwrite:
+            raise OutputError(f"{out}: exists (pass --overwrite to replace it)")
+        problem = what_is_there(out, kind)
+        if problem:
+            raise OutputError(f"{out}: {problem}; refusing {flag}")
+
+
+def check_report(report: str | None, out: str, protected: Iterable[tuple[str, str]] = ()) -> None:
+    """`--report` must be writable before the merge starts, not found unwritable after it: an
+    existing file is opened for writing (not truncated), a new one is created and removed. A
+    report inside OUT itself is written after OUT exists, so only its name is checked."""
+    if not report:
+        return
+    for role, path in protected:
+        if path and "://" not in path and os.path.lexists(path) \
+                and _relation(os.path.realpath(report), os.path.realpath(path)) in ("is", "is inside"):
+            raise OutputError(f"--report {report}: is inside {role} {path}; refusing to write there")
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(report)))
+    real_out = os.path.realpath(out)
+    if os.path.realpath(report) in (real_out, real_out + C.PARTIAL_SUFFIX):
+        raise OutputError(f"--report {report}: is the output directory; give a file name")
+    if parent == real_out or parent == real_out + C.PARTIAL_SUFFIX:
+        if os.path.basename(report) in (C.PROVENANCE, C.SAFE_INDEX, C.SAFE_SINGLE):
+            raise OutputError(f"--report {report}: would replace the output's own {os.path.basename(report)}")
+        return
+    try:
+        if os.path.isdir(report):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if os.path.lexists(report):
+            os.close(os.open(report, os.O_WRONLY | os.O_APPEND))
+        else:
+            os.close(os.open(report, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.unlink(report)
+    except OSError as e:
+        raise OutputError(f"--report {report}: cannot write ({e.strerror or e})") from None
+
+
+# ---------------------------------------------------------------------------------- the lock
+def _holder(text: str) -> dict | None:
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("pid"), int) and isinstance(d.get("host"), str) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputLock:
+    """Exclusive right to write OUT (and OUT.partial) for one run; see the module docstring.
+
+    `with OutputLock(out, "run"):` fails at once with one line naming the holder when another
+    live run holds it. A lock file left by a dead run is taken over with a warning on stderr
+    (unless `quiet`), also kept in `stale` for the caller's report."""
+
+    def __init__(self, out: str, command: str = "run", quiet: bool = False):
+        self.out = out
+        self.path = out + LOCK_SUFFIX
+        self.command = command
+        self.quiet = quiet
+        self.stale: str | None = None
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        host = socket.gethostname()
+        while True:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)  # as OUT.partial's would be
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise OutputError(f"{self.out}: cannot create the lock file {self.path} ({e.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                text = _read_fd(fd)
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OutputError(f"{self.out}: cannot lock {self.path} ({e.strerror})") from None
+                h = _holder(text)
+                who = (f"pid {h['pid']} on host {h['host']} ({h.get('command', '?')}, since {h.get('started', '?')})"
+                       if h else "a run that is starting")
+                raise OutputError(f"{self.out}: another tensormerge run is writing it: {who}; wait for it to "
+                                  f"finish or stop it (lock {self.path})") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder unlinked it as we opened it: lock the file that is there now
+        left = _holder(_read_fd(fd))
+        if left is not None and (left["pid"], left["host"]) != (os.getpid(), host):
+            if left["host"] != host:
+                os.close(fd)
+                raise OutputError(f"{self.out}: locked by pid {left['pid']} on host {left['host']}, whose process "
+                                  f"cannot be checked from {host}; if no tensormerge run is writing it there, "
+                                  f"remove {self.path}")
+            state = "which is no longer running" if not _alive(left["pid"]) else "which no longer holds it"
+            self.stale = (f"{self.path}: left by pid {left['pid']} ({left.get('command', '?')}, since "
+                          f"{left.get('started', '?')}), {state}; taking it over")
+            if not self.quiet:
+                print(f"warning: {self.stale}", file=sys.stderr, flush=True)
+        me = json.dumps({"pid": os.getpid(), "host": host, "command": self.command,
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me.encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise OutputError(f"{self.out}: cannot write the lock file {self.path} ({e.strerror})") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        """Unlink the lock file while still holding it, then let go."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(self.fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino:
+                os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = None
+
+
+def _read_fd(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------- the finish
+def publish(partial: str, out: str, *, overwrite: bool, kind: str = "merge") -> None:
+    """Rename the finished `partial` to `out`. An existing `out` is checked again (it may have
+    appeared during the run), moved into `partial` under REPLACED, and removed only once the
+    new output is in place. On failure `partial` is left whole (--resume finishes it)."""
+    if os.path.lexists(out):
+        if not overwrite:
+            raise OutputError(f"{out}: appeared during the run (pass --overwrite to replace it); the finished "
+                              f"output is kept in {partial}")
+        problem = "is a symbolic link" if os.path.islink(out) else (
+            "is not a directory" if not os.path.isdir(out) else what_is_there(out, kind))
+        if problem:
+            raise OutputError(f"{out}: {problem}; refusing --overwrite (the finished output is kept in {partial})")
+        aside = os.path.join(partial, REPLACED)
+        if os.path.lexists(aside):
+            shutil.rmtree(aside)
+        os.rename(out, aside)
+        faults.hit("rename")
+        try:
+            os.rename(partial, out)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rename(aside, out)
+            raise
+    else:
+        os.rename(partial, out)
+    _fsync_dir(os.path.dirname(os.path.abspath(out)))
+    remove_replaced(out)
+
+
+def remove_replaced(out: str) -> None:
+    """Remove the previous output a finish moved into `out` (left there by a crash just after
+    the rename): a name only tensormerge creates, inside a directory it wrote."""
+    aside = os.path.join(out, REPLACED)
+    if os.path.isdir(aside) and not os.path.islink(aside):
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,62 @@
+"""What a run did, in words: the lines `run` prints after a merge, and its warnings.
+
+Progress bars are erased when they finish, so these lines are the only lasting sign that blocks
+fell back, CG stopped early or entries were patched. They are made from the report itself and
+stored in it ("summary", "warnings"), so the JSON holds exactly what the user read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tensormerge.sizes import format_size
+
+SHOWN = 5  # blocks named one by one before "... N more"
+
+
+def describe(plan, notes: dict[str, dict], report: dict[str, Any]) -> dict[str, list[str]]:
+    """The report's "summary" and "warnings" for a finished run of `plan`."""
+    return {"summary": summary_lines(plan, notes, report), "warnings": run_warnings(plan, notes)}
+
+
+def summary_lines(plan, notes: dict[str, dict], report: dict[str, Any]) -> list[str]:
+    n_shards = len(report["shards"])
+    lines = [f"wrote {report['output']} ({n_shards} shard{'' if n_shards == 1 else 's'}, "
+             f"{format_size(report['bytes_written'])}) in {report['seconds']:.2f} s, "
+             f"peak RSS {format_size(report['peak_rss_bytes'])}"]
+    blocks = report["blocks"]
+    fallback = report.get("fallback_blocks") or {}
+    merged = sum(1 for b in blocks if b["kind"] == "merge")
+    label = plan.method.fallback_label
+    line = f"blocks: {merged - len(fallback)} merged by {plan.method.name}"
+    if plan.stats is not None or fallback:
+        line += f", {len(fallback)} {label} for lack of statistics"
+    derived = sum(1 for b in blocks if b["kind"] == "derived")  # LoRA factors engine.lora computes
+    if derived:
+        line += f", {derived} LoRA factors computed (--lora)"
+    line += f", {len(blocks) - merged - derived} copied (not floating point)"
+    if report.get("patched_entries"):
+        line += f"; {report['patched_entries']} entries patched after the merge pass"
+    lines.append(line)
+    for name, why in list(fallback.items())[:SHOWN]:
+        lines.append(f"  {label} {name}: {why}")
+    if len(fallback) > SHOWN:
+        lines.append(f"  ... {len(fallback) - SHOWN} more (the report's fallback_blocks lists all)")
+    missing = report.get("base_stats_missing") or {}
+    if missing:
+        lines.append(f"  {len(missing)} blocks without base statistics, taken as zero (base_stats_missing)")
+    resumed = report.get("resumed") or {}
+    if resumed.get("chunks") or resumed.get("passes"):
+        lines.append(f"resumed: {resumed.get('passes', 0)} passes and {resumed.get('chunks', 0)} chunks "
+                     f"kept from the interrupted run")
+    return lines + plan.method.run_summary(plan.params, notes)
+
+
+def run_warnings(plan, notes: dict[str, dict]) -> list[str]:
+    """Results the user likely did not mean: a base the method never reads, the method's own
+    (weights that do not sum to 1 verbatim, CG short of tol)."""
+    out = []
+    if plan.base is not None and not plan.method.requires_base(plan.params):
+        out.append(f"--base: method {plan.method.name!r} with these parameters does not use the base's values "
+                   f"(the output only takes its tensor names, order, dtypes and side files)")
+    return out + plan.method.run_warnings(plan.params, notes)

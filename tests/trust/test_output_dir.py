@@ -1,0 +1,409 @@
+"""The output directory never takes what is not a merge, and two runs never share one (issue 12,
+classes 1 and 2): `--overwrite` replaces only a previous output or an empty directory; an output
+that is, contains or lies inside an input, the base, a store or the working directory is refused
+for `run` and `stats` alike; symlinks, files and an unwritable `--report` are refused before any
+work; no name beside OUT (a user's `OUT.old`) is touched; `OUT.partial.lock` makes a second run
+fail at once naming the first, and a dead run's lock is reported when taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tensormerge import api
+from tensormerge.engine.faults import ENV
+from tensormerge.engine.outdir import LOCK_SUFFIX, OutputLock
+from tensormerge.errors import OutputError
+from tests import helpers as H
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outdir")
+    base_spec, ft_specs, base, fts = H.write_family(root / "models", n=2)
+    return {"root": root, "base": base_spec, "inputs": ft_specs, "fts": fts, "base_sd": base}
+
+
+def args(fam, out, *extra, method="average"):
+    a = ["run", "-q", "--method", method, "--inputs", ",".join(fam["inputs"]), "--output", str(out)]
+    if method != "average":
+        a += ["--base", fam["base"]]
+    return a + [str(x) for x in extra]
+
+
+def assert_average(out, fam):
+    merged = H.load_dir(out)
+    for n, e in H.expected_average(fam["fts"]).items():
+        H.assert_close(merged[n], e, fam["fts"][0][n].dtype, n)
+
+
+def nothing_beside(out: Path, *allowed: str) -> None:
+    """No OUT.partial, no lock file, no other name the run made beside OUT."""
+    names = {p.name for p in out.parent.iterdir()}
+    assert names <= {out.name, *allowed}, sorted(names)
+
+
+# ---------------------------------------------------------------------------------- names beside OUT
+def test_a_sibling_old_directory_is_never_touched(fam, tmp_path):
+    """`mv merged merged.old` before a rerun: the old merge must survive the new one (it was
+    removed by every finish)."""
+    out = tmp_path / "merged"
+    old = tmp_path / "merged.old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"the user's previous merge")
+    for extra in ((), ("--overwrite",)):  # a fresh OUT, then replacing a previous output
+        res = H.run_cli(args(fam, out, *extra))
+        assert res.returncode == 0, res
+        assert (old / "model.safetensors").read_bytes() == b"the user's previous merge"
+    assert_average(out, fam)
+    nothing_beside(out, "merged.old")
+
+
+# ---------------------------------------------------------------------------------- --overwrite
+def test_overwrite_refuses_a_directory_that_is_not_a_merge(fam, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("three years")
+    (out / "data").mkdir()
+    res = H.run_cli(args(fam, out, "--overwrite"))
+    line = H.assert_clean_error(res, str(out), "not a tensormerge output", "2 entries", "--overwrite")
+    assert "data" in line
+    assert (out / "thesis.tex").read_text() == "three years" and (out / "data").is_dir()
+    nothing_beside(out)
+
+
+def test_overwrite_refuses_a_merge_output_holding_a_foreign_directory(fam, tmp_path):
+    out = tmp_path / "out"
+    assert H.run_cli(args(fam, out)).returncode == 0
+    (out / "evaluations").mkdir()
+    (out / "evaluations" / "scores.json").write_text("{}")
+    res = H.run_cli(args(fam, out, "--overwrite"))
+    H.assert_clean_error(res, str(out), "evaluations")
+    assert (out / "evaluations" / "scores.json").exists()
+
+
+def test_overwrite_replaces_an_empty_directory_and_a_previous_merge(fam, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert H.run_cli(args(fam, out, "--overwrite")).returncode == 0
+    first = H.shard_digests(out)
+    res = H.run_cli(args(fam, out, "--overwrite", method="task_arithmetic"))
+    assert res.returncode == 0, res
+    assert json.loads((out / "tensormerge.json").read_text())["method"] == "task_arithmetic"
+    assert H.shard_digests(out) != first
+    expected = H.expected_task_arithmetic(fam["base_sd"], fam["fts"])
+    merged = H.load_dir(out)
+    for n, e in expected.items():
+        H.assert_close(merged[n], e, fam["fts"][0][n].dtype, n)
+    nothing_beside(out)
+
+
+def test_output_dot_with_overwrite_leaves_the_working_directory_alone(fam, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    res = H.run_cli(args(fam, ".", "--overwrite"), cwd=work)
+    H.assert_clean_error(res, "working directory")
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+    res = H.run_cli(args(fam, "..", "--overwrite"), cwd=work)  # a parent of it, too
+    H.assert_clean_error(res, "contains the working directory")
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def _tree(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): H.sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["parent_of_input", "is_input", "inside_input", "is_base", "inside_base",
+                                  "partial_is_input"])
+def test_output_related_to_an_input_is_refused(fam, tmp_path, case):
+    """Containment both ways, with --overwrite (which used to replace a parent of the inputs,
+    inputs and all) and without (which used to write inside an input)."""
+    models = tmp_path / "models"
+    base_spec, ft_specs, _, fts = H.write_family(models, n=2)
+    before = _tree(models)
+    if case == "partial_is_input":  # an input named OUT.partial: a fresh run would remove it
+        moved = models / "m.partial"
+        Path(ft_specs[0]).rename(moved)
+        ft_specs = [str(moved), ft_specs[1]]
+        before = _tree(models)
+    out = {"parent_of_input": models, "is_input": Path(ft_specs[0]), "inside_input": Path(ft_specs[1]) / "merged",
+           "is_base": Path(base_spec), "inside_base": Path(base_spec) / "sub" / "merged",
+           "partial_is_input": models / "m"}[case]
+    res = H.run_cli(["run", "-q", "--method", "task_arithmetic", "--inputs", ",".join(ft_specs), "--base",
+                     base_spec, "--output", str(out), "--overwrite"])
+    H.assert_clean_error(res, "refusing to write there")
+    assert _tree(models) == before
+
+
+def test_output_with_a_symlinked_input_inside_is_refused(fam, tmp_path):
+    """Paths are compared resolved: an input reached through a symlink is still inside OUT."""
+    real = tmp_path / "store" / "ft"
+    H.save_safetensors_dir(real, fam["fts"][0])
+    link = tmp_path / "ft-link"
+    link.symlink_to(real)
+    before = _tree(tmp_path / "store")
+    (tmp_path / "store" / "tensormerge.json").write_text(json.dumps({"tensormerge": "0", "method": "x"}))
+    res = H.run_cli(["run", "-q", "--method", "average", "--inputs", f"{link},{fam['inputs'][1]}",
+                     "--output", str(tmp_path / "store"), "--overwrite"])
+    H.assert_clean_error(res, str(link), "contains input")
+    assert {k: v for k, v in _tree(tmp_path / "store").items() if k != "tensormerge.json"} == before
+
+
+def test_output_that_is_a_statistics_store_is_refused(tmp_path):
+    base, fts = H.make_base(0), [H.make_finetune(H.make_base(0), s) for s in (1, 2)]
+    specs = [str(H.save_safetensors_dir(tmp_path / f"ft{i}", sd)) for i, sd in enumerate(fts)]
+    names = [n for n, t in base.items() if t.dim() == 2 and t.is_floating_point()]
+    stores = [H.write_store(tmp_path / f"s{i}.zarr", {"fisher": {n: torch.ones_like(sd[n].float()) for n in names}})
+              for i, sd in enumerate(fts)]
+    before = _tree(Path(stores[0]))
+    with pytest.raises(OutputError, match="is statistics store"):
+        api.merge(api.MergeSpec("fisher", specs, stores[0], stats=stores, overwrite=True, quiet=True))
+    assert _tree(Path(stores[0])) == before
+
+
+# ---------------------------------------------------------------------------------- links, files, report
+def test_output_that_is_a_symlink_is_refused_before_any_work(fam, tmp_path):
+    target = tmp_path / "real"
+    assert H.run_cli(args(fam, target)).returncode == 0  # a previous merge, reached through a link
+    digests = H.shard_digests(target)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    res = H.run_cli(args(fam, link, "--overwrite", method="task_arithmetic"))
+    H.assert_clean_error(res, str(link), "symbolic link")
+    assert link.is_symlink() and H.shard_digests(target) == digests
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_output_that_is_a_regular_file_is_refused_before_any_work(fam, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file")
+    res = H.run_cli(args(fam, out, "--overwrite"))
+    H.assert_clean_error(res, str(out), "is a file")
+    assert out.read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "a_directory", "an_input", "the_output"])
+def test_unwritable_report_fails_before_the_merge(fam, tmp_path, where):
+    out = tmp_path / "out"
+    victim = Path(fam["inputs"][0]) / "config.json"
+    before = victim.read_bytes()
+    report = {"missing_dir": tmp_path / "no" / "such" / "r.json", "a_directory": tmp_path,
+              "an_input": victim, "the_output": out}[where]
+    res = H.run_cli(args(fam, out, "--report", report))
+    H.assert_clean_error(res, "--report", str(report), out_dir=out)
+    assert victim.read_bytes() == before
+    assert not Path(str(out) + LOCK_SUFFIX).exists()
+
+
+def test_report_inside_the_output_is_fine(fam, tmp_path):
+    out = tmp_path / "out"
+    res = H.run_cli(args(fam, out, "--report", out / "report.json"))
+    assert res.returncode == 0, res
+    assert json.loads((out / "report.json").read_text())["method"] == "average"
+
+
+def test_plan_takes_no_lock_and_creates_nothing(fam, tmp_path):
+    out = tmp_path / "out"
+    with OutputLock(str(out)):  # even while a run holds OUT
+        res = H.run_cli(["plan", *args(fam, out)[1:]])
+    assert res.returncode == 0, res
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- the lock
+_PAUSE = """
+import os, time
+import tensormerge.engine.faults as faults
+_hit = faults.hit
+def hit(point):
+    if point == "chunk" and not os.path.exists({go!r}):
+        open({ready!r}, "w").close()
+        while not os.path.exists({go!r}):
+            time.sleep(0.02)
+    _hit(point)
+faults.hit = hit
+"""
+
+
+def test_two_concurrent_merges_to_one_output(fam, tmp_path):
+    """A merge paused after its first chunk holds OUT; a second merge to the same OUT (with or
+    without --resume, another method) fails at once naming the first's pid and host; the first
+    then finishes with its own bytes and its own provenance. Before the lock, the second removed
+    the first's OUT.partial and both could publish."""
+    out = tmp_path / "out"
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    driver = (_PAUSE.format(ready=str(ready), go=str(go))
+              + "import runpy, sys\nsys.argv = ['tensormerge'] + " + repr(args(fam, out))
+              + "\nrunpy.run_module('tensormerge', run_name='__main__', alter_sys=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop(ENV, None)
+    first = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first merge never started writing"
+            time.sleep(0.05)
+        for extra in ((), ("--resume",), ("--overwrite",)):
+            t0 = time.monotonic()
+            res = H.run_cli(args(fam, out, *extra, method="task_arithmetic"))
+            line = H.assert_clean_error(res, str(out), f"pid {first.pid}", f"host {socket.gethostname()}")
+            assert "another tensormerge run" in line
+            assert time.monotonic() - t0 < 30  # at once: no merge work was done
+        assert not out.exists()
+    finally:
+        go.touch()
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert_average(out, fam)
+    assert json.loads((out / "tensormerge.json").read_text())["method"] == "average"
+    nothing_beside(out, "ready", "go")
+
+
+def test_stats_import_and_compute_to_a_locked_output_fail_at_once(tmp_path):
+    src, out = tmp_path / "f.safetensors", tmp_path / "S.zarr"
+    save_file({"a.weight": torch.rand(4, 3)}, str(src))
+    (tmp_path / "data.jsonl").write_text('{"text": "a b"}\n')
+    host = socket.gethostname()
+    with OutputLock(str(out), "test"):  # held by this process, live
+        res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", out])
+        H.assert_clean_error(res, str(out), f"pid {os.getpid()}", f"host {host}", out_dir=out)
+        res = H.run_cli(["stats", "compute", "--model", tmp_path / "no-model", "--data", tmp_path / "data.jsonl",
+                         "--kind", "fisher", "-o", out, "-q"])
+        H.assert_clean_error(res, str(out), f"pid {os.getpid()}", out_dir=out)
+    res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", out])
+    assert res.returncode == 0, res
+    nothing_beside(out, "f.safetensors", "data.jsonl")
+
+
+def test_a_dead_runs_lock_is_reported_when_taken_over(fam, tmp_path):
+    out = tmp_path / "out"
+    res = H.run_cli(args(fam, out), env={ENV: "chunk:2"})
+    assert res.returncode == -signal.SIGKILL, res
+    lock = Path(str(out) + LOCK_SUFFIX)
+    holder = json.loads(lock.read_text())
+    assert holder["host"] == socket.gethostname() and holder["command"] == "run"
+    report = tmp_path / "report.json"
+    res = H.run_cli([a for a in args(fam, out, "--resume", "--report", report) if a != "-q"])
+    assert res.returncode == 0, res
+    warning = f"left by pid {holder['pid']} (run, since {holder['started']}), which is no longer running"
+    assert warning in res.stderr
+    assert warning in json.loads(report.read_text())["stale_lock"]  # what --quiet runs read
+    assert_average(out, fam)
+    nothing_beside(out, "report.json")
+
+
+def test_a_lock_left_by_another_host_is_refused_until_removed(fam, tmp_path):
+    out = tmp_path / "out"
+    lock = Path(str(out) + LOCK_SUFFIX)
+    lock.write_text(json.dumps({"pid": 4242, "host": "elsewhere.example", "command": "run", "started": "x"}))
+    res = H.run_cli(args(fam, out))
+    H.assert_clean_error(res, "pid 4242", "elsewhere.example", str(lock), out_dir=out)
+    lock.unlink()
+    assert H.run_cli(args(fam, out)).returncode == 0
+
+
+# ---------------------------------------------------------------------------------- stats outputs
+def test_stats_import_over_a_model_is_refused(tmp_path):
+    model = tmp_path / "model"
+    H.save_safetensors_dir(model, {"a.weight": torch.rand(4, 3)})
+    before = _tree(model)
+    src = tmp_path / "f.safetensors"
+    save_file({"a.weight": torch.rand(4, 3)}, str(src))
+    res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", model, "--overwrite"])
+    H.assert_clean_error(res, str(model), "not a statistics store")
+    res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", model, "--overwrite", "--model", model])
+    H.assert_clean_error(res, str(model), "is the model")
+    res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", model, "--append"])
+    H.assert_clean_error(res, str(model), "not a statistics store", "--append")
+    assert _tree(model) == before
+    nothing_beside(model, "f.safetensors")
+
+
+def test_stats_compute_over_its_model_or_data_is_refused(tmp_path):
+    model = tmp_path / "model"
+    H.save_safetensors_dir(model, {"a.weight": torch.rand(4, 3)})
+    before = _tree(model)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "a b"}\n')
+    for out, needle in ((model, "is the model"), (tmp_path, "contains the model"), (data / "train.jsonl", "is the data")):
+        res = H.run_cli(["stats", "compute", "--model", model, "--data", data / "train.jsonl", "--kind", "fisher",
+                         "-o", out, "--overwrite", "-q"])
+        H.assert_clean_error(res, needle)
+    assert _tree(model) == before and (data / "train.jsonl").read_text() == '{"text": "a b"}\n'
+
+
+def test_stats_overwrite_keeps_a_sibling_old_and_replaces_the_store(tmp_path):
+    src, out = tmp_path / "f.safetensors", tmp_path / "S.zarr"
+    old = tmp_path / "S.zarr.old"
+    old.mkdir()
+    (old / "keep").write_text("mine")
+    for value in (1.0, 2.0):
+        save_file({"a.weight": torch.full((4, 3), value)}, str(src))
+        res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", out, "--overwrite"])
+        assert res.returncode == 0, res
+    from tensormerge.stats.store import StatsStore
+
+    assert torch.equal(StatsStore(str(out)).read("fisher", "a.weight"), torch.full((4, 3), 2.0))
+    assert (old / "keep").read_text() == "mine"
+    nothing_beside(out, "S.zarr.old", "f.safetensors")
+
+
+_APPEAR = """
+import os
+import tensormerge.engine.faults as faults
+_hit = faults.hit
+def hit(point):
+    if point == "finished":
+        os.makedirs({out!r})
+        with open(os.path.join({out!r}, "theirs.txt"), "w") as f:
+            f.write("made by someone else during the merge")
+    _hit(point)
+faults.hit = hit
+"""
+
+
+def test_a_directory_appearing_at_out_during_the_merge_is_kept_and_so_is_the_merge(fam, tmp_path):
+    """Checked again at the rename: something that is not a merge, made at OUT while the merge
+    ran, is neither moved nor removed, and the finished merge stays in OUT.partial, which
+    --resume then puts in place (it used to be moved aside and deleted)."""
+    out = tmp_path / "out"
+    res = H.run_cli(args(fam, out, "--overwrite"), setup=_APPEAR.format(out=str(out)))
+    line = H.assert_clean_error(res, str(out), "not a tensormerge output", "kept in")
+    assert res.returncode == 3, line
+    assert (out / "theirs.txt").read_text() == "made by someone else during the merge"
+    assert (Path(str(out) + ".partial") / "tensormerge.json").exists()
+    (out / "theirs.txt").unlink()  # now an empty directory, which --overwrite may replace
+    res = H.run_cli(args(fam, out, "--overwrite", "--resume"))
+    assert res.returncode == 0, res
+    assert_average(out, fam)
+    nothing_beside(out)
+
+
+def test_an_output_in_directories_yet_to_be_made(fam, tmp_path):
+    out = tmp_path / "runs" / "today" / "merged"
+    res = H.run_cli(args(fam, out))
+    assert res.returncode == 0, res
+    assert_average(out, fam)
+    nothing_beside(out)
+    src = tmp_path / "f.safetensors"
+    save_file({"a.weight": torch.rand(4, 3)}, str(src))
+    res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", f"{tmp_path}/new/S.zarr/"])
+    assert res.returncode == 0, res
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["S.zarr"]
