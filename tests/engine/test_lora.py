@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -493,3 +494,49 @@ def test_dask_workers_write_the_same_bytes(zoo, tmp_path):
                             max_memory=MAX_MEMORY, workers=workers))
             outs.append(H.shard_digests(out))
         assert outs[0] == outs[1] and outs[0]
+
+
+# ------------------------------------------------------------------ card and recipe of an adapter merge
+@pytest.mark.parametrize("lora,method,with_base,library", [
+    (None, "task_arithmetic", False, "peft"),  # concat, the default: the recipe states it
+    ("svd:2", "ties", False, "peft"),
+    ("factors", "task_arithmetic", False, "peft"),
+    ("full", "ties", True, "transformers"),
+])
+def test_adapter_recipe_replays_byte_for_byte_and_card_names_the_library(zoo, tmp_path, lora, method, with_base,
+                                                                         library):
+    """The recipe names the adapter directories (not the W + ΔW, ΔW or zeros the engine reads)
+    and `lora`, so `run --config` remakes every output file; the card says peft for an adapter."""
+    import yaml
+
+    ads = zoo["equal"]
+    args = ["run", "--method", method, "--inputs", ",".join(ads), "--output", str(tmp_path / "out"), "--quiet",
+            "--max-memory", MAX_MEMORY]
+    args += ["--lora", lora] if lora else []
+    args += ["--base", zoo["base"]] if with_base else []
+    res = H.run_cli(args)
+    assert res.returncode == 0, res
+    out = tmp_path / "out"
+    recipe = yaml.safe_load((out / "tensormerge-recipe.yaml").read_text())
+    assert recipe["inputs"] == [os.path.abspath(a) for a in ads]
+    assert recipe["lora"] == (lora or "concat")
+    assert recipe.get("base") == (os.path.abspath(zoo["base"]) if with_base else None)
+    text = (out / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["library_name"] == library
+    weights = "adapter_model.safetensors" if library == "peft" else "model.safetensors"
+    assert (out / weights).is_file()
+    prov = json.loads((out / "tensormerge.json").read_text())
+    assert [i["spec"] for i in prov["inputs"]] == ads  # the adapters as given, digested from their files
+    assert all(i["content"]["tensors"] == len(load_file(str(Path(a) / "adapter_model.safetensors")))
+               for i, a in zip(prov["inputs"], ads))
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res2 = H.run_cli(["run", "--config", str(out / "tensormerge-recipe.yaml"), "--output", "again", "--quiet"],
+                     cwd=elsewhere)
+    assert res2.returncode == 0, res2
+    again = elsewhere / "again"
+    assert H.tree_digest(again, skip=("tensormerge.json", "README.md")) == H.tree_digest(
+        out, skip=("tensormerge.json", "README.md"))
+    assert not Path(str(again) + ".lora-dense").exists()
