@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from tensormerge import constants as C
-from tensormerge.engine import outdir
+from tensormerge.engine import lora, outdir
 from tensormerge.engine.plan import MergePlan, build_plan
 from tensormerge.engine.run import Runner, RunOptions
 from tensormerge.engine.sources import open_checkpoint
-from tensormerge.errors import OutputError, ParameterError, short
+from tensormerge.errors import InputError, OutputError, ParameterError, short
 from tensormerge.methods import get_method
 from tensormerge.sizes import parse_size
 
@@ -45,6 +45,7 @@ class MergeSpec:
     scheduler: str | None = None
     report: str | None = None
     quiet: bool = False
+    lora: str | None = None  # merging LoRA adapters: concat | full | svd:R | factors (engine.lora)
 
 
 def _path(value, what: str, optional: bool = True) -> str | None:
@@ -111,6 +112,10 @@ def checked(spec: MergeSpec) -> MergeSpec:
         if not m or not 0 < int(m.group(2)) < 65536:
             raise ParameterError(f"--scheduler: {short(spec.scheduler)} is not a dask scheduler address "
                                  "(tcp://HOST:PORT)")
+    if spec.lora is not None:
+        mode, _ = lora.parse_mode(_typed(spec.lora, str, "--lora", "concat, full, svd:R or factors"))
+        if mode == "svd" and (spec.workers is not None or spec.scheduler):
+            raise ParameterError("--lora svd:R runs locally (no --workers or --scheduler)")
     return dataclasses.replace(
         spec, inputs=_paths(spec.inputs, "--inputs"), stats=_paths(spec.stats, "--stats"),
         output=_path(spec.output, "--output"), base=_path(spec.base, "--base"),
@@ -144,13 +149,29 @@ def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
     if spec.base:
         base = open_checkpoint(spec.base)
         stack.callback(base.close)
-    stats = _bind_stats(spec, method, params, inputs, base)
+    mode, rank = lora.parse_mode(spec.lora)
+    adapters = lora.detect(inputs)
+    if adapters is None and mode is not None:
+        raise ParameterError(f"--lora {spec.lora}: the inputs are not PEFT adapters")
+    lp = lora.LoraPlan(adapters, mode, rank, method, params, base) if adapters else None
+    if lp is not None:
+        inputs, base = lp.engine_inputs()
+    try:
+        stats = _bind_stats(spec, method, params, inputs, base)
+    except InputError as e:
+        if lp is None or "names no tensor" not in str(e):
+            raise
+        raise InputError(str(e) + lp.stats_hint()) from None
     extras = {}
     for role, path in method.extra_checkpoints(params).items():
         extras[role] = open_checkpoint(path)
         stack.callback(extras[role].close)
-    return build_plan(method, params, inputs, base, parse_size(spec.max_memory, "--max-memory"),
-                      C.DTYPE_CHOICES[spec.dtype], stats, extras)
+    max_memory, dtype = parse_size(spec.max_memory, "--max-memory"), C.DTYPE_CHOICES[spec.dtype]
+    if lp is not None:
+        if extras:
+            raise ParameterError(f"method {method.name!r} with extra models cannot merge PEFT adapters")
+        return lora.build(lp, build_plan, inputs, base, max_memory, dtype, stats)
+    return build_plan(method, params, inputs, base, max_memory, dtype, stats, extras)
 
 
 def _bind_stats(spec: MergeSpec, method, params, inputs, base):
@@ -174,7 +195,12 @@ def plan(spec: MergeSpec) -> str:
     """The plan table `tensormerge plan` prints; nothing is read beyond headers, nothing written."""
     spec = checked(spec)
     with ExitStack() as stack:
-        return open_plan(spec, stack).table()
+        p = open_plan(spec, stack)
+        note = ""
+        if p.lora is not None and p.lora.mode == "svd":
+            note = (f"\n(stage 1 of --lora svd:{p.lora.rank}: the dense merged updates, then each re-factored to "
+                    f"rank {p.lora.rank} by a truncated SVD)")
+        return p.table() + note
 
 
 def run_options(spec: MergeSpec, quiet: bool | None = None) -> RunOptions:
@@ -209,6 +235,12 @@ def merge(spec: MergeSpec) -> dict:
         merge_plan = open_plan(spec, stack)
         cks = merge_plan.checkpoints + list(merge_plan.extras.values())
         outdir.check_paths(out, [("input", f) for ck in cks for f in ck.files])  # hub snapshots, MaTS' init
+        if merge_plan.lora is not None and merge_plan.lora.mode == "svd":
+            report = _merge_svd(spec, merge_plan, stack)
+            if lock.stale:
+                report["stale_lock"] = lock.stale
+            _write_report(spec, report, out)
+            return report
         runner = Runner(merge_plan, run_options(spec))
         if spec.workers is not None or spec.scheduler:
             from tensormerge.engine.distributed import DaskExecutor
@@ -219,6 +251,11 @@ def merge(spec: MergeSpec) -> dict:
         report = runner.execute()
         if lock.stale:
             report["stale_lock"] = lock.stale  # a killed run's lock, taken over: said even with --quiet
+    _write_report(spec, report, out)
+    return report
+
+
+def _write_report(spec: MergeSpec, report: dict, out: str) -> None:
     if spec.report:
         try:
             with open(spec.report, "w") as f:
@@ -226,4 +263,35 @@ def merge(spec: MergeSpec) -> dict:
         except OSError as e:
             raise OutputError(f"--report {spec.report}: cannot write ({e.strerror}); the merge itself is "
                               f"complete in {out}") from None
+
+
+def _merge_svd(spec: MergeSpec, dense_plan: MergePlan, stack: ExitStack) -> dict:
+    """--lora svd:R: the method merges the dense updates into a scratch directory beside the
+    output, then each merged ΔW is re-factored into the output adapter; the scratch is removed."""
+    if spec.workers is not None or spec.scheduler:
+        raise ParameterError("--lora svd:R runs locally (no --workers or --scheduler)")
+    scratch = lora.dense_dir(spec.output)
+    if os.path.exists(scratch) and not os.path.isfile(os.path.join(scratch, C.PROVENANCE)):
+        raise OutputError(f"{scratch}: exists and is not a tensormerge scratch output; move it away")
+    opts = run_options(spec)
+    opts.output, opts.overwrite = scratch, True
+    first = Runner(dense_plan, opts).execute()
+    dense = open_checkpoint(scratch)
+    stack.callback(dense.close)
+    lp = dense_plan.lora
+    plan = lora.svd_plan(lp, dense, dense_plan.max_memory, C.DTYPE_CHOICES[spec.dtype])
+    report = Runner(plan, run_options(spec)).execute()
+    dense.close()
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    report["dense_stage"] = {k: first[k] for k in ("seconds", "passes", "peak_rss_bytes", "bytes_read",
+                                                    "bytes_written", "summary") if k in first}
+    report["blocks"] = first.get("blocks", []) + report["blocks"]
+    energy = report.get("lora", {}).get("modules", {})
+    if energy:
+        worst = max(energy, key=energy.get)
+        report["summary"] = list(report.get("summary") or []) + [
+            f"lora svd:{lp.rank}: discarded energy {min(energy.values()):.3g} to {energy[worst]:.3g} of ΔW "
+            f"({worst}); per module in tensormerge.json"]
     return report

@@ -44,7 +44,7 @@ _PATH = (str,)
 _SIZE = (str, int, float)
 _RECIPE_TYPES = {"method": (str,), "inputs": (str, list), "base": _PATH, "stats": (str, list), "base_stats": _PATH,
                  "output": _PATH, "params": (dict,), "max_memory": _SIZE, "dtype": (str,), "shard_size": _SIZE,
-                 "device": (str,), "kernels": (str,)}
+                 "device": (str,), "kernels": (str,), "lora": (str,)}
 _SCALARS = (str, int, float, bool)
 _RECIPE_BYTES = 1 << 20
 
@@ -148,7 +148,7 @@ def _spec(kw: dict) -> "api.MergeSpec":
         kernels=kw.get("kernels") or recipe.get("kernels") or "auto",
         overwrite=kw.get("overwrite", False), resume=kw.get("resume", False), report=kw.get("report"),
         workers=kw.get("workers"), scheduler=kw.get("scheduler"),
-        quiet=kw.get("quiet", False))
+        quiet=kw.get("quiet", False), lora=kw.get("lora") or recipe.get("lora"))
 
 
 def merge_options(f):
@@ -166,6 +166,11 @@ def merge_options(f):
                      help="torch reference or fused Triton kernels; auto: Triton on CUDA when installed [default: auto]"),
         click.option("--dtype", type=click.Choice(DTYPES), help="output dtype; auto: each tensor keeps the base's dtype (the first input's without a base) [default: auto]"),
         click.option("--shard-size", help="largest output shard [default: 5GB]"),
+        click.option("--lora", metavar="concat|full|svd:R|factors",
+                     help="LoRA adapters are merged as their updates ΔW = s·B·A: concat (exact, average and "
+                     "task_arithmetic; the default for them), full (a full model: --base plus the merged ΔW; any "
+                     "method), svd:R (the merged ΔW re-factored to rank R; any method), factors (A and B merged "
+                     "separately, not ΔW's merge). Other methods need full or svd:R"),
         click.option("--workers", type=int, help="run on a local dask cluster of N worker processes"),
         click.option("--scheduler", help="run on an existing dask cluster: its scheduler tcp://HOST:PORT"),
         click.option("--output", "-o", help="output directory"),

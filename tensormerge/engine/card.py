@@ -148,9 +148,10 @@ def recipe(plan, settings: dict) -> dict:
         if key in plan.extras:  # a checkpoint read beside the inputs (MaTS' init): named as they are
             value = model_ref(plan.extras[key])["spec"]
         params[key] = list(value) if isinstance(value, (list, tuple)) else value
-    out: dict[str, Any] = {"method": plan.method.name, "inputs": [model_ref(ck)["spec"] for ck in plan.inputs]}
-    if plan.base is not None:
-        out["base"] = model_ref(plan.base)["spec"]
+    inputs, base = user_checkpoints(plan)
+    out: dict[str, Any] = {"method": plan.method.name, "inputs": [model_ref(ck)["spec"] for ck in inputs]}
+    if base is not None:
+        out["base"] = model_ref(base)["spec"]
     stats = [_store_ref(s) for s in settings.get("stats") or []]
     if stats:
         out["stats"] = stats
@@ -161,7 +162,16 @@ def recipe(plan, settings: dict) -> dict:
                          ("max_memory", C.DEFAULT_MAX_MEMORY), ("device", "cpu"), ("kernels", "auto")):
         value = settings.get(key)
         out[key] = default if value in (None, "") else value
+    lora = getattr(plan, "lora", None)
+    if lora is not None and lora.option() is not None:
+        out["lora"] = lora.option()  # explicit, so a later default does not change the merge
     return out
+
+
+def user_checkpoints(plan) -> tuple[list, Any]:
+    """The inputs and base as the user named them (adapters: not the engine's virtual ones)."""
+    lora = getattr(plan, "lora", None)
+    return (plan.inputs, plan.base) if lora is None else lora.user_checkpoints(plan)
 
 
 def _yaml(obj: Any) -> str:
@@ -233,15 +243,18 @@ def _value(v: Any) -> str:
 
 def card_text(plan, settings: dict, out_dir: str, written: torch.dtype | None) -> str:
     method = plan.method
-    refs = [("input " + str(i + 1), model_ref(ck)) for i, ck in enumerate(plan.inputs)]
-    if plan.base is not None:
-        refs.append(("base", model_ref(plan.base)))
+    inputs, base = user_checkpoints(plan)
+    refs = [("input " + str(i + 1), model_ref(ck)) for i, ck in enumerate(inputs)]
+    if base is not None:
+        refs.append(("base", model_ref(base)))
     extras = [(f"`{role}` parameter", model_ref(ck)) for role, ck in sorted(plan.extras.items())]
     base_models: list[str] = []
     for _, r in refs:
         if r["name"] not in base_models:
             base_models.append(r["name"])
-    adapter = is_adapter(plan.ref)
+    # an adapter output (engine.lora) is written as adapter_model.safetensors, whatever ref is
+    adapter = getattr(plan, "weights_name", None) == C.ADAPTER_SAFE or (
+        getattr(plan, "lora", None) is None and is_adapter(plan.ref))
     front: dict[str, Any] = {"base_model": base_models}
     if not adapter:
         front["base_model_relation"] = "merge"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ class Block:
     extra_reads: dict[str, str] = field(default_factory=dict)  # extra checkpoint role -> name
     splits: bool = True
     transposed: bool = False  # merged whole, as its transpose: a Conv1D weight [in, out] with Grams of [out, in]
+    produce: Any = None  # kind "derived": rows (r0, r1) -> tensor, computed by the planner's module (engine.lora)
 
     @property
     def merge_shape(self) -> tuple[int, ...]:
@@ -84,6 +86,10 @@ class MergePlan:
     passes: list[str]
     stats: StatsBinding | None = None
     extras: dict[str, Checkpoint] = field(default_factory=dict)
+    weights_name: str | None = None  # one weights file of this name (a PEFT adapter's), else model*.safetensors
+    json_files: dict[str, dict] = field(default_factory=dict)  # side files written, not copied (adapter_config.json)
+    side_dir: str | None = None  # where side files are copied from, when not the reference's directory
+    lora: Any = None  # engine.lora.LoraPlan of a merge of adapters
 
     def block(self, name: str) -> Block:
         for b in self.blocks:

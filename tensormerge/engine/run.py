@@ -156,6 +156,7 @@ class Runner:
         b, r0, r1, _, first = task.key
         t0 = time.perf_counter()
         plan = self.plan
+        inputs_too = inputs_too and b.kind != "derived"  # computed by b.produce, from its own reads
         n = len(plan.inputs)
         cks = plan.checkpoints
         inputs = [cks[i].read(b.reads[i], r0, r1) for i in range(n)] if inputs_too else []
@@ -299,6 +300,9 @@ class Runner:
             chunk_extras: list = []
             if b.kind == "copy":
                 out = self._copy(b, data).reshape(shape).to(b.out_dtype).contiguous().cpu()
+            elif b.kind == "derived":
+                out = torch.empty(shape, dtype=b.out_dtype)
+                store_checked(b.name, b.produce(r0, r1), out)
             else:
                 out = torch.empty(shape, dtype=b.out_dtype)
                 if b.stats and first:
@@ -485,8 +489,9 @@ class Runner:
         """The output layout: every name the base has, in its order, sharded by --shard-size."""
         names = [(n, b.out_dtype, b.shape) for b in self.plan.blocks for n in b.out_names]
         order = {n: i for i, n in enumerate(self.plan.ref.tensors)}
-        names.sort(key=lambda t: order[t[0]])
-        return ShardedWriter(self.opts.output, names, self.opts.shard_size)
+        names.sort(key=lambda t: order.get(t[0], len(order)))  # produced blocks (engine.lora) are in order
+        return ShardedWriter(self.opts.output, names, self.opts.shard_size, self.plan.weights_name,
+                             self.plan.json_files)
 
     def execute(self) -> dict:
         plan, opts = self.plan, self.opts
@@ -529,7 +534,7 @@ class Runner:
                     patched = self._apply_patches(writer, state, extras)
                     t_finish = time.perf_counter()
                     provenance = self._provenance(t_finish - t_start, patched, block_notes, fingerprint)
-                    writer.finish_files(plan.ref.config_dir, provenance, functools.partial(
+                    writer.finish_files(plan.side_dir or plan.ref.config_dir, provenance, functools.partial(
                         card.generated_files, plan, opts.settings, writer.out_dir,
                         warn_fn=None if opts.quiet else card.warn))
                     self.manifest.record_finished()
@@ -576,6 +581,7 @@ class Runner:
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
             "base_stats_missing": plan.base_stats_missing,
+            **({"lora": plan.lora.report()} if plan.lora is not None else {}),
             "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
                         "seconds": self.stats[b.name].seconds,
                         "bytes": self.stats[b.name].bytes_read + self.stats[b.name].bytes_written,
@@ -617,12 +623,12 @@ class Runner:
             "method": plan.method.name,
             "params": plan.params.as_dict(),
             "fingerprint": fingerprint,
-            "inputs": [describe_input(ck, self._content(i)) for i, ck in enumerate(plan.inputs)],
-            "base": describe_input(plan.base, self._content(len(plan.inputs))) if plan.base is not None else None,
+            **self._describe_inputs(),
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
             "base_stats_missing": plan.base_stats_missing,
             "settings": self.opts.settings,
+            **({"lora": plan.lora.report()} if plan.lora is not None else {}),
             "seconds": round(seconds, 3),
             "patched_entries": patched,
             "blocks": {b.name: {"crc32": f"{self.stats[b.name].crc32:08x}", "chunks": len(b.chunks),
@@ -631,10 +637,25 @@ class Runner:
         }
 
 
-    def _content(self, which: int) -> dict:
-        """The content digest of `plan.checkpoints[which]`; rows the merge did not read are read now."""
+    def _describe_inputs(self) -> dict:
+        """The inputs and base as the user named them: for adapters (engine.lora) the adapter and
+        base files, not the virtual checkpoints the engine reads; a checkpoint the merge did not
+        read itself is digested whole by the re-read after it."""
+        plan = self.plan
+        inputs, base = (plan.inputs, plan.base) if plan.lora is None else plan.lora.user_checkpoints(plan)
+
+        def which(k: int, ck) -> int:
+            return next((j for j, c in enumerate(plan.checkpoints) if c is ck), -1 - k)
+        return {"inputs": [describe_input(ck, self._content(which(k, ck), ck)) for k, ck in enumerate(inputs)],
+                "base": describe_input(base, self._content(which(len(inputs), base), base)) if base is not None
+                else None}
+
+    def _content(self, which: int, ck=None) -> dict:
+        """The content digest of `plan.checkpoints[which]` (or of `ck`, recorded as `which`); rows
+        the merge did not read are read now."""
         piece = max(1, min(self.plan.max_memory // 4, FILL_BYTES))
-        content, reread = self.content.digest(self.plan.checkpoints[which], which, piece)
+        ck = self.plan.checkpoints[which] if ck is None else ck
+        content, reread = self.content.digest(ck, which, piece)
         self.content_reread += reread
         return content
 

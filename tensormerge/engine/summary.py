@@ -31,7 +31,10 @@ def summary_lines(plan, notes: dict[str, dict], report: dict[str, Any]) -> list[
     line = f"blocks: {merged - len(fallback)} merged by {plan.method.name}"
     if plan.stats is not None or fallback:
         line += f", {len(fallback)} {label} for lack of statistics"
-    line += f", {len(blocks) - merged} copied (not floating point)"
+    derived = sum(1 for b in blocks if b["kind"] == "derived")  # LoRA factors engine.lora computes
+    if derived:
+        line += f", {derived} LoRA factors computed (--lora)"
+    line += f", {len(blocks) - merged - derived} copied (not floating point)"
     if report.get("patched_entries"):
         line += f"; {report['patched_entries']} entries patched after the merge pass"
     lines.append(line)

@@ -56,13 +56,17 @@ def shard_layout(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_
 
 
 class ShardedWriter:
-    def __init__(self, out_dir: str, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int):
+    def __init__(self, out_dir: str, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int,
+                 weights_name: str | None = None, json_files: dict[str, dict] | None = None):
         self.out_dir = os.path.abspath(out_dir)
         self.partial = self.out_dir + C.PARTIAL_SUFFIX
         self.tensors = tensors
-        groups = shard_layout(tensors, shard_size)
+        self.json_files = json_files or {}  # side files written (adapter_config.json), never copied
+        # a PEFT adapter loads from one file of its own name: never sharded
+        groups = [list(range(len(tensors)))] if weights_name else shard_layout(tensors, shard_size)
         n = len(groups)
-        self.files = [C.SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = ([weights_name] if weights_name else [C.SAFE_SINGLE] if n == 1
+                      else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.headers: list[bytes] = []
         self.slots: dict[str, Slot] = {}
         for fname, group in zip(self.files, groups):
@@ -197,8 +201,11 @@ class ShardedWriter:
                 self._write_json(C.SAFE_INDEX, index)
             if copy_from:
                 for fname, src in side_files(copy_from):
-                    self._finishing = os.path.join(self.partial, fname)
-                    shutil.copyfile(src, self._finishing)
+                    if fname not in self.json_files:
+                        self._finishing = os.path.join(self.partial, fname)
+                        shutil.copyfile(src, self._finishing)
+            for fname, obj in self.json_files.items():
+                self._write_json(fname, obj)
             for fname, data in (generate(self.partial) if generate else {}).items():
                 self._write_bytes(fname, data)
             self._write_json(C.PROVENANCE, provenance)

@@ -153,7 +153,8 @@ LONG = "x" * 100_000
 
 @pytest.mark.parametrize("args", [["--method", LONG], ["-p", f"{LONG}=1"], ["-p", f"weights={LONG}"],
                                   ["--device", LONG], ["--max-memory", LONG], ["--scheduler", LONG],
-                                  ["config:method", LONG], ["config:dtype", LONG], ["config:unknown", LONG]])
+                                  ["--lora", LONG], ["config:method", LONG], ["config:dtype", LONG],
+                                  ["config:lora", LONG], ["config:unknown", LONG]])
 def test_echoed_values_are_cut_short(fam, tmp_path, args):
     out = tmp_path / "o"
     if args[0].startswith("config:"):
@@ -380,7 +381,8 @@ def test_api_accepts_pathlike_and_a_single_path(fam, tmp_path):
                                          ("output", 5), ("base", ["a"]), ("stats", 3), ("max_memory", [1]),
                                          ("max_memory", True), ("shard_size", {}), ("device", 0), ("dtype", None),
                                          ("kernels", 1), ("workers", "2"), ("scheduler", 5), ("overwrite", "yes"),
-                                         ("report", 1), ("quiet", 1)])
+                                         ("report", 1), ("quiet", 1), ("lora", 3), ("lora", ["full"]),
+                                         ("lora", "svd:0"), ("lora", "dense")])
 def test_api_spec_of_the_wrong_type_is_refused_before_any_work(fam, tmp_path, field, value):
     spec = api.MergeSpec("average", [str(p) for p in fam[2]], str(tmp_path / "o"), quiet=True)
     setattr(spec, field, value)
