@@ -460,6 +460,35 @@ def test_ubgm_without_fishers_takes_the_h_zero_limit_and_reports_missing_base_ke
     assert "1 without base statistics, taken as zero" in text and "base statistics u: no fisher in" in text
 
 
+@pytest.mark.parametrize("params", [{"delta0": "0"}, {"delta0": "0", "alpha": "0"}, {"delta0": "0", "alpha": "0.6"},
+                                    {"delta0": "0", "scales": "0,0"}, {"delta0": "0", "alpha": "0", "scales": "2,0"}])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_ubgm_delta0_zero_takes_the_limit_where_hbar_is_zero(tmp_path, params, with_base):
+    """δ0 = 0 (accepted, the research code's default) with Fishers zero at some entries in every
+    model (and H_0 zero there): H̄ = 0, and the δ0 -> 0⁺ limit applies. There every weight
+    (s_t H_t + s_0 H_0 + δ0)/H̄ with H_t = H_0 = 0 is δ0/δ0 = 1 (α > 0), so θ_0 + α Σ τ_t; with
+    α = 0 the update α Σ (...) is 0 for every δ0 > 0, so θ_0. Elsewhere the formula with δ0 = 0."""
+    base = {"w": rand(6, 4, seed=0)}
+    models = [{"w": base["w"] + 0.1 * rand(6, 4, seed=10 + i)} for i in range(2)]
+    mask = (torch.arange(24).reshape(6, 4) % 3 == 0)
+    hs = [(rand(6, 4, seed=100 + i).abs() + 0.1).float() for i in range(2)]
+    hs = [torch.where(mask, 0.0, h) for h in hs]
+    h0 = torch.where(mask, 0.0, (rand(6, 4, seed=200).abs() + 0.1).float())
+    alpha = float(params.get("alpha", 1.0))
+    s = [float(x) for x in params.get("scales", "1,1").split(",")]
+    got, _ = run(tmp_path, "ubgm", models, [{"fisher": {"w": h}} for h in hs], base=base, params=params,
+                 base_stats={"fisher": {"w": h0}} if with_base else None)
+    h0d = h0.double() if with_base else torch.zeros(6, 4, dtype=F64)
+    b, th, hd = base["w"].double(), [m["w"].double() for m in models], [h.double() for h in hs]
+    hbar = alpha * sum(si * h for si, h in zip(s, hd)) + h0d
+    safe = torch.where(hbar == 0, 1.0, hbar)
+    update = sum(torch.where(hbar == 0, 1.0, (si * h + h0d) / safe) * (t - b) for si, h, t in zip(s, hd, th))
+    want = b + alpha * update
+    assert (hbar == 0).any()
+    assert torch.isfinite(got["w"]).all()
+    torch.testing.assert_close(got["w"].double(), want, rtol=1e-6, atol=1e-9)
+
+
 def test_ubgm_worked_example(tmp_path):
     got, _ = run(tmp_path, "ubgm", [{"x": torch.tensor([1.0], dtype=F64)}, {"x": torch.tensor([3.0], dtype=F64)}],
                  [{"fisher": {"x": torch.tensor([3.0])}}, {"fisher": {"x": torch.tensor([1.0])}}],
