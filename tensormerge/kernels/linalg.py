@@ -137,24 +137,30 @@ def regmean_prepare(grams: list[torch.Tensor], alpha: float, weights: list[float
     never with the size of W or of S (which S's condition number would amplify)."""
     total = sum(weights)
     w = [x / total for x in weights]
-    # float64 buffers reused across models (no fresh d² allocation per Gram): (eN + 16) d² bytes,
-    # (eN + 24) d² with the factor (`fixed_bytes`)
+    # float64 buffers reused across models (no fresh d² allocation per Gram); the live columns
+    # (non-zero diagonal of the sum) are known after the first pass, so S and the shares are
+    # made at (live, live) directly: at most e(N − 1) d² + 24 d² at once (`fixed_bytes`)
     acc = torch.zeros(grams[0].shape, dtype=torch.float64, device=grams[0].device)
     buf = torch.empty_like(acc)
     for gi, wi in zip(grams, w):
         acc.add_(_scaled_into(buf, gi, alpha, wi))
+    live = acc.diagonal() > 0
+    idx = None
+    if not bool(live.all()):
+        idx = live.nonzero().squeeze(1)
+        acc = acc[idx.unsqueeze(1), idx]
+        buf = torch.empty_like(acc)
     shares = torch.empty((len(grams) - 1,) + tuple(acc.shape), dtype=product_dtype, device=acc.device)
     for share, gi, wi in zip(shares, grams[1:], w[1:]):
-        share.copy_(_scaled_into(buf, gi, alpha, wi).sub_(acc, alpha=wi))
+        g = gi if idx is None else gi[idx.unsqueeze(1), idx]
+        share.copy_(_scaled_into(buf, g, alpha, wi).sub_(acc, alpha=wi))
     del buf
     try:
         solver = spd_factor(acc)
     except IndefiniteError:
         raise _which_gram(grams, alpha, w) from None
     del acc
-    live = solver.live
-    if not bool(live.all()):
-        shares = shares[:, live][:, :, live]
+    solver.live = live  # acc was the live block: the rows need the mask over all d columns
     return RegMeanFactor(shares, solver, w, product_dtype)
 
 
