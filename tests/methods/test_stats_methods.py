@@ -495,3 +495,24 @@ def test_ubgm_worked_example(tmp_path):
                  base={"x": torch.tensor([0.0], dtype=F64)}, base_stats={"fisher": {"x": torch.tensor([2.0])}},
                  params={"delta0": "0"})
     assert float(got["x"]) == pytest.approx(2.3333333333, abs=1e-9)
+
+
+def test_mats_no_information_only_when_the_statistics_are_zero(tmp_path):
+    """Models and base all zero with positive Fishers: b = 0 and A x0 = 0, but the statistics
+    are not zero, so the block is not "statistics zero in every model" (the summary would lie);
+    the solution is 0 all the same. With zero Fishers the flag is set, and the summary counts
+    one block in the singular."""
+    from tensormerge.methods.mats import cg_summary
+
+    zero = torch.zeros(4, 3, dtype=F64)
+    fw = [(rand(4, 3, seed=40 + i).abs() + 0.1).float() for i in range(2)]
+    got, rep = run(tmp_path, "mats", [{"w": zero}] * 2, [{"fisher": {"w": f}} for f in fw], base={"w": zero},
+                   params={"objective": "fisher"})
+    assert torch.equal(got["w"], zero.to(got["w"].dtype))
+    assert rep["blocks"][0]["cg_no_information"] is False
+    assert "0 carried no information" in cg_summary(rep["blocks"], 1e-5)
+    got, rep = run(tmp_path, "mats", [{"w": zero}] * 2, [{"fisher": {"w": torch.zeros(4, 3)}}] * 2,
+                   base={"w": zero}, params={"objective": "fisher"}, tag="z")
+    assert rep["blocks"][0]["cg_no_information"] is True
+    line = cg_summary(rep["blocks"], 1e-5)
+    assert line.startswith("mats: 1 block solved by CG,") and "1 carried no information" in line
