@@ -80,6 +80,28 @@ def test_fisher_against_formula(tmp_path, mode, fallback):
     assert rep["fallback_blocks"] == {}
 
 
+@pytest.mark.parametrize("fallback", ["average", "first"])
+def test_fisher_floor_zero_with_all_zero_entries_is_a_named_error(tmp_path, fallback):
+    """floor=0 disables the floor (the help: "0/0 entries then fail"): where every Fisher is zero
+    the merge is 0/0, and the error says so, naming the tensor and the way out, not "non-finite
+    input values". Fishers zero at some entries in one model only still merge, by the formula."""
+    from tensormerge.errors import InputError
+
+    ws = [rand(3, 4, seed=i) for i in range(2)]
+    fw = [(rand(3, 4, seed=40 + i).abs() + 0.1).float() for i in range(2)]
+    fw[0][0, :2] = 0.0
+    got, _ = run(tmp_path, "fisher", [{"w": w} for w in ws], [{"fisher": {"w": f}} for f in fw],
+                 params={"floor": "0", "fallback": fallback}, tag="ok")
+    want = sum(f.double() * w for f, w in zip(fw, ws)) / sum(f.double() for f in fw)
+    torch.testing.assert_close(got["w"], want, rtol=1e-6, atol=1e-9)
+    fw[1][0, 1] = 0.0
+    with pytest.raises(InputError) as e:
+        run(tmp_path, "fisher", [{"w": w} for w in ws], [{"fisher": {"w": f}} for f in fw],
+            params={"floor": "0", "fallback": fallback})
+    msg = str(e.value)
+    assert "'w'" in msg and "floor=0" in msg and "every" in msg and "\n" not in msg and "non-finite" not in msg
+
+
 def test_fisher_worked_example_and_equal_fishers(tmp_path):
     models = [{"x": torch.tensor([1.0], dtype=F64)}, {"x": torch.tensor([3.0], dtype=F64)}]
     got, _ = run(tmp_path, "fisher", models, [{"fisher": {"x": torch.tensor([3.0])}}, {"fisher": {"x": torch.tensor([1.0])}}])
