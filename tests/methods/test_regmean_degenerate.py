@@ -179,12 +179,15 @@ def kfac_matrix(ga, gb):
 @pytest.mark.parametrize("conditioning", ["well", "ill"])
 def test_mats_default_precision_against_float64_solve(tmp_path, objective, conditioning):
     """MaTS' defaults (float32 CG, tol 1e-5, 100 iterations, task-arithmetic start) against the
-    float64 direct solve x* of (Σ C_i) x = Σ C_i θ_i. CG stops on its residual, not on the error,
-    so the tolerance is derived from the residual: for SPD K, ‖x − x*‖ ≤ ‖K x − b‖ / λ_min(K). The
-    float64 residual of what the engine returns must match the residual it reports, up to the
-    float32 rounding of b and of one matvec (2 d u (‖b‖ + ‖K‖ ‖x‖), d the length of each dot
-    product), and the error is then bounded by that residual over λ_min: tight where K is well
-    conditioned (κ ≈ 1e2, converged), loose but still checked where it is not (κ ≈ 1e6)."""
+    float64 direct solve x* of (Σ C_i) x = Σ C_i θ_i. CG stops on its residual, not on the error:
+    the float64 residual ‖b − K x‖/‖b‖ of what the engine returns must meet the requested tol
+    1e-5 (not the residual the code reports), up to the float32 rounding of b and of one matvec
+    (2 d u (‖b‖ + ‖K‖ ‖x‖), d the length of each dot product), within fewer than the 100
+    iterations allowed; the reported residual must be that float64 one to the same slack. For SPD
+    K, ‖x − x*‖ ≤ ‖K x − b‖ / λ_min(K) then bounds the error, which is tight where K is well
+    conditioned (κ ≈ 1e2: also within 1e-3 of ‖x*‖). Where κ > 1e5 that bound is κ (1e-5 +
+    slack) ‖x*‖-sized, larger than x* itself: no independent error bound is possible there from
+    float32 storage (the Grams' rounding alone moves x* by κ u), so only the residual is held."""
     out_d, in_d = 6, 8
     span = {"well": 1.0, "ill": 6.0}[conditioning]
     ga = spectral_grams(torch.logspace(0, -span, in_d, dtype=F64), 700)
@@ -202,15 +205,16 @@ def test_mats_default_precision_against_float64_solve(tmp_path, objective, condi
     lam = torch.linalg.eigvalsh(k)
     x = got["w"].double().reshape(-1)
     block = rep["blocks"][0]
-    assert block["cg_iterations"] == 100 or block["cg_residual"] <= 1e-5
+    tol = 1e-5
     dot = in_d * (out_d if objective == "kfac" else 1) * N
     slack = 2 * dot * U32 * (float(b.norm()) + float(lam.max()) * float(x.norm())) / float(b.norm())
     res64 = float((b - k @ x).norm() / b.norm())
-    assert res64 <= block["cg_residual"] + slack, (res64, block["cg_residual"], slack)
-    err_bound = (block["cg_residual"] + slack) * float(b.norm()) / float(lam.min())
-    assert float((x - want).norm()) <= err_bound
+    assert block["cg_iterations"] < 100, block
+    assert res64 <= tol + slack, (res64, tol, slack)
+    assert abs(res64 - block["cg_residual"]) <= slack, (res64, block["cg_residual"], slack)
+    assert float((x - want).norm()) <= (tol + slack) * float(b.norm()) / float(lam.min())
     if conditioning == "well":
-        assert block["cg_residual"] <= 1e-5 and float(lam.max() / lam.min()) < 1e3
+        assert float(lam.max() / lam.min()) < 1e3
         assert float((x - want).norm()) <= 1e-3 * float(want.norm())
     else:
         assert float(lam.max() / lam.min()) > 1e5
