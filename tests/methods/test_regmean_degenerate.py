@@ -236,3 +236,19 @@ def test_mats_regmean_objective_keeps_its_start_where_the_grams_are_singular(tmp
     x0 = base.double() + 0.3 * sum(x.double() - base.double() for x in ws)
     g = got["w"].double()
     torch.testing.assert_close(g @ null, x0 @ null, rtol=0, atol=1e-5 * float(x0.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["negative-eigenvalue", "zero-diagonal"])
+def test_regmean_indefinite_gram_beside_a_large_one_is_refused(tmp_path, kind):
+    """Each Gram is checked, not only their sum: [[1, 2], [2, 1]] (eigenvalues 3, −1) beside 10·I
+    sums to a definite matrix, and so does a Gram whose zero diagonal entry has non-zero entries
+    in its row (never a Gram: Σ x_j² = 0 makes every Σ x_j x_k zero). Both are refused, naming the
+    input; nothing is written."""
+    from tensormerge.errors import InputError
+
+    bad = torch.tensor([[1.0, 2.0], [2.0, 1.0]]) if kind == "negative-eigenvalue" \
+        else torch.tensor([[0.0, 0.5], [0.5, 4.0]])
+    ws = [rand(3, 2, seed=i).float() for i in range(2)]
+    with pytest.raises(InputError, match=r"tensor 'w': gram_in of input 1 .*not a Gram matrix.*indefinite"):
+        run(tmp_path, "regmean", [{"w": x} for x in ws], [{"gram_in": {"w": g}} for g in (bad, 10 * torch.eye(2))])
+    assert not (tmp_path / "out").exists()
