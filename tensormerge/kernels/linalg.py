@@ -137,25 +137,59 @@ def regmean_prepare(grams: list[torch.Tensor], alpha: float, weights: list[float
     never with the size of W or of S (which S's condition number would amplify)."""
     total = sum(weights)
     w = [x / total for x in weights]
-    # float64 buffers reused across models (no fresh d² allocation per Gram): (eN + 16) d² bytes,
-    # (eN + 24) d² with the factor (`fixed_bytes`)
+    # float64 buffers reused across models (no fresh d² allocation per Gram); the live columns
+    # (non-zero diagonal of the sum) are known after the first pass, so S and the shares are
+    # made at (live, live) directly: at most e(N − 1) d² + 24 d² at once (`fixed_bytes`)
     acc = torch.zeros(grams[0].shape, dtype=torch.float64, device=grams[0].device)
     buf = torch.empty_like(acc)
-    for gi, wi in zip(grams, w):
-        acc.add_(_scaled_into(buf, gi, alpha, wi))
+    for i, (gi, wi) in enumerate(zip(grams, w)):
+        _check_gram(_scaled_into(buf, gi, alpha, wi), i, wi)
+        acc.add_(buf)
+    live = acc.diagonal() > 0
+    idx = None
+    if not bool(live.all()):
+        idx = live.nonzero().squeeze(1)
+        acc = acc[idx.unsqueeze(1), idx]
+        buf = torch.empty_like(acc)
     shares = torch.empty((len(grams) - 1,) + tuple(acc.shape), dtype=product_dtype, device=acc.device)
     for share, gi, wi in zip(shares, grams[1:], w[1:]):
-        share.copy_(_scaled_into(buf, gi, alpha, wi).sub_(acc, alpha=wi))
+        g = gi if idx is None else gi[idx.unsqueeze(1), idx]
+        share.copy_(_scaled_into(buf, g, alpha, wi).sub_(acc, alpha=wi))
     del buf
     try:
         solver = spd_factor(acc)
     except IndefiniteError:
         raise _which_gram(grams, alpha, w) from None
     del acc
-    live = solver.live
-    if not bool(live.all()):
-        shares = shares[:, live][:, :, live]
+    solver.live = live  # acc was the live block: the rows need the mask over all d columns
     return RegMeanFactor(shares, solver, w, product_dtype)
+
+
+def _check_gram(g: torch.Tensor, index: int, weight: float) -> None:
+    """Refuses a scaled Gram that is clearly indefinite, each one, not only their sum (an
+    indefinite Gram beside a large positive one leaves the sum definite). A Cholesky of
+    Ĝ + INDEFINITE·max(diag)·I succeeds whenever λ_min > −INDEFINITE λ_max (max diag ≤ λ_max), so
+    only a failure costs the eigenvalues that decide; and a zero diagonal entry with a non-zero
+    entry in its row is never a Gram (Σ x_j² = 0 makes every Σ x_j x_k = 0). The eigenvalues
+    reported are S_α(G)'s (g / weight), as the user's store holds them."""
+    diag = g.diagonal()
+    dead = diag == 0
+    top = float(diag.max()) if diag.numel() else 0.0
+    bad_row = bool(dead.any()) and bool(g[dead].any())
+    if not bad_row:
+        if top <= 0 and not bool((diag < 0).any()):
+            return  # all zero
+        if top > 0:
+            saved = diag.clone()  # restored exactly: the sum must not see the shift's rounding
+            diag.add_(INDEFINITE * top)
+            _, info = torch.linalg.cholesky_ex(g)
+            diag.copy_(saved)
+            if int(info) == 0:
+                return
+    ev = torch.linalg.eigvalsh(g) / weight
+    lo, hi = float(ev.min()), float(ev.max())
+    if bad_row or lo < -INDEFINITE * max(hi, 0.0):
+        raise IndefiniteGram(index, lo, hi)
 
 
 def _scaled_into(buf: torch.Tensor, g: torch.Tensor, alpha: float, w: float) -> torch.Tensor:

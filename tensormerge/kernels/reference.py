@@ -333,7 +333,8 @@ def fisher_merge(inputs: list[torch.Tensor], fishers: list[torch.Tensor], weight
 # ---------------------------------------------------------------------------------- UBGM
 def ubgm(inputs: list[torch.Tensor], base: torch.Tensor, hessians: list[torch.Tensor], base_hessian: torch.Tensor | None,
          alpha: float, delta0: float, base_scale: float, scales: list[float]) -> torch.Tensor:
-    """θ_0 + α Σ_t ((s_t H_t + s_0 H_0 + δ0) / H̄) ⊙ τ_t with H̄ = α Σ_t s_t H_t + s_0 H_0 + δ0."""
+    """θ_0 + α Σ_t ((s_t H_t + s_0 H_0 + δ0) / H̄) ⊙ τ_t with H̄ = α Σ_t s_t H_t + s_0 H_0 + δ0,
+    and its δ0 -> 0⁺ limit where H̄ = 0."""
     wd = work_dtype(base, *inputs)
     base_w = base.to(wd)
     prior = torch.full_like(base_w, delta0)
@@ -342,6 +343,11 @@ def ubgm(inputs: list[torch.Tensor], base: torch.Tensor, hessians: list[torch.Te
     hbar = prior.clone()
     for h, s in zip(hessians, scales):
         hbar.add_(h.to(wd), alpha=alpha * s)
+    # H̄ = 0 (δ0 = 0, every H zero there, or α = 0 and s_0 H_0 = 0): the δ0 -> 0⁺ limit, weight 1
+    # where every H is zero (δ0/δ0) and an update α Σ (...) = 0 when α = 0: prior = H̄ = 1 gives both
+    flat = hbar == 0
+    prior.masked_fill_(flat, 1.0)
+    hbar.masked_fill_(flat, 1.0)
     acc = torch.zeros_like(base_w)
     tmp = torch.empty_like(base_w)
     for x, h, s in zip(inputs, hessians, scales):

@@ -20,7 +20,7 @@ from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, para
 @dataclass
 class FisherParams(Params):
     weights: list[float] | None = param(None, "per-model weights (default uniform)")
-    floor: float = param(1e-8, "lower bound on Fisher entries; 0 disables (0/0 entries then fail)")
+    floor: float = param(1e-8, "lower bound on Fisher entries; 0 disables (entries where every Fisher is 0 then fail)")
     floor_mode: str = param("clamp", "clamp: max(F, floor); add: F + floor", choices=K.FLOOR_MODES)
     normalize: bool = param(False, "divide each model's weight by the global L2 norm of its Fisher (a global pass)")
     fallback: str = param("average", "entries where every Fisher is 0: average (floor on every model) or first "
@@ -107,8 +107,18 @@ class Fisher(Method):
     def merge(self, data: BlockData, params: FisherParams, state: dict):
         n = len(data.inputs)
         floored = [True] * n if params.fallback == "average" else [i == 0 for i in range(n)]
-        return ops(data).fisher_merge(data.inputs, data.stats["fisher"], self.weights(params, n, state), params.floor,
-                              params.floor_mode, floored)
+        w = self.weights(params, n, state)
+        out = ops(data).fisher_merge(data.inputs, data.stats["fisher"], w, params.floor, params.floor_mode, floored)
+        if params.floor == 0 and not bool(torch.isfinite(out).all()):
+            # floor=0 leaves no fallback (the research code without a floor gives NaN): name the
+            # cause when it is 0/0 rather than the engine's "non-finite input values?"
+            den = sum(f.to(torch.float64) * wi for f, wi in zip(data.stats["fisher"], w))
+            zeros = int((den == 0).sum())
+            if zeros:
+                raise InputError(f"tensor {data.name!r}: every model's Fisher (times its weight) is zero at {zeros} entr{'y' if zeros == 1 else 'ies'} "
+                                 f"and floor=0 leaves 0/0 there; set -p floor=1e-8 (the default) for the "
+                                 f"{params.fallback} fallback")
+        return out
 
     def fallback(self, data: BlockData, params: FisherParams) -> torch.Tensor:
         return ops(data).weighted_sum(data.inputs, params.resolved(len(data.inputs)))

@@ -62,7 +62,7 @@ def cg_summary(blocks: Iterable[dict], tol: float) -> str:
         return ""
     short = sum(1 for b in cg if not b["cg_residual"] <= tol)
     blind = sum(1 for b in cg if b.get("cg_no_information"))
-    return (f"mats: {len(cg)} blocks solved by CG, {max(b['cg_iterations'] for b in cg)} iterations at most, "
+    return (f"mats: {len(cg)} block{'s' if len(cg) != 1 else ''} solved by CG, {max(b['cg_iterations'] for b in cg)} iterations at most, "
             f"largest final relative residual {max(b['cg_residual'] for b in cg):.1e}, {short} did not reach "
             f"tol {tol:g}, {blind} carried no information (statistics zero in every model: start kept)")
 
@@ -167,8 +167,11 @@ class Mats(Method):
         x0 = self._init(data, params, thetas, wd)
         apply, b = self._system(data, params, thetas, wd)
         res = L.conjugate_gradient(apply, b, x0, params.iterations, params.tol)
+        # b = 0 and A x0 = 0 also happen with statistics (models and start all zero): only zero
+        # statistics in every model are "no information"
+        blind = res.no_information and not any(bool(t.any()) for ts in data.stats.values() for t in ts)
         return res.x, {"name": data.name, "cg_iterations": res.iterations, "cg_residual": res.residual,
-                       "cg_no_information": res.no_information}
+                       "cg_no_information": blind}
 
     def _system(self, data: BlockData, params: MatsParams, thetas: list[torch.Tensor], wd: torch.dtype):
         """The matvec θ -> Σ C_i θ and the right-hand side Σ C_i θ_i of the objective."""

@@ -24,7 +24,7 @@ from tensormerge.methods.base import BlockData, Method, Params, param, register
 @dataclass
 class UBGMParams(Params):
     alpha: float = param(1.0, "α: scales the task Hessians inside H̄ and the update")
-    delta0: float = param(1e-12, "δ0: prior precision added everywhere (the only guard against 0/0)")
+    delta0: float = param(1e-12, "δ0: prior precision added everywhere (0: its 0⁺ limit where H̄ = 0)")
     base_scale: float = param(1.0, "s_0: scale of the base's Hessian (e.g. its training-set size)")
     scales: list[float] | None = param(None, "s_t per model (default 1 each; e.g. training-set sizes)")
 

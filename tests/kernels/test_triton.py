@@ -196,12 +196,15 @@ def check_ubgm(dtype, n, device="cpu"):
         g = torch.Generator().manual_seed(100 + n)
         hs = [(torch.rand(shape, generator=g) ** 2).masked_fill(torch.rand(shape, generator=g) < 0.2, 0.0)
               for _ in range(n)]
-        h0 = torch.rand(shape, generator=g)
+        h0 = torch.rand(shape, generator=g).masked_fill(torch.rand(shape, generator=g) < 0.5, 0.0)
         scales = [1.0, 2.0, 0.5, 3.0, 0.25, 1.5, 0.75, 5.0][:n]
         for bh in (None, h0):
-            args = (0.8, 1e-12, 1.5, scales)
-            got = T.ubgm(on(device, *xs), on(device, base)[0], on(device, *hs), on(device, bh)[0], *args)
-            same(got, R.ubgm(xs, base, hs, bh, *args), f"ubgm {dtype} {shape} N={n} base_hessian={bh is not None}")
+            # δ0 = 0: H̄ = 0 where every H is zero (the δ0 -> 0⁺ limit), and α = 0 too
+            for args in ((0.8, 1e-12, 1.5, scales), (0.8, 0.0, 1.5, scales), (0.0, 0.0, 1.5, scales)):
+                got = T.ubgm(on(device, *xs), on(device, base)[0], on(device, *hs), on(device, bh)[0], *args)
+                same(got, R.ubgm(xs, base, hs, bh, *args),
+                     f"ubgm {dtype} {shape} N={n} base_hessian={bh is not None} {args[:2]}")
+                assert R.all_finite(got), f"ubgm {args[:2]}: non-finite"
 
 
 @pytest.mark.parametrize("n", NS)

@@ -649,7 +649,7 @@ def test_zero_statistics_give_the_fallback(method, data):
     first model only (fallback=first), so θ_1; regmean: every input is dead, so the weighted
     average column by column; mats: Σ C_i = 0 has an empty range, so the block keeps its start
     (init task_arithmetic θ_0 + 0.3 Σ τ, average or base); ubgm: H_t = 0 is task arithmetic with
-    λ = α, whatever H_0. Tolerance 4·N·eps of the summed magnitudes (eps of CG's precision for
+    λ = α, whatever H_0, also with δ0 = 0 (the δ0 -> 0⁺ limit; α = 0 gives θ_0). Tolerance 4·N·eps of the summed magnitudes (eps of CG's precision for
     mats, which computes its start in it) plus the output rounding."""
     case = data.draw(cases())
     objective = method.split("-")[1] if method.startswith("mats") else None
@@ -680,8 +680,12 @@ def test_zero_statistics_give_the_fallback(method, data):
                 w = [x / sum(w) for x in w]
         elif method == "ubgm":
             raw = {"fisher": zero}
-            alpha = data.draw(st.floats(0.1, 2.0))
+            alpha = data.draw(st.sampled_from([0.0, 0.5]) | st.floats(0.1, 2.0))
             params = {"alpha": alpha}
+            if data.draw(st.booleans()):  # δ0 = 0 (the research code's default): the δ0 -> 0⁺ limit
+                params["delta0"] = 0.0
+            if data.draw(st.booleans()):
+                params["scales"] = csv([0.0] * n)
             base = m.model(case.base)
             if data.draw(st.booleans()):
                 base_stats = m.stores([{"fisher": fisher(case, case.gen(7))}])[0]

@@ -179,12 +179,15 @@ def kfac_matrix(ga, gb):
 @pytest.mark.parametrize("conditioning", ["well", "ill"])
 def test_mats_default_precision_against_float64_solve(tmp_path, objective, conditioning):
     """MaTS' defaults (float32 CG, tol 1e-5, 100 iterations, task-arithmetic start) against the
-    float64 direct solve x* of (Σ C_i) x = Σ C_i θ_i. CG stops on its residual, not on the error,
-    so the tolerance is derived from the residual: for SPD K, ‖x − x*‖ ≤ ‖K x − b‖ / λ_min(K). The
-    float64 residual of what the engine returns must match the residual it reports, up to the
-    float32 rounding of b and of one matvec (2 d u (‖b‖ + ‖K‖ ‖x‖), d the length of each dot
-    product), and the error is then bounded by that residual over λ_min: tight where K is well
-    conditioned (κ ≈ 1e2, converged), loose but still checked where it is not (κ ≈ 1e6)."""
+    float64 direct solve x* of (Σ C_i) x = Σ C_i θ_i. CG stops on its residual, not on the error:
+    the float64 residual ‖b − K x‖/‖b‖ of what the engine returns must meet the requested tol
+    1e-5 (not the residual the code reports), up to the float32 rounding of b and of one matvec
+    (2 d u (‖b‖ + ‖K‖ ‖x‖), d the length of each dot product), within fewer than the 100
+    iterations allowed; the reported residual must be that float64 one to the same slack. For SPD
+    K, ‖x − x*‖ ≤ ‖K x − b‖ / λ_min(K) then bounds the error, which is tight where K is well
+    conditioned (κ ≈ 1e2: also within 1e-3 of ‖x*‖). Where κ > 1e5 that bound is κ (1e-5 +
+    slack) ‖x*‖-sized, larger than x* itself: no independent error bound is possible there from
+    float32 storage (the Grams' rounding alone moves x* by κ u), so only the residual is held."""
     out_d, in_d = 6, 8
     span = {"well": 1.0, "ill": 6.0}[conditioning]
     ga = spectral_grams(torch.logspace(0, -span, in_d, dtype=F64), 700)
@@ -202,15 +205,16 @@ def test_mats_default_precision_against_float64_solve(tmp_path, objective, condi
     lam = torch.linalg.eigvalsh(k)
     x = got["w"].double().reshape(-1)
     block = rep["blocks"][0]
-    assert block["cg_iterations"] == 100 or block["cg_residual"] <= 1e-5
+    tol = 1e-5
     dot = in_d * (out_d if objective == "kfac" else 1) * N
     slack = 2 * dot * U32 * (float(b.norm()) + float(lam.max()) * float(x.norm())) / float(b.norm())
     res64 = float((b - k @ x).norm() / b.norm())
-    assert res64 <= block["cg_residual"] + slack, (res64, block["cg_residual"], slack)
-    err_bound = (block["cg_residual"] + slack) * float(b.norm()) / float(lam.min())
-    assert float((x - want).norm()) <= err_bound
+    assert block["cg_iterations"] < 100, block
+    assert res64 <= tol + slack, (res64, tol, slack)
+    assert abs(res64 - block["cg_residual"]) <= slack, (res64, block["cg_residual"], slack)
+    assert float((x - want).norm()) <= (tol + slack) * float(b.norm()) / float(lam.min())
     if conditioning == "well":
-        assert block["cg_residual"] <= 1e-5 and float(lam.max() / lam.min()) < 1e3
+        assert float(lam.max() / lam.min()) < 1e3
         assert float((x - want).norm()) <= 1e-3 * float(want.norm())
     else:
         assert float(lam.max() / lam.min()) > 1e5
@@ -232,3 +236,19 @@ def test_mats_regmean_objective_keeps_its_start_where_the_grams_are_singular(tmp
     x0 = base.double() + 0.3 * sum(x.double() - base.double() for x in ws)
     g = got["w"].double()
     torch.testing.assert_close(g @ null, x0 @ null, rtol=0, atol=1e-5 * float(x0.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["negative-eigenvalue", "zero-diagonal"])
+def test_regmean_indefinite_gram_beside_a_large_one_is_refused(tmp_path, kind):
+    """Each Gram is checked, not only their sum: [[1, 2], [2, 1]] (eigenvalues 3, −1) beside 10·I
+    sums to a definite matrix, and so does a Gram whose zero diagonal entry has non-zero entries
+    in its row (never a Gram: Σ x_j² = 0 makes every Σ x_j x_k zero). Both are refused, naming the
+    input; nothing is written."""
+    from tensormerge.errors import InputError
+
+    bad = torch.tensor([[1.0, 2.0], [2.0, 1.0]]) if kind == "negative-eigenvalue" \
+        else torch.tensor([[0.0, 0.5], [0.5, 4.0]])
+    ws = [rand(3, 2, seed=i).float() for i in range(2)]
+    with pytest.raises(InputError, match=r"tensor 'w': gram_in of input 1 .*not a Gram matrix.*indefinite"):
+        run(tmp_path, "regmean", [{"w": x} for x in ws], [{"gram_in": {"w": g}} for g in (bad, 10 * torch.eye(2))])
+    assert not (tmp_path / "out").exists()

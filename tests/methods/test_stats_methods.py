@@ -80,6 +80,28 @@ def test_fisher_against_formula(tmp_path, mode, fallback):
     assert rep["fallback_blocks"] == {}
 
 
+@pytest.mark.parametrize("fallback", ["average", "first"])
+def test_fisher_floor_zero_with_all_zero_entries_is_a_named_error(tmp_path, fallback):
+    """floor=0 disables the floor (the help: "0/0 entries then fail"): where every Fisher is zero
+    the merge is 0/0, and the error says so, naming the tensor and the way out, not "non-finite
+    input values". Fishers zero at some entries in one model only still merge, by the formula."""
+    from tensormerge.errors import InputError
+
+    ws = [rand(3, 4, seed=i) for i in range(2)]
+    fw = [(rand(3, 4, seed=40 + i).abs() + 0.1).float() for i in range(2)]
+    fw[0][0, :2] = 0.0
+    got, _ = run(tmp_path, "fisher", [{"w": w} for w in ws], [{"fisher": {"w": f}} for f in fw],
+                 params={"floor": "0", "fallback": fallback}, tag="ok")
+    want = sum(f.double() * w for f, w in zip(fw, ws)) / sum(f.double() for f in fw)
+    torch.testing.assert_close(got["w"], want, rtol=1e-6, atol=1e-9)
+    fw[1][0, 1] = 0.0
+    with pytest.raises(InputError) as e:
+        run(tmp_path, "fisher", [{"w": w} for w in ws], [{"fisher": {"w": f}} for f in fw],
+            params={"floor": "0", "fallback": fallback})
+    msg = str(e.value)
+    assert "'w'" in msg and "floor=0" in msg and "every" in msg and "\n" not in msg and "non-finite" not in msg
+
+
 def test_fisher_worked_example_and_equal_fishers(tmp_path):
     models = [{"x": torch.tensor([1.0], dtype=F64)}, {"x": torch.tensor([3.0], dtype=F64)}]
     got, _ = run(tmp_path, "fisher", models, [{"fisher": {"x": torch.tensor([3.0])}}, {"fisher": {"x": torch.tensor([1.0])}}])
@@ -460,9 +482,59 @@ def test_ubgm_without_fishers_takes_the_h_zero_limit_and_reports_missing_base_ke
     assert "1 without base statistics, taken as zero" in text and "base statistics u: no fisher in" in text
 
 
+@pytest.mark.parametrize("params", [{"delta0": "0"}, {"delta0": "0", "alpha": "0"}, {"delta0": "0", "alpha": "0.6"},
+                                    {"delta0": "0", "scales": "0,0"}, {"delta0": "0", "alpha": "0", "scales": "2,0"}])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_ubgm_delta0_zero_takes_the_limit_where_hbar_is_zero(tmp_path, params, with_base):
+    """δ0 = 0 (accepted, the research code's default) with Fishers zero at some entries in every
+    model (and H_0 zero there): H̄ = 0, and the δ0 -> 0⁺ limit applies. There every weight
+    (s_t H_t + s_0 H_0 + δ0)/H̄ with H_t = H_0 = 0 is δ0/δ0 = 1 (α > 0), so θ_0 + α Σ τ_t; with
+    α = 0 the update α Σ (...) is 0 for every δ0 > 0, so θ_0. Elsewhere the formula with δ0 = 0."""
+    base = {"w": rand(6, 4, seed=0)}
+    models = [{"w": base["w"] + 0.1 * rand(6, 4, seed=10 + i)} for i in range(2)]
+    mask = (torch.arange(24).reshape(6, 4) % 3 == 0)
+    hs = [(rand(6, 4, seed=100 + i).abs() + 0.1).float() for i in range(2)]
+    hs = [torch.where(mask, 0.0, h) for h in hs]
+    h0 = torch.where(mask, 0.0, (rand(6, 4, seed=200).abs() + 0.1).float())
+    alpha = float(params.get("alpha", 1.0))
+    s = [float(x) for x in params.get("scales", "1,1").split(",")]
+    got, _ = run(tmp_path, "ubgm", models, [{"fisher": {"w": h}} for h in hs], base=base, params=params,
+                 base_stats={"fisher": {"w": h0}} if with_base else None)
+    h0d = h0.double() if with_base else torch.zeros(6, 4, dtype=F64)
+    b, th, hd = base["w"].double(), [m["w"].double() for m in models], [h.double() for h in hs]
+    hbar = alpha * sum(si * h for si, h in zip(s, hd)) + h0d
+    safe = torch.where(hbar == 0, 1.0, hbar)
+    update = sum(torch.where(hbar == 0, 1.0, (si * h + h0d) / safe) * (t - b) for si, h, t in zip(s, hd, th))
+    want = b + alpha * update
+    assert (hbar == 0).any()
+    assert torch.isfinite(got["w"]).all()
+    torch.testing.assert_close(got["w"].double(), want, rtol=1e-6, atol=1e-9)
+
+
 def test_ubgm_worked_example(tmp_path):
     got, _ = run(tmp_path, "ubgm", [{"x": torch.tensor([1.0], dtype=F64)}, {"x": torch.tensor([3.0], dtype=F64)}],
                  [{"fisher": {"x": torch.tensor([3.0])}}, {"fisher": {"x": torch.tensor([1.0])}}],
                  base={"x": torch.tensor([0.0], dtype=F64)}, base_stats={"fisher": {"x": torch.tensor([2.0])}},
                  params={"delta0": "0"})
     assert float(got["x"]) == pytest.approx(2.3333333333, abs=1e-9)
+
+
+def test_mats_no_information_only_when_the_statistics_are_zero(tmp_path):
+    """Models and base all zero with positive Fishers: b = 0 and A x0 = 0, but the statistics
+    are not zero, so the block is not "statistics zero in every model" (the summary would lie);
+    the solution is 0 all the same. With zero Fishers the flag is set, and the summary counts
+    one block in the singular."""
+    from tensormerge.methods.mats import cg_summary
+
+    zero = torch.zeros(4, 3, dtype=F64)
+    fw = [(rand(4, 3, seed=40 + i).abs() + 0.1).float() for i in range(2)]
+    got, rep = run(tmp_path, "mats", [{"w": zero}] * 2, [{"fisher": {"w": f}} for f in fw], base={"w": zero},
+                   params={"objective": "fisher"})
+    assert torch.equal(got["w"], zero.to(got["w"].dtype))
+    assert rep["blocks"][0]["cg_no_information"] is False
+    assert "0 carried no information" in cg_summary(rep["blocks"], 1e-5)
+    got, rep = run(tmp_path, "mats", [{"w": zero}] * 2, [{"fisher": {"w": torch.zeros(4, 3)}}] * 2,
+                   base={"w": zero}, params={"objective": "fisher"}, tag="z")
+    assert rep["blocks"][0]["cg_no_information"] is True
+    line = cg_summary(rep["blocks"], 1e-5)
+    assert line.startswith("mats: 1 block solved by CG,") and "1 carried no information" in line

@@ -237,6 +237,9 @@ def ubgm_kernel(X, B, H, BH, P, out, n, N: tl.constexpr, HAS_BH: tl.constexpr, B
         h = _load(H[i], offs, mask)
         hs = hs + (h,)
         hbar = tl.fma(h, tl.load(P + 3 + N + i), hbar)
+    flat = hbar == 0.0  # the δ0 -> 0⁺ limit, as reference.ubgm
+    prior = tl.where(flat, 1.0, prior)
+    hbar = tl.where(flat, 1.0, hbar)
     acc = tl.zeros([BLOCK], tl.float32)
     for i in tl.static_range(N):
         c = tl.fma(hs[i], tl.load(P + 3 + i), prior)
