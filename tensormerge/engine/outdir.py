@@ -121,6 +121,18 @@ def _read_json(path: str):
         return None
 
 
+def is_our_partial(partial: str) -> bool:
+    """Whether `OUT.partial` is tensormerge's, so a run may remove or resume it: empty (a run
+    killed before writing anything), or holding what a run writes there first: a merge's resume
+    directory (Manifest.create) or a statistics store's zarr.json (StatsWriter)."""
+    try:
+        entries = os.listdir(partial)
+    except OSError:
+        return False
+    return (not entries or os.path.isdir(os.path.join(partial, C.RESUME_DIR))
+            or os.path.isfile(os.path.join(partial, "zarr.json")))
+
+
 def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind: str = "merge",
                  protected: Iterable[tuple[str, str]] = (), option: str = "--output",
                  flag: str = "--overwrite") -> None:
@@ -130,6 +142,10 @@ def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind
     protected = list(protected)
     check_paths(out, protected, option)
     partial = out + C.PARTIAL_SUFFIX
+    inside = [d for d in os.path.abspath(out).split(os.sep)[:-1] if d.endswith(C.PARTIAL_SUFFIX)]
+    if inside:
+        raise OutputError(f"{option} {out}: lies inside {inside[-1]!r}, a name tensormerge uses for an output "
+                          f"being built (and removes); choose another place")
     for path in (out, partial):
         if os.path.islink(path):
             raise OutputError(f"{option} {path}: is a symbolic link (to {os.readlink(path)}); "
@@ -137,6 +153,9 @@ def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind
         if os.path.lexists(path) and not os.path.isdir(path):
             what = "a file" if os.path.isfile(path) else "not a directory"
             raise OutputError(f"{option} {path}: is {what}; refusing to write there")
+    if os.path.isdir(partial) and not is_our_partial(partial):
+        raise OutputError(f"{option} {out}: {partial} exists and was not made by tensormerge (it would be "
+                          f"removed); move it away or choose another output")
     if os.path.lexists(out) and not keep_existing:
         if not overwrite:
             raise OutputError(f"{out}: exists (pass --overwrite to replace it)")

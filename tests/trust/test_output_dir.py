@@ -407,3 +407,42 @@ def test_an_output_in_directories_yet_to_be_made(fam, tmp_path):
     res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", f"{tmp_path}/new/S.zarr/"])
     assert res.returncode == 0, res
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["S.zarr"]
+
+
+# ---------------------------------------------------------------------------------- red-team fixes
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_user_directory_named_out_partial_is_refused_and_kept(fam, tmp_path, resume):
+    out, mine = tmp_path / "mine", tmp_path / "mine.partial"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    res = H.run_cli(args(fam, out, *(["--resume"] if resume else [])))
+    H.assert_clean_error(res, str(mine), "not made by tensormerge")
+    assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
+    assert not out.exists()
+
+
+def test_an_empty_out_partial_is_taken(fam, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "out.partial").mkdir()
+    res = H.run_cli(args(fam, out))
+    assert res.returncode == 0, res
+    assert_average(out, fam)
+
+
+def test_stats_import_refuses_a_user_out_partial(tmp_path):
+    _, _, base, _ = H.write_family(tmp_path / "m", n=1)
+    src = tmp_path / "f.pt"
+    torch.save({n: torch.ones_like(t).float() for n, t in base.items()}, src)
+    keep = tmp_path / "st2.partial" / "keep.txt"
+    keep.parent.mkdir()
+    keep.write_text("precious")
+    res = H.run_cli(["stats", "import", str(src), "--kind", "fisher", "--output", str(tmp_path / "st2"),
+                     "--model", str(tmp_path / "m" / "base"), "--count", "10"], cwd=tmp_path)
+    H.assert_clean_error(res, "st2.partial", "not made by tensormerge")
+    assert keep.read_text() == "precious"
+
+
+def test_an_output_inside_a_partial_directory_is_refused(fam, tmp_path):
+    res = H.run_cli(args(fam, tmp_path / "o1.partial" / "x"))
+    H.assert_clean_error(res, "o1.partial")
+    assert list(tmp_path.iterdir()) == []
