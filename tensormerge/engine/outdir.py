@@ -167,21 +167,21 @@ def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind
 def check_report(report: str | None, out: str, protected: Iterable[tuple[str, str]] = ()) -> None:
     """`--report` must be writable before the merge starts, not found unwritable after it: an
     existing file is opened for writing (not truncated), a new one is created and removed. A
-    report inside OUT itself is written after OUT exists, so only its name is checked."""
+    report inside OUT (or OUT.partial) is refused: the output's file names are known only once
+    the plan is built, and the report must never replace one of them."""
     if not report:
         return
     for role, path in protected:
         if path and "://" not in path and os.path.lexists(path) \
                 and _relation(os.path.realpath(report), os.path.realpath(path)) in ("is", "is inside"):
             raise OutputError(f"--report {report}: is inside {role} {path}; refusing to write there")
-    parent = os.path.realpath(os.path.dirname(os.path.abspath(report)))
-    real_out = os.path.realpath(out)
-    if os.path.realpath(report) in (real_out, real_out + C.PARTIAL_SUFFIX):
-        raise OutputError(f"--report {report}: is the output directory; give a file name")
-    if parent == real_out or parent == real_out + C.PARTIAL_SUFFIX:
-        if os.path.basename(report) in (C.PROVENANCE, C.SAFE_INDEX, C.SAFE_SINGLE):
-            raise OutputError(f"--report {report}: would replace the output's own {os.path.basename(report)}")
-        return
+    real, real_out = os.path.realpath(report), os.path.realpath(out)
+    for own in (real_out, real_out + C.PARTIAL_SUFFIX):
+        if _within(real, own):
+            raise OutputError(f"--report {report}: is inside the output {own}, whose files it could replace; "
+                              f"write it beside the output")
+    if real == real_out + LOCK_SUFFIX:
+        raise OutputError(f"--report {report}: is the output's lock file; give another name")
     try:
         if os.path.isdir(report):
             raise IsADirectoryError(errno.EISDIR, "is a directory")

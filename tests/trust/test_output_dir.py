@@ -209,11 +209,21 @@ def test_unwritable_report_fails_before_the_merge(fam, tmp_path, where):
     assert not Path(str(out) + LOCK_SUFFIX).exists()
 
 
-def test_report_inside_the_output_is_fine(fam, tmp_path):
+@pytest.mark.parametrize("name", ["report.json", "config.json", "README.md", "tokenizer.json",
+                                  "model-00001-of-00007.safetensors", "tensormerge-recipe.yaml"])
+def test_report_inside_the_output_is_refused(fam, tmp_path, name):
     out = tmp_path / "out"
-    res = H.run_cli(args(fam, out, "--report", out / "report.json"))
-    assert res.returncode == 0, res
-    assert json.loads((out / "report.json").read_text())["method"] == "average"
+    res = H.run_cli(args(fam, out, "--shard-size", "2KB", "--report", out / name))
+    H.assert_clean_error(res, "--report", "inside the output", out_dir=out)
+
+
+@pytest.mark.parametrize("where", ["partial", "lock"])
+def test_report_in_out_partial_or_the_lock_file_is_refused(fam, tmp_path, where):
+    out = tmp_path / "out"
+    report = tmp_path / "out.partial" / "r.json" if where == "partial" else tmp_path / ("out" + LOCK_SUFFIX)
+    res = H.run_cli(args(fam, out, "--report", report))
+    H.assert_clean_error(res, "--report", out_dir=out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plan_takes_no_lock_and_creates_nothing(fam, tmp_path):
