@@ -83,6 +83,37 @@ def check_paths(out: str, protected: Iterable[tuple[str, str]], option: str = "-
             raise OutputError(f"{option} {out}: {rel} the working directory {cwd}; refusing to write there")
 
 
+def checkpoint_places(cks: Iterable) -> list[tuple[str, str]]:
+    """Where the resolved checkpoints live, for the checks that can only follow resolution (a hub
+    id or MaTS' `init` names no local path): every file, the checkpoint's directory (unless it
+    was named as one file), and for a hub cache snapshot the whole repo folder
+    (`models--org--name`, which holds the blobs the snapshot links to)."""
+    places: list[tuple[str, str]] = []
+    for ck in cks:
+        role = f"input {ck.spec}"
+        places += [(role, f) for f in ck.files]
+        if ck.root and not os.path.isfile(ck.spec):
+            places.append((role, ck.root))
+            snapshots = os.path.dirname(os.path.abspath(ck.root))
+            if os.path.basename(snapshots) == "snapshots":
+                places.append((f"the hub cache folder of input {ck.spec}", os.path.dirname(snapshots)))
+    return places
+
+
+def write_report(report: str, data: dict) -> None:
+    """Atomically: a temporary file beside it, then os.replace (which replaces a symbolic link
+    rather than writing through it into whatever it points at)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(report)), f".{os.path.basename(report)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, report)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def what_is_there(path: str, kind: str) -> str | None:
     """None when --overwrite may replace the directory `path`: it is empty, or an output of the
     same kind ('merge': its tensormerge.json names a method and the version that wrote it, and

@@ -456,3 +456,69 @@ def test_an_output_inside_a_partial_directory_is_refused(fam, tmp_path):
     res = H.run_cli(args(fam, tmp_path / "o1.partial" / "x"))
     H.assert_clean_error(res, "o1.partial")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def hub(fam, tmp_path):
+    commit = H.make_hub_cache(tmp_path / "hub", "org/m1", fam["fts"][0])
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    repo = tmp_path / "hub" / "models--org--m1"
+    return env, repo, repo / "snapshots" / commit
+
+
+def _hub_args(fam, out, *extra):
+    return ["run", "-q", "--method", "average", "--inputs", "org/m1," + fam["inputs"][1], "--output", str(out),
+            *[str(x) for x in extra]]
+
+
+def test_report_onto_a_hub_input_blob_is_refused(fam, tmp_path, hub):
+    env, repo, snap = hub
+    before = _tree(repo)
+    res = H.run_cli(_hub_args(fam, tmp_path / "o", "--report", snap / "model.safetensors"), env=env)
+    H.assert_clean_error(res, "--report", "org/m1")
+    assert _tree(repo) == before
+
+
+@pytest.mark.parametrize("where", ["snapshot", "repo", "blobs"])
+def test_output_inside_a_hub_input_cache_folder_is_refused(fam, tmp_path, hub, where):
+    env, repo, snap = hub
+    before = _tree(repo)
+    inside = {"snapshot": snap / "o", "repo": repo / "o", "blobs": repo / "blobs" / "o"}[where]
+    res = H.run_cli(_hub_args(fam, inside), env=env)
+    H.assert_clean_error(res, "--output", "org/m1")
+    assert _tree(repo) == before and not inside.exists()
+
+
+def _mats_case(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(4, 3, generator=g)}
+    paths = [str(H.save_safetensors_dir(tmp_path / f"m{i}", {"w": base["w"] + 0.1 * i})) for i in range(2)]
+    bpath = str(H.save_safetensors_dir(tmp_path / "base", base))
+    stores = [H.write_store(tmp_path / f"s{i}.zarr", {"fisher": {"w": torch.rand(4, 3, generator=g) + 0.1}})
+              for i in range(2)]
+    init = H.save_safetensors_dir(tmp_path / "o6", base)
+    (init / "tokenizer.json").write_text("{}")
+    return ["run", "-q", "-m", "mats", "-i", ",".join(paths), "-b", bpath, "--stats", ",".join(stores),
+            "-p", "objective=fisher", "-p", f"init={init}"], init
+
+
+@pytest.mark.parametrize("what", ["output", "report"])
+def test_inside_a_mats_init_directory_is_refused(tmp_path, what):
+    a, init = _mats_case(tmp_path)
+    before = _tree(init)
+    extra = ["-o", str(init / "sub")] if what == "output" else ["-o", str(tmp_path / "o"), "--report",
+                                                                 str(init / "tokenizer.json")]
+    res = H.run_cli(a + extra, cwd=tmp_path)
+    H.assert_clean_error(res, f"--{what}", str(init))
+    assert _tree(init) == before
+
+
+def test_report_through_a_symlink_replaces_the_link_not_its_target(fam, tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    link = tmp_path / "r.json"
+    link.symlink_to(target)
+    res = H.run_cli(args(fam, tmp_path / "out", "--report", link))
+    assert res.returncode == 0, res
+    assert target.read_text() == "precious" and not link.is_symlink()
+    assert json.loads(link.read_text())["method"] == "average"
