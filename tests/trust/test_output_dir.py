@@ -522,3 +522,10 @@ def test_report_through_a_symlink_replaces_the_link_not_its_target(fam, tmp_path
     assert res.returncode == 0, res
     assert target.read_text() == "precious" and not link.is_symlink()
     assert json.loads(link.read_text())["method"] == "average"
+
+
+def test_a_newline_in_a_path_keeps_the_error_on_one_line(fam, tmp_path):
+    res = H.run_cli(["run", "-q", "--method", "average", "--inputs", "fam/ft1\nerror: fake," + fam["inputs"][1],
+                     "--output", str(tmp_path / "o")], cwd=tmp_path)
+    line = H.assert_clean_error(res, "\\n")
+    assert "fake" in line
