@@ -173,6 +173,11 @@ def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind
     protected = list(protected)
     check_paths(out, protected, option)
     partial = out + C.PARTIAL_SUFFIX
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{option} {out}: its parent {parent} is not a directory")
     inside = [d for d in os.path.abspath(out).split(os.sep)[:-1] if d.endswith(C.PARTIAL_SUFFIX)]
     if inside:
         raise OutputError(f"{option} {out}: lies inside {inside[-1]!r}, a name tensormerge uses for an output "

@@ -529,3 +529,8 @@ def test_a_newline_in_a_path_keeps_the_error_on_one_line(fam, tmp_path):
                      "--output", str(tmp_path / "o")], cwd=tmp_path)
     line = H.assert_clean_error(res, "\\n")
     assert "fake" in line
+
+
+def test_an_output_under_a_regular_file_says_so(fam, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    H.assert_clean_error(H.run_cli(args(fam, tmp_path / "afile" / "x")), "afile", "not a directory")
