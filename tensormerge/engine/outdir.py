@@ -46,6 +46,7 @@ from tensormerge.errors import OutputError
 LOCK_SUFFIX = C.PARTIAL_SUFFIX + ".lock"  # OUT.partial.lock
 REPLACED = ".tensormerge-replaced"  # the previous OUT, inside OUT.partial (then OUT) during the finish
 OURS_SUBDIRS = {C.RESUME_DIR, REPLACED}  # the only directories a merge output ever holds
+STATS_RESUME_DIR = ".resume"  # stats/collect.RESUME_DIR: `stats compute`'s checkpoint, inside OUT.partial
 MAX_MARKER_BYTES = 64 * 1024 * 1024  # a tensormerge.json / zarr.json larger than this is not ours
 
 
@@ -155,13 +156,14 @@ def _read_json(path: str):
 def is_our_partial(partial: str) -> bool:
     """Whether `OUT.partial` is tensormerge's, so a run may remove or resume it: empty (a run
     killed before writing anything), or holding what a run writes there first: a merge's resume
-    directory (Manifest.create) or a statistics store's zarr.json (StatsWriter)."""
+    directory (Manifest.create), a statistics store's zarr.json (StatsWriter) or `stats compute`'s
+    checkpoint directory."""
     try:
         entries = os.listdir(partial)
     except OSError:
         return False
-    return (not entries or os.path.isdir(os.path.join(partial, C.RESUME_DIR))
-            or os.path.isfile(os.path.join(partial, "zarr.json")))
+    return (not entries or os.path.isfile(os.path.join(partial, "zarr.json"))
+            or any(os.path.isdir(os.path.join(partial, d)) for d in (C.RESUME_DIR, STATS_RESUME_DIR)))
 
 
 def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind: str = "merge",
