@@ -5,7 +5,10 @@ writes a directory refuses the same things before any work:
 
 - an output that is, contains or lies inside an input, the base, a statistics store or a data
   file, or that is or contains the working directory (`--output .` would empty it);
-- an output (or `OUT.partial`) that is a symbolic link or not a directory;
+- an output (or `OUT.partial`) that is a symbolic link or not a directory, an output inside any
+  `*.partial` directory, and an `OUT.partial` tensormerge did not make (a run removes it);
+- once checkpoints are resolved, an output or `--report` inside a hub input's cache folder or
+  MaTS' `init` directory; a `--report` inside OUT or OUT.partial, or the lock file;
 - `--overwrite` of anything but an empty directory or an output of the same command (a merge's
   `tensormerge.json`, a store's `zarr.json`), since replacing it deletes what is there.
 
