@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from contextlib import ExitStack
@@ -234,7 +233,9 @@ def merge(spec: MergeSpec) -> dict:
         lock = stack.enter_context(outdir.OutputLock(out, "run", quiet=spec.quiet))
         merge_plan = open_plan(spec, stack)
         cks = merge_plan.checkpoints + list(merge_plan.extras.values())
-        outdir.check_paths(out, [("input", f) for ck in cks for f in ck.files])  # hub snapshots, MaTS' init
+        places = outdir.checkpoint_places(cks)  # hub snapshots and their cache folders, MaTS' init
+        outdir.check_paths(out, places)
+        outdir.check_report(spec.report, out, places)
         if merge_plan.lora is not None and merge_plan.lora.mode == "svd":
             report = _merge_svd(spec, merge_plan, stack)
             if lock.stale:
@@ -258,8 +259,7 @@ def merge(spec: MergeSpec) -> dict:
 def _write_report(spec: MergeSpec, report: dict, out: str) -> None:
     if spec.report:
         try:
-            with open(spec.report, "w") as f:
-                json.dump(report, f, indent=2)
+            outdir.write_report(spec.report, report)
         except OSError as e:
             raise OutputError(f"--report {spec.report}: cannot write ({e.strerror}); the merge itself is "
                               f"complete in {out}") from None

@@ -284,6 +284,12 @@ from tensormerge.stats.cli import stats as _stats_group
 cli.add_command(_stats_group)
 
 
+def _one_line(text: str) -> str:
+    """An error is one line whatever a path or name holds: control characters (a newline in a
+    file name could forge a second `error:` line) are shown escaped."""
+    return "".join(repr(c)[1:-1] if (ord(c) < 32 or ord(c) == 127) else c for c in text)
+
+
 def main() -> None:
     show_tb = "--traceback" in sys.argv or os.environ.get("TENSORMERGE_TRACEBACK") == "1"
     try:
@@ -292,12 +298,12 @@ def main() -> None:
         click.echo("error: interrupted (run it again with --resume to continue a merge)", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        click.echo(f"error: {_one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except TensorMergeError as e:
         if show_tb:
             traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("error: interrupted (run it again with --resume to continue a merge)", err=True)
@@ -305,7 +311,7 @@ def main() -> None:
     except Exception as e:
         if show_tb:
             traceback.print_exc()
-        click.echo(f"error: internal error {e.__class__.__name__}: {e} (rerun with --traceback)", err=True)
+        click.echo(f"error: internal error {e.__class__.__name__}: {_one_line(str(e))} (rerun with --traceback)", err=True)
         sys.exit(1)
 
 

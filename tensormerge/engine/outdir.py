@@ -5,7 +5,10 @@ writes a directory refuses the same things before any work:
 
 - an output that is, contains or lies inside an input, the base, a statistics store or a data
   file, or that is or contains the working directory (`--output .` would empty it);
-- an output (or `OUT.partial`) that is a symbolic link or not a directory;
+- an output (or `OUT.partial`) that is a symbolic link or not a directory, an output inside any
+  `*.partial` directory, and an `OUT.partial` tensormerge did not make (a run removes it);
+- once checkpoints are resolved, an output or `--report` inside a hub input's cache folder or
+  MaTS' `init` directory; a `--report` inside OUT or OUT.partial, or the lock file;
 - `--overwrite` of anything but an empty directory or an output of the same command (a merge's
   `tensormerge.json`, a store's `zarr.json`), since replacing it deletes what is there.
 
@@ -46,6 +49,7 @@ from tensormerge.errors import OutputError
 LOCK_SUFFIX = C.PARTIAL_SUFFIX + ".lock"  # OUT.partial.lock
 REPLACED = ".tensormerge-replaced"  # the previous OUT, inside OUT.partial (then OUT) during the finish
 OURS_SUBDIRS = {C.RESUME_DIR, REPLACED}  # the only directories a merge output ever holds
+STATS_RESUME_DIR = ".resume"  # stats/collect.RESUME_DIR: `stats compute`'s checkpoint, inside OUT.partial
 MAX_MARKER_BYTES = 64 * 1024 * 1024  # a tensormerge.json / zarr.json larger than this is not ours
 
 
@@ -81,6 +85,37 @@ def check_paths(out: str, protected: Iterable[tuple[str, str]], option: str = "-
         if _within(cwd, candidate):
             rel = "is" if cwd == candidate else "contains"
             raise OutputError(f"{option} {out}: {rel} the working directory {cwd}; refusing to write there")
+
+
+def checkpoint_places(cks: Iterable) -> list[tuple[str, str]]:
+    """Where the resolved checkpoints live, for the checks that can only follow resolution (a hub
+    id or MaTS' `init` names no local path): every file, the checkpoint's directory (unless it
+    was named as one file), and for a hub cache snapshot the whole repo folder
+    (`models--org--name`, which holds the blobs the snapshot links to)."""
+    places: list[tuple[str, str]] = []
+    for ck in cks:
+        role = f"input {ck.spec}"
+        places += [(role, f) for f in ck.files]
+        if ck.root and not os.path.isfile(ck.spec):
+            places.append((role, ck.root))
+            snapshots = os.path.dirname(os.path.abspath(ck.root))
+            if os.path.basename(snapshots) == "snapshots":
+                places.append((f"the hub cache folder of input {ck.spec}", os.path.dirname(snapshots)))
+    return places
+
+
+def write_report(report: str, data: dict) -> None:
+    """Atomically: a temporary file beside it, then os.replace (which replaces a symbolic link
+    rather than writing through it into whatever it points at)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(report)), f".{os.path.basename(report)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, report)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def what_is_there(path: str, kind: str) -> str | None:
@@ -121,6 +156,19 @@ def _read_json(path: str):
         return None
 
 
+def is_our_partial(partial: str) -> bool:
+    """Whether `OUT.partial` is tensormerge's, so a run may remove or resume it: empty (a run
+    killed before writing anything), or holding what a run writes there first: a merge's resume
+    directory (Manifest.create), a statistics store's zarr.json (StatsWriter) or `stats compute`'s
+    checkpoint directory."""
+    try:
+        entries = os.listdir(partial)
+    except OSError:
+        return False
+    return (not entries or os.path.isfile(os.path.join(partial, "zarr.json"))
+            or any(os.path.isdir(os.path.join(partial, d)) for d in (C.RESUME_DIR, STATS_RESUME_DIR)))
+
+
 def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind: str = "merge",
                  protected: Iterable[tuple[str, str]] = (), option: str = "--output",
                  flag: str = "--overwrite") -> None:
@@ -130,6 +178,15 @@ def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind
     protected = list(protected)
     check_paths(out, protected, option)
     partial = out + C.PARTIAL_SUFFIX
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{option} {out}: its parent {parent} is not a directory")
+    inside = [d for d in os.path.abspath(out).split(os.sep)[:-1] if d.endswith(C.PARTIAL_SUFFIX)]
+    if inside:
+        raise OutputError(f"{option} {out}: lies inside {inside[-1]!r}, a name tensormerge uses for an output "
+                          f"being built (and removes); choose another place")
     for path in (out, partial):
         if os.path.islink(path):
             raise OutputError(f"{option} {path}: is a symbolic link (to {os.readlink(path)}); "
@@ -137,6 +194,9 @@ def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind
         if os.path.lexists(path) and not os.path.isdir(path):
             what = "a file" if os.path.isfile(path) else "not a directory"
             raise OutputError(f"{option} {path}: is {what}; refusing to write there")
+    if os.path.isdir(partial) and not is_our_partial(partial):
+        raise OutputError(f"{option} {out}: {partial} exists and was not made by tensormerge (it would be "
+                          f"removed); move it away or choose another output")
     if os.path.lexists(out) and not keep_existing:
         if not overwrite:
             raise OutputError(f"{out}: exists (pass --overwrite to replace it)")
@@ -148,21 +208,21 @@ def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind
 def check_report(report: str | None, out: str, protected: Iterable[tuple[str, str]] = ()) -> None:
     """`--report` must be writable before the merge starts, not found unwritable after it: an
     existing file is opened for writing (not truncated), a new one is created and removed. A
-    report inside OUT itself is written after OUT exists, so only its name is checked."""
+    report inside OUT (or OUT.partial) is refused: the output's file names are known only once
+    the plan is built, and the report must never replace one of them."""
     if not report:
         return
     for role, path in protected:
         if path and "://" not in path and os.path.lexists(path) \
                 and _relation(os.path.realpath(report), os.path.realpath(path)) in ("is", "is inside"):
             raise OutputError(f"--report {report}: is inside {role} {path}; refusing to write there")
-    parent = os.path.realpath(os.path.dirname(os.path.abspath(report)))
-    real_out = os.path.realpath(out)
-    if os.path.realpath(report) in (real_out, real_out + C.PARTIAL_SUFFIX):
-        raise OutputError(f"--report {report}: is the output directory; give a file name")
-    if parent == real_out or parent == real_out + C.PARTIAL_SUFFIX:
-        if os.path.basename(report) in (C.PROVENANCE, C.SAFE_INDEX, C.SAFE_SINGLE):
-            raise OutputError(f"--report {report}: would replace the output's own {os.path.basename(report)}")
-        return
+    real, real_out = os.path.realpath(report), os.path.realpath(out)
+    for own in (real_out, real_out + C.PARTIAL_SUFFIX):
+        if _within(real, own):
+            raise OutputError(f"--report {report}: is inside the output {own}, whose files it could replace; "
+                              f"write it beside the output")
+    if real == real_out + LOCK_SUFFIX:
+        raise OutputError(f"--report {report}: is the output's lock file; give another name")
     try:
         if os.path.isdir(report):
             raise IsADirectoryError(errno.EISDIR, "is a directory")

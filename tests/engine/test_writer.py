@@ -202,7 +202,7 @@ def test_overwrite_and_refusal(fam, tmp_path):
 def test_stale_partial_is_replaced(fam, tmp_path):
     out = tmp_path / "out"
     partial = pathlib.Path(str(out) + ".partial")
-    partial.mkdir()
+    (partial / ".tensormerge-resume").mkdir(parents=True)  # what marks it as a run's (engine/outdir)
     (partial / "junk.safetensors").write_bytes(b"junk")
     merge(fam, out)
     assert not partial.exists()

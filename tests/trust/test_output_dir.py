@@ -209,11 +209,21 @@ def test_unwritable_report_fails_before_the_merge(fam, tmp_path, where):
     assert not Path(str(out) + LOCK_SUFFIX).exists()
 
 
-def test_report_inside_the_output_is_fine(fam, tmp_path):
+@pytest.mark.parametrize("name", ["report.json", "config.json", "README.md", "tokenizer.json",
+                                  "model-00001-of-00007.safetensors", "tensormerge-recipe.yaml"])
+def test_report_inside_the_output_is_refused(fam, tmp_path, name):
     out = tmp_path / "out"
-    res = H.run_cli(args(fam, out, "--report", out / "report.json"))
-    assert res.returncode == 0, res
-    assert json.loads((out / "report.json").read_text())["method"] == "average"
+    res = H.run_cli(args(fam, out, "--shard-size", "2KB", "--report", out / name))
+    H.assert_clean_error(res, "--report", "inside the output", out_dir=out)
+
+
+@pytest.mark.parametrize("where", ["partial", "lock"])
+def test_report_in_out_partial_or_the_lock_file_is_refused(fam, tmp_path, where):
+    out = tmp_path / "out"
+    report = tmp_path / "out.partial" / "r.json" if where == "partial" else tmp_path / ("out" + LOCK_SUFFIX)
+    res = H.run_cli(args(fam, out, "--report", report))
+    H.assert_clean_error(res, "--report", out_dir=out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plan_takes_no_lock_and_creates_nothing(fam, tmp_path):
@@ -407,3 +417,120 @@ def test_an_output_in_directories_yet_to_be_made(fam, tmp_path):
     res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", f"{tmp_path}/new/S.zarr/"])
     assert res.returncode == 0, res
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["S.zarr"]
+
+
+# ---------------------------------------------------------------------------------- red-team fixes
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_user_directory_named_out_partial_is_refused_and_kept(fam, tmp_path, resume):
+    out, mine = tmp_path / "mine", tmp_path / "mine.partial"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    res = H.run_cli(args(fam, out, *(["--resume"] if resume else [])))
+    H.assert_clean_error(res, str(mine), "not made by tensormerge")
+    assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
+    assert not out.exists()
+
+
+def test_an_empty_out_partial_is_taken(fam, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "out.partial").mkdir()
+    res = H.run_cli(args(fam, out))
+    assert res.returncode == 0, res
+    assert_average(out, fam)
+
+
+def test_stats_import_refuses_a_user_out_partial(tmp_path):
+    _, _, base, _ = H.write_family(tmp_path / "m", n=1)
+    src = tmp_path / "f.pt"
+    torch.save({n: torch.ones_like(t).float() for n, t in base.items()}, src)
+    keep = tmp_path / "st2.partial" / "keep.txt"
+    keep.parent.mkdir()
+    keep.write_text("precious")
+    res = H.run_cli(["stats", "import", str(src), "--kind", "fisher", "--output", str(tmp_path / "st2"),
+                     "--model", str(tmp_path / "m" / "base"), "--count", "10"], cwd=tmp_path)
+    H.assert_clean_error(res, "st2.partial", "not made by tensormerge")
+    assert keep.read_text() == "precious"
+
+
+def test_an_output_inside_a_partial_directory_is_refused(fam, tmp_path):
+    res = H.run_cli(args(fam, tmp_path / "o1.partial" / "x"))
+    H.assert_clean_error(res, "o1.partial")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def hub(fam, tmp_path):
+    commit = H.make_hub_cache(tmp_path / "hub", "org/m1", fam["fts"][0])
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    repo = tmp_path / "hub" / "models--org--m1"
+    return env, repo, repo / "snapshots" / commit
+
+
+def _hub_args(fam, out, *extra):
+    return ["run", "-q", "--method", "average", "--inputs", "org/m1," + fam["inputs"][1], "--output", str(out),
+            *[str(x) for x in extra]]
+
+
+def test_report_onto_a_hub_input_blob_is_refused(fam, tmp_path, hub):
+    env, repo, snap = hub
+    before = _tree(repo)
+    res = H.run_cli(_hub_args(fam, tmp_path / "o", "--report", snap / "model.safetensors"), env=env)
+    H.assert_clean_error(res, "--report", "org/m1")
+    assert _tree(repo) == before
+
+
+@pytest.mark.parametrize("where", ["snapshot", "repo", "blobs"])
+def test_output_inside_a_hub_input_cache_folder_is_refused(fam, tmp_path, hub, where):
+    env, repo, snap = hub
+    before = _tree(repo)
+    inside = {"snapshot": snap / "o", "repo": repo / "o", "blobs": repo / "blobs" / "o"}[where]
+    res = H.run_cli(_hub_args(fam, inside), env=env)
+    H.assert_clean_error(res, "--output", "org/m1")
+    assert _tree(repo) == before and not inside.exists()
+
+
+def _mats_case(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(4, 3, generator=g)}
+    paths = [str(H.save_safetensors_dir(tmp_path / f"m{i}", {"w": base["w"] + 0.1 * i})) for i in range(2)]
+    bpath = str(H.save_safetensors_dir(tmp_path / "base", base))
+    stores = [H.write_store(tmp_path / f"s{i}.zarr", {"fisher": {"w": torch.rand(4, 3, generator=g) + 0.1}})
+              for i in range(2)]
+    init = H.save_safetensors_dir(tmp_path / "o6", base)
+    (init / "tokenizer.json").write_text("{}")
+    return ["run", "-q", "-m", "mats", "-i", ",".join(paths), "-b", bpath, "--stats", ",".join(stores),
+            "-p", "objective=fisher", "-p", f"init={init}"], init
+
+
+@pytest.mark.parametrize("what", ["output", "report"])
+def test_inside_a_mats_init_directory_is_refused(tmp_path, what):
+    a, init = _mats_case(tmp_path)
+    before = _tree(init)
+    extra = ["-o", str(init / "sub")] if what == "output" else ["-o", str(tmp_path / "o"), "--report",
+                                                                 str(init / "tokenizer.json")]
+    res = H.run_cli(a + extra, cwd=tmp_path)
+    H.assert_clean_error(res, f"--{what}", str(init))
+    assert _tree(init) == before
+
+
+def test_report_through_a_symlink_replaces_the_link_not_its_target(fam, tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    link = tmp_path / "r.json"
+    link.symlink_to(target)
+    res = H.run_cli(args(fam, tmp_path / "out", "--report", link))
+    assert res.returncode == 0, res
+    assert target.read_text() == "precious" and not link.is_symlink()
+    assert json.loads(link.read_text())["method"] == "average"
+
+
+def test_a_newline_in_a_path_keeps_the_error_on_one_line(fam, tmp_path):
+    res = H.run_cli(["run", "-q", "--method", "average", "--inputs", "fam/ft1\nerror: fake," + fam["inputs"][1],
+                     "--output", str(tmp_path / "o")], cwd=tmp_path)
+    line = H.assert_clean_error(res, "\\n")
+    assert "fake" in line
+
+
+def test_an_output_under_a_regular_file_says_so(fam, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    H.assert_clean_error(H.run_cli(args(fam, tmp_path / "afile" / "x")), "afile", "not a directory")
