@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -138,6 +139,13 @@ class Runner:
         self.overall: _Overall | None = None  # the whole run's bytes, for the bars' estimate of time left
         self.content = ContentHashes()  # crc32s of the input rows the merge pass reads
         self.content_reread = 0  # bytes read after the merge to complete them
+        self.extras: Any = None  # the method's extras, folded in plan order as chunks are merged
+        self.writer: ShardedWriter | None = None
+        self.finished = self.complete = False
+        self.merge_seconds = self.finish_seconds = 0.0
+        self.t_patch = self.t_finish = time.perf_counter()
+        self.patched = 0
+        self.block_notes: dict = {}
 
     # ------------------------------------------------------------------ stages
     def _tasks(self, blocks: list[Block], with_output: bool, sample: float = 1.0, skip=()):
@@ -155,27 +163,46 @@ class Runner:
     def _read(self, task: Task, inputs_too: bool = True, content: bool = False) -> BlockData:
         b, r0, r1, _, first = task.key
         t0 = time.perf_counter()
+        inputs, base = self.read_rows(b, r0, r1, inputs_too, content)
+        data = self.block_data(b, inputs, base, r0, r1, first, inputs_too)
+        self.stats[b.name].seconds += time.perf_counter() - t0
+        if self.device.type == "cuda":
+            self._to_device(data)
+        return data
+
+    def reads_base(self, b: Block) -> bool:
         plan = self.plan
-        inputs_too = inputs_too and b.kind != "derived"  # computed by b.produce, from its own reads
+        return plan.base is not None and (plan.method.requires_base(plan.params) or b.kind == "copy")
+
+    def read_rows(self, b: Block, r0: int, r1: int, inputs_too: bool = True, content: bool = False,
+                  base_too: bool | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The rows of every input (and of the base, when the method reads it) as stored."""
+        plan = self.plan
+        if not inputs_too or b.kind == "derived":  # derived: computed by b.produce, from its own reads
+            return [], None
         n = len(plan.inputs)
         cks = plan.checkpoints
-        inputs = [cks[i].read(b.reads[i], r0, r1) for i in range(n)] if inputs_too else []
+        inputs = [cks[i].read(b.reads[i], r0, r1) for i in range(n)]
         base = None
-        if inputs_too and plan.base is not None and (plan.method.requires_base(plan.params) or b.kind == "copy"):
+        if self.reads_base(b) if base_too is None else base_too:
             base = plan.base.read(b.reads[n], r0, r1)
         if content:  # before the bytes are transposed or sent to a device
             for i, x in enumerate(inputs + ([] if base is None else [base])):
                 self.content.add(i, b.reads[i], r0, r1, x)
-        data = BlockData(b.name, inputs, base, b.shape, r0, ops=self.ops)
+        return inputs, base
+
+    def block_data(self, b: Block, inputs: list[torch.Tensor], base: torch.Tensor | None, r0: int, r1: int,
+                   first: bool, inputs_too: bool = True, cache: dict | None = None) -> BlockData:
+        """A chunk's BlockData from its rows: statistics (from `cache` when another candidate of a
+        sweep read them), the extra checkpoints' rows, a Conv1D weight's transpose."""
+        plan = self.plan
+        data = BlockData(b.name, list(inputs), base, b.shape, r0, ops=self.ops)
         if plan.stats is not None:
-            self._read_stats(b, data, r0, r1, first)
-        if inputs_too:
+            self._read_stats(b, data, r0, r1, first, cache)
+        if inputs_too and b.kind != "derived":
             data.extra = {role: plan.extras[role].read(name, r0, r1) for role, name in b.extra_reads.items()}
         if b.transposed:
             _transpose(data)
-        self.stats[b.name].seconds += time.perf_counter() - t0
-        if self.device.type == "cuda":
-            self._to_device(data)
         return data
 
     def _to_device(self, data: BlockData) -> None:
@@ -184,6 +211,8 @@ class Runner:
         compute_stream = torch.cuda.current_stream(self.device)
 
         def move(x: torch.Tensor) -> torch.Tensor:
+            if x.device == self.device:  # a sweep's rows, moved once for every candidate
+                return x
             y = x.pin_memory().to(self.device, non_blocking=True)
             y.record_stream(compute_stream)  # freed after compute used it, not after the copy
             return y
@@ -201,26 +230,29 @@ class Runner:
         if data.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(data.ready)
 
-    def _read_stats(self, b: Block, data: BlockData, r0: int, r1: int, first: bool) -> None:
+    def _read_stats(self, b: Block, data: BlockData, r0: int, r1: int, first: bool, cache: dict | None = None) -> None:
         """Row statistics with every chunk; matrices once, with the block's first chunk."""
         binding = self.plan.stats
+
+        def read(store, kind, key, rows=None, check=True):
+            get = _read_checked if check else (lambda s, k, n, r: s.read(k, n, *(r or ())))
+            if cache is None:
+                return get(store, kind, key, rows)
+            at = (store.path, kind, key, rows)
+            if at not in cache:
+                cache[at] = get(store, kind, key, rows)
+            return cache[at]
+
         for kind, keys in b.stats.items():
             if kind in ROW_KINDS:
-                data.stats[kind] = [s.read(kind, k, r0, r1) for s, k in zip(binding.stores, keys)]
-                for store, key, f in zip(binding.stores, keys, data.stats[kind]):
-                    if f.numel() and float(f.min()) < 0:
-                        raise InputError(f"{store.path}: {kind}/{key} has negative values (a Fisher is >= 0)")
+                data.stats[kind] = [read(s, kind, k, (r0, r1)) for s, k in zip(binding.stores, keys)]
             elif first:
-                data.stats[kind] = []
-                for store, key in zip(binding.stores, keys):
-                    g = store.read(kind, key)
-                    check_gram(store, kind, key, g)
-                    data.stats[kind].append(g)
+                data.stats[kind] = [read(s, kind, k) for s, k in zip(binding.stores, keys)]
         for kind, key in b.base_stats.items():
             if kind in ROW_KINDS:
-                data.base_stats[kind] = binding.base.read(kind, key, r0, r1)
+                data.base_stats[kind] = read(binding.base, kind, key, (r0, r1), check=False)
             elif first:
-                data.base_stats[kind] = binding.base.read(kind, key)
+                data.base_stats[kind] = read(binding.base, kind, key, check=False)
 
     def _copy(self, b: Block, data: BlockData) -> torch.Tensor:
         ref = data.base if data.base is not None else data.inputs[0]
@@ -283,65 +315,20 @@ class Runner:
 
     def run_merge(self, writer: ShardedWriter, state: dict, blocks: list[Block] | None = None) -> Any:
         """Merge and write `blocks` (all, by default, less what --resume verified)."""
-        method, params = self.plan.method, self.plan.params
-        extras = method.start_extras(params)
+        self.extras = self.plan.method.start_extras(self.plan.params)
         whole = blocks is None
         blocks = self.plan.blocks if whole else blocks
         bar = self._bar(self._stage("merge", "merge"), sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
         if whole:
-            extras = self._replay(extras, bar)
+            self.extras = self._replay(self.extras, bar)
 
         def compute(task: Task, data: BlockData) -> tuple[torch.Tensor, list]:
-            nonlocal extras
             b, r0, r1, last, first = task.key
-            t0 = time.perf_counter()
-            self._wait(data)
-            shape = b.merge_shape if b.transposed else (r1 - r0,) + b.shape[1:] if b.shape else ()
-            chunk_extras: list = []
-            if b.kind == "copy":
-                out = self._copy(b, data).reshape(shape).to(b.out_dtype).contiguous().cpu()
-            elif b.kind == "derived":
-                out = torch.empty(shape, dtype=b.out_dtype)
-                store_checked(b.name, b.produce(r0, r1), out)
-            else:
-                out = torch.empty(shape, dtype=b.out_dtype)
-                if b.stats and first:
-                    self.prepared[b.name] = method.prepare(data, params)
-                data.prepared = self.prepared.pop(b.name, None) if last else self.prepared.get(b.name)
-                fn = method.fallback if b.fallback else method.merge
-                args = (params,) if b.fallback else (params, state)
-                parts = list(_sub_chunks(data, b.sub_rows))
-                for part, result in zip(parts, self._map(lambda part: fn(part, *args), parts)):
-                    if isinstance(result, tuple):
-                        result, extra = result
-                        extras = method.add_extra(extras, extra)
-                        chunk_extras.append(extra)
-                        note = method.progress(extra)
-                        if note and bar is not None:
-                            bar.note = note
-                    s0 = part.row_start - data.row_start
-                    store_checked(b.name, result, out[s0:s0 + result.shape[0]] if shape else out)
-            if b.transposed:
-                out = out.t().contiguous()
-            self.stats[b.name].seconds += time.perf_counter() - t0
-            return out, chunk_extras
+            return self.merge_chunk(b, r0, r1, first, last, data, state, bar)
 
         def write(task: Task, result: tuple[torch.Tensor, list]) -> None:
             b, r0, r1, last, _ = task.key
-            out, chunk_extras = result
-            t0 = time.perf_counter()
-            st = self.stats[b.name]
-            raw = out.reshape(-1).view(torch.uint8).numpy()
-            for name in b.out_names:
-                writer.write(name, r0 * b.out_bytes_per_row, out)
-            faults.hit("chunk-bytes")  # written, not yet recorded: resume must merge it again
-            crc = zlib.crc32(raw)
-            st.crcs[r0] = (crc, raw.nbytes)
-            self.record(b, r0, r1, crc, raw.nbytes, chunk_extras)
-            st.bytes_read += task.read_bytes
-            st.bytes_written += raw.nbytes * len(b.out_names)
-            st.chunks += 1
-            st.seconds += time.perf_counter() - t0
+            self.write_chunk(writer, b, r0, r1, last, task.read_bytes, *result)
             self._advance(bar, task, last)
             faults.hit("chunk")
             if last and r1 == b.rows and writer.last_in_file(b.out_names[-1]):
@@ -352,7 +339,78 @@ class Runner:
                               compute, write=write)
         finally:
             self._close(bar)
-        return extras
+        return self.extras
+
+    def merge_chunk(self, b: Block, r0: int, r1: int, first: bool, last: bool, data: BlockData, state: dict,
+                    bar=None, fused=None) -> tuple[torch.Tensor, list]:
+        """One chunk's merged rows in the output dtype (checked after the cast), and the extras the
+        method returned for it (folded into `self.extras` in plan order). `fused`: a sweep's
+        results for this candidate, computed with others (Method.merge_many), sub-chunk by sub-chunk."""
+        method, params = self.plan.method, self.plan.params
+        t0 = time.perf_counter()
+        self._wait(data)
+        shape = b.merge_shape if b.transposed else (r1 - r0,) + b.shape[1:] if b.shape else ()
+        chunk_extras: list = []
+        if b.kind == "copy":
+            out = self._copy(b, data).reshape(shape).to(b.out_dtype).contiguous().cpu()
+        elif b.kind == "derived":
+            out = torch.empty(shape, dtype=b.out_dtype)
+            store_checked(b.name, b.produce(r0, r1), out)
+        else:
+            out = torch.empty(shape, dtype=b.out_dtype)
+            if fused is None:
+                self.prepare_block(b, data, first, last)
+            parts = list(_sub_chunks(data, b.sub_rows)) if fused is None else None
+            results = fused if fused is not None else self._map(lambda part: self.merge_part(b, part, state), parts)
+            starts = [p.row_start for p in parts] if parts is not None else None
+            row = 0
+            for i, result in enumerate(results):
+                if isinstance(result, tuple):
+                    result, extra = result
+                    self.extras = method.add_extra(self.extras, extra)
+                    chunk_extras.append(extra)
+                    note = method.progress(extra)
+                    if note and bar is not None:
+                        bar.note = note
+                s0 = starts[i] - data.row_start if starts is not None else row
+                row = s0 + (result.shape[0] if shape else 0)
+                store_checked(b.name, result, out[s0:s0 + result.shape[0]] if shape else out)
+        if b.transposed:
+            out = out.t().contiguous()
+        self.stats[b.name].seconds += time.perf_counter() - t0
+        return out, chunk_extras
+
+    def prepare_block(self, b: Block, data: BlockData, first: bool, last: bool) -> None:
+        """Per-block state (RegMean's factorisation) made on the block's first chunk, shared by its
+        chunks and dropped with the last."""
+        if b.kind != "merge" or b.fallback:
+            return
+        if b.stats and first:
+            self.prepared[b.name] = self.plan.method.prepare(data, self.plan.params)
+        data.prepared = self.prepared.pop(b.name, None) if last else self.prepared.get(b.name)
+
+    def merge_part(self, b: Block, part: BlockData, state: dict):
+        """A sub-chunk through the method (or its fallback, for a block without statistics)."""
+        if b.fallback:
+            return self.plan.method.fallback(part, self.plan.params)
+        return self.plan.method.merge(part, self.plan.params, state)
+
+    def write_chunk(self, writer: ShardedWriter, b: Block, r0: int, r1: int, last: bool, read_bytes: int,
+                    out: torch.Tensor, chunk_extras: list) -> None:
+        """A merged chunk written under each of the block's names and recorded (crc32, extras)."""
+        t0 = time.perf_counter()
+        st = self.stats[b.name]
+        raw = out.reshape(-1).view(torch.uint8).numpy()
+        for name in b.out_names:
+            writer.write(name, r0 * b.out_bytes_per_row, out)
+        faults.hit("chunk-bytes")  # written, not yet recorded: resume must merge it again
+        crc = zlib.crc32(raw)
+        st.crcs[r0] = (crc, raw.nbytes)
+        self.record(b, r0, r1, crc, raw.nbytes, chunk_extras)
+        st.bytes_read += read_bytes
+        st.bytes_written += raw.nbytes * len(b.out_names)
+        st.chunks += 1
+        st.seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ resume
     def _verify(self, writer: ShardedWriter, manifest: Manifest) -> None:
@@ -494,79 +552,114 @@ class Runner:
                              self.plan.json_files)
 
     def execute(self) -> dict:
-        plan, opts = self.plan, self.opts
-        writer = self.make_writer()
         t_start = time.perf_counter()
-        fingerprint = self.fingerprint = merge_fingerprint(plan, writer)
+        early = self.begin()
+        if early is not None:
+            return early
+        self.announce()
+        with self.compute_threads(), MemoryMonitor() as mem, self.guard():
+            if not self.finished:
+                state: dict = {}
+                self._passes(state)
+                t_merge = time.perf_counter()
+                extras = self.cluster.run_merge(self, state) if self.cluster is not None else self.run_merge(
+                    self.writer, state)
+                self.merge_seconds = time.perf_counter() - t_merge
+                self.finish(state, extras, t_start)
+            self.publish()
+        return self.report(mem, t_start)
+
+    def begin(self) -> dict | None:
+        """The writer and fingerprint; the output opened (afresh, or continued by --resume). A
+        report when `OUT` already is this merge, finished (a run killed after its last rename)."""
+        plan, opts = self.plan, self.opts
+        self.writer = writer = self.make_writer()
+        self.t_start = time.perf_counter()
+        self.fingerprint = merge_fingerprint(plan, writer)
         if opts.resume and not os.path.exists(writer.partial) and os.path.exists(writer.out_dir):
-            if _complete(writer.out_dir, fingerprint):
+            if _complete(writer.out_dir, self.fingerprint):
                 return {"output": writer.out_dir, "method": plan.method.name, "already_complete": True,
-                        "seconds": time.perf_counter() - t_start, "shards": writer.files}
+                        "seconds": time.perf_counter() - self.t_start, "shards": writer.files}
             if not opts.overwrite:
                 raise OutputError(f"{writer.out_dir}: exists and is not this merge (pass --overwrite to replace it)")
-        if not opts.quiet:
-            print(plan.summary(), file=sys.stderr, flush=True)
-            disagree = card.auto_dtype_disagreements(plan, opts.settings.get("dtype"))
+        self.finished = self._open_output(writer, self.fingerprint)
+        self.complete = self.finished  # from here on a failure keeps OUT.partial: it holds the whole merge
+        return None
+
+    def announce(self) -> None:
+        if not self.opts.quiet:
+            print(self.plan.summary(), file=sys.stderr, flush=True)
+            disagree = card.auto_dtype_disagreements(self.plan, self.opts.settings.get("dtype"))
             if disagree:
                 card.warn(disagree)
+
+    @contextlib.contextmanager
+    def compute_threads(self):
+        """On CPU, sub-chunks run on a pool of single-threaded workers (see __init__)."""
         threads = torch.get_num_threads()
         if self.workers > 1:
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tensormerge-compute")
             torch.set_num_threads(1)
-        merge_s = patched = 0
-        block_notes: dict = {}
-        t_patch = t_finish = time.perf_counter()
-        with MemoryMonitor() as mem:
-            finished = self._open_output(writer, fingerprint)
-            complete = finished  # from here on a failure keeps OUT.partial: it holds the whole merge
-            try:
-                if not finished:
-                    state: dict = {}
-                    self._passes(state)
-                    t_merge = time.perf_counter()
-                    if self.cluster is not None:
-                        extras = self.cluster.run_merge(self, state)
-                    else:
-                        extras = self.run_merge(writer, state)
-                    block_notes = plan.method.block_report(extras)
-                    merge_s = time.perf_counter() - t_merge
-                    t_patch = time.perf_counter()
-                    patched = self._apply_patches(writer, state, extras)
-                    t_finish = time.perf_counter()
-                    provenance = self._provenance(t_finish - t_start, patched, block_notes, fingerprint)
-                    writer.finish_files(plan.side_dir or plan.ref.config_dir, provenance, functools.partial(
-                        card.generated_files, plan, opts.settings, writer.out_dir,
-                        warn_fn=None if opts.quiet else card.warn))
-                    self.manifest.record_finished()
-                    complete = True
-                faults.hit("finished")
-                self.manifest.close()
-                writer.rename_into_place(opts.overwrite)
-                Manifest.remove(writer.out_dir)
-                finish_s = time.perf_counter() - t_finish
-            except KeyboardInterrupt:
-                writer.close()  # OUT.partial stays, for --resume
-                raise
-            except BaseException:
-                if complete:  # only the rename failed: --resume puts the finished merge in place
-                    writer.close()
-                else:
-                    writer.abort()  # a failed merge leaves nothing behind; only an interrupted one stays
-                raise
-            finally:
-                if self.pool is not None:
-                    self.pool.shutdown()
-                    self.pool = None
-                    torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+                self.pool = None
+                torch.set_num_threads(threads)
+
+    @contextlib.contextmanager
+    def guard(self):
+        """What a failure leaves: an interruption keeps OUT.partial for --resume; an error removes
+        it, unless the merge was complete (only the rename failed: --resume puts it in place)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.writer.close()
+            raise
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self.complete:
+            self.writer.close()
+        else:
+            self.writer.abort()  # a failed merge leaves nothing behind; only an interrupted one stays
+
+    def finish(self, state: dict, extras: Any, t_start: float) -> None:
+        """After the merge pass: patches, the output's side files (provenance, card), recorded as
+        finished in the manifest."""
+        plan, opts, writer = self.plan, self.opts, self.writer
+        self.block_notes = plan.method.block_report(extras)
+        self.t_patch = time.perf_counter()
+        self.patched = self._apply_patches(writer, state, extras)
+        self.t_finish = time.perf_counter()
+        provenance = self._provenance(self.t_finish - t_start, self.patched, self.block_notes, self.fingerprint)
+        writer.finish_files(plan.side_dir or plan.ref.config_dir, provenance, functools.partial(
+            card.generated_files, plan, opts.settings, writer.out_dir, warn_fn=None if opts.quiet else card.warn))
+        self.manifest.record_finished()
+        self.complete = True
+
+    def publish(self) -> None:
+        """The finished OUT.partial renamed into place (replacing an old output it may)."""
+        faults.hit("finished")
+        self.manifest.close()
+        self.writer.rename_into_place(self.opts.overwrite)
+        Manifest.remove(self.writer.out_dir)
+        self.finish_seconds = time.perf_counter() - self.t_finish
+
+    def report(self, mem: MemoryMonitor, t_start: float) -> dict:
+        plan, writer, block_notes = self.plan, self.writer, self.block_notes
         report = {
             "output": writer.out_dir,
             "method": plan.method.name,
             "params": plan.params.as_dict(),
             "kernels": self.ops.__name__.rsplit(".", 1)[-1],
             "seconds": time.perf_counter() - t_start,
-            "merge_seconds": merge_s,
-            "patch_seconds": t_finish - t_patch,
-            "finish_seconds": finish_s,
+            "merge_seconds": self.merge_seconds,
+            "patch_seconds": self.t_finish - self.t_patch,
+            "finish_seconds": self.finish_seconds,
             "passes": self.passes_report,
             "peak_rss_bytes": mem.peak_rss,
             "peak_anon_bytes": mem.peak_anon,
@@ -575,9 +668,9 @@ class Runner:
             "bytes_read": plan.bytes_read_merge + sum(p["bytes_read"] for p in self.passes_report),
             "bytes_written": plan.bytes_written,
             "shards": writer.files,
-            "patched_entries": patched,
+            "patched_entries": self.patched,
             "content_bytes_reread": self.content_reread,
-            "resumed": {"passes": self.resumed_passes, "chunks": len(self.done), "finished": finished},
+            "resumed": {"passes": self.resumed_passes, "chunks": len(self.done), "finished": self.finished},
             "statistics": plan.stats.describe() if plan.stats is not None else None,
             "fallback_blocks": plan.fallback_blocks,
             "base_stats_missing": plan.base_stats_missing,
@@ -688,6 +781,19 @@ def _transpose(data: BlockData) -> None:
     data.stats = {k: ([t(x) for x in v] if k in ROW_KINDS else v) for k, v in data.stats.items()}
     data.base_stats = {k: (t(v) if k in ROW_KINDS else v) for k, v in data.base_stats.items()}
     data.extra = {k: t(v) for k, v in data.extra.items()}
+
+
+def _read_checked(store, kind: str, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
+    """A statistic as read, checked: Fishers non-negative, matrices symmetric with a non-negative
+    diagonal (the read itself verifies the chunks' crc32s)."""
+    if rows is not None:
+        f = store.read(kind, key, *rows)
+        if f.numel() and float(f.min()) < 0:
+            raise InputError(f"{store.path}: {kind}/{key} has negative values (a Fisher is >= 0)")
+        return f
+    g = store.read(kind, key)
+    check_gram(store, kind, key, g)
+    return g
 
 
 def _complete(out_dir: str, fingerprint: str) -> bool:
