@@ -133,21 +133,25 @@ def _validate(spec: MergeSpec) -> None:
     select(spec.kernels or "auto", dev)  # refuses --kernels triton where it cannot run, before any work
 
 
-def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
-    """Resolve inputs, parse parameters and build the plan; checkpoints close with `stack`."""
+def open_plan(spec: MergeSpec, stack: ExitStack, opened: dict | None = None) -> MergePlan:
+    """Resolve inputs, parse parameters and build the plan; checkpoints close with `stack`.
+    `opened`: checkpoints and statistics already opened by path (a sweep's candidates share them)."""
     spec = checked(spec)
     _validate(spec)
     method = get_method(spec.method)
     params = method.Params.from_strings(method.name, spec.params, len(spec.inputs))
-    inputs = []
-    for s in spec.inputs:
-        ck = open_checkpoint(s)
+
+    def checkpoint(path: str):
+        if opened is not None and ("ck", path) in opened:
+            return opened[("ck", path)]
+        ck = open_checkpoint(path)
         stack.callback(ck.close)
-        inputs.append(ck)
-    base = None
-    if spec.base:
-        base = open_checkpoint(spec.base)
-        stack.callback(base.close)
+        if opened is not None:
+            opened[("ck", path)] = ck
+        return ck
+
+    inputs = [checkpoint(s) for s in spec.inputs]
+    base = checkpoint(spec.base) if spec.base else None
     mode, rank = lora.parse_mode(spec.lora)
     adapters = lora.detect(inputs)
     if adapters is None and mode is not None:
@@ -156,15 +160,21 @@ def open_plan(spec: MergeSpec, stack: ExitStack) -> MergePlan:
     if lp is not None:
         inputs, base = lp.engine_inputs()
     try:
-        stats = _bind_stats(spec, method, params, inputs, base)
+        key = ("stats", tuple(spec.stats), spec.base_stats)
+        if lp is None and opened is not None and key in opened and method.uses_stats and (
+                not spec.base_stats or method.uses_base_stats):
+            stats = opened[key]
+        else:
+            stats = _bind_stats(spec, method, params, inputs, base)
+            if lp is None and opened is not None and stats is not None:
+                opened[key] = stats
     except InputError as e:
         if lp is None or "names no tensor" not in str(e):
             raise
         raise InputError(str(e) + lp.stats_hint()) from None
     extras = {}
     for role, path in method.extra_checkpoints(params).items():
-        extras[role] = open_checkpoint(path)
-        stack.callback(extras[role].close)
+        extras[role] = checkpoint(path)
     max_memory, dtype = parse_size(spec.max_memory, "--max-memory"), C.DTYPE_CHOICES[spec.dtype]
     if lp is not None:
         if extras:
@@ -295,3 +305,145 @@ def _merge_svd(spec: MergeSpec, dense_plan: MergePlan, stack: ExitStack) -> dict
             f"lora svd:{lp.rank}: discarded energy {min(energy.values()):.3g} to {energy[worst]:.3g} of ΔW "
             f"({worst}); per module in tensormerge.json"]
     return report
+
+
+# ---------------------------------------------------------------------------- sweeps
+@dataclass
+class Evaluation:
+    """How a sweep scores its candidates (tensormerge.evaluate)."""
+
+    command: str | None = None  # shell command, {output} and {candidate} substituted
+    python: str | None = None  # module:function called with the output path
+    select: str | None = None  # metric[:max|min]
+    keep: str = "all"  # all | best
+    workers: int = 1
+    timeout: float | None = None
+    plot: bool = True
+
+
+def candidate_specs(spec: MergeSpec, cands) -> list[MergeSpec]:
+    """Each candidate as the `run` it stands for: its method and parameters, DIR/<name>."""
+    root = os.path.abspath(spec.output)
+    return [dataclasses.replace(spec, method=c.method, params=dict(c.params), output=os.path.join(root, c.name),
+                                report=None) for c in cands]
+
+
+def _open_sweep(spec: MergeSpec, cands, stack: ExitStack) -> tuple[list[MergeSpec], list[MergePlan]]:
+    specs = candidate_specs(spec, cands)
+    opened: dict = {}
+    plans = []
+    for c, s in zip(cands, specs):
+        try:
+            plans.append(open_plan(s, stack, opened))
+        except ParameterError as e:
+            raise ParameterError(f"candidate {c.name}: {e}") from None
+        if plans[-1].lora is not None and plans[-1].lora.mode == "svd":
+            raise ParameterError("sweep: --lora svd:R is not supported in a sweep (run each candidate)")
+    return specs, plans
+
+
+def sweep_plan(spec: MergeSpec, cands) -> str:
+    """What `plan` prints for a sweep: the candidates, their read groups, the first one's plan."""
+    from tensormerge.engine.sweep import describe_groups
+
+    spec = checked(dataclasses.replace(spec, output=spec.output or "sweep"))
+    with ExitStack() as stack:
+        specs, plans = _open_sweep(spec, cands, stack)
+        max_memory = plans[0].max_memory
+        lines = [f"  {c.name}: {c.method} {p.params.as_dict()}" for c, p in zip(cands, plans)]
+        return "\n".join(describe_groups(plans, [c.name for c in cands], max_memory) + ["candidates:"] + lines
+                         + ["", "first candidate's plan (each candidate's blocks are cut into the group's common "
+                            "chunks):", plans[0].table()])
+
+
+def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None) -> dict:
+    """Merge every candidate (one read of the inputs per group), then score, select and keep
+    (tensormerge.evaluate); returns what DIR/sweep.json holds."""
+    from tensormerge.engine.sweep import run_sweep
+    try:  # TEMPORARY until evaluate.py lands
+        from tensormerge import evaluate as E
+    except ImportError:
+        import types as _t
+        E = _t.SimpleNamespace(Candidate=_TmpCandidate)
+
+    spec = checked(spec)
+    evaluation = evaluation or Evaluation()
+    if not spec.output:
+        raise ParameterError("--output is required (the sweep's directory)")
+    if spec.workers is not None or spec.scheduler:
+        from tensormerge.engine.distributed import check_sweep_cluster
+
+        check_sweep_cluster(spec)
+    root = os.path.abspath(spec.output)
+    protected = protected_paths(spec)
+    outdir.check_paths(root, protected)
+    _check_sweep_dir(root)
+    say = log or (lambda msg: None)
+    with ExitStack() as stack:
+        stack.enter_context(outdir.OutputLock(root, "sweep", quiet=spec.quiet))
+        specs, plans = _open_sweep(spec, cands, stack)
+        places = outdir.checkpoint_places([ck for p in plans for ck in p.checkpoints + list(p.extras.values())])
+        outdir.check_paths(root, places)
+        for s in specs:
+            out = os.path.abspath(s.output)
+            done = s.resume and not s.overwrite and not os.path.exists(out + C.PARTIAL_SUFFIX)
+            outdir.check_output(out, overwrite=s.overwrite, keep_existing=done, protected=protected)
+        os.makedirs(root, exist_ok=True)
+        for s in specs:
+            stack.enter_context(outdir.OutputLock(os.path.abspath(s.output), "sweep", quiet=True))
+        runners = [Runner(p, run_options(s, quiet=True if len(specs) > 1 else None)) for p, s in zip(plans, specs)]
+        for r in runners:
+            r.opts.quiet = spec.quiet  # the bars of the shared read are the lead's
+        if spec.workers is not None or spec.scheduler:
+            from tensormerge.engine.distributed import run_sweep_on_cluster
+
+            results = run_sweep_on_cluster(spec, specs, runners, plans[0].max_memory, stack, say)
+        else:
+            results = run_sweep(runners, plans[0].max_memory, spec.quiet, say)
+    cands_out = []
+    for c, s, res in zip(cands, specs, results):
+        cand = E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params), dict(c.swept),
+                           os.path.abspath(s.output))
+        if isinstance(res, BaseException):
+            cand.status, cand.error = "failed", short_error(res)
+        else:
+            cand.status = "merged"
+            cand.merge_seconds = None if res.get("already_complete") else round(res.get("seconds", 0.0), 3)
+        cands_out.append(cand)
+    return finish_sweep(root, cands_out, evaluation, quiet=spec.quiet, log=say)
+
+
+def short_error(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else e.__class__.__name__
+
+
+def _check_sweep_dir(root: str) -> None:
+    """A sweep writes into DIR beside what an earlier sweep left there; anything else in it is refused."""
+    if os.path.islink(root):
+        raise OutputError(f"--output {root}: is a symbolic link; give the directory itself")
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise OutputError(f"--output {root}: is a file; a sweep writes a directory of candidates")
+    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(os.path.join(root, C.SWEEP_JSON)):
+        raise OutputError(f"--output {root}: exists, is not empty and holds no {C.SWEEP_JSON} (not a sweep's "
+                          f"directory); choose another")
+
+
+def finish_sweep(root: str, cands, evaluation: Evaluation, quiet: bool = False, log=None) -> dict:
+    """sweep.json for the merged candidates (the evaluation, selection and keeping: evaluate.py)."""
+    state = {"tensormerge": C.__name__ and __import__("tensormerge").__version__,
+             "candidates": [dataclasses.asdict(c) for c in cands]}
+    outdir.write_report(os.path.join(root, C.SWEEP_JSON), state)
+    state["exit_code"] = 1 if any(c.status == "failed" for c in cands) else 0
+    return state
+
+
+@dataclass
+class _TmpCandidate:  # TEMPORARY
+    name: str
+    method: str
+    params: dict
+    swept: dict
+    output: str
+    merge_seconds: float | None = None
+    status: str = "pending"
+    error: str | None = None

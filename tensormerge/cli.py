@@ -212,13 +212,130 @@ def run(**kw) -> None:
 
 @cli.command()
 @merge_options
+@click.option("--candidates", type=click.Path(), help="a sweep's YAML list of candidates (see `sweep`)")
 def plan(**kw) -> None:
     """Print the blocks, passes and memory estimate of a merge; reads headers only.
 
-    Takes the same arguments as `run`; --output, --overwrite, --report and --quiet are ignored."""
+    Takes the same arguments as `run`; --output, --overwrite, --report and --quiet are ignored.
+    With several values of a parameter (or --candidates), the plan of the sweep: its candidates
+    and the groups that share a read under --max-memory."""
     from tensormerge import api
 
-    click.echo(api.plan(_spec(kw)))
+    spec, cands = _sweep_spec(kw, required=False)
+    if cands is None:
+        click.echo(api.plan(spec))
+    else:
+        click.echo(api.sweep_plan(spec, cands))
+
+
+def _list_keys(method: str) -> set[str]:
+    import typing
+
+    from tensormerge.methods import get_method
+
+    keys = set()
+    for key, _, tp in get_method(method).Params.spec():
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is not list else []
+        if typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in args):
+            keys.add(key)
+    return keys
+
+
+def _sweep_spec(kw: dict, required: bool = True):
+    """The spec and the candidates (None when nothing is swept and `required` is False)."""
+    from tensormerge import grid
+
+    raw = kw["param"]
+    kw = dict(kw, param=(), method=kw["method"] or ("-" if kw.get("candidates") else None))
+    spec = _spec(kw)
+    pairs = _params(raw)
+    if kw.get("candidates"):
+        if pairs:
+            raise ParameterError("--candidates: give the candidates' parameters there, not with -p as well")
+        items = _recipe_list(kw["candidates"])
+        cands = grid.from_yaml(kw["method"] or (spec.method if spec.method != "-" else None), items,
+                               kw["candidates"])
+        for c in cands:
+            c.params = {**spec.params, **c.params}
+        return spec, cands
+    params = {**spec.params, **pairs}
+    cands = grid.from_params(spec.method, {k: _alternatives_text(v) for k, v in params.items()},
+                             _list_keys(spec.method))
+    if len(cands) == 1 and not required:
+        import dataclasses
+
+        return dataclasses.replace(spec, params=params), None
+    return spec, cands
+
+
+def _alternatives_text(value) -> str:
+    """A --config value as -p text: a YAML list is alternatives of a scalar parameter (or one
+    list), a list of lists alternatives of a list-valued one."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, list) for v in value):
+            return "|".join(",".join(map(str, v)) for v in value)
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _recipe_list(path: str):
+    try:
+        with open(path) as f:
+            text = f.read(_RECIPE_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParameterError(f"--candidates {path}: cannot read ({getattr(e, 'strerror', None) or e.__class__.__name__})"
+                             ) from None
+    if len(text) > _RECIPE_BYTES:
+        raise ParameterError(f"--candidates {path}: larger than {_RECIPE_BYTES} characters")
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_recipe_loader())  # noqa: S506 (a SafeLoader, without aliases)
+    except _AliasRefused as e:
+        raise ParameterError(f"--candidates {path}: YAML anchors and aliases are not allowed ({e})") from None
+    except Exception as e:
+        raise ParameterError(f"--candidates {path}: not valid YAML ({e.__class__.__name__})") from None
+
+
+@cli.command()
+@merge_options
+@click.option("--candidates", type=click.Path(), help="YAML list of candidates: each a mapping of parameters, or "
+              "{name, method, params} (methods may differ; they share the inputs)")
+@click.option("--eval", "eval_command", metavar="CMD",
+              help="shell command run per candidate ({output} and {candidate} substituted); the last line it "
+              "prints is a JSON object of metrics")
+@click.option("--eval-python", metavar="MODULE:FUNCTION", help="called with each output path; returns a dict of metrics")
+@click.option("--eval-workers", type=int, default=1, show_default=True, help="evaluations run at once")
+@click.option("--eval-timeout", type=float, help="seconds an evaluation may take (then it is recorded as failed)")
+@click.option("--select", "select_spec", metavar="METRIC[:max|min]", help="choose the best candidate by a metric")
+@click.option("--keep", type=click.Choice(["all", "best"]), default="all", show_default=True,
+              help="best: remove the other candidates' outputs once the best is chosen (never on a failure)")
+@click.option("--plot/--no-plot", default=True, help="sweep.png: the selected metric against each swept parameter")
+def sweep(**kw) -> None:
+    """Merge several candidates (values of parameters, a grid) from ONE read of the inputs.
+
+    -p lambda=0.2,0.3,0.5 -p k=0.1,0.2 is a grid of six candidates; `|` separates alternatives of
+    any parameter, and is how a list-valued one is swept (-p weights=0.3,0.7|0.5,0.5). Each
+    candidate is written to OUTPUT/<name> exactly as `run` with its parameters writes it, and
+    OUTPUT/sweep.json records them, with metrics from --eval and the choice of --select."""
+    from tensormerge import api
+
+    spec, cands = _sweep_spec(kw)
+    evaluation = api.Evaluation(kw["eval_command"], kw["eval_python"], kw["select_spec"], kw["keep"],
+                                kw["eval_workers"], kw["eval_timeout"], kw["plot"])
+    if evaluation.workers < 1:
+        raise ParameterError(f"--eval-workers: {evaluation.workers} is not a positive number")
+    if evaluation.command and evaluation.python:
+        raise ParameterError("--eval and --eval-python: give one")
+    if evaluation.keep == "best" and not evaluation.select:
+        raise ParameterError("--keep best needs --select METRIC (which candidate is best)")
+    result = api.sweep(spec, cands, evaluation, log=None if spec.quiet else (lambda m: click.echo(m, err=True)))
+    if result.get("table") and not spec.quiet:
+        click.echo(result["table"])
+    for line in result.get("notes", []):
+        click.echo(line, err=True)
+    if result.get("exit_code"):
+        sys.exit(result["exit_code"])
 
 
 @cli.command()

@@ -86,3 +86,5 @@ STATS_CHUNK_BYTES = 1 << 20
 # Kinds with the parameter's own shape, read by the same rows as the block; the others
 # (matrices per parameter) are read whole, once per block.
 ROW_KINDS = ("fisher",)
+
+SWEEP_JSON = "sweep.json"  # a sweep directory's record of its candidates, metrics and choice

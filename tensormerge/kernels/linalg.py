@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -301,21 +301,41 @@ def pow2_scale(tensors: list[torch.Tensor]) -> float:
 
 
 def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
-                       max_iter: int, tol: float) -> CGResult:
+                       max_iter: int, tol: float, record: Sequence[int] = ()) -> CGResult | dict[int, CGResult]:
     """CG on A x = b for PSD A from x0, stopping when ‖r‖ ≤ tol‖b‖ (scipy's rule) or after
     max_iter matvecs; no preconditioner and no damping, as in the MaTS code.
 
     Every step adds a multiple of a residual, and residuals lie in range(A) (b does, for
     b = Σ C_i θ_i): x only moves within A's range and keeps the start's null-space part. So
     A = 0 returns the start, and b = 0 with A ≠ 0 projects the start onto A's null space
-    (the stopping rule then measures ‖r‖ against ‖A x0‖)."""
+    (the stopping rule then measures ‖r‖ against ‖A x0‖).
+
+    `record`: iteration counts (each <= max_iter) whose results are wanted from this one solve:
+    a dict of what `conjugate_gradient(..., max_iter=k, tol)` returns for each k, bit for bit
+    (the iterates are the same up to k; a solve that stops earlier gives its result to every
+    larger k), so a sweep of MaTS' iteration count is one solve."""
+    wanted = sorted(set(record))
+    if wanted and (wanted[0] < 0 or wanted[-1] > max_iter):
+        raise ValueError(f"record {wanted}: counts must lie in [0, {max_iter}]")
+    if wanted:
+        max_iter = wanted[-1]
     x = x0.to(b.dtype, copy=True)
     bnorm = math.sqrt(_dot(b, b))
     r = b - apply(x)
     rr = _dot(r, r)
     scale = bnorm if bnorm > 0.0 else math.sqrt(rr)  # b = 0: r0 = −A x0
     if scale == 0.0:  # b = 0 and A x0 = 0: nothing to solve for, nothing to measure against
+        if wanted:
+            return {k: CGResult(x.clone(), 0, 0.0, no_information=True) for k in wanted}
         return CGResult(x, 0, 0.0, no_information=True)
+    found: dict[int, CGResult] = {}
+
+    def result(final: bool) -> CGResult:
+        res = b - apply(x)
+        return CGResult(x if final else x.clone(), k, math.sqrt(_dot(res, res)) / scale)
+
+    if 0 in wanted:
+        found[0] = result(False)
     p = r.clone()
     k = 0
     while k < max_iter and math.sqrt(rr) > tol * scale:
@@ -330,8 +350,14 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
         k += 1
         p.mul_(rr_new / rr).add_(r)
         rr = rr_new
-    res = b - apply(x)
-    return CGResult(x, k, math.sqrt(_dot(res, res)) / scale)
+        if k in wanted and k < wanted[-1]:
+            found[k] = result(False)
+    if not wanted:
+        return result(True)
+    last = result(True)
+    for c in wanted:
+        found.setdefault(c, last)
+    return found
 
 
 def kfac_apply(a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

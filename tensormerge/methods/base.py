@@ -119,7 +119,9 @@ def _convert(method: str, key: str, text: Any, tp: Any, choices: tuple | None) -
             return [_scalar(item, x) for x in items]
         value = _scalar(tp, text)
     except (TypeError, ValueError):
-        raise ParameterError(f"{where}: cannot read {short(text)} as {getattr(tp, '__name__', tp)}") from None
+        several = isinstance(text, str) and ("," in text or "|" in text)
+        raise ParameterError(f"{where}: cannot read {short(text)} as {getattr(tp, '__name__', tp)}"
+                             + (" (several values to try: `tensormerge sweep`)" if several else "")) from None
     if choices and value not in choices:
         raise ParameterError(f"{where}: {short(value)} is not one of {', '.join(map(str, choices))}")
     return value
@@ -173,6 +175,16 @@ class GlobalPass(ABC):
 
     def end_block(self, acc: Any, block: str, numel: int) -> Any:
         return acc
+
+    def group_key(self) -> Any:
+        """Passes of a sweep's candidates with equal keys (not None) map each chunk together
+        through `map_group`, so work that does not depend on what differs between them is done
+        once (TIES' histograms for several k)."""
+        return None
+
+    def map_group(self, datas: list[BlockData], passes: list["GlobalPass"], states: list[dict]) -> list[Any]:
+        """The partials of several candidates' passes (this one first) for the same rows."""
+        return [p.map(d, s) for p, d, s in zip(passes, datas, states)]
 
     def finish(self, acc: Any, state: dict) -> None:
         state[self.name] = acc
@@ -267,6 +279,16 @@ class Method(ABC):
     @abstractmethod
     def merge(self, data: BlockData, params: Params, state: dict) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Merged rows (float32 or wider), optionally with an extra for `patches`."""
+
+    def fuse_key(self, params: Params) -> Any:
+        """Sweep candidates of this method with equal keys (not None) are merged together by
+        `merge_many`, which may share work between them (MaTS: one CG solve for several
+        iteration counts). None: merged one by one."""
+        return None
+
+    def merge_many(self, datas: list[BlockData], params: list[Params], states: list[dict]) -> list[Any]:
+        """What `merge` returns for each candidate, for the same rows; byte for byte the same."""
+        return [self.merge(d, p, s) for d, p, s in zip(datas, params, states)]
 
     def start_extras(self, params: Params) -> Any:
         """Accumulator for the extras `merge` returns, folded in as each chunk is merged."""

@@ -160,18 +160,36 @@ class Mats(Method):
         return data.extra["init"].to(wd, copy=True)
 
     def merge(self, data: BlockData, params: MatsParams, state: dict):
+        return self._solve(data, params, [params.iterations])[0]
+
+    def fuse_key(self, params: MatsParams):
+        """Candidates that differ only in `iterations` share one CG solve (its iterates recorded)."""
+        return tuple(sorted((k, repr(v)) for k, v in params.as_dict().items() if k != "iterations"))
+
+    def merge_many(self, datas: list[BlockData], params: list[MatsParams], states: list[dict]):
+        return self._solve(datas[0], params[0], [p.iterations for p in params])
+
+    def _solve(self, data: BlockData, params: MatsParams, counts: list[int]) -> list:
+        """What `merge` returns for each iteration count in `counts`, from one solve."""
         if not data.stats:  # nothing to weigh with (biases under kfac, the average objective)
-            return self.fallback(data, params)
+            return [self.fallback(data, params) for _ in counts]
         wd = PRECISIONS[params.precision]
         thetas = [x.to(wd) for x in data.inputs]
         x0 = self._init(data, params, thetas, wd)
         apply, b = self._system(data, params, thetas, wd)
-        res = L.conjugate_gradient(apply, b, x0, params.iterations, params.tol)
+        if len(counts) == 1:
+            found = {counts[0]: L.conjugate_gradient(apply, b, x0, counts[0], params.tol)}
+        else:
+            found = L.conjugate_gradient(apply, b, x0, max(counts), params.tol, record=counts)
         # b = 0 and A x0 = 0 also happen with statistics (models and start all zero): only zero
         # statistics in every model are "no information"
-        blind = res.no_information and not any(bool(t.any()) for ts in data.stats.values() for t in ts)
-        return res.x, {"name": data.name, "cg_iterations": res.iterations, "cg_residual": res.residual,
-                       "cg_no_information": blind}
+        zero = not any(bool(t.any()) for ts in data.stats.values() for t in ts)
+        out = []
+        for c in counts:
+            res = found[c]
+            out.append((res.x, {"name": data.name, "cg_iterations": res.iterations, "cg_residual": res.residual,
+                                "cg_no_information": res.no_information and zero}))
+        return out
 
     def _system(self, data: BlockData, params: MatsParams, thetas: list[torch.Tensor], wd: torch.dtype):
         """The matvec θ -> Σ C_i θ and the right-hand side Σ C_i θ_i of the objective."""

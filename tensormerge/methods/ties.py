@@ -108,6 +108,12 @@ class _SamplePass(_HistogramPass):
         tau = K.task_vectors(data.inputs, data.base).float()
         return torch.stack([ops(data).hist_high(S.abs_bits_(t)) for t in tau]).cpu()
 
+    def group_key(self):
+        return (self.name,)  # the histograms do not depend on k: one for a sweep's every k
+
+    def map_group(self, datas, passes, states):
+        return [self.map(datas[0], states[0])] * len(datas)
+
     def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
         key = _key(self.params, block)
         acc["numel"][key] = acc["numel"].get(key, 0) + partial[0].sum().item()
@@ -155,6 +161,33 @@ class _HighPass(_HistogramPass):
             if windows is not None:
                 lows.append(kern.window_hist(bits, windows[i], WINDOW_BINS))
         return torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None, tau.shape[1], None
+
+    def group_key(self):
+        return (self.name, self.params.needs_norms)
+
+    def map_group(self, datas, passes, states):
+        """A sweep's candidates (several k): the full top-16-bit histograms once, which do not
+        depend on k, and the low bits of each candidate's own window; `_compact` then takes its
+        full-histogram path, whose thresholds are the same exact values."""
+        data = datas[0]
+        kern = ops(data)
+        tau = K.task_vectors(data.inputs, data.base).float()
+        hists, bits = [], []
+        for i in range(tau.shape[0]):
+            b = S.abs_bits_(tau[i])
+            h = kern.hist_high_moments(b) if self.params.needs_norms else kern.hist_high(b).unsqueeze(0)
+            if h[0, NONFINITE_BIN:NONFINITE_BIN + 128].any():
+                raise InputError(f"tensor {data.name!r}: model {i} (or the base) holds NaN or Inf values")
+            hists.append(h)
+            bits.append(b)
+        hist = torch.stack(hists).cpu()
+        out = []
+        for p, d, s in zip(passes, datas, states):
+            windows = s.get(_SamplePass.name, {}).get(_key(p.params, d.name))
+            lows = None if windows is None else torch.stack(
+                [kern.window_hist(b, windows[i], WINDOW_BINS) for i, b in enumerate(bits)]).cpu()
+            out.append((hist, lows, tau.shape[1], None))
+        return out
 
     def reduce(self, acc: dict, partial, block: str) -> dict:
         hist, lows, numel, below = partial
@@ -232,6 +265,12 @@ class _HighMissPass(_HistogramPass):
     def map(self, data: BlockData, state: dict):
         tau = K.task_vectors(data.inputs, data.base).float()
         return torch.stack([ops(data).hist_high(S.abs_bits_(t)) for t in tau]).cpu(), tau.shape[1]
+
+    def group_key(self):
+        return (self.name,)
+
+    def map_group(self, datas, passes, states):
+        return [self.map(datas[0], states[0])] * len(datas)
 
     def reduce(self, acc: dict, partial, block: str) -> dict:
         hist, numel = partial

@@ -1,0 +1,312 @@
+"""`tensormerge sweep`: every candidate byte-identical to the `run` with its parameters, for every
+method, from one read of the inputs (counted), under a tight budget and with per-candidate
+failures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tensormerge import grid
+from tensormerge.api import MergeSpec, merge, sweep
+from tensormerge.engine.sources import SafetensorsCheckpoint as Checkpoint
+from tensormerge.errors import ParameterError
+
+from tests.helpers import run_cli, shard_digests, write_family, write_store
+
+F32 = torch.float32
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweepfam")
+    base, fts, _ = write_family(root, n=3)[:3]
+    return {"root": root, "base": base, "inputs": fts}
+
+
+def _run(fam, out: Path, method: str, params: dict, **kw) -> dict[str, str]:
+    merge(MergeSpec(method, fam["inputs"], str(out), base=fam["base"], params=params, quiet=True, **kw))
+    return shard_digests(out)
+
+
+def _sweep(fam, out: Path, method: str, raw: dict, list_keys=(), **kw):
+    cands = grid.from_params(method, raw, set(list_keys))
+    ev = kw.pop("evaluation", None)
+    res = sweep(MergeSpec(method, fam["inputs"], str(out), base=fam["base"], quiet=True, **kw), cands, ev)
+    return cands, res
+
+
+def _count_reads(monkeypatch) -> dict:
+    """Bytes read from the model files, by (file, offset): each input byte read how many times."""
+    seen: dict = {}
+    real = Checkpoint.read
+
+    def read(self, name, r0=None, r1=None):
+        x = real(self, name, r0, r1)
+        key = (self.spec, name, r0, r1)
+        seen[key] = seen.get(key, 0) + 1
+        return x
+    monkeypatch.setattr(Checkpoint, "read", read)
+    return seen
+
+
+@pytest.mark.parametrize("method,raw,list_keys", [
+    ("task_arithmetic", {"lambda": "0.2,0.5,1.0"}, ()),
+    ("average", {"weights": "1,2,3|3,2,1"}, ("weights",)),
+    ("ties", {"k": "0.1,0.3,0.8", "lambda": "1.0,0.6"}, ()),
+    ("ties", {"k": "0.2,0.5", "scope": "tensor"}, ()),
+    ("ties", {"k": "0.1,0.4", "sign": "normfrac"}, ()),
+    ("dare", {"seed": "0,1,2", "p": "0.3"}, ()),
+])
+def test_each_candidate_is_byte_identical_to_its_run(fam, tmp_path, method, raw, list_keys):
+    cands, res = _sweep(fam, tmp_path / "sw", method, raw, list_keys, max_memory="200KiB")
+    assert all(c["status"] == "merged" for c in res["candidates"])
+    for c in cands:
+        want = _run(fam, tmp_path / f"run-{c.name}", method, c.params)
+        got = shard_digests(tmp_path / "sw" / c.name)
+        assert got == want, c.name
+        for f in ("config.json", "generation_config.json"):  # side files as run writes them
+            assert (tmp_path / "sw" / c.name / f).read_bytes() == (tmp_path / f"run-{c.name}" / f).read_bytes()
+
+
+def test_grid_reads_every_input_chunk_once_for_all_candidates(fam, tmp_path, monkeypatch):
+    seen = _count_reads(monkeypatch)
+    _sweep(fam, tmp_path / "sw", "task_arithmetic", {"lambda": "0.1,0.2,0.3,0.4"}, max_memory="150KiB")
+    merged = {k: v for k, v in seen.items()}
+    assert merged and max(merged.values()) == 1  # every chunk read once, for four candidates
+
+
+def test_ties_k_sweep_runs_each_pass_once_for_every_k(fam, tmp_path, monkeypatch):
+    seen = _count_reads(monkeypatch)
+    _sweep(fam, tmp_path / "sw", "ties", {"k": "0.1,0.2,0.5"}, max_memory="150KiB")
+    # TIES reads a 1/64 sample, the full rows for its threshold pass and again for the merge:
+    # three candidates read no more than one run does
+    seen_sweep = dict(seen)
+    seen.clear()
+    _run(fam, tmp_path / "one", "ties", {"k": "0.1"}, max_memory="150KiB")
+    total = lambda d: sum(d.values())  # noqa: E731
+    assert total(seen_sweep) <= total(seen) + 0  # content digest rereads included in both
+    from tensormerge.methods.ties import _HighPass, _SamplePass
+
+    calls = {"map": 0, "group": 0}
+    real_map, real_group = _HighPass.map, _HighPass.map_group
+
+    def count_map(self, *a):
+        calls["map"] += 1
+        return real_map(self, *a)
+
+    def count_group(self, *a):
+        calls["group"] += 1
+        return real_group(self, *a)
+    monkeypatch.setattr(_HighPass, "map", count_map)
+    monkeypatch.setattr(_HighPass, "map_group", count_group)
+    _sweep(fam, tmp_path / "sw2", "ties", {"k": "0.1,0.2,0.5"}, max_memory="150KiB")
+    assert calls["group"] > 0 and calls["map"] == 0  # one histogram computation per chunk for every k
+    assert _SamplePass.group_key(_SamplePass(None)) == _SamplePass(None).group_key()
+
+
+def test_candidates_of_different_methods_share_the_read(fam, tmp_path, monkeypatch):
+    cands = grid.from_yaml("task_arithmetic", [
+        {"params": {"lambda": 0.3}},
+        {"method": "ties", "params": {"k": 0.2}, "name": "ties20"},
+        {"method": "average"},
+    ], "c.yaml")
+    assert [c.name for c in cands][1] == "ties20"
+    res = sweep(MergeSpec("task_arithmetic", fam["inputs"], str(tmp_path / "sw"), base=fam["base"], quiet=True,
+                          max_memory="200KiB"), cands)
+    for c in cands:
+        assert shard_digests(tmp_path / "sw" / c.name) == _run(fam, tmp_path / f"r-{c.name}", c.method, c.params)
+    state = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [c["name"] for c in state["candidates"]] == [c.name for c in cands]
+    assert res["candidates"][0]["params"]["lambda"] == 0.3
+
+
+# ----------------------------------------------------------------------------- statistics methods
+def _rand(*shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _spd(d, seed):
+    x = _rand(3 * d, d, seed=seed)
+    return x.T @ x / x.shape[0]
+
+
+@pytest.fixture(scope="module")
+def statfam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("statfam")
+    shapes = {"a.weight": (12, 8), "a.bias": (12,), "b.weight": (6, 12)}
+    base = {k: _rand(*s, seed=j) for j, (k, s) in enumerate(shapes.items())}
+    paths, stores = [], []
+    for i in range(3):
+        sd = {k: v + 0.1 * _rand(*v.shape, seed=100 + 10 * i + j) for j, (k, v) in enumerate(base.items())}
+        d = root / f"m{i}"
+        d.mkdir()
+        save_file(sd, str(d / "model.safetensors"))
+        (d / "config.json").write_text("{}")
+        paths.append(str(d))
+        st = {"fisher": {k: _rand(*s, seed=200 + 10 * i + j).abs() for j, (k, s) in enumerate(shapes.items())},
+              "gram_in": {"a.weight": _spd(8, 300 + i), "b.weight": _spd(12, 310 + i)},
+              "gram_out": {"a.weight": _spd(12, 320 + i), "b.weight": _spd(6, 330 + i)}}
+        stores.append(write_store(root / f"s{i}.zarr", st))
+    d = root / "base"
+    d.mkdir()
+    save_file(base, str(d / "model.safetensors"))
+    (d / "config.json").write_text("{}")
+    return {"inputs": paths, "stats": stores, "base": str(d)}
+
+
+@pytest.mark.parametrize("method,raw", [
+    ("regmean", {"alpha": "0.5,0.9,1.0"}),
+    ("mats", {"iterations": "1,3,10,30"}),
+    ("mats", {"iterations": "2,5", "init_lambda": "0.2,0.6"}),
+    ("fisher", {"floor": "1e-6,1e-3"}),
+    ("ubgm", {"alpha": "0.5,1.0"}),
+])
+def test_statistics_methods_byte_identical(statfam, tmp_path, method, raw):
+    cands = grid.from_params(method, raw, set())
+    spec = MergeSpec(method, statfam["inputs"], str(tmp_path / "sw"), base=statfam["base"], stats=statfam["stats"],
+                     quiet=True, max_memory="64KiB")
+    res = sweep(spec, cands)
+    assert all(c["status"] == "merged" for c in res["candidates"]), res["candidates"]
+    for c in cands:
+        out = tmp_path / f"run-{c.name}"
+        merge(MergeSpec(method, statfam["inputs"], str(out), base=statfam["base"], stats=statfam["stats"],
+                        params=c.params, quiet=True))
+        assert shard_digests(tmp_path / "sw" / c.name) == shard_digests(out), c.name
+        prov = json.loads((out / "tensormerge.json").read_text())
+        got = json.loads((tmp_path / "sw" / c.name / "tensormerge.json").read_text())
+        assert {n: b["crc32"] for n, b in got["blocks"].items()} == {n: b["crc32"] for n, b in prov["blocks"].items()}
+        if method == "mats":  # the recorded iterate is the one a run with that count stops at
+            assert {n: b.get("cg_iterations") for n, b in got["blocks"].items()} == \
+                   {n: b.get("cg_iterations") for n, b in prov["blocks"].items()}
+
+
+def test_mats_iterations_are_one_solve(statfam, tmp_path, monkeypatch):
+    from tensormerge.kernels import linalg
+
+    calls = []
+    real = linalg.conjugate_gradient
+
+    def cg(*a, **kw):
+        calls.append(kw.get("record", ()))
+        return real(*a, **kw)
+    monkeypatch.setattr(linalg, "conjugate_gradient", cg)
+    cands = grid.from_params("mats", {"iterations": "3,10,30,100"}, set())
+    sweep(MergeSpec("mats", statfam["inputs"], str(tmp_path / "sw"), base=statfam["base"], stats=statfam["stats"],
+                    quiet=True), cands)
+    assert calls and all(sorted(r) == [3, 10, 30, 100] for r in calls)  # one solve per block for four counts
+
+
+def test_cg_record_matches_separate_solves():
+    from tensormerge.kernels.linalg import conjugate_gradient
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 30, generator=g)
+    a = x.T @ x
+    b = torch.randn(30, generator=g)
+    x0 = torch.randn(30, generator=g)
+    rec = conjugate_gradient(lambda v: a @ v, b, x0, 25, 1e-6, record=[1, 4, 9, 25])
+    for k, r in rec.items():
+        one = conjugate_gradient(lambda v: a @ v, b, x0, k, 1e-6)
+        assert torch.equal(r.x, one.x) and r.iterations == one.iterations and r.residual == one.residual
+
+
+# ----------------------------------------------------------------------------- memory groups, failures
+def test_candidates_that_do_not_fit_together_are_split_into_groups(statfam, tmp_path):
+    from tensormerge.api import sweep_plan
+
+    cands = grid.from_params("mats", {"init_lambda": "0.1,0.2,0.3"}, set())
+    spec = MergeSpec("mats", statfam["inputs"], str(tmp_path / "sw"), base=statfam["base"], stats=statfam["stats"],
+                     quiet=True, max_memory="24KiB")
+    text = sweep_plan(spec, cands)
+    assert "read group(s)" in text and "group 2" in text  # three whole CG blocks do not fit at once
+    res = sweep(spec, cands)
+    for c in cands:
+        out = tmp_path / f"r-{c.name}"
+        merge(MergeSpec("mats", statfam["inputs"], str(out), base=statfam["base"], stats=statfam["stats"],
+                        params=c.params, quiet=True))
+        assert shard_digests(tmp_path / "sw" / c.name) == shard_digests(out)
+    assert all(c["status"] == "merged" for c in res["candidates"])
+
+
+def test_a_failing_candidate_is_dropped_and_the_others_finish(tmp_path):
+    root = tmp_path / "f16"
+    base = {"w": torch.full((4, 4), 1000.0, dtype=torch.float16)}
+    paths = []
+    for i, name in enumerate(["base", "a", "b"]):
+        d = root / name
+        d.mkdir(parents=True)
+        sd = {"w": base["w"] + (0 if name == "base" else 20000.0)}
+        save_file({k: v.half() for k, v in sd.items()}, str(d / "model.safetensors"))
+        paths.append(str(d))
+    cands = grid.from_params("task_arithmetic", {"lambda": "0.1,5"}, set())
+    res = sweep(MergeSpec("task_arithmetic", paths[1:], str(tmp_path / "sw"), base=paths[0], quiet=True), cands)
+    status = {c["name"]: c for c in res["candidates"]}
+    assert status["lambda=0.1"]["status"] == "merged"
+    assert status["lambda=5"]["status"] == "failed" and "overflows float16" in status["lambda=5"]["error"]
+    assert not (tmp_path / "sw" / "lambda=5").exists() and not (tmp_path / "sw" / "lambda=5.partial").exists()
+    assert (tmp_path / "sw" / "lambda=0.1" / "model.safetensors").exists()
+
+
+def test_resume_skips_finished_candidates(fam, tmp_path):
+    cands, _ = _sweep(fam, tmp_path / "sw", "task_arithmetic", {"lambda": "0.2,0.4"})
+    before = {c.name: os.stat(tmp_path / "sw" / c.name / "model.safetensors").st_mtime_ns for c in cands}
+    cands2 = grid.from_params("task_arithmetic", {"lambda": "0.2,0.4,0.6"}, set())
+    sweep(MergeSpec("task_arithmetic", fam["inputs"], str(tmp_path / "sw"), base=fam["base"], quiet=True,
+                    resume=True), cands2)
+    for c in cands:
+        assert os.stat(tmp_path / "sw" / c.name / "model.safetensors").st_mtime_ns == before[c.name]
+    assert shard_digests(tmp_path / "sw" / "lambda=0.6") == _run(fam, tmp_path / "r", "task_arithmetic",
+                                                                  {"lambda": "0.6"})
+
+
+def test_existing_candidate_without_resume_or_overwrite_is_refused(fam, tmp_path):
+    _sweep(fam, tmp_path / "sw", "task_arithmetic", {"lambda": "0.2,0.4"})
+    with pytest.raises(Exception, match="exists"):
+        _sweep(fam, tmp_path / "sw", "task_arithmetic", {"lambda": "0.2,0.4"})
+
+
+def test_sweep_dir_holding_other_things_is_refused(fam, tmp_path):
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="not a sweep"):
+        _sweep(fam, tmp_path / "sw", "task_arithmetic", {"lambda": "0.2,0.4"})
+    assert (tmp_path / "sw" / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- grid syntax
+def test_grid_syntax():
+    c = grid.from_params("ties", {"k": "0.1,0.2", "lambda": "1|0.5"}, set())
+    assert [x.params for x in c] == [{"k": "0.1", "lambda": "1"}, {"k": "0.1", "lambda": "0.5"},
+                                     {"k": "0.2", "lambda": "1"}, {"k": "0.2", "lambda": "0.5"}]
+    assert [x.name for x in c][0] == "k=0.1_lambda=1"
+    lists = grid.from_params("average", {"weights": "1,2,3"}, {"weights"})
+    assert len(lists) == 1 and lists[0].params["weights"] == "1,2,3"
+    two = grid.from_params("average", {"weights": "1,2,3|3,2,1"}, {"weights"})
+    assert [x.params["weights"] for x in two] == ["1,2,3", "3,2,1"] and two[0].name == "weights=1-2-3"
+    with pytest.raises(ParameterError, match="twice"):
+        grid.from_params("ties", {"k": "0.1,0.1"}, set())
+    with pytest.raises(ParameterError, match="empty"):
+        grid.from_params("ties", {"k": "0.1,"}, set())
+    with pytest.raises(ParameterError, match="candidates"):
+        grid.from_params("ties", {"k": ",".join(str(i) for i in range(1, 20)),
+                                  "lambda": ",".join(str(i) for i in range(1, 20))}, set())
+    with pytest.raises(ParameterError, match="name"):
+        grid.from_yaml("ties", [{"name": "../x", "params": {}}], "c.yaml")
+
+
+def test_cli_sweep_and_plan(fam, tmp_path):
+    args = ["--method", "task_arithmetic", "--base", fam["base"], "--inputs", ",".join(fam["inputs"]),
+            "-p", "lambda=0.3,0.6"]
+    plan = run_cli(["plan", *args])
+    assert plan.code == 0 and "2 candidate(s) in 1 read group(s)" in plan.out
+    res = run_cli(["sweep", *args, "--output", str(tmp_path / "sw"), "-q"])
+    assert res.code == 0, res.err
+    assert sorted(os.listdir(tmp_path / "sw")) == ["lambda=0.3", "lambda=0.6", "sweep.json"]
+    bad = run_cli(["run", *args, "--output", str(tmp_path / "r")])
+    assert bad.code != 0 and "sweep" in bad.err  # a run with several values points at `sweep`
