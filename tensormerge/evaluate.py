@@ -397,6 +397,9 @@ def _run_command(template: str, c: Candidate, timeout: float | None,
                 why = f"killed by signal {-p.returncode}"
         else:
             why = f"exit status {p.returncode}"
+            with contextlib.suppress(ValueError):  # the shell's report of a command killed by a signal
+                if p.returncode > 128:
+                    why += f" ({signal.Signals(p.returncode - 128).name})"
         return None, _one_line(why + (f": {tail}" if tail else ""), ERROR_CHARS), seconds
     metrics, error = _parse_metrics(stdout, out.dropped)
     if error is not None and tail:
