@@ -24,6 +24,7 @@ sweep whose evaluation runs elsewhere pay for neither.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib
@@ -336,9 +337,11 @@ class _Tail:
     costs no memory), plus whether anything was dropped."""
 
     def __init__(self, stream, limit: int) -> None:
-        self.buf = bytearray()
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
         self.limit = limit
         self.dropped = False
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.thread.start()
 
@@ -348,16 +351,22 @@ class _Tail:
                 chunk = stream.read1(1 << 16)
                 if not chunk:
                     break
-                self.buf += chunk
-                if len(self.buf) > self.limit:
-                    del self.buf[: len(self.buf) - self.limit]
-                    self.dropped = True
+                with self.lock:
+                    self.chunks.append(chunk)
+                    self.size += len(chunk)
+                    while self.size - len(self.chunks[0]) >= self.limit:
+                        self.size -= len(self.chunks.popleft())
+                        self.dropped = True
         with contextlib.suppress(OSError):
             stream.close()
 
     def text(self) -> str:
-        self.thread.join(timeout=KILL_GRACE)
-        return bytes(self.buf).decode("utf-8", errors="replace")
+        self.thread.join(timeout=KILL_GRACE)  # a leftover child may hold the pipe: take what came
+        with self.lock:
+            data = b"".join(self.chunks)
+            if len(data) > self.limit:
+                data, self.dropped = data[-self.limit:], True
+        return data.decode("utf-8", errors="replace")
 
 
 def _run_command(template: str, c: Candidate, timeout: float | None,
@@ -547,6 +556,8 @@ def keep(cands: list[Candidate], best: Candidate | None, mode: str, sweep_dir: s
         elif not_done:
             record["note"] = (f"{len(not_done)} candidate{'s' if len(not_done) != 1 else ''} did not merge or "
                               f"were not scored (e.g. {not_done[0]}): nothing removed")
+        elif not _is_scored_output(best, state.get("evaluations")):
+            record["note"] = f"the chosen output {best.output} is missing or changed since it was scored: nothing removed"
         else:
             for c in cands:
                 if c is best:
@@ -601,11 +612,18 @@ def _not_removable(c: Candidate, best: Candidate, sweep_dir: str, evaluations: d
     doc = _read_json(os.path.join(path, PROVENANCE))
     if not (isinstance(doc, dict) and "tensormerge" in doc and "method" in doc):
         return f"it holds no {PROVENANCE} of a tensormerge output"
-    rec = evaluations.get(c.name) if isinstance(evaluations, dict) else None
-    ident = output_identity(path)
-    if ident is None or not isinstance(rec, dict) or rec.get("identity") != ident:
+    if not _is_scored_output(c, evaluations):
         return "it is not the output that was scored (changed since, or never scored)"
     return None
+
+
+def _is_scored_output(c: Candidate, evaluations) -> bool:
+    """Whether `c.output` is a real directory whose identity is the one its evaluation recorded."""
+    if os.path.islink(c.output) or not os.path.isdir(c.output):
+        return False
+    rec = evaluations.get(c.name) if isinstance(evaluations, dict) else None
+    ident = output_identity(c.output)
+    return ident is not None and isinstance(rec, dict) and rec.get("identity") == ident
 
 
 def _safe_name(name: str) -> bool:

@@ -181,6 +181,39 @@ def test_a_failing_evaluation_is_its_candidates_error_and_the_others_go_on(tmp_p
     assert len(failed) == 6
 
 
+def test_an_interrupted_evaluation_stops_what_runs_and_keeps_what_finished(tmp_path):
+    d = tmp_path / "sweep"
+    quick, slow = make_output(d, "quick", {"lambda": 0.1}), make_output(d, "slow", {"lambda": 0.2})
+    pidfile = tmp_path / "slow.pid"
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import json, os, sys, time\n"
+        "if sys.argv[1] == 'slow':\n"
+        f"    open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(60)\n"
+        "print(json.dumps({'acc': 1}))\n")
+
+    def log(line):  # Ctrl-C arrives as the quick one's result is reported
+        if line.startswith("eval quick"):
+            for _ in range(200):
+                if pidfile.exists() and pidfile.read_text():
+                    break
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate([slow, quick], str(d), command=f"{PY} {script} {{candidate}}", workers=2, log=log)
+    assert time.perf_counter() - t0 < 30
+    pid = int(pidfile.read_text())
+    for _ in range(100):
+        if not _alive(pid):
+            break
+        time.sleep(0.05)
+    assert not _alive(pid), "the running evaluation survived the interruption"
+    state = strict_json(d / "sweep.json")
+    assert list(state["evaluations"]) == ["quick"] and state["evaluations"]["quick"]["metrics"] == {"acc": 1}
+
+
 def test_a_shell_killed_by_a_signal(tmp_path):
     c = make_output(tmp_path / "sweep", "a", {"lambda": 0.1})
     ev.evaluate([c], str(tmp_path / "sweep"), command="echo doomed >&2; kill -9 $$", log=lambda s: None)
@@ -545,7 +578,8 @@ def test_keep_best_removes_the_other_candidates_only(sweep, tmp_path, monkeypatc
     assert [r["selected"] for r in state["candidates"]] == [False, True, False]
 
 
-@pytest.mark.parametrize("what", ["eval_failed", "merge_failed", "pending", "no_best", "unscored"])
+@pytest.mark.parametrize("what", ["eval_failed", "merge_failed", "pending", "no_best", "unscored", "best_changed",
+                                  "best_missing"])
 def test_keep_best_removes_nothing_unless_all_went_well(sweep, tmp_path, what):
     d, cands, _ = scored_sweep(sweep, tmp_path)
     best = ev.select(cands, "acc")
@@ -557,8 +591,14 @@ def test_keep_best_removes_nothing_unless_all_went_well(sweep, tmp_path, what):
         cands[2].status = "pending"
     elif what == "no_best":
         best = ev.select(cands, "missing")
-    else:
+    elif what == "unscored":
         cands[2].metrics = None
+    elif what == "best_changed":  # merged again after it was scored: the choice is stale
+        p = Path(best.output) / "tensormerge.json"
+        p.write_text(p.read_text().replace(f"fp-{best.name}", "re-merged"))
+    else:
+        os.rename(best.output, str(d / "moved"))
+        os.mkdir(best.output)
     lines, log = quiet_log()
     assert ev.keep(cands, best, "best", str(d), select_spec="acc", log=log) == []
     assert all(os.path.isdir(c.output) for c in cands)
