@@ -105,7 +105,8 @@ def load_state(sweep_dir: str) -> dict:
         raise InputError(f"{path}: is not a tensormerge sweep record (no 'tensormerge_sweep' key); move it away")
     for key, kind in (("evaluations", dict), ("candidates", list), ("selection", dict), ("keep", dict)):
         if key in doc and not isinstance(doc[key], kind):
-            raise InputError(f"{path}: '{key}' is not a JSON {'object' if kind is dict else 'array'}; move the file away")
+            what = "object" if kind is dict else "array"
+            raise InputError(f"{path}: '{key}' is not a JSON {what}; move the file away")
     return doc
 
 
@@ -301,8 +302,8 @@ def _takes_candidate(fn: Callable) -> bool:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.kind is p.VAR_KEYWORD or (p.name == "candidate" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-               for p in params)
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "candidate" and p.kind in keyword) for p in params)
 
 
 class _Running:
@@ -544,7 +545,8 @@ def keep(cands: list[Candidate], best: Candidate | None, mode: str, sweep_dir: s
         if isinstance(name, str) and _safe_name(name) and os.path.isdir(trash) and not os.path.islink(trash):
             shutil.rmtree(trash, ignore_errors=True)
     removed_before = [p for p in previous.get("removed", []) or [] if isinstance(p, str)]
-    record = {"mode": mode, "best": best.name if best else None, "removing": [], "removed": removed_before, "note": None}
+    record = {"mode": mode, "best": best.name if best else None, "removing": [], "removed": removed_before,
+              "note": None}
     state["keep"] = record
     victims: list[Candidate] = []
     if mode == "best":
@@ -557,7 +559,8 @@ def keep(cands: list[Candidate], best: Candidate | None, mode: str, sweep_dir: s
             record["note"] = (f"{len(not_done)} candidate{'s' if len(not_done) != 1 else ''} did not merge or "
                               f"were not scored (e.g. {not_done[0]}): nothing removed")
         elif not _is_scored_output(best, state.get("evaluations")):
-            record["note"] = f"the chosen output {best.output} is missing or changed since it was scored: nothing removed"
+            record["note"] = (f"the chosen output {best.output} is missing or changed since it was scored: "
+                              "nothing removed")
         else:
             for c in cands:
                 if c is best:
@@ -659,18 +662,20 @@ def table(cands: list[Candidate], select_spec: str | None = None) -> str:
         cells += [_fmt(c.metrics[m]) if isinstance(c.metrics, dict) and m in c.metrics else "-" for m in metrics]
         cells += [_secs(c.merge_seconds), _secs(c.eval_seconds), _one_line(note, 60) if note else ""]
         body.append(cells)
-    numeric = [all(_is_num_text(r[i]) for r in body if r[i] not in ("", "-")) and any(r[i] not in ("", "-") for r in body)
-               for i in range(len(head))]
+    numeric = [bool(vals) and all(_is_num_text(v) for v in vals)
+               for vals in ([r[i] for r in body if r[i] not in ("", "-")] for i in range(len(head)))]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
 
     def line(cells):
-        out = [str(x).rjust(w) if numeric[i] and i > 1 else str(x).ljust(w) for i, (x, w) in enumerate(zip(cells, widths))]
+        out = [str(x).rjust(w) if numeric[i] and i > 1 else str(x).ljust(w)
+               for i, (x, w) in enumerate(zip(cells, widths))]
         return "  ".join(out).rstrip()
     lines = [line(head)] + [line(r) for r in body]
     if select_spec:
         best = next((c for c in cands if c.selected), None)
         m, how = parse_select(select_spec)
-        lines.append(f"* chosen by {m} ({how}): {best.name}" if best else f"no candidate chosen: {no_selection(cands, select_spec)}")
+        lines.append(f"* chosen by {m} ({how}): {best.name}" if best
+                     else f"no candidate chosen: {no_selection(cands, select_spec)}")
     return "\n".join(lines)
 
 
@@ -692,7 +697,7 @@ def plot(cands: list[Candidate], metric: str, path: str, *, log: Callable[[str],
         return None
     params = _union(c.swept for c, _ in scored)
     numeric = [p for p in params
-               if all(_is_number(c.swept[p]) for c, _ in scored if p in c.swept) and any(p in c.swept for c, _ in scored)]
+               if all(_is_number(c.swept[p]) for c, _ in scored if p in c.swept)]
     methods = len({c.method for c, _ in scored}) > 1
     panels = numeric or [None]
     ncols = min(3, len(panels))
@@ -731,7 +736,7 @@ def plot(cands: list[Candidate], metric: str, path: str, *, log: Callable[[str],
                 ax.legend(fontsize=7)
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
-    fig.suptitle(f"{metric} per candidate ({len(scored)} scored; * chosen)")
+    fig.suptitle(f"{metric} ({_mode}) per candidate: {len(scored)} scored, red star = chosen")
     fig.tight_layout()
     path = os.path.abspath(path)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
@@ -828,8 +833,8 @@ def _fmt(v) -> str:
         return "true" if v else "false"
     if isinstance(v, int):
         return str(v)
-    if isinstance(v, float):
-        return f"{v:.6g}"
+    if isinstance(v, float):  # as typed when short (1.0, 0.9375), else 6 significant digits
+        return repr(v) if len(repr(v)) <= 8 else f"{v:.6g}"
     if isinstance(v, str):
         return _one_line(v, 24)
     return _one_line(json.dumps(v, separators=(",", ":"), default=str), 24)

@@ -112,7 +112,8 @@ def test_placeholders_are_shell_quoted_and_in_the_environment(tmp_path):
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        ev.evaluate([c], str(d), command=f"{PY} {shlex.quote(str(script))} {{output}} {{candidate}} '{{x}}'", log=lambda s: None)
+        cmd = f"{PY} {shlex.quote(str(script))} {{output}} {{candidate}} '{{x}}'"
+        ev.evaluate([c], str(d), command=cmd, log=lambda s: None)
     finally:
         os.chdir(old)
     assert c.eval_error is None, c.eval_error
@@ -229,7 +230,8 @@ def test_a_timed_out_evaluation_is_stopped_with_its_children(tmp_path):
     script.write_text(
         "import json, os, signal, subprocess, sys, time\n"
         "if sys.argv[1] == 'slow':\n"
-        "    p = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+        "    p = subprocess.Popen([sys.executable, '-c', 'import signal, time; '\n"
+        "                          'signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
         f"    open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
         "    print('working', flush=True)\n"
         "    time.sleep(60)\n"
@@ -617,7 +619,8 @@ def test_keep_best_keeps_what_is_not_the_scored_output(sweep, tmp_path):
     best = ev.select(cands, "acc")
     assert best is cands[1]
     # After scoring: one output re-merged, one replaced by a link to the best, one lost its marker.
-    (d / "changed" / "tensormerge.json").write_text(json.dumps({"tensormerge": "0.1.0", "method": "x", "fingerprint": "new"}))
+    (d / "changed" / "tensormerge.json").write_text(
+        json.dumps({"tensormerge": "0.1.0", "method": "x", "fingerprint": "new"}))
     import shutil
     shutil.rmtree(d / "linked")
     os.symlink(best.output, d / "linked")
@@ -789,7 +792,8 @@ def test_state_round_trip_and_refusals(tmp_path):
                                              "tensormerge_sweep": 1}
     assert ev.load_state(str(d))["engine"] == [1, 2]
     assert os.listdir(d) == ["sweep.json"]
-    for content, needle in [("{not json", "not a readable sweep record"), ('{"a": 1}', "not a tensormerge sweep record"),
+    for content, needle in [("{not json", "not a readable sweep record"),
+                            ('{"a": 1}', "not a tensormerge sweep record"),
                             ("[1]", "not a tensormerge sweep record"),
                             ('{"tensormerge_sweep": 1, "evaluations": []}', "'evaluations' is not a JSON object")]:
         (d / "sweep.json").write_text(content)
