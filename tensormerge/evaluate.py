@@ -162,8 +162,8 @@ def evaluate(cands: list[Candidate], sweep_dir: str, *, command: str | None = No
     line of its stdout must be a JSON object of metrics. `workers` of them run at once;
     `timeout` (seconds) ends one that runs longer (its process group: SIGTERM, then SIGKILL).
     `python`: "module:function" (or "path/to/file.py:function"), called in this process as
-    function(output) (plus candidate=name when it takes that keyword) and returning a dict of
-    metrics; these run one at a time whatever `workers` says (a model-loading function is
+    function(output) (plus candidate=name when it takes that keyword; what it prints goes to
+    stderr) and returning a dict of metrics; these run one at a time whatever `workers` says (a model-loading function is
     rarely thread-safe, and it would share this process's memory and threads anyway), with no
     timeout (a thread cannot be stopped)."""
     if command and python:
@@ -245,8 +245,8 @@ def evaluate(cands: list[Candidate], sweep_dir: str, *, command: str | None = No
 
 def resolve_python(spec: str) -> Callable:
     """The function named by --eval-python "module:function" or "path/to/file.py:function"; a
-    module is looked up from the current directory first (as `python -m` would). Checked before
-    any merge, so a typo costs nothing."""
+    module is looked up from the current directory first (as `python -m` would). The CLI calls
+    it before any merge, so that a typo costs nothing."""
     module, sep, name = (spec or "").rpartition(":")
     if not sep or not module or not name.isidentifier():
         raise ParameterError(f"--eval-python {spec!r}: expected module:function or path/to/file.py:function")
@@ -286,7 +286,8 @@ def resolve_python(spec: str) -> Callable:
 def _call_python(fn: Callable, spec: str, c: Candidate) -> tuple[dict | None, str | None]:
     try:
         kwargs = {"candidate": c.name} if _takes_candidate(fn) else {}
-        result = fn(c.output, **kwargs)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the sweep's table, kept clean
+            result = fn(c.output, **kwargs)
     except (Exception, SystemExit) as e:
         return None, _one_line(f"{spec} raised {type(e).__name__}: {e}", ERROR_CHARS)
     if not isinstance(result, dict):

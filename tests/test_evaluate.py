@@ -417,6 +417,7 @@ CALLS = []
 
 def score(output, candidate=None):
     CALLS.append(candidate)
+    print("scoring", candidate)
     lam = json.load(open(os.path.join(output, "tensormerge.json")))["params"]["lambda"]
     if lam > 0.4:
         raise ValueError("model would not load\\nsecond line")
@@ -437,7 +438,7 @@ def exits(output):
 '''
 
 
-def test_python_evaluation(sweep, tmp_path, monkeypatch):
+def test_python_evaluation(sweep, tmp_path, monkeypatch, capsys):
     d, cands, _ = sweep
     (tmp_path / "tm_eval_mod_a.py").write_text(EVAL_MODULE)
     monkeypatch.chdir(tmp_path)
@@ -445,6 +446,8 @@ def test_python_evaluation(sweep, tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "tm_eval_mod_a", raising=False)
     lines, log = quiet_log()
     ev.evaluate(cands, str(d), python="tm_eval_mod_a:score", workers=4, log=log)
+    out, err = capsys.readouterr()
+    assert "scoring" not in out and f"scoring {cands[0].name}" in err  # stdout stays the table's
     mod = sys.modules["tm_eval_mod_a"]
     assert mod.CALLS == [c.name for c in cands]  # one at a time, in candidate order, with candidate=
     assert cands[0].metrics == {"acc": 1 - (0.1 - 0.3) ** 2} and cands[1].metrics == {"acc": 1.0}
