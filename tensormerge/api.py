@@ -360,16 +360,16 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
     """Merge every candidate (one read of the inputs per group), then score, select and keep
     (tensormerge.evaluate); returns what DIR/sweep.json holds."""
     from tensormerge.engine.sweep import run_sweep
-    try:  # TEMPORARY until evaluate.py lands
-        from tensormerge import evaluate as E
-    except ImportError:
-        import types as _t
-        E = _t.SimpleNamespace(Candidate=_TmpCandidate)
+    from tensormerge import evaluate as E
 
     spec = checked(spec)
     evaluation = evaluation or Evaluation()
     if not spec.output:
         raise ParameterError("--output is required (the sweep's directory)")
+    if evaluation.select:
+        E.parse_select(evaluation.select)
+    if evaluation.python:
+        E.resolve_python(evaluation.python)  # a typo costs nothing: before any merge
     if spec.workers is not None or spec.scheduler:
         from tensormerge.engine.distributed import check_sweep_cluster
 
@@ -389,6 +389,13 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
             done = s.resume and not s.overwrite and not os.path.exists(out + C.PARTIAL_SUFFIX)
             outdir.check_output(out, overwrite=s.overwrite, keep_existing=done, protected=protected)
         os.makedirs(root, exist_ok=True)
+        state = E.load_state(root)  # refuses a sweep.json that is not ours
+        gone = {os.path.basename(p) for p in (state.get("keep") or {}).get("removed") or []}
+        state.update({"method": spec.method if len({c.method for c in cands}) == 1 else None,
+                      "inputs": spec.inputs, "base": spec.base})
+        E.save_state(root, state)  # DIR is a sweep's from here on (--resume finds it)
+        keep_idx = [i for i, c in enumerate(cands) if c.name not in gone]
+        specs, plans = [specs[i] for i in keep_idx], [plans[i] for i in keep_idx]
         for s in specs:
             stack.enter_context(outdir.OutputLock(os.path.abspath(s.output), "sweep", quiet=True))
         runners = [Runner(p, run_options(s, quiet=True if len(specs) > 1 else None)) for p, s in zip(plans, specs)]
@@ -399,9 +406,17 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
 
             results = run_sweep_on_cluster(spec, specs, runners, plans[0].max_memory, stack, say)
         else:
-            results = run_sweep(runners, plans[0].max_memory, spec.quiet, say)
+            results = run_sweep(runners, plans[0].max_memory, spec.quiet, say) if runners else []
+    by_name = {os.path.basename(s.output): r for s, r in zip(specs, results)}
     cands_out = []
-    for c, s, res in zip(cands, specs, results):
+    for c in cands:
+        res = by_name.get(c.name)
+        if c.name in gone:  # not merged again: --keep best removed it in an earlier run
+            cands_out.append(E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params),
+                                         dict(c.swept), os.path.join(root, c.name), status="removed",
+                                         error="removed by --keep best of an earlier run"))
+            continue
+        s = specs[[os.path.basename(x.output) for x in specs].index(c.name)]
         cand = E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params), dict(c.swept),
                            os.path.abspath(s.output))
         if isinstance(res, BaseException):
@@ -429,21 +444,33 @@ def _check_sweep_dir(root: str) -> None:
 
 
 def finish_sweep(root: str, cands, evaluation: Evaluation, quiet: bool = False, log=None) -> dict:
-    """sweep.json for the merged candidates (the evaluation, selection and keeping: evaluate.py)."""
-    state = {"tensormerge": C.__name__ and __import__("tensormerge").__version__,
-             "candidates": [dataclasses.asdict(c) for c in cands]}
-    outdir.write_report(os.path.join(root, C.SWEEP_JSON), state)
-    state["exit_code"] = 1 if any(c.status == "failed" for c in cands) else 0
-    return state
+    """Score (tensormerge.evaluate), select, record in sweep.json, keep; the table and plot."""
+    from tensormerge import evaluate as E
 
-
-@dataclass
-class _TmpCandidate:  # TEMPORARY
-    name: str
-    method: str
-    params: dict
-    swept: dict
-    output: str
-    merge_seconds: float | None = None
-    status: str = "pending"
-    error: str | None = None
+    say = log or (lambda msg: None)
+    if evaluation.command or evaluation.python:
+        E.evaluate(cands, root, command=evaluation.command, python=evaluation.python, workers=evaluation.workers,
+                   timeout=evaluation.timeout, quiet=quiet, log=say)
+    best, notes = None, []
+    if evaluation.select:
+        best = E.select(cands, evaluation.select)
+        if best is None:
+            notes.append(f"sweep: no candidate selected: {E.no_selection(cands, evaluation.select)}")
+        else:
+            best.selected = True
+    removed = E.keep(cands, best, evaluation.keep, root, select_spec=evaluation.select, log=say)
+    png = None
+    if evaluation.plot and evaluation.select and best is not None:
+        png = E.plot(cands, E.parse_select(evaluation.select)[0], os.path.join(root, C.SWEEP_PLOT), log=say)
+    failed = [c for c in cands if c.status == "failed"]
+    eval_failed = [c for c in cands if c.eval_error]
+    if failed:
+        notes.append(f"sweep: {len(failed)} candidate(s) failed to merge: "
+                     + "; ".join(f"{c.name}: {c.error}" for c in failed[:3]))
+    if eval_failed:
+        notes.append(f"sweep: {len(eval_failed)} evaluation(s) failed (recorded in {C.SWEEP_JSON}; a rerun with "
+                     f"--resume retries them): " + "; ".join(f"{c.name}: {c.eval_error}" for c in eval_failed[:3]))
+    state = E.load_state(root)
+    return {**state, "table": E.table(cands, evaluation.select), "notes": notes, "removed": removed,
+            "plot": png, "best": best.name if best is not None else None,
+            "exit_code": 1 if failed or eval_failed or (evaluation.select and best is None) else 0}

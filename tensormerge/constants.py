@@ -88,3 +88,4 @@ STATS_CHUNK_BYTES = 1 << 20
 ROW_KINDS = ("fisher",)
 
 SWEEP_JSON = "sweep.json"  # a sweep directory's record of its candidates, metrics and choice
+SWEEP_PLOT = "sweep.png"  # the selected metric against each swept parameter

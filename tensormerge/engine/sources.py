@@ -94,7 +94,11 @@ class Checkpoint(ABC):
     def identity(self) -> str:
         """Which weights these are, independent of file layout: names, shapes and the first row
         of the first few floating-point tensors as float32. Statistics stores record it, so a
-        store made for one fine-tune is refused for another of the same architecture."""
+        store made for one fine-tune is refused for another of the same architecture. Computed
+        once per opened checkpoint (a sweep's candidates share it)."""
+        cached = self.__dict__.get("_identity")
+        if cached is not None:
+            return cached
         h = hashlib.sha256()
         names = sorted(n for n in self.tensors if n not in self.aliases)
         for n in names:
@@ -102,7 +106,8 @@ class Checkpoint(ABC):
         sampled = [n for n in names if self.tensors[n].is_float and self.tensors[n].numel][:4]
         for n in sampled:
             h.update(self.read(n, 0, 1).to(torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()
+        self.__dict__["_identity"] = h.hexdigest()
+        return self.__dict__["_identity"]
 
     def close(self) -> None:  # noqa: B027 - most checkpoints hold nothing to release
         """Release open files (those that keep any)."""
