@@ -370,10 +370,6 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
         E.parse_select(evaluation.select)
     if evaluation.python:
         E.resolve_python(evaluation.python)  # a typo costs nothing: before any merge
-    if spec.workers is not None or spec.scheduler:
-        from tensormerge.engine.distributed import check_sweep_cluster
-
-        check_sweep_cluster(spec)
     root = os.path.abspath(spec.output)
     protected = protected_paths(spec)
     outdir.check_paths(root, protected)

@@ -35,12 +35,20 @@ from tensormerge.errors import InputError, ParameterError
 _OPEN: dict[str, tuple] = {}  # merge -> (stack, runner, writer): one merge per worker process at a time
 
 
+_SWEEPS: dict[str, tuple] = {}  # sweep group -> (stack, SweepGroup): its candidates' runners and writers
+
+
 def release() -> None:
-    """Close what a worker holds for a merge (its inputs, the output shards)."""
+    """Close what a worker holds for a merge (its inputs, the output shards) or a sweep group."""
     for stack, _, writer in _OPEN.values():
         writer.close()
         stack.close()
     _OPEN.clear()
+    for stack, group in _SWEEPS.values():
+        for m in group.members:
+            m.runner.writer.close()
+        stack.close()
+    _SWEEPS.clear()
 
 
 def _worker_runner(spec, fingerprint: str, threads: int | None):
@@ -109,6 +117,98 @@ def merge_task(spec, fingerprint: str, names: list[str], state: dict, skip: set,
     writer.sync()  # on shared storage, durable before the client records it
     return (records, {n: (s.seconds, s.bytes_read, s.bytes_written, s.chunks) for n, s in runner.stats.items()},
             runner.content.ranges)
+
+
+# ------------------------------------------------------------------ sweeps, worker side
+def _worker_group(specs: list, fingerprints: list[str], indices: list[int], max_memory: int, threads: int | None):
+    """The worker's copy of a sweep group: the same candidates, plans and common chunks."""
+    key = repr((specs, fingerprints, indices, max_memory))
+    if key in _SWEEPS:
+        return _SWEEPS[key][1]
+    release()
+    from tensormerge.api import open_plan, run_options
+    from tensormerge.engine.run import Runner, merge_fingerprint
+    from tensormerge.engine.sweep import SweepGroup
+
+    if threads:
+        torch.set_num_threads(threads)
+    stack = ExitStack()
+    try:
+        opened: dict = {}
+        runners = []
+        for spec, fingerprint in zip(specs, fingerprints):
+            plan = open_plan(spec, stack, opened)
+            runner = Runner(plan, run_options(spec, quiet=True))
+            runner.writer = runner.make_writer()
+            if merge_fingerprint(plan, runner.writer) != fingerprint:
+                raise InputError(f"dask worker on {os.uname().nodename}: its inputs differ from the client's (same "
+                                 f"paths, other files: the workers need the same storage or hub cache)")
+            runner.writer.open_existing()
+            stack.callback(runner.writer.close)
+            runners.append(runner)
+        group = SweepGroup(runners, max_memory, True, indices)
+    except BaseException:
+        stack.close()
+        raise
+    _SWEEPS[key] = (stack, group)
+    return group
+
+
+def _failures(group) -> dict[int, str]:
+    out = {m.index: str(m.failed) for m in group.members if m.failed is not None}
+    for m in group.members:
+        m.failed = None  # the client decides; a cached group starts each task clean
+    return out
+
+
+def sweep_pass_task(ctx: tuple, members: dict[int, tuple[int, dict]], sample: float, needs_inputs: bool,
+                    names: list[str]) -> tuple[dict, dict]:
+    group = _worker_group(*ctx)
+    chosen = []
+    for m in group.members:
+        if m.index in members:
+            stage, state = members[m.index]
+            m.state = state
+            chosen.append((m, m.runner.plan.method.passes(m.runner.plan.params)[stage]))
+    folded: dict[int, dict[str, Any]] = {}
+
+    def take(m, sb, partials: list, last: bool) -> None:
+        per = folded.setdefault(m.index, {})
+        for p in partials:
+            per[sb.name] = _fold(per.get(sb.name), p)
+
+    group.map_blocks(chosen, sample, needs_inputs, set(names), take)
+    return folded, _failures(group)
+
+
+def sweep_merge_task(ctx: tuple, states: dict[int, dict], skips: dict[int, set], names: list[str]):
+    from tensormerge.engine.provenance import ContentHashes
+    from tensormerge.engine.run import BlockStats
+
+    group = _worker_group(*ctx)
+    records: dict[int, list] = {}
+    group.content = ContentHashes()  # this task's input rows, for the client's content digests
+    todo = []
+    for m in group.members:
+        if m.index not in states:
+            continue
+        r = m.runner
+        m.state = states[m.index]
+        r.done = skips[m.index]
+        r.stats = {b.name: BlockStats() for b in r.plan.blocks}
+        r.prepared = {}
+        r.content = group.content
+        r.extras = r.plan.method.start_extras(r.plan.params)
+        r.record = lambda b, r0, r1, crc, nbytes, extras, i=m.index: records.setdefault(i, []).append(
+            (b.name, r0, r1, crc, nbytes, extras))
+        todo.append(m)
+    group.merge_blocks(todo, set(names))
+    stats = {}
+    for m in todo:
+        m.runner.writer.sync()  # on shared storage, durable before the client records it
+        stats[m.index] = {n: (s.seconds, s.bytes_read, s.bytes_written, s.chunks)
+                          for n, s in m.runner.stats.items() if s.chunks}
+    return records, stats, group.content.ranges, _failures(group)
 
 
 # ------------------------------------------------------------------ client side
@@ -182,6 +282,76 @@ class DaskExecutor:
         runner.passes_report.append({"name": gpass.name, "seconds": time.perf_counter() - t0,
                                      "bytes_read": int(gpass.sample * runner.plan.bytes_read_pass)})
 
+    # ------------------------------------------------------------------ sweeps
+    def _sweep_ctx(self, group) -> tuple:
+        specs = [self.sweep_specs[m.index] for m in group.members]
+        return (specs, [m.runner.fingerprint for m in group.members], [m.index for m in group.members],
+                group.executor.budget.cap, self.threads)
+
+    def sweep_pass(self, group, members: list, sample: float, needs_inputs: bool) -> tuple[int, dict]:
+        """The members' passes on the workers, runs of whole blocks each; their partials folded
+        per block (exact integer sums), reduced by the client in plan order."""
+        ctx = self._sweep_ctx(group)
+        stages = {}
+        for m, gpass in members:
+            names = [p.name for p in m.runner.plan.method.passes(m.runner.plan.params)]
+            stages[m.index] = (names.index(gpass.name), m.state)
+        blocks = [sb.members[0] for sb in group.blocks if sb.members[0].kind == "merge"]
+        futures = [self._submit(sweep_pass_task, ctx, stages, sample, needs_inputs, names)
+                   for names in self.groups(blocks)]
+        folded: dict[int, dict] = {}
+        for part, failed in self.client.gather(futures):
+            for idx, per in part.items():
+                folded.setdefault(idx, {}).update(per)
+            self._sweep_failures(group, failed)
+        read = int(sample * sum(sb.read_bytes_per_row * sb.rows for sb in group.blocks if sb.members[0].kind == "merge"))
+        return read, folded
+
+    def sweep_merge(self, group, todo: list) -> None:
+        from distributed import as_completed
+
+        ctx = self._sweep_ctx(group)
+        by_index = {m.index: m for m in todo}
+        states = {m.index: m.state for m in todo}
+        skips = {m.index: set(m.runner.done) for m in todo}
+        lead = todo[0].runner.plan if todo else None
+        if lead is None:
+            return
+        blocks = [b for b in lead.blocks]
+        futures = [self._submit(sweep_merge_task, ctx, states, skips, names) for names in self.groups(blocks)]
+        new: dict[int, dict] = {}
+        for fut in as_completed(futures):
+            records, stats, content, failed = fut.result()
+            group.content.update(content)
+            self._sweep_failures(group, failed)
+            for idx, recs in records.items():
+                r = by_index[idx].runner
+                for name, r0, r1, crc, nbytes, extras in recs:
+                    r.manifest.record_chunk(name, r0, r1, crc, nbytes, extras)
+                    r.stats[name].crcs[r0] = (crc, nbytes)
+                    new.setdefault(idx, {})[(name, r0, r1)] = extras
+            for idx, per in stats.items():
+                for name, (seconds, read, written, chunks) in per.items():
+                    st = by_index[idx].runner.stats[name]
+                    st.seconds, st.bytes_read, st.bytes_written, st.chunks = seconds, read, written, chunks
+        for m in todo:  # extras in plan order, as the local executor folds them
+            r = m.runner
+            extras = r.plan.method.start_extras(r.plan.params)
+            for b in r.plan.blocks:
+                for r0, r1 in b.chunks:
+                    chunk = r.done.get((b.name, r0, r1))
+                    for extra in new.get(m.index, {}).get((b.name, r0, r1), []) if chunk is None else chunk:
+                        extras = r.plan.method.add_extra(extras, extra)
+            r.extras = extras
+
+    @staticmethod
+    def _sweep_failures(group, failed: dict[int, str]) -> None:
+        from tensormerge.errors import InputError as Failed
+
+        for m in group.members:
+            if m.index in failed and m.failed is None:
+                group._fail(m, Failed(failed[m.index]))
+
     def run_merge(self, runner, state: dict) -> Any:
         from distributed import as_completed
 
@@ -208,3 +378,13 @@ class DaskExecutor:
                 for extra in new.get((b.name, r0, r1), []) if chunk is None else chunk:
                     extras = plan.method.add_extra(extras, extra)
         return extras
+
+
+def run_sweep_on_cluster(spec, specs: list, runners: list, max_memory: int, stack: ExitStack, log) -> list:
+    """A sweep whose groups read and merge on a dask cluster (--workers / --scheduler)."""
+    from tensormerge.engine.sweep import run_sweep
+
+    ex = DaskExecutor(spec, spec.workers, spec.scheduler, max_memory, spec.device or "cpu")
+    stack.callback(ex.close)
+    ex.sweep_specs = specs
+    return run_sweep(runners, max_memory, spec.quiet, log, cluster=ex)

@@ -160,7 +160,7 @@ class SweepGroup:
         self.lead = runners[0]
         self.executor = LocalExecutor(max_memory)
         self.quiet = quiet
-        self.passes_seconds = 0.0
+        self.cluster = None  # a DaskExecutor: passes and merge run on its workers (engine.distributed)
 
     # ------------------------------------------------------------------ helpers
     def live(self) -> list[_Member]:
@@ -276,8 +276,46 @@ class SweepGroup:
         t0 = time.perf_counter()
         accs = {m.index: gpass.start(m.state) for m, gpass in members}
         passes = {m.index: gpass for m, gpass in members}
+        if self.cluster is not None:
+            read, folded = self.cluster.sweep_pass(self, members, sample, needs_inputs)
+            for i, sb in enumerate(self.blocks):
+                if sb.members[0].kind != "merge":
+                    continue
+                for m, gpass in members:
+                    part = folded.get(m.index, {}).get(sb.name)
+                    if part is not None:
+                        accs[m.index] = gpass.reduce(accs[m.index], part, sb.name)
+                    accs[m.index] = gpass.end_block(accs[m.index], sb.name, sb.members[0].numel)
+        else:
+            def take(m: _Member, sb: SweepBlock, partials: list, last: bool) -> None:
+                acc = accs[m.index]
+                for p in partials:
+                    acc = passes[m.index].reduce(acc, p, sb.name)
+                if last:
+                    acc = passes[m.index].end_block(acc, sb.name, sb.members[0].numel)
+                accs[m.index] = acc
+
+            read = self.map_blocks(members, sample, needs_inputs, None, take)
+        seconds = time.perf_counter() - t0
+        for m, gpass in members:
+            if m.failed is not None:
+                continue
+            try:
+                gpass.finish(accs[m.index], m.state)
+            except TensorMergeError as e:
+                self._fail(m, e)
+                continue
+            # each candidate's report: the shared read, attributed to every candidate that shared it
+            m.runner.passes_report.append({"name": gpass.name, "seconds": seconds, "bytes_read": read,
+                                           "shared_by": len(members)})
+
+    def map_blocks(self, members: list, sample: float, needs_inputs: bool, names: set | None, take) -> int:
+        """One read of the blocks (`names`, or all) for the members' passes; each chunk's partials
+        handed to `take(member, block, partials, last)` in plan order. Returns the bytes read."""
+        passes = {m.index: gpass for m, gpass in members}
         who = [m for m, _ in members]
-        tasks = list(self._tasks(lambda i, r0, r1: who, sample, merge_only=True))
+        tasks = [t for t in self._tasks(lambda i, r0, r1: who, sample, merge_only=True)
+                 if names is None or self.blocks[t.key[0]].name in names]
         label = members[0][1].label or members[0][1].name
         bar = self._bar(f"sweep {label}", tasks)
 
@@ -296,40 +334,31 @@ class SweepGroup:
                 data = datas[lead.index]
                 lead.runner._wait(data)
                 if not gpass.needs_inputs:
-                    part_lists = {m.index: [passes[m.index].map(datas[m.index], m.state)] for m in group}
-                else:
-                    sub = sb.members[self._pos(lead)].sub_rows * PASS_SUB_FACTOR
-                    parts = {m.index: list(_sub_chunks(datas[m.index], sub)) for m in group}
+                    partials.update({m.index: [passes[m.index].map(datas[m.index], m.state)] for m in group})
+                    continue
+                sub = sb.members[self._pos(lead)].sub_rows * PASS_SUB_FACTOR
+                parts = {m.index: list(_sub_chunks(datas[m.index], sub)) for m in group}
 
-                    def one(k: int, group=group, parts=parts, gpass=gpass):
-                        if len(group) == 1:
-                            return [gpass.map(parts[group[0].index][k], group[0].state)]
-                        return gpass.map_group([parts[m.index][k] for m in group], [passes[m.index] for m in group],
-                                               [m.state for m in group])
+                def one(k: int, group=group, parts=parts, gpass=gpass):
+                    if len(group) == 1:
+                        return [gpass.map(parts[group[0].index][k], group[0].state)]
+                    return gpass.map_group([parts[m.index][k] for m in group], [passes[m.index] for m in group],
+                                           [m.state for m in group])
 
-                    try:
-                        results = lead.runner._map(one, list(range(len(parts[lead.index]))))
-                    except TensorMergeError as e:
-                        for m in group:
-                            self._fail(m, e)
-                        continue
-                    part_lists = {m.index: [r[j] for r in results] for j, m in enumerate(group)}
-                partials.update(part_lists)
+                try:
+                    results = lead.runner._map(one, list(range(len(parts[lead.index]))))
+                except TensorMergeError as e:
+                    for m in group:
+                        self._fail(m, e)
+                    continue
+                partials.update({m.index: [r[j] for r in results] for j, m in enumerate(group)})
             return partials
 
         def collect(task: Task, partials: dict[int, list]) -> None:
             i, _, _, last, _, _ = task.key
-            sb = self.blocks[i]
             for m in who:
-                if m.index not in partials or m.failed is not None:
-                    continue
-                gpass = passes[m.index]
-                acc = accs[m.index]
-                for p in partials[m.index]:
-                    acc = gpass.reduce(acc, p, sb.name)
-                if last:
-                    acc = gpass.end_block(acc, sb.name, sb.members[0].numel)
-                accs[m.index] = acc
+                if m.index in partials and m.failed is None:
+                    take(m, self.blocks[i], partials[m.index], last)
             self.lead._advance(bar, task, last)
             faults.hit("pass")
 
@@ -337,19 +366,7 @@ class SweepGroup:
             self.executor.run(tasks, lambda t: self._read(t, needs_inputs), compute, collect=collect)
         finally:
             self.lead._close(bar)
-        read = sum(t.read_bytes for t in tasks)
-        seconds = time.perf_counter() - t0
-        for m, gpass in members:
-            if m.failed is not None:
-                continue
-            try:
-                gpass.finish(accs[m.index], m.state)
-            except TensorMergeError as e:
-                self._fail(m, e)
-                continue
-            # each candidate's report: the shared read, attributed to every candidate that shared it
-            m.runner.passes_report.append({"name": gpass.name, "seconds": seconds, "bytes_read": read,
-                                           "shared_by": len(members)})
+        return sum(t.read_bytes for t in tasks)
 
     # ------------------------------------------------------------------ merge
     def run_merge(self) -> None:
@@ -358,10 +375,20 @@ class SweepGroup:
             r = m.runner
             r.extras = r.plan.method.start_extras(r.plan.params)
             r.extras = r._replay(r.extras, None)
+        if self.cluster is not None:
+            self.cluster.sweep_merge(self, todo)
+        else:
+            self.merge_blocks(todo, None)
+
+    def merge_blocks(self, todo: list[_Member], names: set | None) -> None:
+        """The merge pass over the blocks (`names`, or all) for the members in `todo`: each chunk
+        read once, merged by every member that still needs it, written to each one's output."""
         pos = {m.index: k for k, m in enumerate(self.members)}
 
         def needed(i: int, r0: int, r1: int) -> list[_Member]:
             name = self.blocks[i].name
+            if names is not None and name not in names:
+                return []
             return [m for m in todo if m.failed is None and (name, r0, r1) not in m.runner.done]
 
         tasks = list(self._tasks(needed))
@@ -434,9 +461,10 @@ class SweepGroup:
         return out
 
 
-def run_sweep(runners: list[Runner], max_memory: int, quiet: bool, log=None) -> list[dict | BaseException]:
+def run_sweep(runners: list[Runner], max_memory: int, quiet: bool, log=None,
+              cluster=None) -> list[dict | BaseException]:
     """Every candidate merged (groups of them per read) and published; per candidate its report,
-    or the error that dropped it."""
+    or the error that dropped it. `cluster`: a DaskExecutor whose workers read and merge."""
     plans = [r.plan for r in runners]
     results: list[dict | BaseException | None] = [None] * len(runners)
     t_start = time.perf_counter()
@@ -453,6 +481,7 @@ def run_sweep(runners: list[Runner], max_memory: int, quiet: bool, log=None) -> 
             log(f"sweep: reading the inputs once for {len(idx)} candidate(s)"
                 + (f" (group {parts.index(g) + 1} of {len(parts)})" if len(parts) > 1 else ""))
         group = SweepGroup(group_runners, max_memory, quiet, idx)
+        group.cluster = cluster
         lead = group.lead
         with lead.compute_threads(), MemoryMonitor() as mem:
             for m in group.members:  # every candidate uses the group's compute pool

@@ -313,3 +313,24 @@ def test_cli_sweep_and_plan(fam, tmp_path):
     assert sorted(os.listdir(tmp_path / "sw")) == ["lambda=0.3", "lambda=0.6", "sweep.json"]
     bad = run_cli(["run", *args, "--output", str(tmp_path / "r")])
     assert bad.returncode != 0 and "sweep" in bad.stderr  # a run with several values points at `sweep`
+
+
+@pytest.mark.parametrize("method,raw", [("ties", {"k": "0.1,0.5"}), ("task_arithmetic", {"lambda": "0.3,0.7"})])
+def test_dask_sweep_is_byte_identical_to_run(fam, tmp_path, method, raw):
+    cands, res = _sweep(fam, tmp_path / "sw", method, raw, max_memory="200KiB", workers=2)
+    assert all(c["status"] == "merged" for c in res["candidates"]), res["candidates"]
+    for c in cands:
+        assert shard_digests(tmp_path / "sw" / c.name) == _run(fam, tmp_path / f"r-{c.name}", method, c.params)
+
+
+def test_dask_sweep_statistics_methods(statfam, tmp_path):
+    cands = grid.from_params("mats", {"iterations": "2,6"}, set())
+    spec = MergeSpec("mats", statfam["inputs"], str(tmp_path / "sw"), base=statfam["base"], stats=statfam["stats"],
+                     quiet=True, workers=2)
+    res = sweep(spec, cands)
+    assert all(c["status"] == "merged" for c in res["candidates"]), res["candidates"]
+    for c in cands:
+        out = tmp_path / f"r-{c.name}"
+        merge(MergeSpec("mats", statfam["inputs"], str(out), base=statfam["base"], stats=statfam["stats"],
+                        params=c.params, quiet=True))
+        assert shard_digests(tmp_path / "sw" / c.name) == shard_digests(out)
