@@ -58,7 +58,7 @@ def check_fields(records: list[tuple[str, dict]], fields: Fields) -> None:
             name = getattr(fields, role)
             if name not in rec or rec[name] is None:
                 raise InputError(f"{where}: missing field '{name}' (given with {FIELD_FLAGS[role]})")
-        if "input_ids" in rec:
+        if "input_ids" in rec or "image" in rec:  # tokens need no text field; image records are checked by their reader
             continue
         known = (fields.messages, fields.choices, fields.prompt, fields.input, fields.text)
         if not any(rec.get(n) is not None for n in known):
