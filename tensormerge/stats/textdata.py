@@ -109,7 +109,8 @@ def chat_tokens(tok, where: str, rec: dict, name: str) -> tuple[list[int], list[
         labels = [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
         if any(x != IGNORE for x in labels):
             return ids, labels
-    ids = _encode(tok, _render(tok, where, name, msgs, tokenize=False))
+    full = _render(tok, where, name, msgs, tokenize=False)
+    ids = _encode(tok, full)
     labels = [IGNORE] * len(ids)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
@@ -118,10 +119,51 @@ def chat_tokens(tok, where: str, rec: dict, name: str) -> tuple[list[int], list[
             if i else []
         upto = _encode(tok, _render(tok, where, name, msgs[:i + 1], tokenize=False))
         if ids[:len(before)] != before or ids[:len(upto)] != upto or len(upto) <= len(before):
-            raise InputError(f"{where}: field '{name}' turn {i}: the chat template does not render the conversation "
-                             f"turn by turn (a prefix of it is not a prefix of its tokens), so the assistant tokens "
-                             f"cannot be found; give input_ids/labels instead")
+            return _chat_by_characters(tok, where, name, msgs, full)
         labels[len(before):len(upto)] = ids[len(before):len(upto)]
+    return ids, labels
+
+
+def _common(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_by_characters(tok, where: str, name: str, msgs: list[dict], full: str) -> tuple[list[int], list[int]]:
+    """For templates whose prefixes are not token prefixes (separators only between turns, a
+    generation prompt that differs from the turn's header): each assistant turn starts where its
+    content appears after the text it shares with the generation prompt, and ends where the
+    conversation stops matching the rendering that ends with that turn; the tokens overlapping
+    that character span are scored."""
+    if not getattr(tok, "is_fast", False):
+        raise InputError(f"{where}: field '{name}': the chat template does not render the conversation turn by turn "
+                         f"and the tokenizer has no character offsets, so the assistant tokens cannot be found; "
+                         f"give input_ids/labels instead")
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    cursor = 0
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        content = m["content"] if isinstance(m["content"], str) else ""
+        lo = max(cursor, _common(_render(tok, where, name, msgs[:i], tokenize=False, add_generation_prompt=True), full)
+                 if i else 0)
+        start = full.find(content.strip(), lo) if content.strip() else lo
+        if start < 0:
+            raise InputError(f"{where}: field '{name}' turn {i}: the assistant's content does not appear in the "
+                             f"rendered conversation, so its tokens cannot be found; give input_ids/labels instead")
+        end = max(_common(_render(tok, where, name, msgs[:i + 1], tokenize=False), full), start + len(content.strip()))
+        for t, (a, b) in enumerate(offsets):
+            if a < end and b > start:
+                labels[t] = ids[t]
+        cursor = end
+    if all(x == IGNORE for x in labels):
+        raise InputError(f"{where}: field '{name}': the chat template renders no assistant token")
     return ids, labels
 
 

@@ -151,6 +151,54 @@ def test_generation_template_mask_is_honoured(tmp_path):
         assert glabels == [-100 if t == ID["<|im_end|>"] else x for t, x in zip(ids, labels)]
 
 
+# common templates, written here: ChatML (Qwen), Llama 3 style, and an Alpaca-style one whose turns
+# are separated only between messages (a prefix of it is not a prefix of the whole)
+REAL_TEMPLATES = {
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+               ["Hello!<|im_end|>\n", "4<|im_end|>\n"]),
+    "llama3": ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+               "m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+               ["Hello!<|eot_id|>", "4<|eot_id|>"]),
+    "alpaca": ("{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] | trim }}"
+               "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] | trim }}{% else %}"
+               "{{ m['content'] }}{% endif %}{% if not loop.last %}\n\n{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}### Response:\n{% endif %}",
+               ["Hello!", "4"]),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_TEMPLATES))
+def test_assistant_turns_of_common_templates(name):
+    """Byte-level tokens (one per byte, so they decode back exactly): the scored tokens are each
+    assistant turn's content and whatever closes the turn, nothing of the other turns."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tensormerge.stats.textdata import chat_tokens
+
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template, want = REAL_TEMPLATES[name]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}]
+    ids, labels = chat_tokens(fast, "x:1", {"messages": msgs}, "messages")
+    assert fast.decode(ids) == fast.apply_chat_template(msgs, tokenize=False)
+    spans, run = [], []
+    for t, lab in zip(ids, labels):
+        if lab != -100:
+            assert lab == t
+            run.append(t)
+        elif run:
+            spans, run = spans + [fast.decode(run)], []
+    spans += [fast.decode(run)] if run else []
+    assert spans == want
+
+
 def test_messages_field_mapping(llama_chat, tmp_path):
     root, model = llama_chat
     a = _run(tmp_path / "a.zarr", model, cm.write_jsonl(tmp_path / "a.jsonl", [{"messages": m} for m in CHATS]))
