@@ -4,8 +4,12 @@ Why chat turns are found by rendering prefixes: a chat template is arbitrary Jin
 reliable way to know which tokens a turn produced is to render the conversation up to the turn
 (with the generation prompt) and up to its end, and check that both token lists are prefixes of
 the whole conversation's tokens; the tokens between them are the assistant's. Templates that
-mark assistant text with `{% generation %}` are asked for their own mask instead. A template
-that rewrites earlier turns (so prefixes are not prefixes) is refused, not guessed at.
+mark assistant text with `{% generation %}` are asked for their own mask instead. Templates
+whose renderings are not token prefixes of each other (separators written only between turns,
+a generation prompt unlike the turn's header) fall back to character spans: the turn's content
+found after the text shared with the generation prompt, up to where the whole conversation stops
+matching the rendering that ends with the turn. A turn that cannot be found is refused, not
+guessed at.
 
 Why multiple-choice examples carry every choice: the empirical Fisher scores the gold choice,
 but the true Fisher draws a choice from the model's own scores over the choices (rank
