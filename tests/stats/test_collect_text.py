@@ -151,7 +151,7 @@ def test_generation_template_mask_is_honoured(tmp_path):
         assert glabels == [-100 if t == ID["<|im_end|>"] else x for t, x in zip(ids, labels)]
 
 
-# common templates, written here: ChatML (Qwen), Llama 3 style, and an Alpaca-style one whose turns
+# common templates, written here: ChatML (Qwen), Llama 3 and Mistral style, and an Alpaca-style one whose turns
 # are separated only between messages (a prefix of it is not a prefix of the whole)
 REAL_TEMPLATES = {
     "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -161,6 +161,13 @@ REAL_TEMPLATES = {
                "m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
                "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
                ["Hello!<|eot_id|>", "4<|eot_id|>"]),
+    "mistral": ("{%- if messages[0]['role'] == 'system' %}{%- set sys = messages[0]['content'] %}"
+                "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+                "{{- bos_token }}{%- for m in loop_messages %}{%- if m['role'] == 'user' %}"
+                "{%- if loop.first and sys is defined %}{{- ' [INST] ' + sys + '\\n\\n' + m['content'] + ' [/INST]' }}"
+                "{%- else %}{{- ' [INST] ' + m['content'] + ' [/INST]' }}{%- endif %}"
+                "{%- else %}{{- ' ' + m['content'] + eos_token }}{%- endif %}{%- endfor %}",
+                [" Hello!</s>", " 4</s>"]),
     "alpaca": ("{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] | trim }}"
                "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] | trim }}{% else %}"
                "{{ m['content'] }}{% endif %}{% if not loop.last %}\n\n{% endif %}{% endfor %}"
