@@ -194,8 +194,8 @@ def _fit_causal(where: str, ids: list[int], labels: list[int], max_length: int,
     """Keep the end of a too-long sequence: the scored tokens and as much context as fits."""
     scored = [i for i, x in enumerate(labels) if x != IGNORE]
     if scored and scored[-1] - scored[0] + 1 > max_length:
-        raise InputError(f"{where}: field '{name}' has scored tokens spanning {scored[-1] - scored[0] + 1} tokens, more than "
-                         f"--max-length {max_length}")
+        raise InputError(f"{where}: field '{name}' has scored tokens spanning {scored[-1] - scored[0] + 1} tokens, "
+                         f"more than --max-length {max_length}")
     if len(ids) > max_length:
         cut = min(len(ids) - max_length, scored[0] if scored else len(ids))
         ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]

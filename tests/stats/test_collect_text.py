@@ -381,7 +381,8 @@ def test_tokenizer_without_chat_template_is_one_line(tmp_path):
 BAD = {
     # field given by a flag, absent from line 2: refused before the model is even looked at
     "mapped-field": ('{"conv": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}\n'
-                     '{"messages": []}\n', ["--messages-field", "conv"], ["data.jsonl:2", "'conv'", "--messages-field"]),
+                     '{"messages": []}\n', ["--messages-field", "conv"],
+                     ["data.jsonl:2", "'conv'", "--messages-field"]),
     "mapped-input": ('{"q": "w1", "target": "w2"}\n{"question": "w1", "target": "w2"}\n', ["--input-field", "q"],
                      ["data.jsonl:2", "'q'"]),
     "no-known-field": ('{"question": "w1", "answer": "w2"}\n', [], ["data.jsonl:1", "'input'", "'question'"]),
