@@ -50,7 +50,8 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
 
 @stats.command("compute")
 @click.option("--model", required=True, help="model directory (transformers) or PEFT adapter directory")
-@click.option("--data", required=True, help="JSONL file (text or input_ids/labels fields) or a save_to_disk dataset")
+@click.option("--data", required=True, help="JSONL file or save_to_disk dataset: input/target, prompt/completion, "
+              "messages (chat), text, input/choices/label, or input_ids/labels records")
 @click.option("--kind", required=True, type=click.Choice(("fisher", "gram", "kfac", "blockwise", "all")),
               help="fisher, gram (gram_in), kfac (gram_in+gram_out), blockwise (fisher_block), all")
 @click.option("--output", "-o", required=True, help="statistics store to write (S.zarr)")
@@ -69,6 +70,16 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
 @click.option("--padding-side", type=click.Choice(("left", "right")),
               help="pad batches on this side [default: the tokenizer's, else right]")
 @click.option("--split", help="split of a saved DatasetDict [default: train]")
+@click.option("--input-field", help="field holding the prompt / input text [default: input]")
+@click.option("--target-field", help="field holding the answer to a prompt / input [default: target]")
+@click.option("--text-field", help="field holding plain text (LM data, or the text to classify) [default: text]")
+@click.option("--label-field", help="field holding the class, or the right choice's index [default: label]")
+@click.option("--messages-field", help="field holding chat turns [{role, content}] [default: messages]")
+@click.option("--prompt-field", help="field holding an instruction prompt [default: prompt]")
+@click.option("--completion-field", help="field holding the prompt's completion [default: completion]")
+@click.option("--choices-field", help="field holding a multiple-choice example's answers [default: choices]")
+@click.option("--choice-score", type=click.Choice(("sum", "mean")), default="sum", show_default=True,
+              help="true Fisher on multiple choice: score a choice by its summed or token-averaged log-likelihood")
 @click.option("--base-model", help="base model directory of a PEFT adapter [default: from adapter_config.json]")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--dtype", type=click.Choice(("auto", "float32", "bfloat16", "float16")), default="float32",

@@ -35,7 +35,7 @@ from tensormerge import __version__
 from tensormerge.constants import PARTIAL_SUFFIX
 from tensormerge.engine import outdir
 from tensormerge.errors import BudgetError, InputError, OutputError, ParameterError
-from tensormerge.stats.data import Tokenize, batches, data_fingerprint, load_examples
+from tensormerge.stats.data import Tokenize, batches, data_fingerprint, load_examples, read_records
 from tensormerge.stats.grads import PerExampleGrads, batch_grad
 from tensormerge.stats.hooks import GramHooks
 from tensormerge.stats.losses import Inputs, scored_tokens, token_nll
@@ -76,6 +76,16 @@ class ComputeOptions:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    # record field names (--input-field ...; None: the default name) and multiple-choice scoring
+    input_field: str | None = None
+    target_field: str | None = None
+    text_field: str | None = None
+    label_field: str | None = None
+    messages_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    choices_field: str | None = None
+    choice_score: str = "sum"
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -88,6 +98,8 @@ class ComputeOptions:
             raise ParameterError(f"--max-examples {self.max_examples}: must be at least 1")
         if self.fisher_type == "true" and self.fisher_mode == "squared-batch":
             raise ParameterError("--fisher-type true needs --fisher-mode per-example")
+        if self.choice_score not in ("sum", "mean"):
+            raise ParameterError(f"--choice-score {self.choice_score!r}: expected sum or mean")
         from tensormerge.kernels.dispatch import check_device
 
         check_device(self.device)
@@ -195,7 +207,7 @@ class Collector:
             from tensormerge.stats.sampling import sample_labels
 
             batch = sample_labels(self.loaded.model, task, batch, self.inputs, o.seed, o.max_length, self.pad_id,
-                                  self.side)
+                                  self.side, o.choice_score)
         if self.grad_names:
             if o.fisher_mode == "squared-batch":
                 g = batch_grad(self.loaded.model, task, self.grad_names, self.inputs, batch)
@@ -326,6 +338,12 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     if not os.path.exists(opts.data):
         raise InputError(f"{opts.data}: no such data file")
     dtype = _parse_dtype(opts.dtype)
+    from tensormerge.stats.textdata import Fields, check_fields
+
+    fields = Fields.from_flags(**{k: getattr(opts, f"{k}_field") for k in (
+        "input", "target", "text", "label", "messages", "prompt", "completion", "choices")})
+    records = read_records(opts.data, opts.max_examples, opts.split)
+    check_fields(records, fields)  # a record without its field is refused before the model loads
     torch.manual_seed(opts.seed)
     loaded = load_model(opts.model, dtype=dtype, device=opts.device, base_model=opts.base_model)
     cfg = loaded.config
@@ -333,7 +351,12 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     examples = load_examples(
         opts.data, loaded.task, tok, max_length=opts.max_length, max_examples=opts.max_examples,
         vocab=getattr(cfg, "vocab_size", None), label2id=getattr(cfg, "label2id", None),
-        num_labels=getattr(cfg, "num_labels", None) if loaded.task == "classification" else None, split=opts.split)
+        num_labels=getattr(cfg, "num_labels", None) if loaded.task == "classification" else None, split=opts.split,
+        fields=fields, records=records)
+    mixed = [e.where for e in examples if e.choices is None]
+    if opts.fisher_type == "true" and 0 < len(mixed) < len(examples):
+        raise InputError(f"{mixed[0]}: not multiple choice, but other records are; the true Fisher samples "
+                         f"multiple-choice and generated answers differently (split the data)")
     side = opts.padding_side or (getattr(tok._tok, "padding_side", None) if tok._tok is not None else None) or "right"
     pad_id = getattr(cfg, "pad_token_id", None)
     if pad_id is None and tok._tok is not None:

@@ -33,6 +33,8 @@ class Example:
     input_ids: list[int]
     labels: list[int] | int
     where: str  # "FILE:LINE", for messages
+    # multiple choice: (input_ids, labels) of every choice, the gold one among them (true Fisher samples one)
+    choices: list[tuple[list[int], list[int]]] | None = None
 
 
 @dataclass
@@ -43,9 +45,11 @@ class Batch:
     attention_mask: torch.Tensor  # [B, S]
     labels: torch.Tensor  # [B, S] causal, [B, T] seq2seq, [B] classification
     index: list[int] = field(default_factory=list)
+    choices: list | None = None  # per example: Example.choices (None: not multiple choice)
 
     def to(self, device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.index)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.index,
+                     self.choices)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -185,18 +189,61 @@ def _strip_mask(where: str, rec: dict, ids: list[int]) -> list[int]:
     return [t for t, m in zip(ids, mask) if m]
 
 
+def _fit_causal(where: str, ids: list[int], labels: list[int], max_length: int,
+                name: str = "labels") -> tuple[list[int], list[int]]:
+    """Keep the end of a too-long sequence: the scored tokens and as much context as fits."""
+    scored = [i for i, x in enumerate(labels) if x != IGNORE]
+    if scored and scored[-1] - scored[0] + 1 > max_length:
+        raise InputError(f"{where}: field '{name}' has scored tokens spanning {scored[-1] - scored[0] + 1} tokens, "
+                         f"more than --max-length {max_length}")
+    if len(ids) > max_length:
+        cut = min(len(ids) - max_length, scored[0] if scored else len(ids))
+        ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
+    return ids, labels
+
+
+def _prompt_answer(where: str, rec: dict, task: str, tok: Tokenize, max_length: int, prompt_name: str,
+                   answer_name: str, answer: str | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a prompt and its answer (the record's `answer_name`, or the text `answer`)."""
+    if task == "seq2seq":
+        ids = tok(where, rec, prompt_name)
+        labels = tok(where, {answer_name: answer} if answer is not None else rec, answer_name)
+        if len(labels) > max_length:
+            raise InputError(f"{where}: field '{answer_name}' has {len(labels)} tokens, more than --max-length "
+                             f"{max_length}")
+        return ids[:max_length], labels
+    prompt = tok(where, rec, prompt_name)
+    ans = tok(where, {answer_name: answer} if answer is not None else rec, answer_name, special=False)
+    eos = getattr(tok.tokenizer(answer_name), "eos_token_id", None)
+    if eos is not None and (not ans or ans[-1] != eos):
+        ans = ans + [eos]
+    if len(ans) > max_length:
+        raise InputError(f"{where}: field '{answer_name}' has {len(ans)} tokens, more than --max-length {max_length}")
+    prompt = prompt[max(0, len(prompt) + len(ans) - max_length):]
+    return prompt + ans, [IGNORE] * len(prompt) + ans
+
+
 def make_example(where: str, rec: dict, task: str, tok: Tokenize, max_length: int, vocab: int | None,
-                 label2id: dict | None, num_labels: int | None) -> Example:
+                 label2id: dict | None, num_labels: int | None, fields=None) -> Example:
     """One record -> Example; prompts and inputs are truncated to fit, labels never are."""
+    from tensormerge.stats import textdata
+
+    f = fields or textdata.Fields()
+    if "input_ids" not in rec and task != "causal" and rec.get(f.messages) is not None:
+        raise InputError(f"{where}: field '{f.messages}' (chat data) needs a causal LM; the model is a "
+                         f"{'seq2seq LM' if task == 'seq2seq' else 'sequence classifier'}")
     if task == "classification":
         if "input_ids" in rec:
             ids = _strip_mask(where, rec, _ids(where, rec, "input_ids", vocab))
         else:
-            name = "text" if "text" in rec else "input"
-            _require(where, rec, (name,), "the text to classify: 'text' or 'input', or 'input_ids'")
+            if rec.get(f.choices) is not None:
+                raise InputError(f"{where}: field '{f.choices}' (multiple choice) needs a causal or seq2seq LM; the "
+                                 f"model is a sequence classifier")
+            name = f.text if f.text in rec else f.input
+            _require(where, rec, (name,), f"the text to classify: '{f.text}' or '{f.input}', or 'input_ids'")
             ids = tok(where, rec, name)
-        key = "label" if "label" in rec else "labels"
-        _require(where, rec, (key,), "the class: 'label'")
+        key = f.label if f.label in rec or "label" in f.given else "labels" if "labels" in rec else f.label
+        _require(where, rec, (key,), f"the class: '{f.label}'")
         lab = rec[key]
         if isinstance(lab, str) and label2id and lab in label2id:
             lab = label2id[lab]
@@ -204,14 +251,24 @@ def make_example(where: str, rec: dict, task: str, tok: Tokenize, max_length: in
             raise InputError(f"{where}: field '{key}' is {lab!r}, expected a class index in [0, {num_labels})")
         return Example(ids[:max_length], lab, where)
 
+    if "input_ids" not in rec and rec.get(f.choices) is not None:
+        texts = textdata.choice_texts(where, rec, f)
+        gold = textdata.choice_index(where, rec, f, texts)
+        options = [_prompt_answer(where, rec, task, tok, max_length, f.input, f.choices, answer=c) for c in texts]
+        ids, labels = options[gold]
+        return Example(ids, labels, where, choices=options)
+    if "input_ids" not in rec and rec.get(f.prompt) is not None:
+        _require(where, rec, (f.completion,), f"a prompt/completion example needs '{f.prompt}' and '{f.completion}'")
+        return Example(*_prompt_answer(where, rec, task, tok, max_length, f.prompt, f.completion), where)
+
     if task == "seq2seq":
         if "input_ids" in rec:
             _require(where, rec, ("labels",), "the target tokens")
             ids = _strip_mask(where, rec, _ids(where, rec, "input_ids", vocab))
             labels = _ids(where, rec, "labels", vocab)
         else:
-            _require(where, rec, ("input", "target"), "a seq2seq example needs 'input' and 'target'")
-            ids, labels = tok(where, rec, "input"), tok(where, rec, "target")
+            _require(where, rec, (f.input, f.target), f"a seq2seq example needs '{f.input}' and '{f.target}'")
+            ids, labels = tok(where, rec, f.input), tok(where, rec, f.target)
         if len(labels) > max_length:
             raise InputError(f"{where}: field 'labels' has {len(labels)} tokens, more than --max-length {max_length}")
         if not any(x != IGNORE for x in labels):
@@ -230,27 +287,20 @@ def make_example(where: str, rec: dict, task: str, tok: Tokenize, max_length: in
             _strip_mask(where, rec, ids)
             labels = [lab for lab, m in zip(labels, mask) if m]
             ids = [t for t, m in zip(ids, mask) if m]
-        scored = [i for i, x in enumerate(labels) if x != IGNORE]
-        if scored and scored[-1] - scored[0] + 1 > max_length:
-            raise InputError(f"{where}: field 'labels' spans {scored[-1] - scored[0] + 1} tokens, more than "
-                             f"--max-length {max_length}")
-        if len(ids) > max_length:  # keep the end: the scored tokens and as much context as fits
-            cut = min(len(ids) - max_length, scored[0] if scored else len(ids))
-            ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
-    elif "text" in rec and "target" not in rec:
-        ids = tok(where, rec, "text")[:max_length]
+        ids, labels = _fit_causal(where, ids, labels, max_length)
+    elif rec.get(f.messages) is not None:
+        tk = tok.tokenizer(f.messages)
+        if getattr(tk, "chat_template", None) is None:
+            raise InputError(f"{tok.model_dirs[0]}: its tokenizer has no chat template, and {tok.data} has chat "
+                             f"field '{f.messages}' (add a chat_template, or give input_ids/labels)")
+        ids, labels = _fit_causal(where, *textdata.chat_tokens(tk, where, rec, f.messages), max_length, f.messages)
+    elif f.text in rec and f.target not in rec:
+        ids = tok(where, rec, f.text)[:max_length]
         labels = list(ids)
     else:
-        _require(where, rec, ("input", "target"), "a prompt/answer example needs 'input' and 'target'; plain LM "
-                 "data needs 'text'")
-        prompt, answer = tok(where, rec, "input"), tok(where, rec, "target", special=False)
-        eos = getattr(tok.tokenizer("target"), "eos_token_id", None)
-        if eos is not None and (not answer or answer[-1] != eos):
-            answer = answer + [eos]
-        if len(answer) > max_length:
-            raise InputError(f"{where}: field 'target' has {len(answer)} tokens, more than --max-length {max_length}")
-        prompt = prompt[max(0, len(prompt) + len(answer) - max_length):]
-        ids, labels = prompt + answer, [IGNORE] * len(prompt) + answer
+        _require(where, rec, (f.input, f.target), f"a prompt/answer example needs '{f.input}' and '{f.target}'; "
+                 f"plain LM data needs '{f.text}'")
+        ids, labels = _prompt_answer(where, rec, task, tok, max_length, f.input, f.target)
     if not any(x != IGNORE for x in labels[1:]):
         raise InputError(f"{where}: no token to score (a causal LM scores labels after the first position)")
     return Example(ids, labels, where)
@@ -258,11 +308,14 @@ def make_example(where: str, rec: dict, task: str, tok: Tokenize, max_length: in
 
 def load_examples(path: str, task: str, tok: Tokenize, *, max_length: int, max_examples: int | None,
                   vocab: int | None, label2id: dict | None = None, num_labels: int | None = None,
-                  split: str | None = None) -> list[Example]:
+                  split: str | None = None, fields=None, records: list | None = None) -> list[Example]:
+    """`records`: those read_records returned, when the caller checked them before loading the model."""
     if max_length < 2:
         raise InputError(f"--max-length {max_length}: must be at least 2")
-    return [make_example(where, rec, task, tok, max_length, vocab, label2id, num_labels)
-            for where, rec in read_records(path, max_examples, split)]
+    if records is None:
+        records = read_records(path, max_examples, split)
+    return [make_example(where, rec, task, tok, max_length, vocab, label2id, num_labels, fields)
+            for where, rec in records]
 
 
 # ------------------------------------------------------------------------------ batches
@@ -283,7 +336,8 @@ def collate(examples: list[Example], index: list[int], task: str, pad_id: int, s
         labels = _pad([e.labels for e in examples], IGNORE, "right")
     else:
         labels = _pad([e.labels for e in examples], IGNORE, side)
-    return Batch(ids, mask, labels, index)
+    choices = [e.choices for e in examples] if any(e.choices is not None for e in examples) else None
+    return Batch(ids, mask, labels, index, choices)
 
 
 def batches(examples: list[Example], batch_size: int, task: str, pad_id: int, side: str, start: int = 0):

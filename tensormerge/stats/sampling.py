@@ -3,7 +3,13 @@
 As the research code does (METHODS.md §4.2): a class drawn from the classifier's softmax, or a
 whole output sequence drawn token by token (seq2seq: from the decoder start; causal LM: after the
 prompt), used as the target. Outputs stop at EOS or at the gold answer's length, which bounds the
-cost and keeps the token count of the example comparable to the empirical Fisher's.
+cost and keeps the token count of the example comparable to the empirical Fisher's. A causal
+example with several scored spans (the assistant turns of a chat) has each span drawn in turn,
+after the gold tokens between spans and the spans drawn before it, so every drawn token is a
+sample given exactly the context the gradient sees; the sequence ends with the last drawn span.
+Multiple-choice examples draw one choice with probability proportional to exp(its score), the
+score being the summed (or, `--choice-score mean`, averaged) log-likelihood of the choice's
+tokens: rank classification, as MaTS's `sample_label` does.
 
 Each example draws from its own generator seeded by (--seed, example index), so the sample of
 an example does not depend on the batch it lands in or on a --resume.
@@ -25,9 +31,37 @@ def _draw(logits: torch.Tensor, g: torch.Generator) -> int:
     return int(torch.multinomial(p, 1, generator=g))
 
 
+def choice_scores(model: torch.nn.Module, task: str, inputs, options: list, pad_id: int, side: str,
+                  score: str) -> torch.Tensor:
+    """[C] log-likelihood of each choice's scored tokens (summed, or averaged with score="mean")."""
+    from tensormerge.stats.data import Example, collate
+    from tensormerge.stats.losses import token_nll
+
+    b = collate([Example(i, lab, "") for i, lab in options], list(range(len(options))), task, pad_id, side)
+    b = b.to(next(model.parameters()).device)
+    nll = token_nll(model(**inputs(b, additive=False)).logits, b.labels, task)
+    if score == "mean":
+        return -nll
+    labels = b.labels[:, 1:] if task == "causal" else b.labels
+    return -nll * (labels != IGNORE).sum(-1)
+
+
+def _spans(scored: torch.Tensor) -> list[tuple[int, int]]:
+    """Runs of consecutive scored positions, as (start, end)."""
+    out: list[tuple[int, int]] = []
+    for p in scored.tolist():
+        if out and out[-1][1] == p:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
+    return out
+
+
 @torch.no_grad()
 def sample_labels(model: torch.nn.Module, task: str, batch: Batch, inputs, seed: int, max_length: int,
-                  pad_id: int, side: str) -> Batch:
+                  pad_id: int, side: str, choice_score: str = "sum") -> Batch:
+    if batch.choices is not None and any(c is not None for c in batch.choices):
+        return _sample_choices(model, task, batch, inputs, seed, pad_id, side, choice_score)
     if task == "classification":
         logits = model(**inputs(batch, additive=False)).logits
         labels = torch.tensor([_draw(logits[i], _gen(seed, j)) for i, j in enumerate(batch.index)],
@@ -55,20 +89,33 @@ def sample_labels(model: torch.nn.Module, task: str, batch: Batch, inputs, seed:
                     break
             rows.append((ids, dec))
         else:
-            first = max(1, int(scored[0])) if n else 1
-            prompt = ids[:first]
-            out, seq = [], prompt.clone()
-            for _ in range(min(n, max_length - first)):
-                logits = model(input_ids=seq[None]).logits[0, -1]
-                out.append(_draw(logits, g))
-                seq = torch.cat([seq, seq.new_tensor([out[-1]])])
-                if out[-1] in eos:
-                    break
-            rows.append((prompt, out))
+            seq, lab, end = ids[:0], [], 0
+            for s, e in _spans(scored) or [(1, 1)]:
+                first = max(1, s, end)
+                seq = torch.cat([seq, ids[end:first]])
+                lab += [IGNORE] * (first - end)
+                for _ in range(min(e - s, max_length - len(seq))):
+                    logits = model(input_ids=seq[None]).logits[0, -1]
+                    lab.append(_draw(logits, g))
+                    seq = torch.cat([seq, seq.new_tensor([lab[-1]])])
+                    if lab[-1] in eos:
+                        break
+                end = e
+            rows.append((seq, lab))
     from tensormerge.stats.data import Example, collate
 
     if task == "seq2seq":
         exs = [Example(ids.tolist(), dec, "") for ids, dec in rows]
     else:
-        exs = [Example(p.tolist() + o, [IGNORE] * len(p) + o, "") for p, o in rows]
+        exs = [Example(s.tolist(), lab, "") for s, lab in rows]
+    return collate(exs, batch.index, task, pad_id, side).to(batch.input_ids.device)
+
+
+def _sample_choices(model, task: str, batch: Batch, inputs, seed: int, pad_id: int, side: str, score: str) -> Batch:
+    from tensormerge.stats.data import Example, collate
+
+    exs = []  # every example has choices: compute_stats refuses data that mixes them for the true Fisher
+    for options, j in zip(batch.choices, batch.index):
+        k = _draw(choice_scores(model, task, inputs, options, pad_id, side, score), _gen(seed, j))
+        exs.append(Example(*options[k], ""))
     return collate(exs, batch.index, task, pad_id, side).to(batch.input_ids.device)
