@@ -334,3 +334,44 @@ def test_dask_sweep_statistics_methods(statfam, tmp_path):
         merge(MergeSpec("mats", statfam["inputs"], str(out), base=statfam["base"], stats=statfam["stats"],
                         params=c.params, quiet=True))
         assert shard_digests(tmp_path / "sw" / c.name) == shard_digests(out)
+
+
+# ----------------------------------------------------------------------------- the CLI with an evaluation
+EVAL = """import json, sys
+from safetensors.torch import load_file
+out, name = sys.argv[1], sys.argv[2]
+if name == "lambda=0.6":
+    raise SystemExit("boom: this evaluation crashes")
+w = load_file(out + "/model.safetensors")["layer.0.attn.weight"]
+print("log line")
+print(json.dumps({"score": -float((w - 1.0).abs().mean()), "name": name}))
+"""
+
+
+def test_cli_sweep_eval_select_keep_and_resume(fam, tmp_path):
+    script = tmp_path / "ev.py"
+    script.write_text(EVAL)
+    count = tmp_path / "count"
+    cmd = f"echo x >> {count}; python {script} {{output}} {{candidate}}"
+    args = ["sweep", "--method", "task_arithmetic", "--base", fam["base"], "--inputs", ",".join(fam["inputs"]),
+            "-p", "lambda=0.2,0.6,1.0", "--output", str(tmp_path / "sw"), "--eval", cmd, "--select", "score:max",
+            "--keep", "best", "-q"]
+    res = run_cli(args, env={"PATH": os.path.dirname(os.sys.executable) + ":" + os.environ["PATH"]})
+    assert res.returncode != 0  # one evaluation failed: said, and nothing removed
+    assert "boom" in res.stderr
+    state = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    rows = {c["name"]: c for c in state["candidates"]}
+    assert rows["lambda=0.6"]["eval_error"] and rows["lambda=0.2"]["metrics"]["score"] is not None
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir()) == ["lambda=0.2", "lambda=0.6",
+                                                                                 "lambda=1.0"]
+    # the evaluation is fixed: --resume merges nothing again and evaluates only the failed one
+    script.write_text(EVAL.replace('"lambda=0.6"', '"none"'))
+    res = run_cli(args + ["--resume"], env={"PATH": os.path.dirname(os.sys.executable) + ":" + os.environ["PATH"]})
+    assert res.returncode == 0, str(res)
+    assert len(count.read_text().split()) == 4  # three, then the one that had failed
+    state = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    scores = {c["name"]: c["metrics"]["score"] for c in state["candidates"]}
+    best = max(scores, key=lambda n: scores[n])
+    assert [c["name"] for c in state["candidates"] if c["selected"]] == [best]
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir()) == [best]  # --keep best
+    assert (tmp_path / "sw" / "sweep.png").exists() or "matplotlib" in res.stderr
