@@ -374,6 +374,7 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
     protected = protected_paths(spec)
     outdir.check_paths(root, protected)
     _check_sweep_dir(root)
+    outdir.check_report(spec.report, root, protected)
     say = log or (lambda msg: None)
     with ExitStack() as stack:
         stack.enter_context(outdir.OutputLock(root, "sweep", quiet=spec.quiet))
@@ -404,6 +405,9 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
         else:
             results = run_sweep(runners, plans[0].max_memory, spec.quiet, say) if runners else []
     by_name = {os.path.basename(s.output): r for s, r in zip(specs, results)}
+    if spec.report:  # every candidate's run report (or its error), as `run --report` writes one
+        _write_report(spec, {"candidates": {os.path.basename(s.output): (
+            {"error": short_error(r)} if isinstance(r, BaseException) else r) for s, r in zip(specs, results)}}, root)
     cands_out = []
     for c in cands:
         res = by_name.get(c.name)
