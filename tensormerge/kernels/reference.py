@@ -354,3 +354,224 @@ def ubgm(inputs: list[torch.Tensor], base: torch.Tensor, hessians: list[torch.Te
         torch.sub(x, base_w, out=tmp)
         acc.addcmul_(torch.add(prior, h.to(wd), alpha=s), tmp)
     return acc.div_(hbar).mul_(alpha).add_(base_w)
+
+
+# ---------------------------------------------------------------------------------- mergekit's methods
+# mergekit's generalized task arithmetic (gta and its presets), slerp and model_stock. Whole-tensor
+# quantities (L1 norms, dot products) are sums of per-row sums: rows are never split between
+# chunks, and each row is reduced in fixed pieces, so a sum has the same bits under any chunking.
+ROW_PIECE = 8192  # torch may split one reduction longer than its grain (32768) over threads
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Σ over each row of x (first axis; a 0-d or 1-D tensor: each element its own row), in float64."""
+    x = x.reshape(x.shape[0] if x.dim() else 1, -1).double()
+    if x.shape[1] <= ROW_PIECE:
+        return x.sum(1)
+    pad = -x.shape[1] % ROW_PIECE
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(x.shape[0], -1, ROW_PIECE).sum(2).sum(1)
+
+
+def exact_total(rows: torch.Tensor) -> float:
+    """Σ of per-row sums, correctly rounded (fsum): the same whatever order they arrived in."""
+    import math
+
+    return math.fsum(rows.tolist())
+
+
+def hash_u32(seed: int, model: int, name: str, flat_start: int, numel: int,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """DARE's counter-based hash (dare_keep) of elements [flat_start, flat_start + numel), as int64
+    values in [0, 2^32): dare_keep's mask is `hash_u32(...) >= int(p * 2^32)`."""
+    k1, k2 = dare_keys(seed, model, name)
+    parts = []
+    start, end = flat_start, flat_start + numel
+    while start < end or not parts:
+        stop = min(end, ((start >> 32) + 1) << 32)
+        x = torch.arange(stop - start, dtype=torch.int32, device=device).add_(_i32(start))
+        tmp = torch.empty_like(x)
+        _fmix32_(x.bitwise_xor_(_i32(k1)), tmp)
+        _fmix32_(x.bitwise_xor_(_i32((start >> 32) * _C3 + k2)), tmp)
+        parts.append(x.long().bitwise_and_(_M32))
+        start = stop
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def random_keep(seed: int, model: int, name: str, flat_start: int, numel: int, density: float,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bernoulli(density) keep mask (mergekit's `random` sparsification): DARE's mask, p = 1 − density."""
+    cut = min(int((1.0 - density) * 2**32), 2**32)
+    return hash_u32(seed, model, name, flat_start, numel, device) >= cut
+
+
+def della_keep(delta: torch.Tensor, density: float, epsilon: float, seed: int, model: int, name: str,
+               flat_start: int) -> torch.Tensor:
+    """DELLA's MagPrune keep mask as mergekit draws it: along axis 1 (a 1-D tensor: the whole
+    vector) each entry's magnitude rank r (0 = smallest; ties in index order) gives it the keep
+    probability density − ε + 2ε r/(n − 1). `delta` holds whole rows (or the whole 1-D tensor).
+    A single entry along the axis (n = 1), where mergekit divides 0 by 0, keeps with p = density."""
+    x = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = x.shape[1]
+    ranks = x.abs().argsort(dim=1, stable=True).argsort(dim=1).double()
+    norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    probs = (density - epsilon) + norm.clamp_(0, 1) * (2 * epsilon)
+    h = hash_u32(seed, model, name, flat_start, x.numel(), x.device).reshape(x.shape)
+    return (h.double() >= (1.0 - probs) * 2**32).reshape(delta.shape)
+
+
+def stable_rank_window(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Mask of the entries of flat `w` whose rank in a stable ascending sort (equal values in
+    index order) is in [lo, hi): what mergekit's argsort-then-slice selects, with its (unspecified)
+    tie order fixed to index order. Two kthvalues and a count of ties, no sort."""
+    n = w.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    mask = torch.zeros(n, dtype=torch.bool, device=w.device)
+    if hi <= lo:
+        return mask
+    v_lo = w.kthvalue(lo + 1).values
+    v_hi = w.kthvalue(hi).values
+    mask = (w > v_lo).logical_and_(w < v_hi)
+    for v in {float(v_lo), float(v_hi)}:
+        eq = w == v
+        less = int((w < v).sum())
+        rank = torch.cumsum(eq, 0, dtype=torch.int32).sub_(1).add_(less)  # rank of each equal entry
+        mask |= eq.logical_and_(rank >= lo).logical_and_(rank < hi)
+    return mask
+
+
+def magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """mergekit's `magnitude`: the k = max(1, int(density·numel)) largest |δ| of the whole tensor
+    (equal magnitudes in index order); None: keep everything (density ≥ 1)."""
+    n = delta.numel()
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    k = max(1, int(density * n))
+    return stable_rank_window(delta.reshape(-1).abs().neg_(), 0, k).reshape(delta.shape)
+
+
+def outliers_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+    """mergekit's `magnitude_outliers` (breadcrumbs): in ascending |δ| order keep ranks
+    [n_bot, n_bot + int(density·n)) with n_bot = max(0, n − int(density·n) − int(gamma·n)), so the
+    int(gamma·n) largest are dropped as outliers and the smallest to reach the density."""
+    if density >= 1:
+        return None
+    n = delta.numel()
+    target, top = int(density * n), int(gamma * n)
+    bot = max(0, n - target - top)
+    return stable_rank_window(delta.reshape(-1).abs(), bot, bot + target).reshape(delta.shape)
+
+
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: norms below this leave the mask unscaled
+
+
+def l1_rescale(before: float, after: float) -> float:
+    """mergekit's L1 rescale of a masked task vector: ‖δ‖₁ / ‖m ⊙ δ‖₁, or 1 when either is tiny."""
+    return 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+
+
+def gta_combine(deltas: list[torch.Tensor], weights: list[float], consensus: str, normalize: bool,
+                lam: float, base_w: torch.Tensor) -> torch.Tensor:
+    """mergekit's generalized task arithmetic after sparsification: weight each δ_i; with a
+    consensus keep the entries agreeing with the majority sign (`sum`: sign of Σ w_i δ_i, `count`:
+    of Σ sign(w_i δ_i); ties go to +); add; divide by the weights summed over the kept entries
+    (normalize; 1 where none is kept, or where |Σ w| < 1e-8 without consensus); scale by λ; add
+    to the base. `deltas` (work dtype) are overwritten. Sums run in model order."""
+    for d, w in zip(deltas, weights):
+        d.mul_(w)
+    mixed = torch.zeros_like(base_w)
+    if consensus == "none":
+        for d in deltas:
+            mixed.add_(d)
+        divisor = sum(weights)  # in model order, as Python floats
+        if normalize:
+            mixed.div_(1.0 if abs(divisor) < 1e-8 else divisor)
+    else:
+        vote = torch.zeros_like(base_w)
+        for d in deltas:
+            vote.add_(d if consensus == "sum" else torch.sign(d))
+        majority = torch.where(vote >= 0, 1.0, -1.0).to(base_w.dtype)
+        divisor = torch.zeros_like(base_w)
+        for d, w in zip(deltas, weights):
+            agree = torch.sign(d).eq_(majority)
+            mixed.add_(d.mul_(agree))
+            divisor.add_(agree.to(base_w.dtype), alpha=w)
+        if normalize:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return mixed.mul_(lam).add_(base_w)
+
+
+SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this interpolates linearly
+SLERP_EPS = 1e-8  # mergekit: a row norm at or below this is taken as 1
+
+
+def slerp_rows(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """mergekit's slerp, row by row along the first axis (a 1-D tensor: each element a row of
+    one): cos = Σ (a/‖a‖)(b/‖b‖) (norms ≤ eps taken as 1), clamped to [−1, 1]; linear
+    (1 − t)a + t b where |cos| > 0.9995, else sin((1 − t)θ)/sin θ · a + sin(tθ)/sin θ · b.
+    Norms, cosines and coefficients in float64; the combination in float64 too (returned)."""
+    shape = v0.shape
+    rows = shape[0] if v0.dim() else 1
+    a = v0.reshape(rows, -1).double()
+    b = v1.reshape(rows, -1).double()
+    if a.shape[1] == 0:
+        return ((1 - t) * a + t * b).reshape(shape)
+    na = row_sums(a * a).sqrt_().unsqueeze(1)
+    nb = row_sums(b * b).sqrt_().unsqueeze(1)
+    na = torch.where(na > SLERP_EPS, na, 1.0)
+    nb = torch.where(nb > SLERP_EPS, nb, 1.0)
+    dot = row_sums((a / na) * (b / nb)).clamp_(-1, 1).unsqueeze(1)
+    linear = dot.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0.0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return (coef_a * a + coef_b * b).reshape(shape)
+
+
+def model_stock_t(cos: list[float], n: int) -> float:
+    """Model Stock's interpolation ratio from the pairwise cosines of the task vectors:
+    t = N·c / (1 + (N − 1)·c), c their mean; 0 (keep the base) where the denominator is < 1e-6."""
+    c = sum(cos) / len(cos)
+    den = 1 + (n - 1) * c
+    return 0.0 if abs(den) < 1e-6 else n * c / den
+
+
+def model_stock_cos(dot: float, sq_a: float, sq_b: float) -> float:
+    """mergekit's clamped cosine: dot / max(‖a‖‖b‖, 1e-6), clamped to [−1, 1]."""
+    import math
+
+    return min(1.0, max(-1.0, dot / max(math.sqrt(sq_a) * math.sqrt(sq_b), 1e-6)))
+
+
+def model_stock_merge(inputs: list[torch.Tensor], base: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """t · (Σ θ_i / N) + (1 − t) · θ_0, t a number or a column per filter (broadcast)."""
+    wd = work_dtype(base, *inputs)
+    avg = torch.zeros(base.shape, dtype=wd, device=base.device)
+    for x in inputs:
+        avg.add_(x.to(wd))
+    avg.div_(len(inputs))
+    if isinstance(t, torch.Tensor):
+        t = t.to(wd)
+    return avg.mul_(t).add_(base.to(wd) * (1 - t))
+
+
+def model_stock_filter_t(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Per filter (vector along the last axis) t of model_stock filter_wise, [filters, 1] float64."""
+    w0 = base.reshape(-1, base.shape[-1]).double()
+    offsets = [x.reshape(w0.shape).double() - w0 for x in inputs]
+    sq = [row_sums(o * o) for o in offsets]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            dot = row_sums(offsets[i] * offsets[j])
+            cos.append((dot / (sq[i].sqrt() * sq[j].sqrt()).clamp_min(1e-6)).clamp_(-1, 1))
+    c = sum(cos) / len(cos)
+    n = len(inputs)
+    den = 1 + (n - 1) * c
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, 0.0, n * c / torch.where(singular, 1.0, den))
+    return t.unsqueeze(1)
