@@ -204,7 +204,7 @@ class Gta(Method):
         norms = state.get(_L1Pass.name, {}).get(data.name)
         deltas = []
         for i, x in enumerate(data.inputs):
-            d = x.to(wd).sub_(base_w)
+            d = x.to(wd) - base_w  # a new tensor: x.to(wd) may be the input itself
             if mode in WHOLE:
                 d = self._whole(data, params, i, d, dens[i])
             elif mode in HASHED and dens[i] <= 0:
