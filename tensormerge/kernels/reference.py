@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 # The exact top-k histograms belong to the same kernel surface (Triton has fused versions).
+from tensormerge.kernels import select as _select  # noqa: E402
 from tensormerge.kernels.select import (  # noqa: E402,F401
     abs_bits_,
     hist_high,
@@ -421,23 +422,67 @@ def della_keep(delta: torch.Tensor, density: float, epsilon: float, seed: int, m
     return (h.double() >= (1.0 - probs) * 2**32).reshape(delta.shape)
 
 
-def stable_rank_window(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Mask of the entries of flat `w` whose rank in a stable ascending sort (equal values in
-    index order) is in [lo, hi): what mergekit's argsort-then-slice selects, with its (unspecified)
-    tie order fixed to index order. Two kthvalues and a count of ties, no sort."""
+class _Ranks:
+    """Order statistics of flat non-negative `w`: for float32 from histograms of its bit patterns
+    (kernels.select: exact; the top-16-bit one made once), else kthvalue and counts."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+        self.bits = w.view(torch.int32) if w.dtype == torch.float32 else None
+        self.high = hist_high(self.bits) if self.bits is not None else None
+
+    def at(self, r: int) -> tuple[float, int, int]:
+        """The r-th smallest (1-indexed) value, how many entries are below it and equal to it."""
+        if self.bits is None:
+            v = float(self.w.kthvalue(r).values)
+            return v, int((self.w < v).sum()), int((self.w == v).sum())
+        hi, r_in = _select.locate(self.high, r)
+        low = hist_low(self.bits, hi)
+        lo, _ = _select.locate(low, r_in)
+        less = int(self.high[:hi].sum()) + int(low[:lo].sum())
+        return _select.bits_to_float((hi << 16) | lo), less, int(low[lo])
+
+
+def _keep_ties(mask: torch.Tensor, w: torch.Tensor, v: float, equal: int, first: int, count: int) -> None:
+    """Add to `mask` the entries equal to v whose place among them (index order, 0-based) is in
+    [first, first + count)."""
+    first, stop = max(0, first), min(equal, first + count)
+    if stop <= first:
+        return
+    if first == 0 and stop == equal:
+        mask.logical_or_(w == v)
+        return
+    where = torch.nonzero(w == v).squeeze(1)
+    mask[where[first:stop]] = True
+
+
+def top_k_keep(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k largest of flat non-negative `w`, equal values taken in index order (what a
+    stable descending argsort's first k are; mergekit's argsort leaves the order of equal values
+    unspecified)."""
+    n = w.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=w.device)
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=w.device)
+    v, less, equal = _Ranks(w).at(n - k + 1)
+    mask = w > v
+    _keep_ties(mask, w, v, equal, 0, k - (n - less - equal))
+    return mask
+
+
+def rank_window_keep(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Mask of the entries of flat non-negative `w` whose rank in a stable ascending sort (equal
+    values in index order) is in [lo, hi): mergekit's argsort-then-slice, its tie order fixed."""
     n = w.numel()
     lo, hi = max(0, lo), min(n, hi)
-    mask = torch.zeros(n, dtype=torch.bool, device=w.device)
     if hi <= lo:
-        return mask
-    v_lo = w.kthvalue(lo + 1).values
-    v_hi = w.kthvalue(hi).values
-    mask = (w > v_lo).logical_and_(w < v_hi)
-    for v in {float(v_lo), float(v_hi)}:
-        eq = w == v
-        less = int((w < v).sum())
-        rank = torch.cumsum(eq, 0, dtype=torch.int32).sub_(1).add_(less)  # rank of each equal entry
-        mask |= eq.logical_and_(rank >= lo).logical_and_(rank < hi)
+        return torch.zeros(n, dtype=torch.bool, device=w.device)
+    ranks = _Ranks(w)
+    at_lo, at_hi = ranks.at(lo + 1), ranks.at(hi)
+    mask = (w > at_lo[0]).logical_and_(w < at_hi[0])
+    for v, less, equal in {at_lo, at_hi}:  # the equal entries' ranks are less, less + 1, ...
+        _keep_ties(mask, w, v, equal, lo - less, hi - lo)
     return mask
 
 
@@ -450,7 +495,7 @@ def magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     if density <= 0 or n == 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
     k = max(1, int(density * n))
-    return stable_rank_window(delta.reshape(-1).abs().neg_(), 0, k).reshape(delta.shape)
+    return top_k_keep(delta.reshape(-1).abs(), k).reshape(delta.shape)
 
 
 def outliers_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
@@ -462,7 +507,7 @@ def outliers_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
     n = delta.numel()
     target, top = int(density * n), int(gamma * n)
     bot = max(0, n - target - top)
-    return stable_rank_window(delta.reshape(-1).abs(), bot, bot + target).reshape(delta.shape)
+    return rank_window_keep(delta.reshape(-1).abs(), bot, bot + target).reshape(delta.shape)
 
 
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: norms below this leave the mask unscaled

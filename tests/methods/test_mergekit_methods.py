@@ -500,3 +500,23 @@ def test_rescale_pass_sums_are_chunking_free():
     assert results[0] == results[1] == results[2]
     d = (xs[0] - base).double()  # the float32 task vector
     assert results[0][0][0] == pytest.approx(float(d.abs().sum()), rel=1e-12)
+
+
+def test_rank_selections_against_python_sorts():
+    """top-k and rank windows (histograms for float32, kthvalue for float64) select what Python's
+    stable sorts select, on tie-heavy vectors: every tie straddling a boundary, both orders."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 60)
+        vals = [rng.choice([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 1e-30]) for _ in range(n)]
+        for dt in (torch.float32, torch.float64):
+            w = torch.tensor(vals, dtype=dt)
+            k = rng.randint(0, n)
+            want = set(sorted(range(n), key=lambda j: (-vals[j], j))[:k])
+            assert set(K.top_k_keep(w, k).nonzero().squeeze(1).tolist()) == want, (vals, k)
+            lo = rng.randint(0, n)
+            hi = rng.randint(lo, n)
+            want = set(sorted(range(n), key=lambda j: (vals[j], j))[lo:hi])
+            assert set(K.rank_window_keep(w, lo, hi).nonzero().squeeze(1).tolist()) == want, (vals, lo, hi)
