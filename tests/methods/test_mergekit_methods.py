@@ -486,6 +486,8 @@ def test_rescale_pass_sums_are_chunking_free():
     from tensormerge.methods.gta import _L1Pass, GtaParams
 
     base, xs = family((37, 300), dtype=torch.float32)
+    scale = torch.tensor([10.0 ** (4 if r % 2 else -4) for r in range(37)]).unsqueeze(1)
+    xs = [base + (x - base) * scale for x in xs]  # rows of very different sizes: order shows in float64 sums
     params = GtaParams.from_strings("gta", {"sparsify": "random", "density": "0.5", "rescale": "true"}, 3)
     p = _L1Pass(params)
     results = []
@@ -499,7 +501,19 @@ def test_rescale_pass_sums_are_chunking_free():
         results.append(acc["result"]["w"])
     assert results[0] == results[1] == results[2]
     d = (xs[0] - base).double()  # the float32 task vector
-    assert results[0][0][0] == pytest.approx(float(d.abs().sum()), rel=1e-12)
+    assert results[0][0][0] == math.fsum(d.abs().reshape(-1).tolist())
+
+
+@pytest.mark.parametrize("consensus", ["none", "sum", "count"])
+def test_normalize_by_zero_weight_sum(consensus):
+    """Weights summing to 0 over the kept models: mergekit divides by 1 there (with a consensus:
+    where the weighted signs agree; without: |Σ w| < 1e-8 everywhere)."""
+    base, xs = family((11, 6), n=2)
+    got = run("gta", xs, base, weights="1,-1", consensus=consensus, normalize="true")
+    close(got, gta64(base, xs, weights=[1.0, -1.0], consensus=consensus, normalize=True))
+    b = base.double()
+    if consensus == "none":
+        close(got, b + (xs[0] - b) - (xs[1] - b))
 
 
 def test_rank_selections_against_python_sorts():
