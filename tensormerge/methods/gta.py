@@ -175,8 +175,9 @@ class _L1Pass(GlobalPass):
 class Gta(Method):
     name = "gta"
     summary = "mergekit's generalized task arithmetic, per tensor: sparsify, weight, sign consensus, normalize"
-    citation = ('Yadav et al. 2023 (TIES), Yu et al. 2024 (DARE), Davari & Belilovsky 2024 (Model Breadcrumbs), '
-                'Deep et al. 2024 (DELLA): as arcee-ai/mergekit defines them')
+    citation = ('Goddard et al. 2024, "Arcee\'s MergeKit: A Toolkit for Merging Large Language Models", '
+                'arXiv:2403.13257 (its generalized task arithmetic: TIES arXiv:2306.01708, DARE arXiv:2311.03099, '
+                'Model Breadcrumbs arXiv:2312.06795, DELLA arXiv:2406.11617)')
     Params = GtaParams
     needs_base = True
 

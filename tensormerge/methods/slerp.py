@@ -35,7 +35,8 @@ class SlerpParams(Params):
 class Slerp(Method):
     name = "slerp"
     summary = "spherical interpolation of two endpoints, per row (mergekit's slerp): --base and one input, or two inputs"
-    citation = 'Shoemake 1985, "Animating rotation with quaternion curves", SIGGRAPH 1985 (as mergekit applies it)'
+    citation = ('Goddard et al. 2024, "Arcee\'s MergeKit: A Toolkit for Merging Large Language Models", '
+                'arXiv:2403.13257 (its slerp; Shoemake 1985, "Animating rotation with quaternion curves")')
     Params = SlerpParams
 
     def requires_base(self, params: SlerpParams) -> bool:
