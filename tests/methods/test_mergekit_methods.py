@@ -534,3 +534,28 @@ def test_rank_selections_against_python_sorts():
             hi = rng.randint(lo, n)
             want = set(sorted(range(n), key=lambda j: (vals[j], j))[lo:hi])
             assert set(K.rank_window_keep(w, lo, hi).nonzero().squeeze(1).tolist()) == want, (vals, lo, hi)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("della", {"density": "0.5", "seed": "3"}),
+    ("breadcrumbs_ties", {"density": "0.6"}),
+    ("model_stock", {}),
+    ("slerp", {"t": "0.4"}),
+])
+def test_thread_count_does_not_change_bytes(tmp_path, method, params):
+    """Rows longer than the fixed reduction piece (ROW_PIECE), summed with 1 and 2 torch threads."""
+    from tensormerge.api import MergeSpec, merge
+
+    spec = {"long.w": ((3, 3 * K.ROW_PIECE + 5), torch.float32), "v": ((70,), torch.bfloat16),
+            "m": ((40, 30), torch.float16)}
+    n = 1 if method == "slerp" else 3
+    base, fts, base_sd, ft_sds = H.write_family(tmp_path / "m", n=n, spec=spec)
+    one, two = H.digests_per_thread_count(
+        lambda out: merge(MergeSpec(method, fts, str(out), base=base, params=params, quiet=True)), tmp_path)
+    assert one == two
+    got = H.load_dir(tmp_path / "threads1")
+    if method == "slerp":
+        H.assert_close(got["long.w"], slerp64(0.4, base_sd["long.w"], ft_sds[0]["long.w"]), torch.float32, "long.w")
+    if method == "model_stock":
+        want = model_stock64(base_sd["long.w"], [f["long.w"] for f in ft_sds])
+        H.assert_close(got["long.w"], want, torch.float32, "long.w")
