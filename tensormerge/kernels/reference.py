@@ -553,28 +553,25 @@ SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this interpolates linearly
 SLERP_EPS = 1e-8  # mergekit: a row norm at or below this is taken as 1
 
 
-def slerp_rows(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """mergekit's slerp, row by row along the first axis (a 1-D tensor: each element a row of
-    one): cos = Σ (a/‖a‖)(b/‖b‖) (norms ≤ eps taken as 1), clamped to [−1, 1]; linear
-    (1 − t)a + t b where |cos| > 0.9995, else sin((1 − t)θ)/sin θ · a + sin(tθ)/sin θ · b.
-    Norms, cosines and coefficients in float64; the combination in float64 too (returned)."""
-    shape = v0.shape
-    rows = shape[0] if v0.dim() else 1
-    a = v0.reshape(rows, -1).double()
-    b = v1.reshape(rows, -1).double()
-    if a.shape[1] == 0:
-        return ((1 - t) * a + t * b).reshape(shape)
-    na = row_sums(a * a).sqrt_().unsqueeze(1)
-    nb = row_sums(b * b).sqrt_().unsqueeze(1)
-    na = torch.where(na > SLERP_EPS, na, 1.0)
-    nb = torch.where(nb > SLERP_EPS, nb, 1.0)
-    dot = row_sums((a / na) * (b / nb)).clamp_(-1, 1).unsqueeze(1)
-    linear = dot.abs() > SLERP_DOT_THRESHOLD
-    theta = torch.acos(torch.where(linear, 0.0, dot))
-    sin_theta = torch.sin(theta)
-    coef_a = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
-    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
-    return (coef_a * a + coef_b * b).reshape(shape)
+def slerp_coefficients(t: float, sq_a: float, sq_b: float, dot_ab: float, empty: bool = False) -> tuple[float, float]:
+    """mergekit's slerp coefficients (c_a, c_b) of one tensor pair from Σa², Σb², Σab over the
+    whole tensor: norms ≤ eps are taken as 1, cos = Σab / (‖a‖‖b‖) clamped to [−1, 1]; linear
+    (1 − t, t) where |cos| > 0.9995 (or the tensor is empty), else sin((1 − t)θ)/sin θ, sin(tθ)/sin θ."""
+    import math
+
+    na, nb = math.sqrt(sq_a), math.sqrt(sq_b)
+    na, nb = (na if na > SLERP_EPS else 1.0), (nb if nb > SLERP_EPS else 1.0)
+    cos = min(1.0, max(-1.0, dot_ab / na / nb))
+    if empty or abs(cos) > SLERP_DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, coef_a: float, coef_b: float) -> torch.Tensor:
+    """c_a · v0 + c_b · v1 in the work dtype (the coefficients of t = 0 are exactly 1 and 0)."""
+    wd = work_dtype(v0, v1)
+    return v0.to(wd) * coef_a + v1.to(wd) * coef_b
 
 
 def model_stock_t(cos: list[float], n: int) -> float:

@@ -115,23 +115,19 @@ def gta64(base, xs, *, sparsify="none", consensus="none", weights=None, density=
 
 
 def slerp64(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """slerp.py per leading-axis row, in float64, one row at a time with math."""
-    rows = v0.shape[0] if v0.dim() else 1
-    a, b = v0.double().reshape(rows, -1), v1.double().reshape(rows, -1)
-    out = torch.empty_like(a)
-    for r in range(rows):
-        x, y = a[r].tolist(), b[r].tolist()
-        na = math.sqrt(math.fsum(v * v for v in x))
-        nb = math.sqrt(math.fsum(v * v for v in y))
-        na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
-        dot = max(-1.0, min(1.0, math.fsum((p / na) * (q / nb) for p, q in zip(x, y))))
-        if abs(dot) > 0.9995:
-            ca, cb = 1 - t, t
-        else:
-            th = math.acos(dot)
-            ca, cb = math.sin((1 - t) * th) / math.sin(th), math.sin(t * th) / math.sin(th)
-        out[r] = torch.tensor([ca * p + cb * q for p, q in zip(x, y)], dtype=torch.float64)
-    return out.reshape(v0.shape)
+    """slerp.py in float64 with math: mergekit 0.1.5 batches tensors along a new leading axis and
+    reduces over everything else, so the angle is that of the whole flattened tensors."""
+    x, y = v0.double().reshape(-1).tolist(), v1.double().reshape(-1).tolist()
+    na = math.sqrt(math.fsum(v * v for v in x))
+    nb = math.sqrt(math.fsum(v * v for v in y))
+    na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+    dot = max(-1.0, min(1.0, math.fsum((p / na) * (q / nb) for p, q in zip(x, y))))
+    if abs(dot) > 0.9995 or not x:
+        ca, cb = 1 - t, t
+    else:
+        th = math.acos(dot)
+        ca, cb = math.sin((1 - t) * th) / math.sin(th), math.sin(t * th) / math.sin(th)
+    return torch.tensor([ca * p + cb * q for p, q in zip(x, y)], dtype=torch.float64).reshape(v0.shape)
 
 
 def model_stock64(base, xs, filter_wise=False) -> torch.Tensor:
@@ -344,12 +340,15 @@ def test_slerp_endpoints_parallel_and_zero_rows():
     v = torch.randn(6, 10, dtype=torch.float64)
     for other in (2.5 * v, -0.5 * v):  # parallel and antiparallel rows: linear interpolation
         close(run("slerp", [v, other], t=0.3), 0.7 * v + 0.3 * other)
-    # a 1-D tensor is rows of one element: same signs interpolate linearly; a zero element has
-    # cos 0 (its norm is taken as 1), so it turns by θ = π/2 as in mergekit
-    a = torch.tensor([1.0, 2.0, 0.0, -1.0], dtype=torch.float64)
-    b = torch.tensor([3.0, -2.0, 4.0, -5.0], dtype=torch.float64)
-    want = torch.tensor([0.5 * 1 + 0.5 * 3, 0.5 * 2 - 0.5 * 2, math.sin(math.pi / 4) * 4, -3.0], dtype=torch.float64)
+    # per tensor, not per row: each row pair is (anti)parallel, the tensors are not
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[2.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    th = math.acos(1.0 / math.sqrt(2.0) / math.sqrt(5.0))
+    want = (math.sin(0.5 * th) * a + math.sin(0.5 * th) * b) / math.sin(th)
     close(run("slerp", [a, b]), want, atol=1e-15)
+    # a zero endpoint: its norm is taken as 1, so cos = 0 and θ = π/2, as in mergekit
+    v = torch.randn(4, 3, dtype=torch.float64)
+    close(run("slerp", [torch.zeros_like(v), v], t=0.3), math.sin(0.3 * math.pi / 2) * v, atol=1e-15)
     zero = torch.zeros(5, 4, dtype=torch.float64)
     close(run("slerp", [zero, zero.clone()], t=0.3), zero)
 
