@@ -126,6 +126,10 @@ class _L1Pass(GlobalPass):
     def start(self, state: dict) -> dict:
         return {"sums": {}, "result": {}}
 
+    def skip(self, state: dict) -> bool:
+        """No model is dropped (density 1, mergekit's default): nothing to rescale, nothing read."""
+        return self.params.density is None or not any(0 < d < 1 for d in self.params.density)
+
     def map(self, data: BlockData, state: dict) -> torch.Tensor:
         n = len(data.inputs)
         rows = data.inputs[0].shape[0] if data.full_shape else 1

@@ -574,3 +574,20 @@ def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, method, opts):
     res = H.run_cli(args + ["-o", tmp_path / "out", "--resume"], cwd=tmp_path)
     assert res.returncode == 0, str(res)
     assert H.shard_digests(tmp_path / "out") == H.shard_digests(tmp_path / "whole")
+
+
+def test_rescale_pass_skipped_without_drops(tmp_path):
+    """dare_ties at mergekit's default density 1 drops nothing: its L1 pass reads nothing."""
+    import json
+
+    base_path, ft_paths, base, fts = H.write_family(tmp_path / "m", n=2)
+    out = tmp_path / "out"
+    res = H.run_cli(["run", "-q", "-m", "dare_ties", "-i", ",".join(ft_paths), "-b", base_path, "-o", out,
+                     "--report", tmp_path / "r.json"], cwd=tmp_path)
+    assert res.returncode == 0, str(res)
+    passes = json.loads((tmp_path / "r.json").read_text())["passes"]
+    assert [p.get("skipped") for p in passes] == [True], passes
+    for name, t in H.load_dir(out).items():
+        if t.dtype.is_floating_point:
+            H.assert_close(t, gta64(base[name], [f[name] for f in fts], sparsify="random", consensus="sum"),
+                           base[name].dtype, name)
