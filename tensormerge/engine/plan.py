@@ -283,6 +283,7 @@ def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: C
                max_memory: int, dtype: torch.dtype | None, stats: StatsBinding | None = None,
                extras: dict[str, Checkpoint] | None = None) -> MergePlan:
     extras = extras or {}
+    method.check_inputs(params, len(inputs), base is not None)
     if method.requires_base(params) and base is None:
         raise InputError(f"method {method.name!r} needs --base" + _why_base(method, params))
     ref = base if base is not None else inputs[0]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 # The exact top-k histograms belong to the same kernel surface (Triton has fused versions).
+from tensormerge.kernels import select as _select  # noqa: E402
 from tensormerge.kernels.select import (  # noqa: E402,F401
     abs_bits_,
     hist_high,
@@ -354,3 +355,265 @@ def ubgm(inputs: list[torch.Tensor], base: torch.Tensor, hessians: list[torch.Te
         torch.sub(x, base_w, out=tmp)
         acc.addcmul_(torch.add(prior, h.to(wd), alpha=s), tmp)
     return acc.div_(hbar).mul_(alpha).add_(base_w)
+
+
+# ---------------------------------------------------------------------------------- mergekit's methods
+# mergekit's generalized task arithmetic (gta and its presets), slerp and model_stock. Whole-tensor
+# quantities (L1 norms, dot products) are sums of per-row sums: rows are never split between
+# chunks, and each row is reduced in fixed pieces, so a sum has the same bits under any chunking.
+ROW_PIECE = 8192  # torch may split one reduction longer than its grain (32768) over threads
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Σ over each row of x (first axis; a 0-d or 1-D tensor: each element its own row), in float64."""
+    x = x.reshape(x.shape[0] if x.dim() else 1, -1).double()
+    if x.shape[1] <= ROW_PIECE:
+        return x.sum(1)
+    pad = -x.shape[1] % ROW_PIECE
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(x.shape[0], -1, ROW_PIECE).sum(2).sum(1)
+
+
+def exact_total(rows: torch.Tensor) -> float:
+    """Σ of per-row sums, correctly rounded (fsum): the same whatever order they arrived in."""
+    import math
+
+    return math.fsum(rows.tolist())
+
+
+def hash_u32(seed: int, model: int, name: str, flat_start: int, numel: int,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """DARE's counter-based hash (dare_keep) of elements [flat_start, flat_start + numel), as int64
+    values in [0, 2^32): dare_keep's mask is `hash_u32(...) >= int(p * 2^32)`."""
+    k1, k2 = dare_keys(seed, model, name)
+    parts = []
+    start, end = flat_start, flat_start + numel
+    while start < end or not parts:
+        stop = min(end, ((start >> 32) + 1) << 32)
+        x = torch.arange(stop - start, dtype=torch.int32, device=device).add_(_i32(start))
+        tmp = torch.empty_like(x)
+        _fmix32_(x.bitwise_xor_(_i32(k1)), tmp)
+        _fmix32_(x.bitwise_xor_(_i32((start >> 32) * _C3 + k2)), tmp)
+        parts.append(x.long().bitwise_and_(_M32))
+        start = stop
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def random_keep(seed: int, model: int, name: str, flat_start: int, numel: int, density: float,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bernoulli(density) keep mask (mergekit's `random` sparsification): DARE's mask, p = 1 − density."""
+    cut = min(int((1.0 - density) * 2**32), 2**32)
+    return hash_u32(seed, model, name, flat_start, numel, device) >= cut
+
+
+def della_keep(delta: torch.Tensor, density: float, epsilon: float, seed: int, model: int, name: str,
+               flat_start: int) -> torch.Tensor:
+    """DELLA's MagPrune keep mask as mergekit draws it: along axis 1 (a 1-D tensor: the whole
+    vector) each entry's magnitude rank r (0 = smallest; ties in index order) gives it the keep
+    probability density − ε + 2ε r/(n − 1). `delta` holds whole rows (or the whole 1-D tensor).
+    A single entry along the axis (n = 1), where mergekit divides 0 by 0, keeps with p = density."""
+    x = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = x.shape[1]
+    ranks = x.abs().argsort(dim=1, stable=True).argsort(dim=1).double()
+    norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    probs = (density - epsilon) + norm.clamp_(0, 1) * (2 * epsilon)
+    h = hash_u32(seed, model, name, flat_start, x.numel(), x.device).reshape(x.shape)
+    return (h.double() >= (1.0 - probs) * 2**32).reshape(delta.shape)
+
+
+class _Ranks:
+    """Order statistics of flat non-negative `w`: for float32 from histograms of its bit patterns
+    (kernels.select: exact; the top-16-bit one made once), else kthvalue and counts."""
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+        self.bits = w.view(torch.int32) if w.dtype == torch.float32 else None
+        self.high = hist_high(self.bits) if self.bits is not None else None
+
+    def at(self, r: int) -> tuple[float, int, int]:
+        """The r-th smallest (1-indexed) value, how many entries are below it and equal to it."""
+        if self.bits is None:
+            v = float(self.w.kthvalue(r).values)
+            return v, int((self.w < v).sum()), int((self.w == v).sum())
+        hi, r_in = _select.locate(self.high, r)
+        low = hist_low(self.bits, hi)
+        lo, _ = _select.locate(low, r_in)
+        less = int(self.high[:hi].sum()) + int(low[:lo].sum())
+        return _select.bits_to_float((hi << 16) | lo), less, int(low[lo])
+
+
+def _keep_ties(mask: torch.Tensor, w: torch.Tensor, v: float, equal: int, first: int, count: int) -> None:
+    """Add to `mask` the entries equal to v whose place among them (index order, 0-based) is in
+    [first, first + count)."""
+    first, stop = max(0, first), min(equal, first + count)
+    if stop <= first:
+        return
+    if first == 0 and stop == equal:
+        mask.logical_or_(w == v)
+        return
+    where = torch.nonzero(w == v).squeeze(1)
+    mask[where[first:stop]] = True
+
+
+def top_k_keep(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k largest of flat non-negative `w`, equal values taken in index order (what a
+    stable descending argsort's first k are; mergekit's argsort leaves the order of equal values
+    unspecified)."""
+    n = w.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=w.device)
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=w.device)
+    v, less, equal = _Ranks(w).at(n - k + 1)
+    mask = w > v
+    _keep_ties(mask, w, v, equal, 0, k - (n - less - equal))
+    return mask
+
+
+def rank_window_keep(w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Mask of the entries of flat non-negative `w` whose rank in a stable ascending sort (equal
+    values in index order) is in [lo, hi): mergekit's argsort-then-slice, its tie order fixed."""
+    n = w.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if hi <= lo:
+        return torch.zeros(n, dtype=torch.bool, device=w.device)
+    ranks = _Ranks(w)
+    at_lo, at_hi = ranks.at(lo + 1), ranks.at(hi)
+    mask = (w > at_lo[0]).logical_and_(w < at_hi[0])
+    for v, less, equal in {at_lo, at_hi}:  # the equal entries' ranks are less, less + 1, ...
+        _keep_ties(mask, w, v, equal, lo - less, hi - lo)
+    return mask
+
+
+def magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """mergekit's `magnitude`: the k = max(1, int(density·numel)) largest |δ| of the whole tensor
+    (equal magnitudes in index order); None: keep everything (density ≥ 1)."""
+    n = delta.numel()
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    k = max(1, int(density * n))
+    return top_k_keep(delta.reshape(-1).abs(), k).reshape(delta.shape)
+
+
+def outliers_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+    """mergekit's `magnitude_outliers` (breadcrumbs): in ascending |δ| order keep ranks
+    [n_bot, n_bot + int(density·n)) with n_bot = max(0, n − int(density·n) − int(gamma·n)), so the
+    int(gamma·n) largest are dropped as outliers and the smallest to reach the density."""
+    if density >= 1:
+        return None
+    n = delta.numel()
+    target, top = int(density * n), int(gamma * n)
+    bot = max(0, n - target - top)
+    return rank_window_keep(delta.reshape(-1).abs(), bot, bot + target).reshape(delta.shape)
+
+
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: norms below this leave the mask unscaled
+
+
+def l1_rescale(before: float, after: float) -> float:
+    """mergekit's L1 rescale of a masked task vector: ‖δ‖₁ / ‖m ⊙ δ‖₁, or 1 when either is tiny."""
+    return 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+
+
+def gta_combine(deltas: list[torch.Tensor], weights: list[float], consensus: str, normalize: bool,
+                lam: float, base_w: torch.Tensor) -> torch.Tensor:
+    """mergekit's generalized task arithmetic after sparsification: weight each δ_i; with a
+    consensus keep the entries agreeing with the majority sign (`sum`: sign of Σ w_i δ_i, `count`:
+    of Σ sign(w_i δ_i); ties go to +); add; divide by the weights summed over the kept entries
+    (normalize; 1 where none is kept, or where |Σ w| < 1e-8 without consensus); scale by λ; add
+    to the base. `deltas` (work dtype) are overwritten. Sums run in model order."""
+    for d, w in zip(deltas, weights):
+        d.mul_(w)
+    mixed = torch.zeros_like(base_w)
+    if consensus == "none":
+        for d in deltas:
+            mixed.add_(d)
+        divisor = sum(weights)  # in model order, as Python floats
+        if normalize:
+            mixed.div_(1.0 if abs(divisor) < 1e-8 else divisor)
+    else:
+        vote = torch.zeros_like(base_w)
+        for d in deltas:
+            vote.add_(d if consensus == "sum" else torch.sign(d))
+        majority = torch.where(vote >= 0, 1.0, -1.0).to(base_w.dtype)
+        divisor = torch.zeros_like(base_w)
+        for d, w in zip(deltas, weights):
+            agree = torch.sign(d).eq_(majority)
+            mixed.add_(d.mul_(agree))
+            divisor.add_(agree.to(base_w.dtype), alpha=w)
+        if normalize:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return mixed.mul_(lam).add_(base_w)
+
+
+SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this interpolates linearly
+SLERP_EPS = 1e-8  # mergekit: a row norm at or below this is taken as 1
+
+
+def slerp_coefficients(t: float, sq_a: float, sq_b: float, dot_ab: float, empty: bool = False) -> tuple[float, float]:
+    """mergekit's slerp coefficients (c_a, c_b) of one tensor pair from Σa², Σb², Σab over the
+    whole tensor: norms ≤ eps are taken as 1, cos = Σab / (‖a‖‖b‖) clamped to [−1, 1]; linear
+    (1 − t, t) where |cos| > 0.9995 (or the tensor is empty), else sin((1 − t)θ)/sin θ, sin(tθ)/sin θ."""
+    import math
+
+    na, nb = math.sqrt(sq_a), math.sqrt(sq_b)
+    na, nb = (na if na > SLERP_EPS else 1.0), (nb if nb > SLERP_EPS else 1.0)
+    cos = min(1.0, max(-1.0, dot_ab / na / nb))
+    if empty or abs(cos) > SLERP_DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, coef_a: float, coef_b: float) -> torch.Tensor:
+    """c_a · v0 + c_b · v1 in the work dtype (the coefficients of t = 0 are exactly 1 and 0)."""
+    wd = work_dtype(v0, v1)
+    return v0.to(wd) * coef_a + v1.to(wd) * coef_b
+
+
+def model_stock_t(cos: list[float], n: int) -> float:
+    """Model Stock's interpolation ratio from the pairwise cosines of the task vectors:
+    t = N·c / (1 + (N − 1)·c), c their mean; 0 (keep the base) where the denominator is < 1e-6."""
+    c = sum(cos) / len(cos)
+    den = 1 + (n - 1) * c
+    return 0.0 if abs(den) < 1e-6 else n * c / den
+
+
+def model_stock_cos(dot: float, sq_a: float, sq_b: float) -> float:
+    """mergekit's clamped cosine: dot / max(‖a‖‖b‖, 1e-6), clamped to [−1, 1]."""
+    import math
+
+    return min(1.0, max(-1.0, dot / max(math.sqrt(sq_a) * math.sqrt(sq_b), 1e-6)))
+
+
+def model_stock_merge(inputs: list[torch.Tensor], base: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """t · (Σ θ_i / N) + (1 − t) · θ_0, t a number or a column per filter (broadcast)."""
+    wd = work_dtype(base, *inputs)
+    avg = torch.zeros(base.shape, dtype=wd, device=base.device)
+    for x in inputs:
+        avg.add_(x.to(wd))
+    avg.div_(len(inputs))
+    if isinstance(t, torch.Tensor):
+        t = t.to(wd)
+    return avg.mul_(t).add_(base.to(wd) * (1 - t))
+
+
+def model_stock_filter_t(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Per filter (vector along the last axis) t of model_stock filter_wise, [filters, 1] float64."""
+    w0 = base.reshape(-1, base.shape[-1]).double()
+    offsets = [x.reshape(w0.shape).double() - w0 for x in inputs]
+    sq = [row_sums(o * o) for o in offsets]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            dot = row_sums(offsets[i] * offsets[j])
+            cos.append((dot / (sq[i].sqrt() * sq[j].sqrt()).clamp_min(1e-6)).clamp_(-1, 1))
+    c = sum(cos) / len(cos)
+    n = len(inputs)
+    den = 1 + (n - 1) * c
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, 0.0, n * c / torch.where(singular, 1.0, den))
+    return t.unsqueeze(1)

@@ -216,6 +216,10 @@ class Method(ABC):
     def requires_base(self, params: Params) -> bool:
         return self.needs_base
 
+    def check_inputs(self, params: Params, n_inputs: int, has_base: bool) -> None:
+        """Refuse (InputError) a combination of inputs and --base the method cannot merge (slerp's
+        two endpoints), at plan time, before anything is read."""
+
     def requires_stats(self, params: Params) -> bool:
         return self.uses_stats
 

@@ -1,0 +1,112 @@
+"""SLERP between two endpoints, as mergekit 0.1.5 defines it: per tensor, flattened.
+
+The angle between the endpoints is that of the whole tensors: cos = Σab / (‖a‖‖b‖) (norms ≤ 1e-8
+taken as 1), with mergekit's linear fallback where the tensors are nearly parallel or
+antiparallel (|cos| > 0.9995). Those sums come from a pass over the rows (per-row float64 sums
+added exactly), so any chunking gives the same coefficients and bytes; the merge is then
+c_a · a + c_b · b per element. (mergekit 0.1.5 batches same-shaped tensors along a new leading
+axis; its slerp reduces over everything but that axis, so it is per tensor.)
+
+Endpoints: with --base, t = 0 is the base and t = 1 the single input (mergekit's recipe form);
+without, t = 0 is the first of exactly two inputs. The sums are float64 and the merge float32
+(mergekit: float32 throughout), which shifts results by float32 rounding at most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tensormerge.errors import InputError, ParameterError
+from tensormerge.kernels import reference as K
+from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, param, register
+
+
+@dataclass
+class SlerpParams(Params):
+    t: float = param(0.5, "interpolation: 0 gives the first endpoint (the base, with --base), 1 the second")
+
+    def validate(self, method: str, n_models: int) -> None:
+        super().validate(method, n_models)
+        if n_models not in (1, 2):
+            raise ParameterError(f"{method}: takes two endpoints (--base and one input, or two inputs), "
+                                 f"got {n_models} inputs")
+        self._n_models = n_models  # one input: the base is the first endpoint (see requires_base)
+
+
+def _endpoints(data: BlockData) -> tuple[torch.Tensor, torch.Tensor]:
+    return (data.base, data.inputs[0]) if len(data.inputs) == 1 else (data.inputs[0], data.inputs[1])
+
+
+class _AnglePass(GlobalPass):
+    """Per tensor Σa², Σb², Σab, as per-row float64 sums in a vector over the tensor's rows (zero
+    elsewhere, so partials add exactly in any grouping), then fsum'd into the coefficients."""
+
+    name = "slerp_angle"
+    label = "angles between endpoints"
+
+    def __init__(self, params: SlerpParams):
+        self.params = params
+
+    def start(self, state: dict) -> dict:
+        return {"sums": {}, "result": {}}
+
+    def map(self, data: BlockData, state: dict) -> torch.Tensor:
+        a, b = (x.double() for x in _endpoints(data))
+        rows = a.shape[0] if data.full_shape else 1
+        total = data.full_shape[0] if data.full_shape else 1
+        out = torch.zeros(3, total, dtype=torch.float64)
+        where = slice(data.row_start, data.row_start + rows)
+        out[0, where] = K.row_sums(a * a).cpu()
+        out[1, where] = K.row_sums(b * b).cpu()
+        out[2, where] = K.row_sums(a * b).cpu()
+        return out
+
+    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
+        if block in acc["sums"]:
+            acc["sums"][block] += partial
+        else:
+            acc["sums"][block] = partial.clone()
+        return acc
+
+    def end_block(self, acc: dict, block: str, numel: int) -> dict:
+        sums = acc["sums"].pop(block, None)
+        if sums is None:
+            return acc
+        try:
+            sq_a, sq_b, dot = (K.exact_total(s) for s in sums)
+        except OverflowError:
+            sq_a = sq_b = dot = float("inf")
+        if not all(map(torch.isfinite, torch.tensor([sq_a, sq_b, dot]))):
+            raise InputError(f"tensor {block!r}: an endpoint holds NaN or Inf values, or its squared norm overflows")
+        acc["result"][block] = list(K.slerp_coefficients(self.params.t, sq_a, sq_b, dot, numel == 0))
+        return acc
+
+    def finish(self, acc: dict, state: dict) -> None:
+        state[self.name] = acc["result"]
+
+
+@register
+class Slerp(Method):
+    name = "slerp"
+    summary = "spherical interpolation of two endpoints per tensor (mergekit's slerp): --base and one input, or two inputs"
+    citation = ('Goddard et al. 2024, "Arcee\'s MergeKit: A Toolkit for Merging Large Language Models", '
+                'arXiv:2403.13257 (its slerp; Shoemake 1985, "Animating rotation with quaternion curves")')
+    Params = SlerpParams
+
+    def requires_base(self, params: SlerpParams) -> bool:
+        return getattr(params, "_n_models", 2) == 1
+
+    def check_inputs(self, params: SlerpParams, n_inputs: int, has_base: bool) -> None:
+        if n_inputs == 2 and has_base:
+            raise InputError("slerp: give --base and one input, or two inputs without --base (got --base and two)")
+
+    def work_bytes_per_element(self, n_models: int, params: Params) -> int:
+        return 8 * 4  # the pass's float64 endpoints and products
+
+    def passes(self, params: SlerpParams) -> list[GlobalPass]:
+        return [_AnglePass(params)]
+
+    def merge(self, data: BlockData, params: SlerpParams, state: dict):
+        return K.slerp_merge(*_endpoints(data), *state[_AnglePass.name][data.name])
