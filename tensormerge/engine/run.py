@@ -306,10 +306,10 @@ class Runner:
             else:
                 out = torch.empty(shape, dtype=b.out_dtype)
                 if b.stats and first:
-                    self.prepared[b.name] = method.prepare(data, params)
+                    self.prepared[b.name] = method.prepare(data, b.params or params)
                 data.prepared = self.prepared.pop(b.name, None) if last else self.prepared.get(b.name)
                 fn = method.fallback if b.fallback else method.merge
-                args = (params,) if b.fallback else (params, state)
+                args = (b.params or params,) if b.fallback else (b.params or params, state)  # per-tensor values
                 parts = list(_sub_chunks(data, b.sub_rows))
                 for part, result in zip(parts, self._map(lambda part: fn(part, *args), parts)):
                     if isinstance(result, tuple):
