@@ -286,11 +286,9 @@ def _chain(settings: list, default: Any, where: str) -> Any:
     """mergekit's precedence as one value: the first setting that gives a value for every
     tensor wins; rules that match only some tensors are followed by the lower settings."""
     rules: list = []
+    settings = [_setting(s, where) if s is not _MISSING and s is not None else None for s in settings]  # all checked
     for s in settings:
-        if s is _MISSING or s is None:
-            continue
-        s = _setting(s, where)
-        if s is None:  # an empty list: mergekit reads no value here
+        if s is None:  # not given, or an empty list: mergekit reads no value here
             continue
         if isinstance(s, list) and s and isinstance(s[0], dict) and "value" in s[0]:
             rules += s
