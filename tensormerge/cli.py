@@ -139,7 +139,7 @@ def _param_value(v, depth: int = 0) -> bool:
     """Scalars, lists of them, and the per-tensor forms of methods.rules (nested a few deep)."""
     if isinstance(v, _SCALARS):
         return True
-    if depth > 4:
+    if depth > 6:
         return False
     if isinstance(v, list):
         return all(_param_value(x, depth + 1) for x in v)
