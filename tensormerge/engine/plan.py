@@ -6,7 +6,7 @@ prints exactly what `run` will do and a bad input is refused before work starts.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,7 +210,7 @@ def per_tensor(method: Method, params: Params, ref: Checkpoint, n_inputs: int) -
     where = _rules_positions(ref)
     resolved = {n: params.at(method.name, n_inputs, n, where[n]) for n in names}
     first = resolved[names[0]] if names else params.at(method.name, n_inputs, "", 0.0)
-    shown = dataclasses.replace(first)
+    shown = copy.copy(first)  # with what validate set beside the fields
     shown.rules = {k: v for k, v in params.as_dict().items() if k in varying}
     shown.per_block = resolved
     return shown, resolved
@@ -317,14 +317,14 @@ def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: C
                max_memory: int, dtype: torch.dtype | None, stats: StatsBinding | None = None,
                extras: dict[str, Checkpoint] | None = None) -> MergePlan:
     extras = extras or {}
+    ref = base if base is not None else inputs[0]
+    by_tensor: dict[str, Params] = {}
+    if params.varying():  # first: the method's hooks below see validated values
+        params, by_tensor = per_tensor(method, params, ref, len(inputs))
     if method.requires_base(params) and base is None:
         raise InputError(f"method {method.name!r} needs --base" + _why_base(method, params))
-    ref = base if base is not None else inputs[0]
     everyone = inputs + ([base] if base is not None else [])
     check_compatible(ref, [c for c in everyone if c is not ref] + list(extras.values()))
-    by_tensor: dict[str, Params] = {}
-    if params.varying():
-        params, by_tensor = per_tensor(method, params, ref, len(inputs))
     if ref.config_dir:
         side_files(ref.config_dir)  # a side file linked out of the checkpoint is refused now, not after the merge
     passes = [p.name for p in method.passes(params)]
