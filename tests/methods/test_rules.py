@@ -161,3 +161,25 @@ def test_tensor_ties_with_per_tensor_k_and_lambda(family, tmp_path):
             continue
         want = plain[0.5 if "mlp" in name else 0.2, 0.7 if "attn" in name else 1.0][name]
         assert torch.equal(tensor, want), name
+
+
+def test_slerp_with_per_tensor_t(family, tmp_path):
+    """The gradient-SLERP form natively: every tensor equals the plain run with its own t (the
+    base is the t = 0 endpoint, which the method needs once its parameters are validated)."""
+    from tensormerge.methods import REGISTRY
+
+    if "slerp" not in REGISTRY:
+        pytest.skip("tensormerge has no slerp method yet")
+    base, fts, _, _ = family
+    recipe = _recipe(tmp_path, "r.yaml", method="slerp", inputs=[fts[0]], base=base,
+                     params={"t": [{"filter": "mlp", "value": {"gradient": [0.2, 0.6]}}, {"value": 0.5}]})
+    res = H.run_cli(["run", "--config", recipe, "-o", tmp_path / "rules", "-q"])
+    assert res.returncode == 0, str(res)
+    got = H.load_dir(tmp_path / "rules")
+    plain = {}
+    for t in (0.2, 0.5):
+        res = H.run_cli(["run", "-m", "slerp", "-i", fts[0], "-b", base, "-p", f"t={t}", "-o", tmp_path / f"t{t}", "-q"])
+        assert res.returncode == 0, str(res)
+        plain[t] = H.load_dir(tmp_path / f"t{t}")
+    for name in ("layer.0.mlp.weight", "layer.0.mlp.bias", "layer.0.attn.weight", "embed.weight"):
+        assert torch.equal(got[name], plain[0.2 if "mlp" in name else 0.5][name]), name
