@@ -9,7 +9,8 @@ rounding (one unit in the last place of the larger magnitude, plus a tiny absolu
 float32, where the two tools may sum in a different order). Exceptions, each with its reason:
 - random drops (dare_ties, dare_linear, della, della_linear) draw different random masks in the
   two tools (mergekit's torch.bernoulli vs tensormerge's keyed counter streams, which make the
-  bytes independent of chunking); they are compared at density 1, where no entry is dropped.
+  bytes independent of chunking); they are compared at density 1, where no entry is dropped,
+  and dare_linear at density 0.5 by the fraction of entries each tool leaves at the base.
 - TIES' magnitude top-k on bf16 checkpoints (`ties_bf16`): entries whose |δ| equals the k-th
   largest magnitude exactly are not compared (mergekit chooses among equal magnitudes with an
   unstable torch.argsort; tensormerge keeps them in index order); everything else is.
@@ -411,3 +412,45 @@ def test_same_tensors_as_mergekit(family, name, tmp_path):
           f"{skipped} set aside (threshold ties; slerp: ours the rounded float64 value)")
     written = json.loads((tmp_path / "tensormerge" / "config.json").read_text())
     assert written.get("torch_dtype", written.get("dtype")) is not None
+
+
+DARE = """
+models:
+  - model: ft1
+    parameters: {density: 0.5, weight: 0.6}
+  - model: ft2
+    parameters: {density: 0.5, weight: 0.4}
+merge_method: dare_linear
+base_model: base
+dtype: float32
+"""
+
+
+def test_dare_drops_the_same_fraction_as_mergekit(family, tmp_path):
+    """Random drops cannot be compared entry by entry (each tool draws its own masks), so the
+    statistic they share is: an entry stays exactly the base's when every model's update there
+    is zero or dropped, with probability Π_i (z_i + (1 − z_i)(1 − density)), z_i the fraction
+    of model i's updates that are exactly zero (measured here). Both tools must land within 4σ."""
+    from tensormerge.methods import REGISTRY, get_method
+
+    get_method("average")
+    if "dare_linear" not in REGISTRY:
+        pytest.skip("tensormerge has no method 'dare_linear' yet")
+    root = family["root"]
+    (tmp_path / "dare.yaml").write_text(DARE)
+    _mergekit(DARE, tmp_path / "mergekit", root)
+    res = H.run_cli(["run", "--config", tmp_path / "dare.yaml", "-o", tmp_path / "tensormerge", "-q"], cwd=root)
+    assert res.returncode == 0, str(res)
+    base = _load(root / "base")
+    fts = [_load(root / m) for m in ("ft1", "ft2")]
+    n = sum(t.numel() for t in base.values())
+    p = 1.0
+    for ft in fts:
+        z = sum(int((ft[k] == base[k]).sum()) for k in base) / n
+        p *= z + (1 - z) * 0.5
+    sigma = (p * (1 - p) / n) ** 0.5
+    for tool in ("tensormerge", "mergekit"):
+        out = _load(tmp_path / tool)
+        frac = sum(int((out[k] == base[k]).sum()) for k in base) / n
+        print(f"PARITY dare_linear density 0.5 {tool}: {frac:.4f} of entries left at the base, expected {p:.4f}")
+        assert abs(frac - p) < 4 * sigma, (tool, frac, p)
