@@ -89,6 +89,8 @@ def parse(x: Any, leaf: Callable[[Any], Any], where: str) -> Any:
         if pattern is not None and not isinstance(pattern, str):
             raise ParameterError(f"{where}: filter {short(pattern)} is not a string")
         value = r["value"]
+        if is_form(value) and not isinstance(value, dict):
+            raise ParameterError(f"{where}: a rule's value is a value or a gradient, not further rules")
         rules.append((pattern, parse(value, leaf, where) if is_form(value) else leaf(value)))
     return Rules(tuple(rules))
 

@@ -183,3 +183,11 @@ def test_slerp_with_per_tensor_t(family, tmp_path):
         plain[t] = H.load_dir(tmp_path / f"t{t}")
     for name in ("layer.0.mlp.weight", "layer.0.mlp.bias", "layer.0.attn.weight", "embed.weight"):
         assert torch.equal(got[name], plain[0.2 if "mlp" in name else 0.5][name]), name
+
+
+def test_rules_do_not_nest():
+    """A rule's value is a value or a gradient: nested rule lists (which could nest without
+    bound through the Python API) are refused in one line."""
+    P = get_method("average").Params
+    with pytest.raises(ParameterError, match="not further rules"):
+        P.from_strings("average", {"normalize": [{"value": [{"value": True}]}]}, 2)
