@@ -8,7 +8,7 @@ per-model list (weights, lambdas), since their items are mappings:
 
 A filter without glob characters matches as a substring of the tensor name (mergekit's rule);
 with `*`, `?` or `[` it is a glob over the whole name; no filter, or `*`, matches every tensor.
-A rule's value may itself be a gradient. A per-model list may hold either form per model:
+A rule's value may be a gradient (rules do not nest). A per-model list may hold either form per model:
 `weights: [0.5, {gradient: [0, 1]}]`. The plan resolves every block's values before any work
 (`Params.at`), so a tensor that no rule matches is refused up front.
 
