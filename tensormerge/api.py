@@ -18,6 +18,7 @@ from tensormerge.engine.run import Runner, RunOptions
 from tensormerge.engine.sources import open_checkpoint
 from tensormerge.errors import InputError, OutputError, ParameterError, short
 from tensormerge.methods import get_method
+from tensormerge.methods.rules import plain
 from tensormerge.sizes import parse_size
 
 
@@ -217,7 +218,8 @@ def run_options(spec: MergeSpec, quiet: bool | None = None) -> RunOptions:
     settings = {k: v for k, v in asdict(spec).items()
                 if k not in ("report", "quiet", "overwrite", "resume", "workers", "scheduler")}
     method = get_method(spec.method)
-    settings["params"] = method.Params.typed(method.name, spec.params)  # `-p` text as numbers, like YAML's
+    typed = method.Params.typed(method.name, spec.params)  # `-p` text as numbers, like YAML's
+    settings["params"] = {k: plain(v) for k, v in typed.items()}  # per-tensor rules in their YAML form
     return RunOptions(os.path.abspath(spec.output), parse_size(spec.shard_size, "--shard-size"),
                       spec.device or "cpu", spec.overwrite, spec.quiet if quiet is None else quiet,
                       spec.kernels or "auto", spec.resume, settings)

@@ -70,8 +70,18 @@ class _AliasRefused(Exception):
 
 
 def _recipe(path: str | None) -> dict:
+    """A recipe's options; a mergekit configuration (it has `merge_method`) is translated first."""
     if not path:
         return {}
+    data = _load_yaml(path)
+    if isinstance(data, dict) and "merge_method" in data:
+        from tensormerge.mergekit_config import translate
+
+        data = translate(data, path)
+    return _native(path, data)
+
+
+def _load_yaml(path: str):
     try:
         with open(path) as f:
             text = f.read(_RECIPE_BYTES + 1)
@@ -88,6 +98,10 @@ def _recipe(path: str | None) -> dict:
         raise ParameterError(f"--config {path}: YAML anchors and aliases are not allowed in a recipe ({e})") from None
     except Exception as e:
         raise ParameterError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
+    return data
+
+
+def _native(path: str, data) -> dict:
     if not isinstance(data, dict):
         raise ParameterError(f"--config {path}: expected a mapping of options")
     unknown = sorted(map(short, set(data) - set(_RECIPE_TYPES)))
@@ -115,10 +129,22 @@ def _check_recipe_value(path: str, key: str, value) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ParameterError(f"--config {path}: {key} key {short(k)} is not a string")
-            items = v if isinstance(v, list) else [v]
-            if any(not isinstance(x, _SCALARS) for x in items) and v is not None:
+            if v is not None and not _param_value(v):
                 raise ParameterError(f"--config {path}: {key}.{short(k)[1:-1]} is {short(v)}, expected a number, "
-                                     "string, boolean or a list of them")
+                                     "string, boolean, a list of them, or per-tensor rules ({gradient: [...]}, "
+                                     "[{filter: ..., value: ...}, ...])")
+
+
+def _param_value(v, depth: int = 0) -> bool:
+    """Scalars, lists of them, and the per-tensor forms of methods.rules (nested a few deep)."""
+    if isinstance(v, _SCALARS):
+        return True
+    if depth > 6:
+        return False
+    if isinstance(v, list):
+        return all(_param_value(x, depth + 1) for x in v)
+    return (isinstance(v, dict) and set(v) <= {"gradient", "filter", "value"}
+            and all(_param_value(x, depth + 1) for x in v.values()))
 
 
 def _spec(kw: dict) -> "api.MergeSpec":
@@ -259,8 +285,14 @@ def _sweep_spec(kw: dict, required: bool = True):
             c.params = {**spec.params, **c.params}
         return spec, cands
     params = {**spec.params, **pairs}
-    cands = grid.from_params(spec.method, {k: _alternatives_text(v) for k, v in params.items()},
+    # per-tensor rules and gradients (methods.rules) from a recipe are one value, never alternatives
+    fixed = {k: v for k, v in params.items()
+             if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)
+                                        and k not in _list_keys(spec.method))}
+    cands = grid.from_params(spec.method, {k: _alternatives_text(v) for k, v in params.items() if k not in fixed},
                              _list_keys(spec.method))
+    for c in cands:
+        c.params.update(fixed)
     if len(cands) == 1 and not required:
         import dataclasses
 
@@ -336,6 +368,21 @@ def sweep(**kw) -> None:
         click.echo(line, err=True)
     if result.get("exit_code"):
         sys.exit(result["exit_code"])
+
+
+@cli.command("convert-config")
+@click.argument("path")
+@click.option("--traceback", is_flag=True, hidden=True)
+def convert_config(path: str, traceback: bool) -> None:
+    """Print the tensormerge recipe a mergekit YAML runs as (what `run --config PATH` merges)."""
+    import yaml
+
+    data = _load_yaml(path)
+    if isinstance(data, dict) and "merge_method" in data:
+        from tensormerge.mergekit_config import translate
+
+        data = translate(data, path)
+    click.echo(yaml.safe_dump(_native(path, data), sort_keys=False, default_flow_style=None).rstrip("\n"))
 
 
 @cli.command()

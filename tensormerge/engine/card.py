@@ -236,8 +236,10 @@ def _cell(text: str) -> str:
 def _value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, (list, tuple)):
+    if isinstance(v, (list, tuple)) and not any(isinstance(x, (dict, list)) for x in v):
         return ", ".join(_value(x) for x in v)
+    if isinstance(v, (dict, list)):  # per-tensor rules (methods.rules), in their YAML form
+        return json.dumps(v)
     return str(v)
 
 

@@ -6,6 +6,7 @@ prints exactly what `run` will do and a bad input is refused before work starts.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ class Block:
     splits: bool = True
     transposed: bool = False  # merged whole, as its transpose: a Conv1D weight [in, out] with Grams of [out, in]
     produce: Any = None  # kind "derived": rows (r0, r1) -> tensor, computed by the planner's module (engine.lora)
+    params: Params | None = None  # this block's own values when a parameter varies per tensor (methods.rules)
 
     @property
     def merge_shape(self) -> tuple[int, ...]:
@@ -177,15 +179,47 @@ class MergePlan:
         return {b.name: b.fallback for b in self.blocks if b.fallback}
 
     def _rows(self, limit: int) -> list[str]:
-        lines = ["", f"{'block':<60} {'shape':<18} {'dtype':<9} {'kind':<6} {'chunks':>6} {'chunk MiB':>9}"]
+        varying = list(getattr(self.params, "rules", {}))
+        lines = ["", f"{'block':<60} {'shape':<18} {'dtype':<9} {'kind':<6} {'chunks':>6} {'chunk MiB':>9}"
+                 + ("  " + " ".join(varying) if varying else "")]
         for b in self.blocks[:limit]:
             big = max(r1 - r0 for r0, r1 in b.chunks)
             name = b.name + (f" (+{len(b.out_names) - 1} tied)" if len(b.out_names) > 1 else "")
+            values = b.params.as_dict() if b.params is not None else {}
+            shown = "  " + " ".join(f"{k}={_show(values[k])}" for k in varying) if values else ""
             lines.append(f"{name[:60]:<60} {str(list(b.shape)):<18} {str(b.out_dtype).replace('torch.', ''):<9} "
-                         f"{b.kind:<6} {len(b.chunks):>6} {b.chunk_bytes(big) / 2**20:>9.1f}")
+                         f"{b.kind:<6} {len(b.chunks):>6} {b.chunk_bytes(big) / 2**20:>9.1f}{shown}")
         if len(self.blocks) > limit:
             lines.append(f"... {len(self.blocks) - limit} more blocks")
         return lines
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def per_tensor(method: Method, params: Params, ref: Checkpoint, n_inputs: int) -> tuple[Params, dict[str, Params]]:
+    """Each merged tensor's parameters when some vary (methods.rules), resolved and validated
+    before any work; and the plan's own: the first tensor's values, which the method's
+    model-wide hooks see, recording the rules (`as_dict`) for the fingerprint, recipe and card."""
+    varying = params.varying()
+    params.check_varying(method.name, varying)
+    names = [n for n, info in ref.tensors.items() if ref.canonical(n) == n and info.is_float and info.numel]
+    where = _rules_positions(ref)
+    resolved = {n: params.at(method.name, n_inputs, n, where[n]) for n in names}
+    first = resolved[names[0]] if names else params.at(method.name, n_inputs, "", 0.0)
+    shown = copy.copy(first)  # with what validate set beside the fields
+    shown.rules = {k: v for k, v in params.as_dict().items() if k in varying}
+    shown.per_block = resolved
+    return shown, resolved
+
+
+def _rules_positions(ref: Checkpoint) -> dict[str, float]:
+    from tensormerge.methods.rules import layer_positions
+
+    return layer_positions(ref.tensors)
 
 
 def _tie_groups(ref: Checkpoint) -> dict[str, list[str]]:
@@ -283,10 +317,13 @@ def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: C
                max_memory: int, dtype: torch.dtype | None, stats: StatsBinding | None = None,
                extras: dict[str, Checkpoint] | None = None) -> MergePlan:
     extras = extras or {}
+    ref = base if base is not None else inputs[0]
+    by_tensor: dict[str, Params] = {}
+    if params.varying():  # first: the method's hooks below see validated values
+        params, by_tensor = per_tensor(method, params, ref, len(inputs))
     method.check_inputs(params, len(inputs), base is not None)
     if method.requires_base(params) and base is None:
         raise InputError(f"method {method.name!r} needs --base" + _why_base(method, params))
-    ref = base if base is not None else inputs[0]
     everyone = inputs + ([base] if base is not None else [])
     check_compatible(ref, [c for c in everyone if c is not ref] + list(extras.values()))
     if ref.config_dir:
@@ -304,6 +341,7 @@ def build_plan(method: Method, params: Params, inputs: list[Checkpoint], base: C
         info = ref.tensors[canon]
         block = _make_block(method, params, canon, info, everyone, groups[canon], base is not None, dtype, len(inputs))
         if block.kind == "merge":
+            block.params = by_tensor.get(canon)
             _bind_block(method, params, block, groups[canon], stats, len(inputs))
             for role, ck in extras.items():
                 block.extra_reads[role] = _resolve_name(ck, groups[canon])

@@ -386,14 +386,15 @@ class Runner:
         if b.kind != "merge" or b.fallback:
             return
         if b.stats and first:
-            self.prepared[b.name] = self.plan.method.prepare(data, self.plan.params)
+            self.prepared[b.name] = self.plan.method.prepare(data, b.params or self.plan.params)
         data.prepared = self.prepared.pop(b.name, None) if last else self.prepared.get(b.name)
 
     def merge_part(self, b: Block, part: BlockData, state: dict):
         """A sub-chunk through the method (or its fallback, for a block without statistics)."""
+        params = b.params or self.plan.params  # per-tensor values (methods.rules), resolved by the plan
         if b.fallback:
-            return self.plan.method.fallback(part, self.plan.params)
-        return self.plan.method.merge(part, self.plan.params, state)
+            return self.plan.method.fallback(part, params)
+        return self.plan.method.merge(part, params, state)
 
     def write_chunk(self, writer: ShardedWriter, b: Block, r0: int, r1: int, last: bool, read_bytes: int,
                     out: torch.Tensor, chunk_extras: list) -> None:

@@ -403,7 +403,7 @@ class SweepGroup:
                 if m.index not in datas or m.failed is not None:
                     continue
                 b = sb.members[pos[m.index]]
-                method, params = m.runner.plan.method, m.runner.plan.params
+                method, params = m.runner.plan.method, b.params or m.runner.plan.params
                 key = method.fuse_key(params) if b.kind == "merge" and not b.fallback else None
                 fusable.setdefault(("solo", m.index) if key is None else (method.name, key), []).append(m)
             for group in fusable.values():
@@ -444,7 +444,8 @@ class SweepGroup:
         parts = {m.index: list(_sub_chunks(datas[m.index], b.sub_rows)) for m in group}
 
         def one(k: int):
-            return method.merge_many([parts[m.index][k] for m in group], [m.runner.plan.params for m in group],
+            return method.merge_many([parts[m.index][k] for m in group],
+                                     [sb.members[pos[m.index]].params or m.runner.plan.params for m in group],
                                      [m.state for m in group])
 
         try:

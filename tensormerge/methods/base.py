@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from tensormerge.errors import ParameterError, short
+from tensormerge.methods import rules as R
 
 
 @dataclass
@@ -72,8 +73,38 @@ class Params:
     def from_strings(cls, method: str, raw: dict[str, Any], n_models: int) -> "Params":
         names = {key: f.name for key, f, _ in cls.spec()}
         params = cls(**{names[key]: value for key, value in cls.typed(method, raw).items()})
-        params.validate(method, n_models)
+        if not params.varying():  # per-tensor values are validated per block, as the plan resolves them
+            params.validate(method, n_models)
         return params
+
+    def varying(self) -> list[str]:
+        """Keys whose value is a rule list or gradient (methods.rules): resolved per tensor."""
+        return [key for key, f, _ in self.spec() if R.varies(getattr(self, f.name))]
+
+    def check_varying(self, method: str, keys: list[str]) -> None:
+        """Refuse per-tensor values of parameters the method needs model-wide (subclasses)."""
+
+    def for_block(self, name: str) -> "Params":
+        """A plan's per-tensor values of block `name` (itself when none vary): for passes and
+        patches, which the engine hands the plan's parameters."""
+        return getattr(self, "per_block", {}).get(name, self)
+
+    def at(self, method: str, n_models: int, name: str, t: float) -> "Params":
+        """This tensor's parameters, every value a plain one, validated."""
+        values = {}
+        for key, f, tp in self.spec():
+            value = getattr(self, f.name)
+            if R.varies(value):
+                try:
+                    value = R.resolve(value, name, t)
+                except R.NoMatch:
+                    raise ParameterError(f"{method}: parameter {key!r}: no rule matches tensor {short(name)} "
+                                         "(end the rules with a default {value: ...})") from None
+                value = _convert(method, key, value, tp, f.metadata.get("choices"))
+            values[f.name] = value
+        out = dataclasses.replace(self, **values)
+        out.validate(method, n_models)
+        return out
 
     @classmethod
     def typed(cls, method: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -102,11 +133,16 @@ class Params:
                 raise ParameterError(f"{method}: parameter {key!r} has {len(value)} values for {n_models} models")
 
     def as_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, f.name) for key, f, _ in self.spec()}
+        """Values by key; per-tensor ones in their YAML form (a plan's params hold them in `rules`)."""
+        out = {key: R.plain(getattr(self, f.name)) for key, f, _ in self.spec()}
+        out.update(getattr(self, "rules", {}))
+        return out
 
 
 def _convert(method: str, key: str, text: Any, tp: Any, choices: tuple | None) -> Any:
     where = f"{method}: parameter {key!r}"
+    if R.is_form(text):
+        return R.parse(text, lambda v: _convert(method, key, v, tp, choices), where)
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
     if optional:
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
@@ -116,7 +152,8 @@ def _convert(method: str, key: str, text: Any, tp: Any, choices: tuple | None) -
         if typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
             items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-            return [_scalar(item, x) for x in items]
+            return [R.parse(x, lambda v: _scalar(item, v), where) if R.is_form(x) else _scalar(item, x)
+                    for x in items]
         value = _scalar(tp, text)
     except (TypeError, ValueError):
         several = isinstance(text, str) and ("," in text or "|" in text)

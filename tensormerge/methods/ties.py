@@ -48,6 +48,15 @@ class TiesParams(Params):
         if not 0.0 < self.k <= 1.0:
             raise ParameterError(f"{method}: parameter 'k' must be in (0, 1] or a percent in (1, 100], got {self.k}")
 
+    def check_varying(self, method: str, keys: list[str]) -> None:
+        allowed = {"lambda"} | ({"k", "k_rule", "merge"} if self.scope == "tensor" else set())
+        bad = [k for k in keys if k not in allowed]
+        if bad:
+            why = ("the global top-k needs one value for the whole model (-p scope=tensor trims each tensor alone)"
+                   if self.scope == "global" and set(bad) <= {"k", "k_rule", "merge"} else
+                   "it must be one value for the whole model")
+            raise ParameterError(f"{method}: parameter {bad[0]!r} cannot vary per tensor with scope={self.scope}: {why}")
+
     @property
     def needs_norms(self) -> bool:
         return self.sign in ("normfrac", "normmass")
@@ -121,7 +130,8 @@ class _SamplePass(_HistogramPass):
 
     def _compact(self, acc: dict, key: str) -> None:
         hist = acc["hist"].pop(key)
-        rank = S.keep_rank(acc["numel"].pop(key), self.params.k, self.params.k_rule)
+        own = self.params.for_block(key)
+        rank = S.keep_rank(acc["numel"].pop(key), own.k, own.k_rule)
         if rank == 0:
             acc["result"][key] = None
             return
@@ -218,7 +228,8 @@ class _HighPass(_HistogramPass):
         numel = acc["numel"].pop(key)
         window, lows = acc["window"].pop(key, None), acc["lo"].get(key)
         below = acc["below"].pop(key, None)
-        rank = S.keep_rank(numel, self.params.k, self.params.k_rule)
+        own = self.params.for_block(key)
+        rank = S.keep_rank(numel, own.k, own.k_rule)
         per_model = []
         if hist is None:  # window only: the threshold is the (rank - below)-th entry inside it
             for i in range(window.shape[0]):
@@ -285,7 +296,8 @@ class _HighMissPass(_HistogramPass):
 
     def _compact(self, acc: dict, key: str) -> None:
         hist = acc["hist"].pop(key)
-        rank = S.keep_rank(acc["numel"].pop(key), self.params.k, self.params.k_rule)
+        own = self.params.for_block(key)
+        rank = S.keep_rank(acc["numel"].pop(key), own.k, own.k_rule)
         located = acc["high"][key]
         for i, m in enumerate(located):
             if m is None:
@@ -423,6 +435,7 @@ class Ties(Method):
             if majority == guess:
                 continue
             sign = torch.full((columns.shape[1],), majority, dtype=columns.dtype)
-            merged = K.ties_disjoint(columns, sign, params.merge)
-            out.append(Patch(name, index.clone(), merged.mul_(params.lambda_).add_(base)))
+            own = params.for_block(name)
+            merged = K.ties_disjoint(columns, sign, own.merge)
+            out.append(Patch(name, index.clone(), merged.mul_(own.lambda_).add_(base)))
         return out
