@@ -286,9 +286,10 @@ def _sweep_spec(kw: dict, required: bool = True):
         return spec, cands
     params = {**spec.params, **pairs}
     # per-tensor rules and gradients (methods.rules) from a recipe are one value, never alternatives
-    fixed = {k: v for k, v in params.items()
-             if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)
-                                        and k not in _list_keys(spec.method))}
+    def has_rule(v) -> bool:
+        return isinstance(v, dict) or (isinstance(v, list) and any(has_rule(x) for x in v))
+
+    fixed = {k: v for k, v in params.items() if has_rule(v)}
     cands = grid.from_params(spec.method, {k: _alternatives_text(v) for k, v in params.items() if k not in fixed},
                              _list_keys(spec.method))
     for c in cands:
