@@ -56,7 +56,7 @@ def _worker_runner(spec, fingerprint: str, threads: int | None):
     if key in _OPEN:
         return _OPEN[key][1:]
     release()
-    from tensormerge.api import open_plan, run_options
+    from tensormerge.engine.spec import open_plan, run_options
     from tensormerge.engine.run import Runner, merge_fingerprint
 
     if threads:
@@ -126,7 +126,7 @@ def _worker_group(specs: list, fingerprints: list[str], indices: list[int], max_
     if key in _SWEEPS:
         return _SWEEPS[key][1]
     release()
-    from tensormerge.api import open_plan, run_options
+    from tensormerge.engine.spec import open_plan, run_options
     from tensormerge.engine.run import Runner, merge_fingerprint
     from tensormerge.engine.sweep import SweepGroup
 
