@@ -125,18 +125,21 @@ def _checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
     except ImportError:  # transformers 4: module and checkpoint names agree
         return {}
     params = dict(model.named_parameters(remove_duplicate=False))
-    by_id = {}
+    by_id: dict[int, list[str]] = {}
     for name, p in params.items():
-        by_id.setdefault(id(p), name)
+        by_id.setdefault(id(p), []).append(name)
     try:
-        reverted = revert_weight_conversion(model, {n: p for n, p in params.items()})
+        reverted = revert_weight_conversion(model, dict(params))
     except Exception:  # a conversion that needs real tensors: keep the module names
         return {}
     out = {}
     for stored, t in reverted.items():
-        name = by_id.get(id(t))
-        if name is not None and name != stored:
-            out[name] = stored
+        if stored in params:
+            continue
+        # the module name that disappeared (a tied twin keeps its own name)
+        gone = [n for n in by_id.get(id(t), []) if n not in reverted]
+        if len(gone) == 1:
+            out[gone[0]] = stored
     return out
 
 
@@ -181,6 +184,11 @@ def load_model(spec: str, *, dtype: torch.dtype | None, device: str, base_model:
     for name, p in model.named_parameters():
         p.requires_grad_(p.is_floating_point() and (adapter is None or _stored_name(name, adapter) in on_disk))
     renamed = _checkpoint_names(model) if adapter is None else {}
+    from tensormerge.stats.fused import expose_fused_projections
+
+    fused = expose_fused_projections(model)  # nn.MultiheadAttention: in_proj_weight's Grams
+    if adapter is None:
+        renamed.update({child: renamed.get(own, own) for child, own in fused.items()})
     keys: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         key = _stored_name(renamed.get(name, name), adapter)

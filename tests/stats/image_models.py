@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import types
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,77 @@ def clip_classifier(seed: int = 0, num_labels: int = 3):
     cfg.num_labels = num_labels
     cfg.architectures = ["CLIPForImageClassification"]
     return _jitter(CLIPForImageClassification(cfg), seed)
+
+
+class _MhaConfig:  # built lazily: transformers is imported only when a test runs
+    cls = None
+
+
+def mha_vit(seed: int = 0, num_labels: int = 3):
+    """A ViT whose attention is torch's nn.MultiheadAttention (fused in_proj_weight [3d, d], as
+    open_clip's and torchvision's ViTs), registered with the Auto classes of this process."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    if _MhaConfig.cls is None:
+        class MhaViTConfig(PretrainedConfig):
+            model_type = "tm-test-mha-vit"
+
+            def __init__(self, hidden_size=16, num_heads=2, num_labels=3, **kw):
+                self.hidden_size, self.num_heads = hidden_size, num_heads
+                super().__init__(num_labels=num_labels, **kw)
+
+        class MhaViTForImageClassification(PreTrainedModel):
+            config_class = MhaViTConfig
+            base_model_prefix = "mha"
+
+            def __init__(self, config):
+                super().__init__(config)
+                d = config.hidden_size
+                self.patch = nn.Conv2d(3, d, 4, 4)
+                self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+                self.pos = nn.Parameter(torch.zeros(1, 1 + (SIZE // 4) ** 2, d))
+                self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+                self.attn = nn.MultiheadAttention(d, config.num_heads, batch_first=True)
+                self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+                self.classifier = nn.Linear(d, config.num_labels)
+                self.post_init()
+
+            def _init_weights(self, module):
+                pass
+
+            def forward(self, pixel_values, **kw):
+                x = self.patch(pixel_values).flatten(2).transpose(1, 2)
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+                h = self.norm1(x)
+                x = x + self.attn(h, h, h, need_weights=False)[0]
+                x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+                return ImageClassifierOutput(logits=self.classifier(x[:, 0]))
+
+        AutoConfig.register("tm-test-mha-vit", MhaViTConfig)
+        AutoModelForImageClassification.register(MhaViTConfig, MhaViTForImageClassification)
+        _MhaConfig.cls = (MhaViTConfig, MhaViTForImageClassification)
+    cfg_cls, model_cls = _MhaConfig.cls
+    torch.manual_seed(seed)
+    cfg = cfg_cls(num_labels=num_labels, architectures=["MhaViTForImageClassification"])
+    model = model_cls(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.add_(0.1 * torch.randn(p.shape))
+    return _jitter(model, seed)
+
+
+def _manual_mha(mod, x, capture):
+    """nn.MultiheadAttention's self-attention written out (batch-first x): the fused projection's
+    output is a tensor of its own here, so `capture(x, qkv)` can hook it."""
+    b, n, d = x.shape
+    h = mod.num_heads
+    qkv = F.linear(x, mod.in_proj_weight, mod.in_proj_bias)
+    capture(x, qkv)
+    q, k, v = (t.reshape(b, n, h, d // h).transpose(1, 2) for t in qkv.chunk(3, -1))
+    att = torch.softmax(q @ k.transpose(-1, -2) / (d // h) ** 0.5, -1) @ v
+    return F.linear(att.transpose(1, 2).reshape(b, n, d), mod.out_proj.weight, mod.out_proj.bias)
 
 
 def processor():
@@ -193,6 +265,28 @@ def brute_force(model, items: list[tuple[str, int]], path: str, zero_shot: str |
                     gout[key] = gout.get(key, 0) + g.T @ g
                 out.register_hook(bwd)
             handles.append(mod.register_forward_hook(fwd))
+        for mname, mod in model.named_modules():
+            if isinstance(mod, torch.nn.MultiheadAttention) and f"{mname}.in_proj_weight" in measured:
+                key = stored[f"{mname}.in_proj_weight"]
+
+                def capture(x, qkv, key=key):
+                    x = x.detach().double().reshape(-1, x.shape[-1])
+                    gin[key] = gin.get(key, 0) + x.T @ x
+                    rows[key] = rows.get(key, 0) + x.shape[0]
+
+                    def bwd(g, key=key):
+                        g = g.double().reshape(-1, g.shape[-1])
+                        gout[key] = gout.get(key, 0) + g.T @ g
+                    qkv.register_hook(bwd)
+
+                def manual(q, k, v, need_weights=False, mod=mod, capture=capture):
+                    assert q is k and k is v and mod.batch_first
+                    out = _manual_mha(mod, q, capture)
+                    ref = type(mod).forward(mod, q, k, v, need_weights=False)[0]
+                    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)  # the written-out attention is torch's
+                    return out, None
+                mod.forward = manual
+                handles.append(types.SimpleNamespace(remove=lambda mod=mod: mod.__dict__.pop("forward")))
         if zero_shot:
             enc_mask = tokenizer()(prompts, padding=True, return_tensors="pt")["attention_mask"].bool()
             masks["text"] = enc_mask

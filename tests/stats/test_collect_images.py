@@ -68,7 +68,7 @@ def images(tmp_path_factory):
     return root, data, [(str(root / r["image"]), r["label"]) for r in recs]
 
 
-@pytest.mark.parametrize("arch", ["vit", "clip_classifier"])
+@pytest.mark.parametrize("arch", ["vit", "clip_classifier", "mha_vit"])
 @pytest.mark.parametrize("grad_mode", ["auto", "loop"])
 def test_image_classifier_every_kind_equals_brute_force(images, arch, grad_mode, tmp_path):
     root, data, items = images
@@ -81,10 +81,13 @@ def test_image_classifier_every_kind_equals_brute_force(images, arch, grad_mode,
     # the head's input Gram: one pooled vector per image; an encoder layer's: every token
     head = "classifier.weight"
     assert got["counts"]["gram_in"][head] == N
-    q = next(k for k in got["counts"]["gram_in"] if k.endswith(("query.weight", "q_proj.weight")))
+    q = next(k for k in got["counts"]["gram_in"] if k.endswith(("query.weight", "q_proj.weight", "in_proj_weight")))
     assert got["counts"]["gram_in"][q] == N * (1 + (im.SIZE // 4) ** 2)
     if grad_mode == "auto":
         assert got["summary"]["grad_mode"] == "vmap"
+    if arch == "mha_vit":  # the fused q/k/v projection: [d, d] input Gram, [3d, 3d] output-gradient Gram
+        assert got["gram_in"]["attn.in_proj_weight"].shape == (16, 16)
+        assert got["gram_out"]["attn.in_proj_weight"].shape == (48, 48)
 
 
 @pytest.mark.parametrize("towers", ["vision", "both"])
@@ -229,3 +232,33 @@ def test_bad_dataset_row_named(tmp_path, vit_dir):
         compute_stats(ComputeOptions(model=vit_dir, data=str(tmp_path / "ds"), kind="all", output=str(out),
                                      quiet=True))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_fused_projection_keeps_torch_attention(batch_first):
+    """The exposed in_proj child changes nothing the attention computes: self-attention goes
+    through it (its input is the Gram's rows), cross-attention (a probe querying tokens) does not."""
+    import copy
+
+    from tensormerge.stats.fused import expose_fused_projections
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+    ref = copy.deepcopy(mha)
+    assert expose_fused_projections(mha) == {"in_proj.weight": "in_proj_weight"}
+    assert [n for n, _ in mha.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    calls = []
+    mha.in_proj.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    x = torch.randn(3, 5, 8)
+    mask = torch.zeros((3, 5) if batch_first else (5, 3), dtype=torch.bool)  # [batch, keys]
+    mask[0, -2:] = True
+    got = mha(x, x, x, key_padding_mask=mask)
+    want = ref(x, x, x, key_padding_mask=mask)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    assert calls == [(5, 3, 8) if batch_first else (3, 5, 8)]
+    probe = torch.randn(3, 1, 8) if batch_first else torch.randn(1, 5, 8)
+    torch.testing.assert_close(mha(probe, x, x)[0], ref(probe, x, x)[0])
+    assert len(calls) == 1
