@@ -74,7 +74,7 @@ class Config:
 
 
 QUICK = {"tasks": ("lo", "hi"), "methods": ("average", "task_arithmetic", "fisher"), "pretrain_epochs": 1,
-         "finetune_steps": 120, "stats_examples": 48, "lambdas": (0.5, 1.0)}
+         "finetune_steps": 120, "stats_examples": 32, "lambdas": (0.5, 1.0)}
 
 
 # ----------------------------------------------------------------------------- data

@@ -262,3 +262,34 @@ def test_fused_projection_keeps_torch_attention(batch_first):
     probe = torch.randn(3, 1, 8) if batch_first else torch.randn(1, 5, 8)
     torch.testing.assert_close(mha(probe, x, x)[0], ref(probe, x, x)[0])
     assert len(calls) == 1
+
+
+def test_cli_bad_image_is_one_line_and_leaves_no_store(tmp_path, vit_dir):
+    from tests.helpers import assert_clean_error
+    from tests.stats.test_collect_cli import cli
+
+    (tmp_path / "img").mkdir()
+    im.write_image(tmp_path / "img" / "ok.png", 0)
+    data = cm.write_jsonl(tmp_path / "d.jsonl", [{"image": "img/ok.png", "label": 0},
+                                                 {"image": "img/gone.png", "label": 1}])
+    out = tmp_path / "s.zarr"
+    res = cli(["stats", "compute", "--model", vit_dir, "--data", data, "--kind", "all", "-o", str(out)])
+    assert_clean_error(res, f"{data}:2", "field 'image'", "gone.png", out_dir=out)
+    assert not (tmp_path / "s.zarr.partial").exists()
+
+
+def test_cli_zero_shot_classes_from_flag(images, tmp_path):
+    """Integer labels index --classes; the vision tower alone by default."""
+    from tests.stats.test_collect_cli import cli
+
+    root, data, items = images
+    path = im.save(im.clip(), tmp_path / "clip", tok=True)
+    out = tmp_path / "s.zarr"
+    res = cli(["stats", "compute", "--model", path, "--data", data, "--kind", "fisher", "-o", str(out),
+               "--classes", ",".join(im.CLASSES), "--prompt", "a photo of a {}", "-q"])
+    assert res.returncode == 0, res
+    got = cm.read_store(str(out))
+    assert got["fisher"] and all(k.startswith(("vision_model.", "visual_projection.")) for k in got["fisher"])
+    ref = im.brute_force(im.clip(), items, path, zero_shot="vision",
+                         prompts=[f"a photo of a {c}" for c in im.CLASSES])
+    _assert_matches(got, ref, kinds=("fisher",))
