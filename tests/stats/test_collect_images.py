@@ -293,3 +293,41 @@ def test_cli_zero_shot_classes_from_flag(images, tmp_path):
     ref = im.brute_force(im.clip(), items, path, zero_shot="vision",
                          prompts=[f"a photo of a {c}" for c in im.CLASSES])
     _assert_matches(got, ref, kinds=("fisher",))
+
+
+def test_resume_after_interruption_gives_the_same_store(images, tmp_path, monkeypatch):
+    """Interrupted after a checkpoint, `--resume` continues from the saved image index and gives
+    the same arrays as an uninterrupted run; changing an image's bytes refuses the checkpoint."""
+    import shutil
+
+    from tensormerge.errors import TensorMergeError
+    from tensormerge.stats import collect
+
+    root, data, items = images
+    mine = tmp_path / "d"
+    shutil.copytree(root, mine)
+    data = str(mine / "data.jsonl")
+    path = im.save(im.vit(), tmp_path / "vit")
+    want = _compute(path, data, tmp_path / "a.zarr", batch_size=1)
+    out = tmp_path / "b.zarr"
+    real_step, calls = collect.Collector.step, []
+
+    def failing(self, batch):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(collect.Collector, "step", failing)
+    with pytest.raises(KeyboardInterrupt):
+        _compute(path, data, out, batch_size=1, checkpoint_every=2, overwrite=False)
+    monkeypatch.setattr(collect.Collector, "step", real_step)
+    assert not out.exists() and (tmp_path / "b.zarr.partial").exists()
+    im.write_image(mine / "img" / "0.png", 99)  # other bytes, same name: a different run
+    with pytest.raises(TensorMergeError, match="checkpoint of a different run"):
+        _compute(path, data, out, batch_size=1, resume=True, overwrite=False)
+    shutil.copy(root / "img" / "0.png", mine / "img" / "0.png")
+    got = _compute(path, data, out, batch_size=1, resume=True, overwrite=False)
+    for kind in KINDS:
+        for k, w in want[kind].items():
+            torch.testing.assert_close(got[kind][k], w, rtol=0, atol=0)
