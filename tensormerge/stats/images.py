@@ -94,6 +94,9 @@ def _check_image(where: str, source) -> tuple[int, int]:
             mode, size = im.mode, im.size
     except FileNotFoundError:
         raise InputError(f"{where}: {source}: no such image file") from None
+    except Image.DecompressionBombError:  # a small file that decodes to gigabytes
+        raise InputError(f"{where}: {source if isinstance(source, str) else 'image'}: more than "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels (Pillow's decompression-bomb limit)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         what = source if isinstance(source, str) else "the image bytes"
         raise InputError(f"{where}: {what}: not a readable image ({e.__class__.__name__})") from None

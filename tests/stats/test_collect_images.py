@@ -331,3 +331,13 @@ def test_resume_after_interruption_gives_the_same_store(images, tmp_path, monkey
     for kind in KINDS:
         for k, w in want[kind].items():
             torch.testing.assert_close(got[kind][k], w, rtol=0, atol=0)
+
+
+def test_decompression_bomb_is_refused(tmp_path, vit_dir, monkeypatch):
+    """A small file that decodes to more pixels than Pillow's limit: refused, named, no store."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30)  # 6x6 and up count as bombs (2x the limit)
+    msg, data = _bad(tmp_path, vit_dir, [json.dumps({"image": "img/big.png", "label": 0})],
+                     lambda d: im.write_image(d / "img" / "big.png", 1, size=(40, 40)))
+    assert f"{data}:1" in msg and "field 'image'" in msg and "big.png" in msg and "pixels" in msg
