@@ -308,7 +308,8 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", help="where to write models, images, data and statistics (default: a temporary directory)")
+    ap.add_argument("--workdir", help="where to write models, images, data and statistics "
+                    "(default: a temporary directory)")
     ap.add_argument("--json", help="also write the results (rows, parameters, notes) to this file")
     ap.add_argument("--quick", action="store_true", help="2 tasks, 3 methods, shorter training (the test's mode)")
     args = ap.parse_args(argv)
