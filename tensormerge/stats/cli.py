@@ -50,8 +50,9 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
 
 @stats.command("compute")
 @click.option("--model", required=True, help="model directory (transformers) or PEFT adapter directory")
-@click.option("--data", required=True, help="JSONL file or save_to_disk dataset: input/target, prompt/completion, "
-              "messages (chat), text, input/choices/label, or input_ids/labels records")
+@click.option("--data", required=True, help="JSONL file (input/target, prompt/completion, messages (chat), text, "
+              "input/choices/label, input_ids/labels, or image/label records), an image folder (one sub-folder "
+              "per class) or a save_to_disk dataset")
 @click.option("--kind", required=True, type=click.Choice(("fisher", "gram", "kfac", "blockwise", "all")),
               help="fisher, gram (gram_in), kfac (gram_in+gram_out), blockwise (fisher_block), all")
 @click.option("--output", "-o", required=True, help="statistics store to write (S.zarr)")
@@ -94,6 +95,14 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace an existing statistics store (nothing else)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, warnings or summary line")
+@click.option("--image-field", default="image", show_default=True,
+              help="images: the JSONL/dataset field holding the image (JSONL paths are relative to the file)")
+@click.option("--classes", help="zero-shot CLIPModel: class names, comma-separated or a file with one per line "
+              "[default: folder names, the ClassLabel's names, or the sorted string labels]")
+@click.option("--prompt", default="a photo of a {}.", show_default=True,
+              help="zero-shot CLIPModel: the prompt of each class; its text embedding is the class's head row")
+@click.option("--clip-towers", type=click.Choice(("vision", "both")), default="vision", show_default=True,
+              help="zero-shot CLIPModel: statistics of the vision tower, or of both towers and the logit scale")
 @click.option("--gram-block-rows", type=int, hidden=True)
 @click.option("--traceback", is_flag=True, hidden=True)
 def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:

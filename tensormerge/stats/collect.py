@@ -86,6 +86,10 @@ class ComputeOptions:
     completion_field: str | None = None
     choices_field: str | None = None
     choice_score: str = "sum"
+    image_field: str = "image"  # images (stats/images.py): the JSONL / dataset field holding the image
+    classes: str | None = None  # zero-shot CLIP: class names (comma list or a file, one per line)
+    prompt: str = "a photo of a {}."  # zero-shot CLIP: the prompt of each class
+    clip_towers: str = "vision"  # zero-shot CLIP: statistics of the vision tower, or of both towers
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -165,7 +169,12 @@ class Collector:
         self.grad_names = sorted(set(self.fisher_names) | set(self.block_names), key=list(params).index)
         self.want_in, self.want_out = "gram_in" in kinds, "gram_out" in kinds
         dtype = next(iter(params.values())).dtype
-        self.inputs = Inputs(model, loaded.task, dtype if dtype.is_floating_point else torch.float32)
+        if loaded.modality == "image":
+            from tensormerge.stats.images import ImageInputs
+
+            self.inputs = ImageInputs(model)
+        else:
+            self.inputs = Inputs(model, loaded.task, dtype if dtype.is_floating_point else torch.float32)
         budget = max(opts.max_memory, 1 << 20)
         per_example = sum(4 * params[n].numel() for n in self.grad_names) or 1
         self.grads = PerExampleGrads(model, loaded.task, self.grad_names, self.inputs, opts.grad_mode,
@@ -181,6 +190,10 @@ class Collector:
             self.hooks = GramHooks(loaded, self.want_in, self.want_out, self.acc.dtype, block_bytes=budget // 8,
                                    skip_out=skip_out, block_rows=opts.gram_block_rows)
             self.skip_out = sorted(skip_out)
+            if loaded.modality == "image":
+                from tensormerge.stats.images import gram_side
+
+                self.hooks.layers = {k: (m, gram_side(k), c) for k, (m, _, c) in self.hooks.layers.items()}
             self._check_gram_budget(budget)
         if not self.grad_names and not (self.hooks and self.hooks.layers):
             raise InputError(f"{opts.model}: nothing to compute for --kind {opts.kind} (no stored parameter it applies "
@@ -232,9 +245,12 @@ class Collector:
 
     def _grams(self, batch) -> None:
         task, model = self.loaded.task, self.loaded.model
-        mask = batch.attention_mask.bool()
-        dec = (batch.labels != -100) if task == "seq2seq" else mask
-        self.hooks.attach({"enc": mask, "dec": dec})
+        if hasattr(self.inputs, "gram_masks"):
+            self.hooks.attach(self.inputs.gram_masks(batch))
+        else:
+            mask = batch.attention_mask.bool()
+            dec = (batch.labels != -100) if task == "seq2seq" else mask
+            self.hooks.attach({"enc": mask, "dec": dec})
         try:
             if self.want_out:
                 out = model(**self.inputs(batch, additive=False))
@@ -346,9 +362,10 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     check_fields(records, fields)  # a record without its field is refused before the model loads
     torch.manual_seed(opts.seed)
     loaded = load_model(opts.model, dtype=dtype, device=opts.device, base_model=opts.base_model)
+    image_data = _image_data(opts, loaded) if loaded.modality == "image" else None
     cfg = loaded.config
     tok = Tokenize(loaded.tokenizer_dirs, opts.data)
-    examples = load_examples(
+    examples = image_data.examples if image_data is not None else load_examples(
         opts.data, loaded.task, tok, max_length=opts.max_length, max_examples=opts.max_examples,
         vocab=getattr(cfg, "vocab_size", None), label2id=getattr(cfg, "label2id", None),
         num_labels=getattr(cfg, "num_labels", None) if loaded.task == "classification" else None, split=opts.split,
@@ -361,7 +378,7 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     pad_id = getattr(cfg, "pad_token_id", None)
     if pad_id is None and tok._tok is not None:
         pad_id = tok._tok.pad_token_id
-    if loaded.task == "classification" and pad_id is None and opts.batch_size > 1 and side:
+    if loaded.task == "classification" and image_data is None and pad_id is None and opts.batch_size > 1 and side:
         # the head pools the last non-pad token, found by the pad id
         raise InputError(f"{opts.model}: config.json has no pad_token_id; a classifier needs one for batches "
                          f"(or use --batch-size 1)")
@@ -377,7 +394,8 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
         _warn(f"no gram_out for the output layer {', '.join(collector.skip_out)} (vocabulary-sized; K-FAC "
               f"averages it, as the research code does)", warn)
 
-    fingerprint = opts.fingerprint(loaded.identity, data_fingerprint(opts.data))
+    fingerprint = opts.fingerprint(loaded.identity, image_data.fingerprint() if image_data is not None
+                                   else data_fingerprint(opts.data))
     start = 0
     if opts.resume:
         state = _load_checkpoint(opts.output, fingerprint)
@@ -397,7 +415,8 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     t0 = time.perf_counter()
     done_here = 0
     try:
-        for batch in batches(examples, opts.batch_size, loaded.task, pad_id, side, start=start):
+        for batch in (image_data.batches(opts.batch_size, start=start) if image_data is not None else
+                      batches(examples, opts.batch_size, loaded.task, pad_id, side, start=start)):
             collector.step(batch.to(opts.device))
             done_here += len(batch)
             bar.update(len(batch))
@@ -436,6 +455,18 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     return {"output": opts.output, "arrays": arrays, "examples": collector.n_examples, "tokens": collector.n_tokens,
             "seconds": seconds, "examples_per_s": done_here / seconds if seconds > 0 else float("inf"),
             "grad_mode": collector.grads.mode if collector.grad_names else None, "warnings": warn or []}
+
+
+def _image_data(opts: ComputeOptions, loaded):
+    """Images decoded and checked before any work; a zero-shot CLIP gets its class prompts."""
+    from tensormerge.stats.images import ImageData
+
+    data = ImageData(opts, loaded)
+    if loaded.zero_shot:
+        from tensormerge.stats.zeroshot import make_zero_shot
+
+        make_zero_shot(loaded, data.classes, opts.prompt, opts.clip_towers)
+    return data
 
 
 def _warn(msg: str, sink: list | None) -> None:

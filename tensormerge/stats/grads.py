@@ -65,9 +65,12 @@ class PerExampleGrads:
         params = [self.params[n] for n in self.names]
         out = {n: [] for n in self.names}
         for i in range(len(batch)):
-            keep = batch.attention_mask[i].bool()
-            one = Batch(batch.input_ids[i][keep][None], batch.attention_mask[i][keep][None],
-                        _unpad_labels(batch, i, keep, self.task), [batch.index[i]])
+            if hasattr(batch, "one"):  # images: nothing to unpad
+                one = batch.one(i)
+            else:
+                keep = batch.attention_mask[i].bool()
+                one = Batch(batch.input_ids[i][keep][None], batch.attention_mask[i][keep][None],
+                            _unpad_labels(batch, i, keep, self.task), [batch.index[i]])
             out_i = self.model(**self.inputs(one, additive=False))
             loss = -token_nll(out_i.logits, one.labels, self.task)[0]
             grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -43,6 +43,8 @@ class GramHooks:
             kind = linear_kind(mod)
             if kind is None or not isinstance(getattr(mod, "weight", None), torch.nn.Parameter):
                 continue
+            if not mod.weight.requires_grad and loaded.adapter is None:  # a frozen tower (zero-shot CLIP)
+                continue
             key = loaded.own_key(f"{name}.weight")
             if key is None:
                 if mod.weight.requires_grad or loaded.adapter is None:
@@ -71,6 +73,8 @@ class GramHooks:
         if t.dim() == 2:  # a pooled input (classifier head): one row per example
             return t
         mask = self.masks[side]
+        if mask is None:  # images: every patch and class token is a row
+            return t.reshape(-1, t.shape[-1])
         if t.shape[:2] != mask.shape:
             raise RuntimeError(f"{key}: input of shape {list(t.shape)} does not match the {side} token mask "
                                f"{list(mask.shape)}")

@@ -20,7 +20,9 @@ import torch
 from tensormerge.errors import InputError
 
 TASK_CLASSES = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
-                "classification": "AutoModelForSequenceClassification"}
+                "classification": "AutoModelForSequenceClassification",
+                "image": "AutoModelForImageClassification", "clip": "CLIPModel"}
+IMAGE_TASKS = ("image", "clip")  # images in, one class out: the loss is a classifier's
 
 
 @dataclass
@@ -35,11 +37,14 @@ class Loaded:
     adapter: str | None = None  # PEFT adapter name, dropped from stored names
     on_disk: set[str] = field(default_factory=set)
     skipped: list[str] = field(default_factory=list)  # trainable parameters with no stored name
+    modality: str = "text"  # "image": pixel batches (stats/images.py); task is then "classification"
+    zero_shot: bool = False  # a CLIPModel whose head is the text embeddings of class prompts
+    renamed: dict[str, str] = field(default_factory=dict)  # module name -> checkpoint name, where they differ
 
     def own_key(self, name: str) -> str | None:
         """The stored name of parameter `name` itself, not of a tensor it is tied to: a tied-away
         lm_head has none, so no Gram is keyed to the embedding it shares storage with."""
-        key = _stored_name(name, self.adapter)
+        key = _stored_name(self.renamed.get(name, name), self.adapter)
         return key if key in self.on_disk else None
 
 
@@ -47,6 +52,10 @@ def task_of(config, path: str) -> str:
     """Which head the config's `architectures` names: it decides the loss and the Auto class."""
     archs = list(getattr(config, "architectures", None) or [])
     for a in archs:
+        if a.endswith("ForImageClassification"):
+            return "image"
+        if a == "CLIPModel":
+            return "clip"
         if a.endswith("ForSequenceClassification"):
             return "classification"
         if a.endswith("ForCausalLM") or a.endswith("LMHeadModel") and not getattr(config, "is_encoder_decoder", False):
@@ -56,7 +65,7 @@ def task_of(config, path: str) -> str:
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     raise InputError(f"{path}: config.json names architectures {archs or 'none'}; stats compute needs a causal LM, "
-                     f"a seq2seq LM or a sequence-classification model")
+                     f"a seq2seq LM, a sequence- or image-classification model or a CLIPModel")
 
 
 def _model_class(config, task: str):
@@ -103,6 +112,37 @@ def _stored_name(name: str, adapter: str | None) -> str:
     return re.sub(rf"\.{re.escape(adapter)}(?=\.|$)", "", name)
 
 
+def _checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
+    """Module parameter name -> the name the checkpoint stores it under, where they differ.
+
+    Why: transformers 5 renames some architectures' modules on load (ViT's stored
+    `encoder.layer.0.attention.attention.query` is the module `layers.0.attention.q_proj`) and
+    back on save. The reverse conversion is applied to the parameters themselves; a renamed
+    parameter comes back as the same tensor object under its stored name. A parameter that a
+    converter fuses or splits comes back as a new tensor and gets no name (no statistics)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: module and checkpoint names agree
+        return {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_id: dict[int, list[str]] = {}
+    for name, p in params.items():
+        by_id.setdefault(id(p), []).append(name)
+    try:
+        reverted = revert_weight_conversion(model, dict(params))
+    except Exception:  # a conversion that needs real tensors: keep the module names
+        return {}
+    out = {}
+    for stored, t in reverted.items():
+        if stored in params:
+            continue
+        # the module name that disappeared (a tied twin keeps its own name)
+        gone = [n for n in by_id.get(id(t), []) if n not in reverted]
+        if len(gone) == 1:
+            out[gone[0]] = stored
+    return out
+
+
 def load_model(spec: str, *, dtype: torch.dtype | None, device: str, base_model: str | None = None) -> Loaded:
     from tensormerge.engine.sources import open_checkpoint
 
@@ -143,9 +183,15 @@ def load_model(spec: str, *, dtype: torch.dtype | None, device: str, base_model:
     # adapter's parameters of a PEFT model (the frozen base is not part of the merge)
     for name, p in model.named_parameters():
         p.requires_grad_(p.is_floating_point() and (adapter is None or _stored_name(name, adapter) in on_disk))
+    renamed = _checkpoint_names(model) if adapter is None else {}
+    from tensormerge.stats.fused import expose_fused_projections
+
+    fused = expose_fused_projections(model)  # nn.MultiheadAttention: in_proj_weight's Grams
+    if adapter is None:
+        renamed.update({child: renamed.get(own, own) for child, own in fused.items()})
     keys: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        key = _stored_name(name, adapter)
+        key = _stored_name(renamed.get(name, name), adapter)
         if key in on_disk:
             keys.setdefault(id(p), key)
     stored, skipped = {}, []
@@ -156,4 +202,6 @@ def load_model(spec: str, *, dtype: torch.dtype | None, device: str, base_model:
             stored[name] = keys[id(p)]
         else:
             skipped.append(name)
-    return Loaded(model, task, stored, spec, identity, tok_dirs, config, adapter, on_disk, skipped)
+    image = task in IMAGE_TASKS
+    return Loaded(model, "classification" if image else task, stored, spec, identity, tok_dirs, config, adapter,
+                  on_disk, skipped, "image" if image else "text", task == "clip", renamed)

@@ -66,6 +66,8 @@ def sample_labels(model: torch.nn.Module, task: str, batch: Batch, inputs, seed:
         logits = model(**inputs(batch, additive=False)).logits
         labels = torch.tensor([_draw(logits[i], _gen(seed, j)) for i, j in enumerate(batch.index)],
                               dtype=torch.long, device=batch.labels.device)
+        if hasattr(batch, "with_labels"):  # an image batch
+            return batch.with_labels(labels)
         return Batch(batch.input_ids, batch.attention_mask, labels, batch.index)
     cfg = model.config
     eos = getattr(cfg, "eos_token_id", None)
