@@ -83,6 +83,8 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace an existing statistics store (nothing else)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, warnings or summary line")
+@click.option("--gram-per-weight", is_flag=True,
+              help="store an input Gram per weight, even where layers read the same input (q/k/v, gate/up)")
 @click.option("--gram-block-rows", type=int, hidden=True)
 @click.option("--traceback", is_flag=True, hidden=True)
 def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:
@@ -95,7 +97,8 @@ def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:
     if not opts.quiet:
         for w in summary["warnings"]:
             click.echo(f"warning: {w}", err=True)
-        click.echo(f"wrote {summary['output']}: {summary['arrays']} arrays from {summary['examples']} examples "
+        shared = f" (+{summary['aliases']} aliases of shared input Grams)" if summary.get("aliases") else ""
+        click.echo(f"wrote {summary['output']}: {summary['arrays']} arrays{shared} from {summary['examples']} examples "
                    f"({summary['tokens']} scored tokens) in {summary['seconds']:.2f} s, "
                    f"{summary['examples_per_s']:.1f} examples/s")
 
@@ -105,6 +108,7 @@ def inspect_store(path: str, as_json: bool) -> str:
 
     store = StatsStore(path)
     arrays = {kind: {name: {"shape": list(info.shape), "count": info.attrs.get("count")}
+                     | ({"alias_of": info.target} if info.target else {})
                      for name, info in group.items()}
               for kind, group in store.arrays.items() if group}
     check = ("every chunk's crc32 recorded, verified on read" if store.verified
@@ -114,8 +118,10 @@ def inspect_store(path: str, as_json: bool) -> str:
                            "digest": store.digest, "arrays": arrays}, indent=2)
     lines = [f"{path}: statistics store (format {store.format}, {check}), "
              f"{sum(len(a) for a in arrays.values())} arrays"]
-    lines += [f"  {k}: {json.dumps(v)}" for k, v in store.attrs.items()]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in store.attrs.items() if k != "aliases"]
     for kind, group in arrays.items():
-        lines.append(f"  {kind} ({len(group)})")
-        lines += [f"    {name:<64} {a['shape']!s:<16} count={a['count']}" for name, a in group.items()]
+        shared = sum("alias_of" in a for a in group.values())
+        lines.append(f"  {kind} ({len(group)}" + (f", {shared} of them aliases of a shared array)" if shared else ")"))
+        lines += [f"    {name:<64} {a['shape']!s:<16} " + (f"-> {a['alias_of']}" if "alias_of" in a
+                                                             else f"count={a['count']}") for name, a in group.items()]
     return "\n".join(lines)

@@ -12,6 +12,9 @@ Conventions (METHODS.md §4.2, §5, §8.1), the research code's defaults:
   (`--gram-normalize examples` divides by examples instead, as some ports do).
 - Fisher blocks: mean over examples of g g^T for every vector parameter (IA3 vectors, biases,
   norms).
+- Layers that read the same input (q/k/v, gate/up, every cross-attention k/v) accumulate one
+  input Gram, stored once with an alias per other weight (stats/hooks.py; `--gram-per-weight`
+  stores a copy per weight instead).
 
 Accumulators are float32 by default, as in the research code and the store; float64 is offered
 for very long runs (its rounding error stops depending on the number of batches).
@@ -72,6 +75,7 @@ class ComputeOptions:
     base_model: str | None = None
     seed: int = 0
     gram_block_rows: int | None = None
+    gram_per_weight: bool = False
     checkpoint_every: int = 50
     resume: bool = False
     overwrite: bool = False
@@ -167,9 +171,10 @@ class Collector:
                     if mod is out_emb and loaded.own_key(f"{name}.weight"):
                         skip_out.add(loaded.own_key(f"{name}.weight"))
             self.hooks = GramHooks(loaded, self.want_in, self.want_out, self.acc.dtype, block_bytes=budget // 8,
-                                   skip_out=skip_out, block_rows=opts.gram_block_rows)
+                                   skip_out=skip_out, block_rows=opts.gram_block_rows,
+                                   share_in=not opts.gram_per_weight)
             self.skip_out = sorted(skip_out)
-            self._check_gram_budget(budget)
+            self.budget = budget  # checked by prepare(), once the shared inputs are known
         if not self.grad_names and not (self.hooks and self.hooks.layers):
             raise InputError(f"{opts.model}: nothing to compute for --kind {opts.kind} (no stored parameter it applies "
                              f"to: Grams need linear layers, blockwise needs vector parameters)")
@@ -183,10 +188,28 @@ class Collector:
         for key, (mod, _, kind) in self.hooks.layers.items():
             w = mod.weight.shape
             d_in, d_out = (w[1], w[0]) if kind == "linear" else (w[0], w[1])
-            need += e * (d_in * d_in * self.want_in + d_out * d_out * (self.want_out and key not in self.hooks.skip_out))
+            need += e * (d_in * d_in * (self.want_in and key not in self.hooks.alias)
+                         + d_out * d_out * (self.want_out and key not in self.hooks.skip_out))
         if need > budget:
             raise BudgetError(f"{self.o.model}: the Gram accumulators need {need / 2**20:.1f} MiB, more than "
                               f"--max-memory {budget / 2**20:.1f} MiB")
+
+    def prepare(self) -> None:
+        """Before any accumulation: which layers read the same input (a forward of the first
+        example), then the Gram accumulators against --max-memory, a shared Gram counted once."""
+        if self.hooks is None:
+            return
+        if self.hooks.share_in and self.examples:
+            batch = next(batches(self.examples[:1], 1, self.loaded.task, self.pad_id, self.side)).to(self.o.device)
+            with torch.no_grad():
+                self.hooks.probe(lambda: self.loaded.model(**self.inputs(batch, additive=False)))
+        self._check_gram_budget(self.budget)
+
+    def aliases(self) -> list[tuple[str, str, str]]:
+        """(kind, key, the key whose array it shares) for the store."""
+        if self.hooks is None or not self.want_in:
+            return []
+        return [("gram_in", key, target) for key, target in self.hooks.alias.items()]
 
     # -------------------------------------------------------------- one batch
     def step(self, batch) -> None:
@@ -232,6 +255,7 @@ class Collector:
             else:
                 with torch.no_grad():
                     model(**self.inputs(batch, additive=False))
+            self.hooks.check_sharing()
         finally:
             self.hooks.detach()
 
@@ -240,7 +264,8 @@ class Collector:
         hooks = {"sums": {}, "counts": {}}
         if self.hooks is not None:
             hooks = {"sums": {f"{k}/{n}": v.cpu() for (k, n), v in self.hooks.sums.items()},
-                     "counts": {f"{k}/{n}": c for (k, n), c in self.hooks.counts.items()}}
+                     "counts": {f"{k}/{n}": c for (k, n), c in self.hooks.counts.items()},
+                     "aliases": dict(self.hooks.alias)}
         return {"acc": self.acc.state(), "hooks": hooks, "n_examples": self.n_examples, "n_batches": self.n_batches,
                 "n_tokens": self.n_tokens, "grad_mode": self.grads.mode}
 
@@ -248,6 +273,9 @@ class Collector:
         device = self.o.device
         self.acc.load(state["acc"], device)
         if self.hooks is not None:
+            if state["hooks"].get("aliases", {}) != self.hooks.alias:
+                raise OutputError(f"{_resume_path(self.o.output)}: checkpoint of a run whose layers shared input "
+                                  f"Grams differently; remove {self.o.output}{PARTIAL_SUFFIX} to start over")
             for kn, v in state["hooks"]["sums"].items():
                 k, n = kn.split("/", 1)
                 self.hooks.sums[(k, n)] = v.to(device)
@@ -346,6 +374,7 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
 
     collector = Collector(opts, loaded, examples, say)
     collector.pad_id, collector.side = pad_id, side
+    collector.prepare()
     warn: list[str] = [stale_lock] if stale_lock else []
     if collector.hooks is not None and collector.hooks.unstored:
         _warn(f"no Gram for {len(collector.hooks.unstored)} linear layer(s) whose weight is not stored under its "
@@ -406,11 +435,13 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
                 raise InputError(f"{opts.model}: {kind}/{key} is not finite (NaN/Inf in the model's outputs?)")
             writer.add(kind, key, value, count=count, **attrs)
             arrays += 1
+        for kind, key, target in collector.aliases():
+            writer.alias(kind, key, target)
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    return {"output": opts.output, "arrays": arrays, "examples": collector.n_examples, "tokens": collector.n_tokens,
+    return {"output": opts.output, "arrays": arrays, "aliases": len(collector.aliases()), "examples": collector.n_examples, "tokens": collector.n_tokens,
             "seconds": seconds, "examples_per_s": done_here / seconds if seconds > 0 else float("inf"),
             "grad_mode": collector.grads.mode if collector.grad_names else None, "warnings": warn or []}
 
