@@ -359,27 +359,30 @@ class StatsStore:
                              f"{{kind: {{weight: {{'target': key, 'shape': [..]}}}}}} with kinds {', '.join(STATS_KINDS)}")
         for kind, group in aliases.items():
             arrays = self.arrays[kind]
-            for name, rec in group.items():
+            for name, rec in group.items():  # each record, before any target is looked at
                 where = f"{self.path}: alias {kind}/{short(name)}"
                 why = bad_key(name)
                 if why:
                     raise InputError(f"{where}: not a valid key ({why})")
+                where = f"{self.path}: alias {kind}/{name}"
                 target = rec.get("target") if isinstance(rec, dict) else None
                 shape = rec.get("shape") if isinstance(rec, dict) else None
-                if (not isinstance(target, str) or not isinstance(shape, list)
+                if (not isinstance(target, str) or bad_key(target) or not isinstance(shape, list)
                         or not all(type(n) is int and n >= 0 for n in shape)):
                     raise InputError(f"{where}: record {short(rec)} is malformed (expected {{'target': key, "
                                      f"'shape': [..]}})")
                 if name in arrays:
                     raise InputError(f"{where}: is both a stored array and an alias")
+            for name, rec in group.items():
+                where, target, shape = f"{self.path}: alias {kind}/{name}", rec["target"], rec["shape"]
                 if target in group:
-                    raise InputError(f"{where}: points at {kind}/{short(target)}, itself an alias (chains and "
+                    raise InputError(f"{where}: points at {kind}/{target}, itself an alias (chains and "
                                      f"cycles are refused)")
                 info = arrays.get(target)
                 if info is None:
-                    raise InputError(f"{where}: points at {kind}/{short(target)}, which the store lacks")
+                    raise InputError(f"{where}: points at {kind}/{target}, which the store lacks")
                 if tuple(shape) != info.shape:
-                    raise InputError(f"{where}: records shape {shape}, but its target {kind}/{short(target)} has "
+                    raise InputError(f"{where}: records shape {shape}, but its target {kind}/{target} has "
                                      f"shape {list(info.shape)}")
             for name, rec in group.items():
                 info = arrays[rec["target"]]
