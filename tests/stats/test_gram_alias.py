@@ -288,3 +288,25 @@ def test_a_budget_that_fits_only_shared_grams(tmp_path):
     compute_stats(ComputeOptions(output=str(tmp_path / "s.zarr"), **opts))
     with pytest.raises(BudgetError, match="2.8 MiB"):
         compute_stats(ComputeOptions(output=str(tmp_path / "pw.zarr"), gram_per_weight=True, **opts))
+
+
+def test_appending_a_kind_keeps_the_aliases_and_replacing_gram_in_drops_them(tmp_path):
+    from tensormerge.stats.store import StatsWriter
+
+    g = torch.eye(3)
+    w = StatsWriter(str(tmp_path / "s.zarr"))
+    w.add("gram_in", "q.weight", g, count=1)
+    w.alias("gram_in", "k.weight", "q.weight")
+    with pytest.raises(ValueError, match="not a stored array"):
+        w.alias("gram_in", "v.weight", "k.weight")  # an alias of an alias is never written
+    path = w.close()
+    w = StatsWriter(path, append=True)
+    w.add("fisher", "q.weight", torch.ones(3, 3), count=1)
+    w.close()
+    s = StatsStore(path)
+    assert s.aliases == {"gram_in": {"k.weight": "q.weight"}} and torch.equal(s.read("gram_in", "k.weight"), g)
+    w = StatsWriter(path, append=True, overwrite=True)
+    w.add("gram_in", "k.weight", 2 * g, count=1)
+    w.close()
+    s = StatsStore(path)
+    assert s.aliases == {} and set(s.arrays["gram_in"]) == {"k.weight"}
