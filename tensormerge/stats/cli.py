@@ -85,6 +85,10 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, warnings or summary line")
 @click.option("--gram-per-weight", is_flag=True,
               help="store an input Gram per weight, even where layers read the same input (q/k/v, gate/up)")
+@click.option("--workers", type=int, help="compute on a local dask cluster of N worker processes")
+@click.option("--scheduler", help="compute on an existing dask cluster: its scheduler tcp://HOST:PORT")
+@click.option("--shard-examples", type=int, default=256, show_default=True,
+              help="examples per cluster task; the store depends on it, not on the number of workers")
 @click.option("--gram-block-rows", type=int, hidden=True)
 @click.option("--traceback", is_flag=True, hidden=True)
 def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:

@@ -76,6 +76,10 @@ class ComputeOptions:
     seed: int = 0
     gram_block_rows: int | None = None
     gram_per_weight: bool = False
+    workers: int | None = None  # --workers / --scheduler: shards on a dask cluster (stats/cluster.py)
+    scheduler: str | None = None
+    shard_examples: int = 256
+    shard: list | None = None  # set on a dask worker: [index, first example, end]
     checkpoint_every: int = 50
     resume: bool = False
     overwrite: bool = False
@@ -85,11 +89,18 @@ class ComputeOptions:
         if self.kind not in KINDS:
             raise ParameterError(f"--kind {self.kind!r}: expected one of {', '.join(KINDS)}")
         for opt, v in (("--batch-size", self.batch_size), ("--max-length", self.max_length),
-                       ("--checkpoint-every", self.checkpoint_every)):
+                       ("--checkpoint-every", self.checkpoint_every), ("--shard-examples", self.shard_examples)):
             if v < 1:
                 raise ParameterError(f"{opt} {v}: must be at least 1")
         if self.max_examples is not None and self.max_examples < 1:
             raise ParameterError(f"--max-examples {self.max_examples}: must be at least 1")
+        if self.workers is not None and self.scheduler:
+            raise ParameterError("--workers and --scheduler: give one (a local cluster, or an existing one)")
+        if self.workers is not None and self.workers < 1:
+            raise ParameterError(f"--workers {self.workers}: must be at least 1")
+        if (self.workers is not None or self.scheduler) and "://" in self.output:
+            raise ParameterError(f"--output {self.output}: a cluster run needs a local output (the workers write "
+                                 f"their shards beside it)")
         if self.fisher_type == "true" and self.fisher_mode == "squared-batch":
             raise ParameterError("--fisher-type true needs --fisher-mode per-example")
         from tensormerge.kernels.dispatch import check_device
@@ -100,7 +111,8 @@ class ComputeOptions:
         """What must not change between a run and its --resume (not: device, quiet, output)."""
         keep = {k: v for k, v in asdict(self).items()
                 if k not in ("output", "device", "resume", "overwrite", "quiet", "checkpoint_every", "grad_mode",
-                             "max_memory", "model", "data", "base_model", "gram_block_rows")}
+                             "max_memory", "model", "data", "base_model", "gram_block_rows", "workers", "scheduler",
+                             "shard")}
         blob = json.dumps({"model": identity, "data": data_hash, **keep}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -384,8 +396,17 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
               f"averages it, as the research code does)", warn)
 
     fingerprint = opts.fingerprint(loaded.identity, data_fingerprint(opts.data))
+    if opts.shard is not None:  # a dask worker's part of a --workers/--scheduler run
+        return _run_shard(opts, collector, examples, fingerprint)
     start = 0
-    if opts.resume:
+    dist = None
+    if opts.workers is not None or opts.scheduler:  # every shard on the cluster; the loop below has nothing left
+        from tensormerge.stats import cluster
+
+        dist = cluster.compute(opts, fingerprint, len(examples), say)
+        collector.load(dist[0])
+        start = collector.n_examples
+    elif opts.resume:
         state = _load_checkpoint(opts.output, fingerprint)
         if state is not None:
             collector.load(state)
@@ -419,6 +440,8 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
         raise
     bar.close()
     seconds = time.perf_counter() - t0
+    if dist is not None:
+        seconds, done_here = dist[1], dist[2]
     if collector.grads.fallback_reason:
         _warn(f"per-example gradients one example at a time (vmap failed: {collector.grads.fallback_reason})", warn)
 
@@ -444,6 +467,23 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     return {"output": opts.output, "arrays": arrays, "aliases": len(collector.aliases()), "examples": collector.n_examples, "tokens": collector.n_tokens,
             "seconds": seconds, "examples_per_s": done_here / seconds if seconds > 0 else float("inf"),
             "grad_mode": collector.grads.mode if collector.grad_names else None, "warnings": warn or []}
+
+
+def _run_shard(opts: ComputeOptions, collector: Collector, examples, fingerprint: str) -> dict:
+    """Examples [lo, hi) of a cluster run, batched from lo, their sums saved for the client."""
+    from tensormerge.engine import faults
+    from tensormerge.stats.cluster import save_shard
+    from tensormerge.stats.data import collate
+
+    index, lo, hi = opts.shard
+    for b0 in range(lo, hi, opts.batch_size):
+        chunk = examples[b0:min(b0 + opts.batch_size, hi)]
+        batch = collate(chunk, list(range(b0, b0 + len(chunk))), collector.loaded.task, collector.pad_id,
+                        collector.side)
+        collector.step(batch.to(opts.device))
+        faults.hit("stats-shard")
+    save_shard(opts.output, index, fingerprint, collector.state())
+    return {"shard": index, "examples": collector.n_examples}
 
 
 def _warn(msg: str, sink: list | None) -> None:
