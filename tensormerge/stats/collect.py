@@ -20,6 +20,7 @@ Accumulators are float32 by default, as in the research code and the store; floa
 for very long runs (its rounding error stops depending on the number of batches).
 The accumulators are checkpointed every --checkpoint-every batches into S.zarr.partial/.resume
 with a fingerprint of model, data and options, so `--resume` continues exactly that run.
+`--workers N` / `--scheduler ADDR` run fixed shards of the examples on dask (stats/cluster.py).
 """
 
 from __future__ import annotations
