@@ -465,7 +465,8 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     except BaseException:
         writer.abort()
         raise
-    return {"output": opts.output, "arrays": arrays, "aliases": len(collector.aliases()), "examples": collector.n_examples, "tokens": collector.n_tokens,
+    return {"output": opts.output, "arrays": arrays, "aliases": len(collector.aliases()),
+            "examples": collector.n_examples, "tokens": collector.n_tokens,
             "seconds": seconds, "examples_per_s": done_here / seconds if seconds > 0 else float("inf"),
             "grad_mode": collector.grads.mode if collector.grad_names else None, "warnings": warn or []}
 

@@ -203,7 +203,8 @@ class StatsWriter:
             self.root.attrs.update(updates)
             self._existing = existing
             self.aliases = {k: dict(v) for k, v in (existing.attrs.get("aliases") or {}).items()}
-            self.shapes = {(k, n): i.shape for k, g in existing.arrays.items() for n, i in g.items() if i.target is None}
+            self.shapes = {(k, n): i.shape for k, g in existing.arrays.items() for n, i in g.items()
+                           if i.target is None}
             return
         if self.local and os.path.exists(path) and not overwrite:
             raise OutputError(f"{path}: exists (pass --overwrite to replace it, or --append to add to it)")
@@ -356,7 +357,8 @@ class StatsStore:
         if not isinstance(aliases, dict) or not all(k in STATS_KINDS and isinstance(v, dict)
                                                     for k, v in aliases.items()):
             raise InputError(f"{self.path}: root attribute 'aliases' is {short(aliases)}, expected "
-                             f"{{kind: {{weight: {{'target': key, 'shape': [..]}}}}}} with kinds {', '.join(STATS_KINDS)}")
+                             f"{{kind: {{weight: {{'target': key, 'shape': [..]}}}}}} with kinds "
+                             f"{', '.join(STATS_KINDS)}")
         for kind, group in aliases.items():
             arrays = self.arrays[kind]
             for name, rec in group.items():  # each record, before any target is looked at

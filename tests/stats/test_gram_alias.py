@@ -173,7 +173,8 @@ def _corrupt(fam, tmp_path, how: str) -> tuple[str, str]:
     other = sorted(fam["sharing"].items())[-1][0]
     # a key of another shape: the largest stored Gram (the MLP's down projection reads d_ff)
     s = StatsStore(path)
-    wide = max((n for n, i in s.arrays["gram_in"].items() if i.target is None), key=lambda n: s.arrays["gram_in"][n].shape)
+    grams = s.arrays["gram_in"]
+    wide = max((n for n, i in grams.items() if i.target is None), key=lambda n: grams[n].shape)
 
     def edit(attrs):
         group = attrs["aliases"]["gram_in"]
