@@ -79,8 +79,8 @@ PIECE_BYTES = 24 * 1024 * 1024
 # Statistics stores (SPEC §3, §6): format marker written (2: arrays carry chunk checksums) and
 # those still read, the kinds a store may hold, and the bytes of one Zarr chunk (whole rows).
 # Chunks of ~1 MiB keep a row-range read within ~2 MiB of what it needs.
-STATS_FORMAT = 2
-STATS_FORMATS_READ = (1, 2)
+STATS_FORMAT = 3  # 3: shared input Grams stored once, with an alias per weight (root attribute 'aliases')
+STATS_FORMATS_READ = (1, 2, 3)
 STATS_KINDS = ("fisher", "gram_in", "gram_out", "fisher_block")
 STATS_CHUNK_BYTES = 1 << 20
 # Kinds with the parameter's own shape, read by the same rows as the block; the others

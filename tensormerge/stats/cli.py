@@ -103,6 +103,12 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
               help="zero-shot CLIPModel: the prompt of each class; its text embedding is the class's head row")
 @click.option("--clip-towers", type=click.Choice(("vision", "both")), default="vision", show_default=True,
               help="zero-shot CLIPModel: statistics of the vision tower, or of both towers and the logit scale")
+@click.option("--gram-per-weight", is_flag=True,
+              help="store an input Gram per weight, even where layers read the same input (q/k/v, gate/up)")
+@click.option("--workers", type=int, help="compute on a local dask cluster of N worker processes")
+@click.option("--scheduler", help="compute on an existing dask cluster: its scheduler tcp://HOST:PORT")
+@click.option("--shard-examples", type=int, default=256, show_default=True,
+              help="examples per cluster task; the store depends on it, not on the number of workers")
 @click.option("--gram-block-rows", type=int, hidden=True)
 @click.option("--traceback", is_flag=True, hidden=True)
 def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:
@@ -115,7 +121,8 @@ def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:
     if not opts.quiet:
         for w in summary["warnings"]:
             click.echo(f"warning: {w}", err=True)
-        click.echo(f"wrote {summary['output']}: {summary['arrays']} arrays from {summary['examples']} examples "
+        shared = f" (+{summary['aliases']} aliases of shared input Grams)" if summary.get("aliases") else ""
+        click.echo(f"wrote {summary['output']}: {summary['arrays']} arrays{shared} from {summary['examples']} examples "
                    f"({summary['tokens']} scored tokens) in {summary['seconds']:.2f} s, "
                    f"{summary['examples_per_s']:.1f} examples/s")
 
@@ -125,6 +132,7 @@ def inspect_store(path: str, as_json: bool) -> str:
 
     store = StatsStore(path)
     arrays = {kind: {name: {"shape": list(info.shape), "count": info.attrs.get("count")}
+                     | ({"alias_of": info.target} if info.target else {})
                      for name, info in group.items()}
               for kind, group in store.arrays.items() if group}
     check = ("every chunk's crc32 recorded, verified on read" if store.verified
@@ -134,8 +142,10 @@ def inspect_store(path: str, as_json: bool) -> str:
                            "digest": store.digest, "arrays": arrays}, indent=2)
     lines = [f"{path}: statistics store (format {store.format}, {check}), "
              f"{sum(len(a) for a in arrays.values())} arrays"]
-    lines += [f"  {k}: {json.dumps(v)}" for k, v in store.attrs.items()]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in store.attrs.items() if k != "aliases"]
     for kind, group in arrays.items():
-        lines.append(f"  {kind} ({len(group)})")
-        lines += [f"    {name:<64} {a['shape']!s:<16} count={a['count']}" for name, a in group.items()]
+        shared = sum("alias_of" in a for a in group.values())
+        lines.append(f"  {kind} ({len(group)}" + (f", {shared} of them aliases of a shared array)" if shared else ")"))
+        lines += [f"    {name:<64} {a['shape']!s:<16} " + (f"-> {a['alias_of']}" if "alias_of" in a
+                                                             else f"count={a['count']}") for name, a in group.items()]
     return "\n".join(lines)

@@ -12,11 +12,15 @@ Conventions (METHODS.md §4.2, §5, §8.1), the research code's defaults:
   (`--gram-normalize examples` divides by examples instead, as some ports do).
 - Fisher blocks: mean over examples of g g^T for every vector parameter (IA3 vectors, biases,
   norms).
+- Layers that read the same input (q/k/v, gate/up, every cross-attention k/v) accumulate one
+  input Gram, stored once with an alias per other weight (stats/hooks.py; `--gram-per-weight`
+  stores a copy per weight instead).
 
 Accumulators are float32 by default, as in the research code and the store; float64 is offered
 for very long runs (its rounding error stops depending on the number of batches).
 The accumulators are checkpointed every --checkpoint-every batches into S.zarr.partial/.resume
 with a fingerprint of model, data and options, so `--resume` continues exactly that run.
+`--workers N` / `--scheduler ADDR` run fixed shards of the examples on dask (stats/cluster.py).
 """
 
 from __future__ import annotations
@@ -72,6 +76,11 @@ class ComputeOptions:
     base_model: str | None = None
     seed: int = 0
     gram_block_rows: int | None = None
+    gram_per_weight: bool = False
+    workers: int | None = None  # --workers / --scheduler: shards on a dask cluster (stats/cluster.py)
+    scheduler: str | None = None
+    shard_examples: int = 256
+    shard: list | None = None  # set on a dask worker: [index, first example, end]
     checkpoint_every: int = 50
     resume: bool = False
     overwrite: bool = False
@@ -95,11 +104,18 @@ class ComputeOptions:
         if self.kind not in KINDS:
             raise ParameterError(f"--kind {self.kind!r}: expected one of {', '.join(KINDS)}")
         for opt, v in (("--batch-size", self.batch_size), ("--max-length", self.max_length),
-                       ("--checkpoint-every", self.checkpoint_every)):
+                       ("--checkpoint-every", self.checkpoint_every), ("--shard-examples", self.shard_examples)):
             if v < 1:
                 raise ParameterError(f"{opt} {v}: must be at least 1")
         if self.max_examples is not None and self.max_examples < 1:
             raise ParameterError(f"--max-examples {self.max_examples}: must be at least 1")
+        if self.workers is not None and self.scheduler:
+            raise ParameterError("--workers and --scheduler: give one (a local cluster, or an existing one)")
+        if self.workers is not None and self.workers < 1:
+            raise ParameterError(f"--workers {self.workers}: must be at least 1")
+        if (self.workers is not None or self.scheduler) and "://" in self.output:
+            raise ParameterError(f"--output {self.output}: a cluster run needs a local output (the workers write "
+                                 f"their shards beside it)")
         if self.fisher_type == "true" and self.fisher_mode == "squared-batch":
             raise ParameterError("--fisher-type true needs --fisher-mode per-example")
         if self.choice_score not in ("sum", "mean"):
@@ -112,7 +128,8 @@ class ComputeOptions:
         """What must not change between a run and its --resume (not: device, quiet, output)."""
         keep = {k: v for k, v in asdict(self).items()
                 if k not in ("output", "device", "resume", "overwrite", "quiet", "checkpoint_every", "grad_mode",
-                             "max_memory", "model", "data", "base_model", "gram_block_rows")}
+                             "max_memory", "model", "data", "base_model", "gram_block_rows", "workers", "scheduler",
+                             "shard")}
         blob = json.dumps({"model": identity, "data": data_hash, **keep}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -188,13 +205,14 @@ class Collector:
                     if mod is out_emb and loaded.own_key(f"{name}.weight"):
                         skip_out.add(loaded.own_key(f"{name}.weight"))
             self.hooks = GramHooks(loaded, self.want_in, self.want_out, self.acc.dtype, block_bytes=budget // 8,
-                                   skip_out=skip_out, block_rows=opts.gram_block_rows)
+                                   skip_out=skip_out, block_rows=opts.gram_block_rows,
+                                   share_in=not opts.gram_per_weight)
             self.skip_out = sorted(skip_out)
             if loaded.modality == "image":
                 from tensormerge.stats.images import gram_side
 
                 self.hooks.layers = {k: (m, gram_side(k), c) for k, (m, _, c) in self.hooks.layers.items()}
-            self._check_gram_budget(budget)
+            self.budget = budget  # checked by prepare(), once the shared inputs are known
         if not self.grad_names and not (self.hooks and self.hooks.layers):
             raise InputError(f"{opts.model}: nothing to compute for --kind {opts.kind} (no stored parameter it applies "
                              f"to: Grams need linear layers, blockwise needs vector parameters)")
@@ -208,10 +226,31 @@ class Collector:
         for key, (mod, _, kind) in self.hooks.layers.items():
             w = mod.weight.shape
             d_in, d_out = (w[1], w[0]) if kind == "linear" else (w[0], w[1])
-            need += e * (d_in * d_in * self.want_in + d_out * d_out * (self.want_out and key not in self.hooks.skip_out))
+            need += e * (d_in * d_in * (self.want_in and key not in self.hooks.alias)
+                         + d_out * d_out * (self.want_out and key not in self.hooks.skip_out))
         if need > budget:
             raise BudgetError(f"{self.o.model}: the Gram accumulators need {need / 2**20:.1f} MiB, more than "
                               f"--max-memory {budget / 2**20:.1f} MiB")
+
+    def prepare(self, first_batch=None) -> None:
+        """Before any accumulation: which layers read the same input (a forward of the first
+        example, or `first_batch`: an image batch), then the Gram accumulators against
+        --max-memory, a shared Gram counted once."""
+        if self.hooks is None:
+            return
+        if self.hooks.share_in and self.examples:
+            batch = first_batch if first_batch is not None else next(
+                batches(self.examples[:1], 1, self.loaded.task, self.pad_id, self.side))
+            batch = batch.to(self.o.device)
+            with torch.no_grad():
+                self.hooks.probe(lambda: self.loaded.model(**self.inputs(batch, additive=False)))
+        self._check_gram_budget(self.budget)
+
+    def aliases(self) -> list[tuple[str, str, str]]:
+        """(kind, key, the key whose array it shares) for the store."""
+        if self.hooks is None or not self.want_in:
+            return []
+        return [("gram_in", key, target) for key, target in self.hooks.alias.items()]
 
     # -------------------------------------------------------------- one batch
     def step(self, batch) -> None:
@@ -260,6 +299,7 @@ class Collector:
             else:
                 with torch.no_grad():
                     model(**self.inputs(batch, additive=False))
+            self.hooks.check_sharing()
         finally:
             self.hooks.detach()
 
@@ -268,7 +308,8 @@ class Collector:
         hooks = {"sums": {}, "counts": {}}
         if self.hooks is not None:
             hooks = {"sums": {f"{k}/{n}": v.cpu() for (k, n), v in self.hooks.sums.items()},
-                     "counts": {f"{k}/{n}": c for (k, n), c in self.hooks.counts.items()}}
+                     "counts": {f"{k}/{n}": c for (k, n), c in self.hooks.counts.items()},
+                     "aliases": dict(self.hooks.alias)}
         return {"acc": self.acc.state(), "hooks": hooks, "n_examples": self.n_examples, "n_batches": self.n_batches,
                 "n_tokens": self.n_tokens, "grad_mode": self.grads.mode}
 
@@ -276,6 +317,9 @@ class Collector:
         device = self.o.device
         self.acc.load(state["acc"], device)
         if self.hooks is not None:
+            if state["hooks"].get("aliases", {}) != self.hooks.alias:
+                raise OutputError(f"{_resume_path(self.o.output)}: checkpoint of a run whose layers shared input "
+                                  f"Grams differently; remove {self.o.output}{PARTIAL_SUFFIX} to start over")
             for kn, v in state["hooks"]["sums"].items():
                 k, n = kn.split("/", 1)
                 self.hooks.sums[(k, n)] = v.to(device)
@@ -386,6 +430,7 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
 
     collector = Collector(opts, loaded, examples, say)
     collector.pad_id, collector.side = pad_id, side
+    collector.prepare(next(image_data.batches(1)) if image_data is not None and examples else None)
     warn: list[str] = [stale_lock] if stale_lock else []
     if collector.hooks is not None and collector.hooks.unstored:
         _warn(f"no Gram for {len(collector.hooks.unstored)} linear layer(s) whose weight is not stored under its "
@@ -396,8 +441,19 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
 
     fingerprint = opts.fingerprint(loaded.identity, image_data.fingerprint() if image_data is not None
                                    else data_fingerprint(opts.data))
+    if opts.shard is not None:  # a dask worker's part of a --workers/--scheduler run
+        if image_data is not None:
+            raise InputError("stats compute --workers/--scheduler: image data runs in one process for now")
+        return _run_shard(opts, collector, examples, fingerprint)
     start = 0
-    if opts.resume:
+    dist = None
+    if opts.workers is not None or opts.scheduler:  # every shard on the cluster; the loop below has nothing left
+        from tensormerge.stats import cluster
+
+        dist = cluster.compute(opts, fingerprint, len(examples), say)
+        collector.load(dist[0])
+        start = collector.n_examples
+    elif opts.resume:
         state = _load_checkpoint(opts.output, fingerprint)
         if state is not None:
             collector.load(state)
@@ -432,6 +488,8 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
         raise
     bar.close()
     seconds = time.perf_counter() - t0
+    if dist is not None:
+        seconds, done_here = dist[1], dist[2]
     if collector.grads.fallback_reason:
         _warn(f"per-example gradients one example at a time (vmap failed: {collector.grads.fallback_reason})", warn)
 
@@ -448,11 +506,14 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
                 raise InputError(f"{opts.model}: {kind}/{key} is not finite (NaN/Inf in the model's outputs?)")
             writer.add(kind, key, value, count=count, **attrs)
             arrays += 1
+        for kind, key, target in collector.aliases():
+            writer.alias(kind, key, target)
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    return {"output": opts.output, "arrays": arrays, "examples": collector.n_examples, "tokens": collector.n_tokens,
+    return {"output": opts.output, "arrays": arrays, "aliases": len(collector.aliases()),
+            "examples": collector.n_examples, "tokens": collector.n_tokens,
             "seconds": seconds, "examples_per_s": done_here / seconds if seconds > 0 else float("inf"),
             "grad_mode": collector.grads.mode if collector.grad_names else None, "warnings": warn or []}
 
@@ -467,6 +528,23 @@ def _image_data(opts: ComputeOptions, loaded):
 
         make_zero_shot(loaded, data.classes, opts.prompt, opts.clip_towers)
     return data
+
+
+def _run_shard(opts: ComputeOptions, collector: Collector, examples, fingerprint: str) -> dict:
+    """Examples [lo, hi) of a cluster run, batched from lo, their sums saved for the client."""
+    from tensormerge.engine import faults
+    from tensormerge.stats.cluster import save_shard
+    from tensormerge.stats.data import collate
+
+    index, lo, hi = opts.shard
+    for b0 in range(lo, hi, opts.batch_size):
+        chunk = examples[b0:min(b0 + opts.batch_size, hi)]
+        batch = collate(chunk, list(range(b0, b0 + len(chunk))), collector.loaded.task, collector.pad_id,
+                        collector.side)
+        collector.step(batch.to(opts.device))
+        faults.hit("stats-shard")
+    save_shard(opts.output, index, fingerprint, collector.state())
+    return {"shard": index, "examples": collector.n_examples}
 
 
 def _warn(msg: str, sink: list | None) -> None:

@@ -8,13 +8,27 @@ exactly what it was divided by.
 
 Why row blocks: X^T X of a very wide layer (d = 16k: 1 GiB in float32) must not need a second
 temporary of the same size; rows of the Gram are added a block at a time under --max-memory.
+
+Why one input Gram per distinct input: q, k and v read the same tensor, so do T5's wi_0 and
+wi_1 and Llama's gate/up projections, and every decoder layer's cross-attention k and v read
+the same encoder output; their input Grams are equal, bit for bit. Which layers share is seen,
+not guessed from names: a probe forward records, per layer, the sequence of inputs it was
+called with (a tensor is the same input as an earlier one when it is that object, or a view of
+the same storage with the same offset, shape and strides, still alive and not modified in
+place since: its version counter is unchanged), and layers with the same sequence, the same
+token mask and the same weight layout share the first one's Gram. The sharing is then checked
+after every forward, so a model whose sharing changes between batches is an error, never a
+silently wrong Gram.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 
 import torch
+
+from tensormerge.errors import InputError
 
 CROSS_KV = re.compile(r"(EncDecAttention\.(k|v)|encoder_attn\.(k_proj|v_proj)|crossattention\.self\.(key|value))$")
 
@@ -32,7 +46,7 @@ def linear_kind(module: torch.nn.Module) -> str | None:
 
 class GramHooks:
     def __init__(self, loaded, want_in: bool, want_out: bool, acc_dtype: torch.dtype, block_bytes: int,
-                 skip_out: set[str] = frozenset(), block_rows: int | None = None):
+                 skip_out: set[str] = frozenset(), block_rows: int | None = None, share_in: bool = True):
         self.acc_dtype, self.block_bytes, self.block_rows = acc_dtype, block_bytes, block_rows
         self.layers: dict[str, tuple[torch.nn.Module, str, str]] = {}  # key -> (module, side, kind)
         self.unstored: list[str] = []
@@ -58,9 +72,72 @@ class GramHooks:
         self.counts: dict[tuple[str, str], int] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.handles = []
+        self.share_in = share_in and want_in
+        self.alias: dict[str, str] = {}  # gram_in key -> the key whose Gram it shares (see probe)
+        self._calls: dict[str, list[tuple]] = {}  # this forward: key -> (input token, side, kind) per call
+        self._seen: dict = {}  # this forward: id or storage geometry -> (weakref, version, token)
+        self._tokens = 0
+        self._probing = False
+
+    def probe(self, forward) -> dict[str, str]:
+        """Run `forward` once (a small batch) recording only which layers read the same inputs."""
+        self._probing = True
+        try:
+            self.attach({})
+            try:
+                forward()
+            finally:
+                self.detach()
+        finally:
+            self._probing = False
+        first: dict[tuple, str] = {}
+        self.alias = {}
+        for key, calls in self._calls.items():  # in order of first call: the first reader keeps the Gram
+            sig = tuple(calls)
+            if sig in first:
+                self.alias[key] = first[sig]
+            else:
+                first[sig] = key
+        return self.alias
+
+    def check_sharing(self) -> None:
+        """After a forward: every alias read exactly its target's inputs again."""
+        for key, target in self.alias.items():
+            if self._calls.get(key) != self._calls.get(target):
+                raise InputError(f"{key} read the same input as {target} in the first forward pass but not in a "
+                                 f"later one: their input Grams differ (use --gram-per-weight)")
+
+    def _token(self, x: torch.Tensor) -> int:
+        """The same number for the same input within one forward (see the module docstring)."""
+        try:
+            version = x._version
+        except RuntimeError:  # inference tensors keep no version counter
+            version = None
+        hit = self._seen.get(id(x))
+        if hit is not None and hit[0]() is x and hit[1] == version:
+            return hit[2]
+        geometry = None
+        if x.device.type != "meta":
+            try:
+                ptr = x.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                ptr = 0
+            if ptr:
+                geometry = (ptr, x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
+                hit = self._seen.get(geometry)
+                if hit is not None and hit[0]() is not None and hit[1] == version:
+                    self._seen[id(x)] = (weakref.ref(x), version, hit[2])
+                    return hit[2]
+        token = self._tokens = self._tokens + 1
+        entry = (weakref.ref(x), version, token)
+        self._seen[id(x)] = entry
+        if geometry is not None:
+            self._seen[geometry] = entry
+        return token
 
     def attach(self, masks: dict[str, torch.Tensor]) -> None:
         self.masks = masks
+        self._calls, self._seen, self._tokens = {}, {}, 0
         for key, (mod, side, _) in self.layers.items():
             self.handles.append(mod.register_forward_hook(self._hook(key, side)))
 
@@ -96,8 +173,14 @@ class GramHooks:
         self.counts[(kind, key)] += rows.shape[0]
 
     def _hook(self, key: str, side: str):
+        layout = self.layers[key][2]
+
         def hook(mod, args, out):
-            if self.want_in:
+            if self.share_in:
+                self._calls.setdefault(key, []).append((self._token(args[0]), side, layout))
+                if self._probing:
+                    return
+            if self.want_in and key not in self.alias:
                 x = args[0]
                 self._add("gram_in", key, self._rows(x.reshape(*x.shape[:-1], x.shape[-1]), side, key))
             if self.want_out and key not in self.skip_out and out.requires_grad:

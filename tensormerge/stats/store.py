@@ -19,6 +19,15 @@ or array directory, or anything that is not a regular file, is refused before an
 block), and every read decodes whole chunks and checks each against its crc32. crc32 catches
 damage and incomplete copies, not a deliberate forgery: whoever can rewrite a chunk can rewrite
 its checksum. Version-1 stores (no checksums) still open, marked unverified.
+
+An input Gram that several weights share (q/k/v, T5's wi_0/wi_1, the cross-attention k/v of
+every decoder layer: they read the same tensor) is stored once (format 3), under the first
+weight's name, and the root attribute 'aliases' maps each other weight to it:
+{kind: {weight: {"target": stored key, "shape": [d, d]}}}. Readers see an alias as an array
+of its own (has, read, nbytes, validate resolve it), so no method knows about sharing. An alias
+must point at a stored array of its kind (never at another alias: no chains, so no cycles) of
+the recorded shape; anything else is refused at open, naming the store and the key. Version-2
+stores (a Gram per weight) still open.
 """
 
 from __future__ import annotations
@@ -155,6 +164,7 @@ class ArrayInfo:
     shape: tuple[int, ...]
     attrs: dict[str, Any]  # the statistic's own attributes (count, source, ...)
     chunks: dict | None = None  # CHUNKS_ATTR, checked against the array; None: unverified (format 1)
+    target: str | None = None  # an alias (format 3): the stored array of the same kind it reads
 
 
 class StatsWriter:
@@ -176,6 +186,8 @@ class StatsWriter:
         self.groups = {}
         self.added: list[str] = []
         self.count = 0
+        self.shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+        self.aliases: dict[str, dict[str, dict]] = {}  # written into the root attrs at close
         if self.append:
             self.build = path
             existing = StatsStore(path)
@@ -190,6 +202,9 @@ class StatsWriter:
                        if v is not None and existing.attrs.get(k) is None}
             self.root.attrs.update(updates)
             self._existing = existing
+            self.aliases = {k: dict(v) for k, v in (existing.attrs.get("aliases") or {}).items()}
+            self.shapes = {(k, n): i.shape for k, g in existing.arrays.items() for n, i in g.items()
+                           if i.target is None}
             return
         if self.local and os.path.exists(path) and not overwrite:
             raise OutputError(f"{path}: exists (pass --overwrite to replace it, or --append to add to it)")
@@ -218,6 +233,8 @@ class StatsWriter:
                 if not self.overwrite and self._existing.arrays.get(kind):
                     raise OutputError(f"{self.path}: already holds {kind} statistics (pass --overwrite to replace them)")
                 del self.root[kind]
+                self.aliases.pop(kind, None)
+                self.shapes = {kn: v for kn, v in self.shapes.items() if kn[0] != kind}
             self.groups[kind] = self.root.require_group(kind)
             self.added.append(kind)
         data = value.detach().to(torch.float32).contiguous().cpu().numpy()
@@ -229,10 +246,31 @@ class StatsWriter:
             attributes={"count": count, **attrs, CHUNKS_ATTR: chunk_record(data, chunks)})
         arr[...] = data
         self.count += 1
+        self.shapes[(kind, name)] = tuple(data.shape)
+
+    def alias(self, kind: str, name: str, target: str) -> None:
+        """Record that `kind/name` is the array `kind/target` (written by `add`, here or before)."""
+        if kind not in STATS_KINDS:
+            raise ValueError(f"unknown statistics kind {kind!r}")
+        for key in (name, target):
+            why = bad_key(key)
+            if why:
+                raise InputError(f"{self.path}: {short(key)} cannot be a statistics key ({why})")
+        shape = self.shapes.get((kind, target))
+        if shape is None or (kind, name) in self.shapes:
+            raise ValueError(f"{kind}/{name}: alias to {kind}/{target}, which is not a stored array here")
+        self.aliases.setdefault(kind, {})[name] = {"target": target, "shape": list(shape)}
 
     def close(self) -> str:
         import zarr
 
+        if self.aliases:
+            if (self.root.attrs.get("tensormerge_stats") or 0) < 3:
+                raise OutputError(f"{self.path}: a version-{self.root.attrs.get('tensormerge_stats')} store cannot "
+                                  f"hold aliases (version 3 can); write a new store")
+            self.root.attrs.update({"aliases": {k: dict(sorted(v.items())) for k, v in sorted(self.aliases.items())}})
+        elif self.append and "aliases" in self.root.attrs:
+            self.root.attrs.update({"aliases": None})
         with _quiet():
             zarr.consolidate_metadata(self.build)
         if self.local and not self.append:
@@ -307,6 +345,59 @@ class StatsStore:
         unknown += [k for k in self.root.array_keys()]
         if unknown:
             raise InputError(f"{path}: unknown entry {unknown[0]!r} (a store holds {', '.join(STATS_KINDS)})")
+        self._open_aliases(attrs.get("aliases"))
+
+    def _open_aliases(self, aliases: Any) -> None:
+        """Each alias as an entry of `arrays` that reads its target; see the module docstring."""
+        if aliases is None:
+            return
+        if self.format < 3:
+            raise InputError(f"{self.path}: root attribute 'aliases' in a version-{self.format} store (aliases came "
+                             f"with version 3)")
+        if not isinstance(aliases, dict) or not all(k in STATS_KINDS and isinstance(v, dict)
+                                                    for k, v in aliases.items()):
+            raise InputError(f"{self.path}: root attribute 'aliases' is {short(aliases)}, expected "
+                             f"{{kind: {{weight: {{'target': key, 'shape': [..]}}}}}} with kinds "
+                             f"{', '.join(STATS_KINDS)}")
+        for kind, group in aliases.items():
+            arrays = self.arrays[kind]
+            for name, rec in group.items():  # each record, before any target is looked at
+                where = f"{self.path}: alias {kind}/{short(name)}"
+                why = bad_key(name)
+                if why:
+                    raise InputError(f"{where}: not a valid key ({why})")
+                where = f"{self.path}: alias {kind}/{name}"
+                target = rec.get("target") if isinstance(rec, dict) else None
+                shape = rec.get("shape") if isinstance(rec, dict) else None
+                if (not isinstance(target, str) or bad_key(target) or not isinstance(shape, list)
+                        or not all(type(n) is int and n >= 0 for n in shape)):
+                    raise InputError(f"{where}: record {short(rec)} is malformed (expected {{'target': key, "
+                                     f"'shape': [..]}})")
+                if name in arrays:
+                    raise InputError(f"{where}: is both a stored array and an alias")
+            for name, rec in group.items():
+                where, target, shape = f"{self.path}: alias {kind}/{name}", rec["target"], rec["shape"]
+                if target in group:
+                    raise InputError(f"{where}: points at {kind}/{target}, itself an alias (chains and "
+                                     f"cycles are refused)")
+                info = arrays.get(target)
+                if info is None:
+                    raise InputError(f"{where}: points at {kind}/{target}, which the store lacks")
+                if tuple(shape) != info.shape:
+                    raise InputError(f"{where}: records shape {shape}, but its target {kind}/{target} has "
+                                     f"shape {list(info.shape)}")
+            for name, rec in group.items():
+                info = arrays[rec["target"]]
+                arrays[name] = ArrayInfo(kind, name, info.shape, info.attrs, info.chunks, target=rec["target"])
+
+    def resolve(self, kind: str, name: str) -> str:
+        """The stored key that `kind/name` reads (itself unless an alias)."""
+        return self.arrays[kind][name].target or name
+
+    @property
+    def aliases(self) -> dict[str, dict[str, str]]:
+        return {k: {n: i.target for n, i in g.items() if i.target is not None}
+                for k, g in self.arrays.items() if any(i.target is not None for i in g.values())}
 
     def __repr__(self) -> str:
         return f"StatsStore({self.path!r})"
@@ -388,6 +479,7 @@ class StatsStore:
 
     def read(self, kind: str, name: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
         """Rows [r0, r1) (all rows when None) as float32, refused if any value is not finite."""
+        name = self.resolve(kind, name)
         arr = self._handles[(kind, name)]
         rec = self.arrays[kind][name].chunks
         try:
@@ -455,14 +547,18 @@ class StatsStore:
     def digest(self) -> str:
         """sha256 of the store's metadata, every array's chunk checksums included: a format-2
         store whose values changed has another digest (a format-1 store: names, shapes, attrs)."""
-        what = {"attrs": self.attrs,
+        what = {"attrs": self.attrs,  # the aliases are a root attribute
                 "arrays": {f"{k}/{n}": [list(i.shape), i.attrs, i.chunks] for k, g in self.arrays.items()
-                           for n, i in sorted(g.items())}}
+                           for n, i in sorted(g.items()) if i.target is None}}
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
     def describe(self) -> dict:
-        return {"path": self.path, "attrs": self.attrs, "format": self.format, "verified": self.verified,
-                "digest": self.digest, "arrays": {k: len(v) for k, v in self.arrays.items() if v}}
+        out = {"path": self.path, "attrs": self.attrs, "format": self.format, "verified": self.verified,
+               "digest": self.digest,
+               "arrays": {k: n for k, v in self.arrays.items() if (n := sum(i.target is None for i in v.values()))}}
+        if any(i.target is not None for v in self.arrays.values() for i in v.values()):
+            out["aliases"] = {k: len(v) for k, v in self.aliases.items()}
+        return out
 
     def fingerprint(self) -> dict:
         """What --resume compares: `describe()` (the digest covers every chunk's crc32), plus,

@@ -85,7 +85,7 @@ def test_every_array_records_its_chunk_count_and_crc32(tmp_path):
     w[873:1746] = 0  # an all-zero chunk: still written, so a missing file is never a legitimate fill
     path = H.write_store(tmp_path / "s.zarr", {"fisher": {"w": w, "s": torch.tensor(3.0), "e": torch.zeros(0)}})
     root = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
-    assert root["attributes"]["tensormerge_stats"] == 2
+    assert root["attributes"]["tensormerge_stats"] == 3
     rec = json.loads((tmp_path / "s.zarr" / "fisher" / "w" / "zarr.json").read_text())["attributes"][CHUNKS_ATTR]
     rows = 873
     data = w.numpy().astype("<f4")
@@ -95,7 +95,7 @@ def test_every_array_records_its_chunk_count_and_crc32(tmp_path):
     rec_s = json.loads((tmp_path / "s.zarr" / "fisher" / "s" / "zarr.json").read_text())["attributes"][CHUNKS_ATTR]
     assert rec_s == {"count": 1, "crc32": [zlib.crc32(np.array(3.0, dtype="<f4").tobytes())]}
     s = StatsStore(path)
-    assert s.format == 2 and s.verified
+    assert s.format == 3 and s.verified
     assert s.arrays["fisher"]["w"].attrs == {"count": None}  # the record is not one of the statistic's attrs
     assert torch.equal(s.read("fisher", "w", 900, 1000), w[900:1000])
     assert torch.equal(s.read("fisher", "w"), w) and s.read("fisher", "e").shape == (0,)
