@@ -194,7 +194,8 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
             outdir.check_output(out, overwrite=s.overwrite, keep_existing=done, protected=protected)
         os.makedirs(root, exist_ok=True)
         state = E.load_state(root)  # refuses a sweep.json that is not ours
-        gone = {os.path.basename(p) for p in (state.get("keep") or {}).get("removed") or []}
+        # candidates an earlier --keep best removed are not merged again (--overwrite: a fresh sweep)
+        gone = set() if spec.overwrite else {os.path.basename(p) for p in (state.get("keep") or {}).get("removed") or []}
         state.update({"method": spec.method if len({c.method for c in cands}) == 1 else None,
                       "inputs": spec.inputs, "base": spec.base})
         E.save_state(root, state)  # DIR is a sweep's from here on (--resume finds it)
@@ -224,7 +225,8 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
                                          error="removed by --keep best of an earlier run"))
             continue
         s = specs[[os.path.basename(x.output) for x in specs].index(c.name)]
-        cand = E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params), dict(c.swept),
+        typed = get_method(c.method).Params.typed(c.method, c.params)
+        cand = E.Candidate(c.name, c.method, typed, {k: typed.get(k, v) for k, v in c.swept.items()},
                            os.path.abspath(s.output))
         if isinstance(res, BaseException):
             cand.status, cand.error = "failed", short_error(res)

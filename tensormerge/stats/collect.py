@@ -402,8 +402,14 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
 
     fields = Fields.from_flags(**{k: getattr(opts, f"{k}_field") for k in (
         "input", "target", "text", "label", "messages", "prompt", "completion", "choices")})
-    records = read_records(opts.data, opts.max_examples, opts.split)
-    check_fields(records, fields)  # a record without its field is refused before the model loads
+    from tensormerge.stats.data import is_saved_dataset
+
+    # an image model's data, or an image folder (one sub-folder per class): the image reader checks it
+    image_input = _image_model(opts.model) or (os.path.isdir(opts.data) and not is_saved_dataset(opts.data))
+    records = None if image_input else read_records(opts.data, opts.max_examples, opts.split)
+    images = records is None or any(isinstance(r, dict) and opts.image_field in r for _, r in records)
+    if not images:  # a record without its field is refused before the model loads (images: by their reader)
+        check_fields(records, fields)
     torch.manual_seed(opts.seed)
     loaded = load_model(opts.model, dtype=dtype, device=opts.device, base_model=opts.base_model)
     image_data = _image_data(opts, loaded) if loaded.modality == "image" else None
@@ -414,7 +420,7 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
         vocab=getattr(cfg, "vocab_size", None), label2id=getattr(cfg, "label2id", None),
         num_labels=getattr(cfg, "num_labels", None) if loaded.task == "classification" else None, split=opts.split,
         fields=fields, records=records)
-    mixed = [e.where for e in examples if e.choices is None]
+    mixed = [e.where for e in examples if getattr(e, "choices", None) is None]
     if opts.fisher_type == "true" and 0 < len(mixed) < len(examples):
         raise InputError(f"{mixed[0]}: not multiple choice, but other records are; the true Fisher samples "
                          f"multiple-choice and generated answers differently (split the data)")
@@ -516,6 +522,17 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
             "examples": collector.n_examples, "tokens": collector.n_tokens,
             "seconds": seconds, "examples_per_s": done_here / seconds if seconds > 0 else float("inf"),
             "grad_mode": collector.grads.mode if collector.grad_names else None, "warnings": warn or []}
+
+
+def _image_model(model_dir: str) -> bool:
+    """Whether config.json names an image model (its records are checked by the image reader);
+    read before the model loads. Anything unreadable: not known to be one."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            archs = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(isinstance(a, str) and (a.endswith("ForImageClassification") or a == "CLIPModel") for a in archs)
 
 
 def _image_data(opts: ComputeOptions, loaded):
