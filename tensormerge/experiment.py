@@ -588,8 +588,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run_experiment(cfg, root)
     print()
     print("test accuracy (%) per task; mean; norm. = mean of merged / fine-tuned accuracy on each task;")
-    print("merge s = wall seconds of `tensormerge run` (in process; a swept method: of merging every candidate "
-          "in its `tensormerge sweep`)")
+    print("merge s = wall seconds of `tensormerge run` (in process), "
+          "or of a sweep's one read merging all its candidates")
     print(format_table(result))
     for n in result["notes"]:
         print(n)
