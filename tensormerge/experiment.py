@@ -21,22 +21,32 @@ sequence of 64 pixel tokens.
    sequences (pre-tokenized JSONL, labels -100 except the label token; `--kind all`, 256
    examples, empirical Fisher): a diagonal Fisher and K-FAC factors (input and output-gradient
    Grams), and the base's Fisher on 256 pretraining sequences for UBGM's `--base-stats`.
-4. **Merges.** `tensormerge run` for every method, with the parameters in `METHOD_PARAMS`;
-   task arithmetic's and DARE's λ are chosen on the validation images (never the test
-   images) from `LAMBDAS`, by the mean accuracy normalised to the fine-tunes; MaTS starts from
-   task arithmetic with that λ.
+4. **Merges.** `tensormerge run` for every method, with the parameters in `METHOD_PARAMS`,
+   except the one knob of task arithmetic, DARE (λ from `LAMBDAS`) and MaTS (CG iterations
+   from `CG_ITERATIONS`; it starts from task arithmetic with the chosen λ), which is chosen on
+   the validation images (never the test images) by a `tensormerge sweep`: every candidate
+   merged from one read of the inputs into `WORKDIR/sweep-<method>/<candidate>`, each scored by
+   `validation_score` below (`--eval-python tensormerge.experiment:validation_score`), the best
+   mean accuracy normalised to the fine-tunes chosen (`--select val:max`) and the others removed
+   (`--keep best`); `WORKDIR/sweep-<method>/sweep.json` keeps every candidate's scores. The
+   candidates are given in increasing order and the sweep's ties go to the first, so a tie goes
+   to the smaller value. The test-set table scores the chosen output only.
 
 It prints accuracy per task, their mean, the mean normalised to each task's fine-tune and the
-merge's wall seconds, for the base, each fine-tune and each method. Training runs on one thread
+merge's wall seconds (a swept method: of its sweep's one read that merged every candidate), for
+the base, each fine-tune and each method. Training runs on one thread
 with fixed seeds, so a rerun on the same machine prints the same accuracies.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -79,7 +89,7 @@ VOCAB = SEP + 1 + len(TASKS) + len(LABEL_NAMES)
 METHODS = ("average", "task_arithmetic", "ties", "dare", "fisher", "regmean", "mats", "ubgm")
 STATS_METHODS = {"fisher": "fisher", "regmean": "kfac", "mats": "kfac", "ubgm": "fisher"}
 # Fixed parameters (the methods' defaults unless noted); λ of task arithmetic and DARE is chosen
-# on the validation split from LAMBDAS.
+# on the validation split from LAMBDAS by a `tensormerge sweep`.
 METHOD_PARAMS = {
     "average": {},
     "task_arithmetic": {},                                 # lambda: validation
@@ -96,6 +106,11 @@ LAMBDAS = (0.3, 0.5, 0.7, 1.0)
 # poorly determined directions, and the MaTS paper treats the iteration count as a knob.
 CG_ITERATIONS = (3, 10, 30, 100)
 VALIDATED = {"task_arithmetic": "lambda", "dare": "lambda", "mats": "iterations"}  # the one knob per method
+# What `validation_score` needs (tasks, split seed, threads, the fine-tunes' validation accuracies):
+# the experiment writes it to WORKDIR/validation.json and names WORKDIR in this variable.
+WORKDIR_ENV = "TENSORMERGE_EXPERIMENT"
+VALIDATION_JSON = "validation.json"
+SELECT = "val:max"
 
 
 @dataclass
@@ -247,17 +262,71 @@ def evaluate(model, tasks: list[Task], split: tuple[torch.Tensor, torch.Tensor])
     return {t.name: accuracy(model, t, *split) for t in tasks}
 
 
+def normalised(acc: dict[str, float], ft_acc: dict[str, float]) -> float:
+    return sum(acc[t] / ft_acc[t] for t in acc) / len(acc)
+
+
+# ----------------------------------------------------------------------------- the sweeps' evaluation
+
+
+@functools.lru_cache(maxsize=2)
+def _validation_split(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_splits(seed)["val"]
+
+
+def write_validation_context(root: str, tasks: list[Task], cfg: Config, ft_val: dict[str, float]) -> str:
+    """WORKDIR/validation.json: what `validation_score` needs and cannot know from an output
+    path (the tasks, the split's seed, the evaluation threads, each fine-tune's accuracy on its
+    own task's validation images, the normaliser)."""
+    path = os.path.join(root, VALIDATION_JSON)
+    with open(path, "w") as f:
+        json.dump({"tasks": [t.name for t in tasks], "seed": cfg.seed, "threads": cfg.threads,
+                   "fine_tuned": ft_val}, f, indent=2)
+    return path
+
+
+def validation_score(output: str) -> dict[str, float]:
+    """`tensormerge sweep --eval-python tensormerge.experiment:validation_score`: the merged
+    model at `output` scored on the VALIDATION images of every task of the experiment whose
+    workdir $TENSORMERGE_EXPERIMENT names (its validation.json). Returns {"val": mean accuracy
+    normalised to the fine-tunes (what `--select val:max` chooses by), <task>: accuracy, ...}.
+    Evaluates on the experiment's thread count, as the experiment itself does, so the scores are
+    the same in its process and in a shell."""
+    root = os.environ.get(WORKDIR_ENV)
+    if not root:
+        raise RuntimeError(f"set {WORKDIR_ENV} to the experiment's workdir (it holds {VALIDATION_JSON})")
+    with open(os.path.join(root, VALIDATION_JSON)) as f:
+        ctx = json.load(f)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    tasks = [TASKS[t] for t in ctx["tasks"]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(ctx["threads"]))
+    try:
+        model = load_model(output)
+        acc = {t.name: accuracy(model, t, *_validation_split(int(ctx["seed"]))) for t in tasks}
+    finally:
+        torch.set_num_threads(threads)
+    return {"val": normalised(acc, ctx["fine_tuned"]), **acc}
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
 def tensormerge_cli(args: list[str]) -> float:
     """`tensormerge ARGS` in this process (no interpreter start-up per call); returns its wall
-    seconds and raises with the command line when it fails."""
+    seconds and raises with the command line when it fails (an error, or a non-zero exit: a
+    sweep with a failed candidate or nothing chosen)."""
     from tensormerge.cli import cli
 
     t0 = time.perf_counter()
     try:
         cli.main(args=args, prog_name="tensormerge", standalone_mode=False)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise RuntimeError(f"`tensormerge {' '.join(args)}` failed (exit status {e.code})") from e
     except Exception as e:
         raise RuntimeError(f"`tensormerge {' '.join(args)}` failed: {e}") from e
     return time.perf_counter() - t0
@@ -276,9 +345,10 @@ def compute_statistics(model: str, data: str, kind: str, output: str, max_exampl
                             "--fisher-type", "empirical"])
 
 
-def merge(method: str, inputs: list[str], base: str, output: str, params: dict[str, str],
-          stats: list[str] | None = None, base_stats: str | None = None, extra: tuple[str, ...] = ()) -> float:
-    args = ["run", "--method", method, "--inputs", ",".join(inputs), "--base", base, "--output", output,
+def merge_args(command: str, method: str, inputs: list[str], base: str, output: str, params: dict[str, str],
+               stats: list[str] | None = None, base_stats: str | None = None,
+               extra: tuple[str, ...] = ()) -> list[str]:
+    args = [command, "--method", method, "--inputs", ",".join(inputs), "--base", base, "--output", output,
             "--overwrite", "--quiet", *extra]
     for k, v in params.items():
         args += ["-p", f"{k}={v}"]
@@ -286,7 +356,65 @@ def merge(method: str, inputs: list[str], base: str, output: str, params: dict[s
         args += ["--stats", ",".join(stats)]
     if base_stats:
         args += ["--base-stats", base_stats]
-    return tensormerge_cli(args)
+    return args
+
+
+def merge(method: str, inputs: list[str], base: str, output: str, params: dict[str, str],
+          stats: list[str] | None = None, base_stats: str | None = None, extra: tuple[str, ...] = ()) -> float:
+    return tensormerge_cli(merge_args("run", method, inputs, base, output, params, stats, base_stats, extra))
+
+
+def sweep_values(values) -> str:
+    """A knob's candidates as `-p` alternatives, in increasing order: the sweep's ties go to the
+    first candidate, so a tie goes to the smaller value (fewer CG iterations, a smaller λ)."""
+    return ",".join(str(v) for v in sorted(set(values)))
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def choose(root: str, method: str, key: str, values, params: dict[str, str], merge_kw: dict) -> dict:
+    """`tensormerge sweep` of one knob over `values`, scored on the validation images by
+    `validation_score` and chosen by `--select val:max --keep best`, into WORKDIR/sweep-<method>.
+    Returns the chosen value (as given), its output, the candidates' (value, val) in sweep order,
+    the command line, and seconds: the command's (scoring and plot included), the evaluations',
+    and the merge's (every candidate from one read, as sweep.json records it)."""
+    from tensormerge import evaluate as ev
+
+    sweep_dir = os.path.join(root, f"sweep-{method}")
+    if os.path.lexists(sweep_dir):   # an earlier run's sweep: the inputs are retrained, start afresh
+        if not os.path.isfile(os.path.join(sweep_dir, ev.SWEEP_JSON)):
+            raise RuntimeError(f"{sweep_dir}: exists and holds no {ev.SWEEP_JSON}; move it away")
+        shutil.rmtree(sweep_dir)
+    args = merge_args("sweep", output=sweep_dir, params={**params, key: sweep_values(values)}, **merge_kw)
+    args += ["--eval-python", "tensormerge.experiment:validation_score", "--select", SELECT, "--keep", "best"]
+    with _environ(WORKDIR_ENV, root):
+        seconds = tensormerge_cli(args)
+    state = ev.load_state(sweep_dir)
+    rows = state["candidates"]
+    ordered = sorted(set(values))
+    if len(rows) != len(ordered) or any(r["params"].get(key) != v for r, v in zip(rows, ordered)):
+        raise RuntimeError(f"{sweep_dir}/{ev.SWEEP_JSON}: its candidates are not {key} = {ordered}")
+    best = [i for i, r in enumerate(rows) if r["selected"]]
+    if len(best) != 1:
+        raise RuntimeError(f"{sweep_dir}/{ev.SWEEP_JSON}: no candidate was chosen")
+    eval_s = sum(r["eval_seconds"] or 0.0 for r in rows)
+    # a candidate's merge_seconds runs from the start of the read it shares with the others
+    merge_s = max(r["merge_seconds"] for r in rows)
+    return {"value": ordered[best[0]], "output": rows[best[0]]["output"], "dir": sweep_dir,
+            "scores": [(v, r["metrics"]["val"]) for v, r in zip(ordered, rows)],
+            "command": "tensormerge " + " ".join(args), "seconds": seconds, "eval_seconds": eval_s,
+            "merge_seconds": merge_s}
 
 
 def merge_notes(method: str, out: str) -> list[str]:
@@ -310,10 +438,6 @@ def merge_notes(method: str, out: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the experiment
-
-
-def normalised(acc: dict[str, float], ft_acc: dict[str, float]) -> float:
-    return sum(acc[t] / ft_acc[t] for t in acc) / len(acc)
 
 
 def run_experiment(cfg: Config, root: str, log=print) -> dict:
@@ -374,6 +498,7 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
     ft_test = [evaluate(load_model(p), tasks, test) for p in fts]
     ft_own = {t.name: ft_test[i][t.name] for i, t in enumerate(tasks)}
     ft_own_val = {t.name: accuracy(load_model(p), t, *val) for t, p in zip(tasks, fts)}
+    write_validation_context(root, tasks, cfg, ft_own_val)
     rows.append({"model": "base", "acc": base_acc, "seconds": None})
     for t, acc in zip(tasks, ft_test):
         rows.append({"model": f"ft-{t.name}", "acc": acc, "seconds": None})
@@ -403,36 +528,36 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
             f"{', and the base Fisher on pretraining sequences' if base_store else ''}): "
             f"{time.perf_counter() - t0:.1f} s")
 
-    # 4. merges
+    # 4. merges: `run`, or for a method with a knob a `sweep` scored on the validation images
     chosen: dict[str, float] = {}
-
-    def do_merge(method: str, params: dict[str, str], out: str) -> float:
-        st = stores.get("all") if method in STATS_METHODS else None
-        return merge(method, fts, base, out, params, stats=st, base_stats=base_store if method == "ubgm" else None,
-                     extra=cfg.merge_args)
-
     for method in methods:
         params = dict(METHOD_PARAMS[method])
-        out = os.path.join(root, f"merged-{method}")
+        st = stores.get("all") if method in STATS_METHODS else None
+        merge_kw = {"method": method, "inputs": fts, "base": base, "stats": st,
+                    "base_stats": base_store if method == "ubgm" else None, "extra": cfg.merge_args}
         if method == "mats":
             params["init_lambda"] = str(chosen.get("task_arithmetic", 0.3))
+        sweep = None
         if method in VALIDATED:
             key = VALIDATED[method]
-            scores = {}
-            for value in (cfg.lambdas if key == "lambda" else cfg.cg_iterations):
-                do_merge(method, {**params, key: str(value)}, out)
-                acc = {t.name: accuracy(load_model(out), t, *val) for t in tasks}
-                scores[value] = normalised(acc, ft_own_val)
-            best = max(scores, key=lambda v: (scores[v], -v))
-            chosen[method] = best
-            params[key] = str(best)
-            notes.append(f"{method}: {key} {best} chosen on the validation images from "
-                         + ", ".join(f"{v} ({s:.3f})" for v, s in scores.items()))
-        seconds = do_merge(method, params, out)
-        rows.append({"model": method, "acc": evaluate(load_model(out), tasks, test), "seconds": seconds,
-                     "params": params})
+            sweep = choose(root, method, key, cfg.lambdas if key == "lambda" else cfg.cg_iterations, params, merge_kw)
+            chosen[method] = sweep["value"]
+            params[key] = str(sweep["value"])
+            out, seconds = sweep["output"], sweep["merge_seconds"]
+            notes.append(f"{method}: {key} {sweep['value']} chosen on the validation images from "
+                         + ", ".join(f"{v} ({s:.3f})" for v, s in sweep["scores"]))
+        else:
+            out = os.path.join(root, f"merged-{method}")
+            seconds = merge(output=out, params=params, **merge_kw)
+        row = {"model": method, "acc": evaluate(load_model(out), tasks, test), "seconds": seconds,
+               "params": params, "output": out}
+        if sweep is not None:
+            row["sweep"] = {k: sweep[k] for k in ("dir", "command", "seconds", "eval_seconds", "merge_seconds")}
+        rows.append(row)
         notes += merge_notes(method, out)
-        log(f"merged {method} ({', '.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}): {seconds:.2f} s")
+        log(f"merged {method} ({', '.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}): {seconds:.2f} s"
+            + (f" for {len(sweep['scores'])} candidates from one read (`tensormerge sweep`: {sweep['seconds']:.2f} s "
+               f"with the validation scoring)" if sweep else ""))
 
     for r in rows:
         r["mean"] = sum(r["acc"].values()) / len(tasks)
@@ -463,7 +588,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run_experiment(cfg, root)
     print()
     print("test accuracy (%) per task; mean; norm. = mean of merged / fine-tuned accuracy on each task;")
-    print("merge s = wall seconds of `tensormerge run` (in process)")
+    print("merge s = wall seconds of `tensormerge run` (in process), "
+          "or of a sweep's one read merging all its candidates")
     print(format_table(result))
     for n in result["notes"]:
         print(n)

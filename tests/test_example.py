@@ -82,7 +82,11 @@ def test_merged_outputs_load_and_reproduce_the_table(result):
     split = E.load_splits(0)["test"]
     tasks = [E.TASKS[t] for t in result["tasks"]]
     for r in result["rows"][1 + len(tasks):]:
-        out = os.path.join(root, f"merged-{r['model']}")
+        out = r["output"]   # a swept method's is the candidate its sweep chose
+        if r["model"] in E.VALIDATED:
+            assert os.path.dirname(out) == os.path.join(root, f"sweep-{r['model']}")
+        else:
+            assert out == os.path.join(root, f"merged-{r['model']}")
         _, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
         assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
         with open(os.path.join(out, "tensormerge.json")) as f:
@@ -105,6 +109,70 @@ def test_task_arithmetic_lambda_is_chosen_on_validation(result):
     r = next(r for r in result["rows"] if r["model"] == "task_arithmetic")
     assert float(r["params"]["lambda"]) in E.Config(**E.QUICK).lambdas
     assert any(n.startswith("task_arithmetic: lambda") and "validation" in n for n in result["notes"])
+
+
+def test_sweeps_choice_is_the_argmax_of_its_validation_scores(result):
+    """Each swept knob: sweep.json holds every candidate of the configured values, each scored on
+    the validation images (recomputed here for the chosen output, the normaliser from the
+    fine-tunes here too), and the experiment took the argmax by hand, ties to the smaller value:
+    the rule the hand-written loop had."""
+    from tensormerge.evaluate import load_state
+
+    cfg = E.Config(**E.QUICK)
+    root = result["workdir"]
+    tasks = [E.TASKS[t] for t in result["tasks"]]
+    val = E.load_splits(0)["val"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the experiment evaluates
+    try:
+        ft_val = {t.name: E.accuracy(E.load_model(os.path.join(root, f"ft-{t.name}")), t, *val) for t in tasks}
+        swept = [r for r in result["rows"] if r["model"] in E.VALIDATED]
+        assert [r["model"] for r in swept] == [m for m in cfg.methods if m in E.VALIDATED] and swept
+        for r in swept:
+            key = E.VALIDATED[r["model"]]
+            values = cfg.lambdas if key == "lambda" else cfg.cg_iterations
+            state = load_state(os.path.join(root, f"sweep-{r['model']}"))
+            cands = state["candidates"]
+            assert sorted(c["params"][key] for c in cands) == sorted(values)
+            for c in cands:
+                m = c["metrics"]
+                assert set(m) == {"val", *result["tasks"]}
+                assert m["val"] == pytest.approx(sum(m[t] / ft_val[t] for t in ft_val) / len(ft_val), abs=1e-12)
+            best = max(cands, key=lambda c: (c["metrics"]["val"], -c["params"][key]))
+            assert float(r["params"][key]) == best["params"][key]
+            assert r["output"] == best["output"] and state["selection"]["best"] == best["name"]
+            assert [c["name"] for c in cands if c["selected"]] == [best["name"]]
+            assert {t.name: E.accuracy(E.load_model(r["output"]), t, *val) for t in tasks} == \
+                {t: best["metrics"][t] for t in result["tasks"]}
+            # --keep best: only the chosen candidate's output is left
+            assert [c["name"] for c in cands if os.path.isdir(c["output"])] == [best["name"]]
+            command = r["sweep"]["command"]
+            assert command.startswith("tensormerge sweep ") and "--select val:max --keep best" in command
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sweep_order_gives_ties_to_the_smaller_value():
+    """The sweep's ties go to the first candidate; the experiment lists the values increasing, so
+    its choice is the old loop's max(scores, key=(score, -value)) on any scores, ties included."""
+    from tensormerge import evaluate as ev
+
+    assert E.sweep_values((1.0, 0.3, 0.7, 0.5)) == "0.3,0.5,0.7,1.0"
+    assert E.sweep_values((100, 3, 30, 10)) == "3,10,30,100"
+    values = (1.0, 0.3, 0.7, 0.5)
+    for scores in ((0.5, 0.5, 0.5, 0.5), (0.4, 0.5, 0.5, 0.1), (0.9, 0.2, 0.9, 0.3), (0.1, 0.2, 0.3, 0.4)):
+        by_value = dict(zip(values, scores))
+        cands = [ev.Candidate(f"lambda={v}", "task_arithmetic", {"lambda": v}, {"lambda": v}, f"/x/{v}",
+                              status="merged", metrics={"val": by_value[v]})
+                 for v in map(float, E.sweep_values(values).split(","))]
+        chosen = ev.select(cands, E.SELECT)
+        assert chosen.params["lambda"] == max(by_value, key=lambda v: (by_value[v], -v)), scores
+
+
+def test_validation_score_needs_the_workdir(monkeypatch, tmp_path):
+    monkeypatch.delenv(E.WORKDIR_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=E.WORKDIR_ENV):
+        E.validation_score(str(tmp_path))
 
 
 def test_main_prints_the_table_and_writes_json(tmp_path, monkeypatch, capsys):
