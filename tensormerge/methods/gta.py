@@ -128,7 +128,8 @@ class _L1Pass(GlobalPass):
 
     def skip(self, state: dict) -> bool:
         """No model is dropped (density 1, mergekit's default): nothing to rescale, nothing read."""
-        return self.params.density is None or not any(0 < d < 1 for d in self.params.density)
+        every = [self.params, *getattr(self.params, "per_block", {}).values()]  # per-tensor densities too
+        return all(p.density is None or not any(0 < d < 1 for d in p.density) for p in every)
 
     def map(self, data: BlockData, state: dict) -> torch.Tensor:
         n = len(data.inputs)
@@ -137,12 +138,13 @@ class _L1Pass(GlobalPass):
         out = torch.zeros(n, 2, total, dtype=torch.float64)
         wd = K.work_dtype(data.base, *data.inputs)
         base_w = data.base.to(wd)
-        dens = self.params.densities(n)
-        for i, (x, needed) in enumerate(zip(data.inputs, self.params.pass_rescale(n))):
+        own = self.params.for_block(data.name)  # a per-tensor density (methods.rules)
+        dens = own.densities(n)
+        for i, (x, needed) in enumerate(zip(data.inputs, own.pass_rescale(n))):
             if not needed:
                 continue
             d = x.to(wd) - base_w
-            keep = _hashed_mask(self.params, i, d, data, dens[i])
+            keep = _hashed_mask(own, i, d, data, dens[i])
             out[i, 0, data.row_start:data.row_start + rows] = K.row_sums(d.abs()).cpu()
             out[i, 1, data.row_start:data.row_start + rows] = K.row_sums(d.abs_().mul_(keep)).cpu()
         return out

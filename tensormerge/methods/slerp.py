@@ -80,7 +80,8 @@ class _AnglePass(GlobalPass):
             sq_a = sq_b = dot = float("inf")
         if not all(map(torch.isfinite, torch.tensor([sq_a, sq_b, dot]))):
             raise InputError(f"tensor {block!r}: an endpoint holds NaN or Inf values, or its squared norm overflows")
-        acc["result"][block] = list(K.slerp_coefficients(self.params.t, sq_a, sq_b, dot, numel == 0))
+        t = self.params.for_block(block).t  # a per-tensor t (methods.rules)
+        acc["result"][block] = list(K.slerp_coefficients(t, sq_a, sq_b, dot, numel == 0))
         return acc
 
     def finish(self, acc: dict, state: dict) -> None:
