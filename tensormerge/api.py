@@ -375,53 +375,73 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
     outdir.check_paths(root, protected)
     _check_sweep_dir(root)
     say = log or (lambda msg: None)
-    with ExitStack() as stack:
-        stack.enter_context(outdir.OutputLock(root, "sweep", quiet=spec.quiet))
-        specs, plans = _open_sweep(spec, cands, stack)
-        places = outdir.checkpoint_places([ck for p in plans for ck in p.checkpoints + list(p.extras.values())])
-        outdir.check_paths(root, places)
-        for s in specs:
-            out = os.path.abspath(s.output)
-            done = s.resume and not s.overwrite and not os.path.exists(out + C.PARTIAL_SUFFIX)
-            outdir.check_output(out, overwrite=s.overwrite, keep_existing=done, protected=protected)
-        os.makedirs(root, exist_ok=True)
-        state = E.load_state(root)  # refuses a sweep.json that is not ours
-        gone = {os.path.basename(p) for p in (state.get("keep") or {}).get("removed") or []}
-        state.update({"method": spec.method if len({c.method for c in cands}) == 1 else None,
-                      "inputs": spec.inputs, "base": spec.base})
-        E.save_state(root, state)  # DIR is a sweep's from here on (--resume finds it)
-        keep_idx = [i for i, c in enumerate(cands) if c.name not in gone]
-        specs, plans = [specs[i] for i in keep_idx], [plans[i] for i in keep_idx]
-        for s in specs:
-            stack.enter_context(outdir.OutputLock(os.path.abspath(s.output), "sweep", quiet=True))
-        runners = [Runner(p, run_options(s, quiet=True if len(specs) > 1 else None)) for p, s in zip(plans, specs)]
-        for r in runners:
-            r.opts.quiet = spec.quiet  # the bars of the shared read are the lead's
-        if spec.workers is not None or spec.scheduler:
-            from tensormerge.engine.distributed import run_sweep_on_cluster
+    # DIR is held through scoring and --keep too: another sweep into DIR would otherwise replace
+    # candidates being evaluated and write sweep.json over this one's record
+    with outdir.OutputLock(root, "sweep", quiet=spec.quiet):
+        with ExitStack() as stack:
+            specs, plans = _open_sweep(spec, cands, stack)
+            places = outdir.checkpoint_places([ck for p in plans for ck in p.checkpoints + list(p.extras.values())])
+            outdir.check_paths(root, places)
+            for s in specs:
+                out = os.path.abspath(s.output)
+                done = s.resume and not s.overwrite and not os.path.exists(out + C.PARTIAL_SUFFIX)
+                outdir.check_output(out, overwrite=s.overwrite, keep_existing=done, protected=protected)
+            os.makedirs(root, exist_ok=True)
+            state = E.load_state(root)  # refuses a sweep.json that is not ours
+            gone = _removed_earlier(state, spec, cands)
+            state.update({"method": spec.method if len({c.method for c in cands}) == 1 else None,
+                          "inputs": spec.inputs, "base": spec.base})
+            E.save_state(root, state)  # DIR is a sweep's from here on (--resume finds it)
+            keep_idx = [i for i, c in enumerate(cands) if c.name not in gone]
+            specs, plans = [specs[i] for i in keep_idx], [plans[i] for i in keep_idx]
+            for s in specs:
+                stack.enter_context(outdir.OutputLock(os.path.abspath(s.output), "sweep", quiet=True))
+            runners = [Runner(p, run_options(s, quiet=True if len(specs) > 1 else None)) for p, s in zip(plans, specs)]
+            for r in runners:
+                r.opts.quiet = spec.quiet  # the bars of the shared read are the lead's
+            if spec.workers is not None or spec.scheduler:
+                from tensormerge.engine.distributed import run_sweep_on_cluster
 
-            results = run_sweep_on_cluster(spec, specs, runners, plans[0].max_memory, stack, say)
-        else:
-            results = run_sweep(runners, plans[0].max_memory, spec.quiet, say) if runners else []
-    by_name = {os.path.basename(s.output): r for s, r in zip(specs, results)}
-    cands_out = []
+                results = run_sweep_on_cluster(spec, specs, runners, plans[0].max_memory, stack, say)
+            else:
+                results = run_sweep(runners, plans[0].max_memory, spec.quiet, say) if runners else []
+        by_name = {os.path.basename(s.output): r for s, r in zip(specs, results)}
+        cands_out = []
+        for c in cands:
+            res = by_name.get(c.name)
+            if c.name in gone:  # not merged again: --keep best removed it in an earlier run
+                cands_out.append(E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params),
+                                             dict(c.swept), os.path.join(root, c.name), status="removed",
+                                             error="removed by --keep best of an earlier run"))
+                continue
+            s = specs[[os.path.basename(x.output) for x in specs].index(c.name)]
+            cand = E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params), dict(c.swept),
+                               os.path.abspath(s.output))
+            if isinstance(res, BaseException):
+                cand.status, cand.error = "failed", short_error(res)
+            else:
+                cand.status = "merged"
+                cand.merge_seconds = None if res.get("already_complete") else round(res.get("seconds", 0.0), 3)
+            cands_out.append(cand)
+        return finish_sweep(root, cands_out, evaluation, quiet=spec.quiet, log=say)
+
+
+def _removed_earlier(state: dict, spec: MergeSpec, cands) -> set[str]:
+    """Candidates an earlier --keep best removed and a --resume does not merge again: only the
+    same candidate (method, parameters, inputs and base as recorded); any other is merged anew."""
+    import json
+
+    if not spec.resume or spec.overwrite or state.get("inputs") != spec.inputs or state.get("base") != spec.base:
+        return set()
+    removed = {os.path.basename(p) for p in (state.get("keep") or {}).get("removed") or [] if isinstance(p, str)}
+    rows = {r.get("name"): r for r in state.get("candidates") or [] if isinstance(r, dict)}
+    out = set()
     for c in cands:
-        res = by_name.get(c.name)
-        if c.name in gone:  # not merged again: --keep best removed it in an earlier run
-            cands_out.append(E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params),
-                                         dict(c.swept), os.path.join(root, c.name), status="removed",
-                                         error="removed by --keep best of an earlier run"))
-            continue
-        s = specs[[os.path.basename(x.output) for x in specs].index(c.name)]
-        cand = E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params), dict(c.swept),
-                           os.path.abspath(s.output))
-        if isinstance(res, BaseException):
-            cand.status, cand.error = "failed", short_error(res)
-        else:
-            cand.status = "merged"
-            cand.merge_seconds = None if res.get("already_complete") else round(res.get("seconds", 0.0), 3)
-        cands_out.append(cand)
-    return finish_sweep(root, cands_out, evaluation, quiet=spec.quiet, log=say)
+        row = rows.get(c.name) or {}
+        if c.name in removed and row.get("method") == c.method and row.get("params") == json.loads(
+                json.dumps(get_method(c.method).Params.typed(c.method, c.params))):
+            out.add(c.name)
+    return out
 
 
 def short_error(e: BaseException) -> str:
