@@ -324,8 +324,14 @@ class Evaluation:
 def candidate_specs(spec: MergeSpec, cands) -> list[MergeSpec]:
     """Each candidate as the `run` it stands for: its method and parameters, DIR/<name>."""
     root = os.path.abspath(spec.output)
+    mixed = len({c.method for c in cands}) > 1
+
+    def stats(c):  # in a mixed list, a method that uses no statistics is the run without them
+        m = get_method(c.method)
+        return dict(stats=spec.stats if m.uses_stats or not mixed else [],
+                    base_stats=spec.base_stats if m.uses_base_stats or not mixed else None)
     return [dataclasses.replace(spec, method=c.method, params=dict(c.params), output=os.path.join(root, c.name),
-                                report=None) for c in cands]
+                                report=None, **stats(c)) for c in cands]
 
 
 def _open_sweep(spec: MergeSpec, cands, stack: ExitStack) -> tuple[list[MergeSpec], list[MergePlan]]:

@@ -93,7 +93,8 @@ def from_yaml(default_method: str | None, items: Any, path: str) -> list[Candida
         out.append(CandidateSpec(name or "", method, dict(params)))
     keys = sorted({k for c in out for k in c.params})
     for c in out:
-        c.swept = {k: c.params.get(k) for k in keys if len({repr(o.params.get(k)) for o in out}) > 1}
+        # a key this candidate lacks is not its swept value (no `k=None` in its name)
+        c.swept = {k: c.params[k] for k in keys if k in c.params and len({repr(o.params.get(k)) for o in out}) > 1}
     name_all(out)
     return out
 
