@@ -345,6 +345,13 @@ def _open_sweep(spec: MergeSpec, cands, stack: ExitStack) -> tuple[list[MergeSpe
             raise ParameterError(f"candidate {c.name}: {e}") from None
         if plans[-1].lora is not None and plans[-1].lora.mode == "svd":
             raise ParameterError("sweep: --lora svd:R is not supported in a sweep (run each candidate)")
+    seen: dict = {}
+    for c, p in zip(cands, plans):  # `lambda=0.30,0.3`: one merge written twice
+        key = (c.method, repr(sorted(p.params.as_dict().items())))
+        if key in seen:
+            raise ParameterError(f"sweep: candidates {seen[key]} and {c.name} are the same merge ({c.method} "
+                                 f"{short(p.params.as_dict())}); give each value once")
+        seen[key] = c.name
     return specs, plans
 
 

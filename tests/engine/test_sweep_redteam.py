@@ -244,3 +244,33 @@ def test_dir_is_held_while_the_candidates_are_scored(fam, tmp_path):
                 Evaluation(python=f"{p}:score", select="blocked"))
     assert [c["metrics"]["blocked"] for c in res["candidates"]] == [1, 1]
     assert not (tmp_path / "sw" / "lambda=0.3").exists()
+
+
+# ----------------------------------------------------------------------------- dask
+def test_dask_mixed_methods_and_a_failing_candidate(tmp_path):
+    base, fts = make_family(3, 5)
+    half = lambda sd: {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}  # noqa: E731
+    b = save(tmp_path / "base", half(base))
+    ins = [save(tmp_path / f"ft{i}", half(sd)) for i, sd in enumerate(fts)]
+    f = {"base": b, "inputs": ins}
+    cands = grid.from_yaml(None, [{"method": "ties", "params": {"k": 0.3}},
+                                  {"method": "task_arithmetic", "params": {"lambda": 1e7}},
+                                  {"method": "task_arithmetic", "params": {"lambda": 0.4}},
+                                  {"method": "dare", "params": {"seed": 3}}], "c.yaml")
+    res = sweep(_plain(f, max_memory="100KiB", workers=2)(str(tmp_path / "sw"), "ties", {}), cands)
+    status = [c["status"] for c in res["candidates"]]
+    assert status == ["merged", "failed", "merged", "merged"], res["candidates"]
+    assert not (tmp_path / "sw" / cands[1].name).exists()
+    assert not (tmp_path / "sw" / (cands[1].name + ".partial")).exists()
+    for c in [cands[0], cands[2], cands[3]]:
+        out = tmp_path / f"run-{c.name}"
+        merge(_plain(f)(str(out), c.method, c.params))
+        assert shard_digests(tmp_path / "sw" / c.name) == shard_digests(out), c.name
+
+
+def test_values_that_are_the_same_number_are_one_candidate(fam, tmp_path):
+    """Before: `-p lambda=0.30,0.3` merged the same output twice, as `lambda=0.30` and `lambda=0.3`."""
+    with pytest.raises(ParameterError, match="same merge"):
+        sweep(_plain(fam)(str(tmp_path / "sw"), "task_arithmetic", {}),
+              grid.from_params("task_arithmetic", {"lambda": "0.30,0.3"}, set()))
+    assert not (tmp_path / "sw").exists()
