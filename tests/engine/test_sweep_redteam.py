@@ -274,3 +274,21 @@ def test_values_that_are_the_same_number_are_one_candidate(fam, tmp_path):
         sweep(_plain(fam)(str(tmp_path / "sw"), "task_arithmetic", {}),
               grid.from_params("task_arithmetic", {"lambda": "0.30,0.3"}, set()))
     assert not (tmp_path / "sw").exists()
+
+
+# ----------------------------------------------------------------------------- PEFT adapters
+from tests.engine.test_lora import zoo  # noqa: E402,F401  (the adapters fixture)
+
+
+@pytest.mark.parametrize("lora_mode", [None, "full"])
+def test_lora_adapters_mixed_methods(zoo, tmp_path, lora_mode):  # noqa: F811
+    cands = grid.from_yaml(None, [{"method": "task_arithmetic", "params": {"lambda": 0.3}},
+                                  {"method": "task_arithmetic", "params": {"lambda": 0.7}},
+                                  {"method": "ties" if lora_mode else "average", "params": {"k": 0.5} if lora_mode
+                                   else {}}], "c.yaml")
+
+    def mk(out, method, params):
+        return MergeSpec(method, zoo["unequal"], out, base=zoo["base"] if lora_mode else None, params=dict(params),
+                         quiet=True, lora=lora_mode)
+    res = sweep(mk(str(tmp_path / "sw"), "task_arithmetic", {}), cands)
+    _same_as_runs(tmp_path, cands, mk, res)
