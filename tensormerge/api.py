@@ -131,8 +131,14 @@ class Evaluation:
 def candidate_specs(spec: MergeSpec, cands) -> list[MergeSpec]:
     """Each candidate as the `run` it stands for: its method and parameters, DIR/<name>."""
     root = os.path.abspath(spec.output)
+    mixed = len({c.method for c in cands}) > 1
+
+    def stats(c):  # in a mixed list, a method that uses no statistics is the run without them
+        m = get_method(c.method)
+        return dict(stats=spec.stats if m.uses_stats or not mixed else [],
+                    base_stats=spec.base_stats if m.uses_base_stats or not mixed else None)
     return [dataclasses.replace(spec, method=c.method, params=dict(c.params), output=os.path.join(root, c.name),
-                                report=None) for c in cands]
+                                report=None, **stats(c)) for c in cands]
 
 
 def _open_sweep(spec: MergeSpec, cands, stack: ExitStack) -> tuple[list[MergeSpec], list[MergePlan]]:
@@ -146,6 +152,13 @@ def _open_sweep(spec: MergeSpec, cands, stack: ExitStack) -> tuple[list[MergeSpe
             raise ParameterError(f"candidate {c.name}: {e}") from None
         if plans[-1].lora is not None and plans[-1].lora.mode == "svd":
             raise ParameterError("sweep: --lora svd:R is not supported in a sweep (run each candidate)")
+    seen: dict = {}
+    for c, p in zip(cands, plans):  # `lambda=0.30,0.3`: one merge written twice
+        key = (c.method, repr(sorted(p.params.as_dict().items())))
+        if key in seen:
+            raise ParameterError(f"sweep: candidates {seen[key]} and {c.name} are the same merge ({c.method} "
+                                 f"{short(p.params.as_dict())}); give each value once")
+        seen[key] = c.name
     return specs, plans
 
 
@@ -183,58 +196,78 @@ def sweep(spec: MergeSpec, cands, evaluation: Evaluation | None = None, log=None
     _check_sweep_dir(root)
     outdir.check_report(spec.report, root, protected)
     say = log or (lambda msg: None)
-    with ExitStack() as stack:
-        stack.enter_context(outdir.OutputLock(root, "sweep", quiet=spec.quiet))
-        specs, plans = _open_sweep(spec, cands, stack)
-        places = outdir.checkpoint_places([ck for p in plans for ck in p.checkpoints + list(p.extras.values())])
-        outdir.check_paths(root, places)
-        for s in specs:
-            out = os.path.abspath(s.output)
-            done = s.resume and not s.overwrite and not os.path.exists(out + C.PARTIAL_SUFFIX)
-            outdir.check_output(out, overwrite=s.overwrite, keep_existing=done, protected=protected)
-        os.makedirs(root, exist_ok=True)
-        state = E.load_state(root)  # refuses a sweep.json that is not ours
-        # candidates an earlier --keep best removed are not merged again (--overwrite: a fresh sweep)
-        gone = set() if spec.overwrite else {os.path.basename(p) for p in (state.get("keep") or {}).get("removed") or []}
-        state.update({"method": spec.method if len({c.method for c in cands}) == 1 else None,
-                      "inputs": spec.inputs, "base": spec.base})
-        E.save_state(root, state)  # DIR is a sweep's from here on (--resume finds it)
-        keep_idx = [i for i, c in enumerate(cands) if c.name not in gone]
-        specs, plans = [specs[i] for i in keep_idx], [plans[i] for i in keep_idx]
-        for s in specs:
-            stack.enter_context(outdir.OutputLock(os.path.abspath(s.output), "sweep", quiet=True))
-        runners = [Runner(p, run_options(s, quiet=True if len(specs) > 1 else None)) for p, s in zip(plans, specs)]
-        for r in runners:
-            r.opts.quiet = spec.quiet  # the bars of the shared read are the lead's
-        if spec.workers is not None or spec.scheduler:
-            from tensormerge.engine.distributed import run_sweep_on_cluster
+    # DIR is held through scoring and --keep too: another sweep into DIR would otherwise replace
+    # candidates being evaluated and write sweep.json over this one's record
+    with outdir.OutputLock(root, "sweep", quiet=spec.quiet):
+        with ExitStack() as stack:
+            specs, plans = _open_sweep(spec, cands, stack)
+            places = outdir.checkpoint_places([ck for p in plans for ck in p.checkpoints + list(p.extras.values())])
+            outdir.check_paths(root, places)
+            for s in specs:
+                out = os.path.abspath(s.output)
+                done = s.resume and not s.overwrite and not os.path.exists(out + C.PARTIAL_SUFFIX)
+                outdir.check_output(out, overwrite=s.overwrite, keep_existing=done, protected=protected)
+            os.makedirs(root, exist_ok=True)
+            state = E.load_state(root)  # refuses a sweep.json that is not ours
+            gone = _removed_earlier(state, spec, cands)
+            state.update({"method": spec.method if len({c.method for c in cands}) == 1 else None,
+                          "inputs": spec.inputs, "base": spec.base})
+            E.save_state(root, state)  # DIR is a sweep's from here on (--resume finds it)
+            keep_idx = [i for i, c in enumerate(cands) if c.name not in gone]
+            specs, plans = [specs[i] for i in keep_idx], [plans[i] for i in keep_idx]
+            for s in specs:
+                stack.enter_context(outdir.OutputLock(os.path.abspath(s.output), "sweep", quiet=True))
+            runners = [Runner(p, run_options(s, quiet=True if len(specs) > 1 else None)) for p, s in zip(plans, specs)]
+            for r in runners:
+                r.opts.quiet = spec.quiet  # the bars of the shared read are the lead's
+            if spec.workers is not None or spec.scheduler:
+                from tensormerge.engine.distributed import run_sweep_on_cluster
 
-            results = run_sweep_on_cluster(spec, specs, runners, plans[0].max_memory, stack, say)
-        else:
-            results = run_sweep(runners, plans[0].max_memory, spec.quiet, say) if runners else []
-    by_name = {os.path.basename(s.output): r for s, r in zip(specs, results)}
-    if spec.report:  # every candidate's run report (or its error), as `run --report` writes one
-        _write_report(spec, {"candidates": {os.path.basename(s.output): (
-            {"error": short_error(r)} if isinstance(r, BaseException) else r) for s, r in zip(specs, results)}}, root)
-    cands_out = []
+                results = run_sweep_on_cluster(spec, specs, runners, plans[0].max_memory, stack, say)
+            else:
+                results = run_sweep(runners, plans[0].max_memory, spec.quiet, say) if runners else []
+        by_name = {os.path.basename(s.output): r for s, r in zip(specs, results)}
+        if spec.report:  # every candidate's run report (or its error), as `run --report` writes one
+            _write_report(spec, {"candidates": {os.path.basename(s.output): (
+                {"error": short_error(r)} if isinstance(r, BaseException) else r) for s, r in zip(specs, results)}},
+                root)
+        cands_out = []
+        for c in cands:
+            res = by_name.get(c.name)
+            if c.name in gone:  # not merged again: --keep best removed it in an earlier run
+                cands_out.append(E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params),
+                                             dict(c.swept), os.path.join(root, c.name), status="removed",
+                                             error="removed by --keep best of an earlier run"))
+                continue
+            s = specs[[os.path.basename(x.output) for x in specs].index(c.name)]
+            typed = get_method(c.method).Params.typed(c.method, c.params)
+            cand = E.Candidate(c.name, c.method, typed, {k: typed.get(k, v) for k, v in c.swept.items()},
+                               os.path.abspath(s.output))
+            if isinstance(res, BaseException):
+                cand.status, cand.error = "failed", short_error(res)
+            else:
+                cand.status = "merged"
+                cand.merge_seconds = None if res.get("already_complete") else round(res.get("seconds", 0.0), 3)
+            cands_out.append(cand)
+        return finish_sweep(root, cands_out, evaluation, quiet=spec.quiet, log=say)
+
+
+def _removed_earlier(state: dict, spec: MergeSpec, cands) -> set[str]:
+    """Candidates an earlier --keep best removed and a --resume does not merge again: only the
+    same candidate (method, parameters, inputs and base as recorded); any other is merged anew."""
+    import json
+
+    if not spec.resume or spec.overwrite or state.get("inputs") != spec.inputs or state.get("base") != spec.base:
+        return set()
+    removed = {os.path.basename(p) for p in (state.get("keep") or {}).get("removed") or [] if isinstance(p, str)}
+    rows = {r.get("name"): r for r in state.get("candidates") or [] if isinstance(r, dict)}
+    out = set()
     for c in cands:
-        res = by_name.get(c.name)
-        if c.name in gone:  # not merged again: --keep best removed it in an earlier run
-            cands_out.append(E.Candidate(c.name, c.method, get_method(c.method).Params.typed(c.method, c.params),
-                                         dict(c.swept), os.path.join(root, c.name), status="removed",
-                                         error="removed by --keep best of an earlier run"))
-            continue
-        s = specs[[os.path.basename(x.output) for x in specs].index(c.name)]
-        typed = get_method(c.method).Params.typed(c.method, c.params)
-        cand = E.Candidate(c.name, c.method, typed, {k: typed.get(k, v) for k, v in c.swept.items()},
-                           os.path.abspath(s.output))
-        if isinstance(res, BaseException):
-            cand.status, cand.error = "failed", short_error(res)
-        else:
-            cand.status = "merged"
-            cand.merge_seconds = None if res.get("already_complete") else round(res.get("seconds", 0.0), 3)
-        cands_out.append(cand)
-    return finish_sweep(root, cands_out, evaluation, quiet=spec.quiet, log=say)
+        row = rows.get(c.name) or {}
+        if c.name in removed and row.get("method") == c.method and row.get("params") == json.loads(
+                json.dumps(get_method(c.method).Params.typed(c.method, c.params))):
+            out.add(c.name)
+    return out
 
 
 def short_error(e: BaseException) -> str:

@@ -86,15 +86,24 @@ def from_yaml(default_method: str | None, items: Any, path: str) -> list[Candida
             raise ParameterError(f"--candidates {path}: candidate {i} names no method (give --method or method:)")
         if not isinstance(params, dict) or any(not isinstance(k, str) for k in params):
             raise ParameterError(f"--candidates {path}: candidate {i}: params must be a mapping of names to values")
-        if name is not None and (not isinstance(name, str) or not name or _SAFE.search(name) or name in (".", "..")):
+        if name is not None and (not isinstance(name, str) or not name or _SAFE.search(name) or _reserved(name)):
             raise ParameterError(f"--candidates {path}: candidate {i}: name {short(name)} must be a plain "
-                                 f"directory name (letters, digits, . _ = + -)")
+                                 f"directory name (letters, digits, . _ = + -), not starting with '.' or '-', "
+                                 f"not ending in .partial or .lock, not sweep.json or sweep.png")
         out.append(CandidateSpec(name or "", method, dict(params)))
     keys = sorted({k for c in out for k in c.params})
     for c in out:
-        c.swept = {k: c.params.get(k) for k in keys if len({repr(o.params.get(k)) for o in out}) > 1}
+        # a key this candidate lacks is not its swept value (no `k=None` in its name)
+        c.swept = {k: c.params[k] for k in keys if k in c.params and len({repr(o.params.get(k)) for o in out}) > 1}
     name_all(out)
     return out
+
+
+def _reserved(name: str) -> bool:
+    """Names the sweep directory uses itself: DIR/sweep.json, the plot, a candidate's OUT.partial
+    and lock, hidden temporaries (.tensormerge-removing-<name>, .sweep.json.*.tmp)."""
+    return (name.startswith((".", "-")) or name.endswith((".partial", ".lock"))
+            or name.lower() in ("sweep.json", "sweep.png"))
 
 
 def _text(value: Any) -> str:
@@ -112,11 +121,18 @@ def name_all(cands: list[CandidateSpec]) -> None:
     if len(set(given)) != len(given):
         dup = next(n for n in given if given.count(n) > 1)
         raise ParameterError(f"sweep: two candidates are named {short(dup)}")
+    taken = set(given)
     for c in cands:
-        if not c.name:
-            parts = ([c.method] if len(methods) > 1 else []) + [f"{k}={_text(v)}" for k, v in c.swept.items()]
-            c.name = ("_".join(parts) or c.method)[:120]
-        n = seen.get(c.name, 0) + 1
-        seen[c.name] = n
-        if n > 1:
-            c.name = f"{c.name}-{n}"
+        if c.name:
+            continue
+        parts = ([c.method] if len(methods) > 1 else []) + [f"{k}={_text(v)}" for k, v in c.swept.items()]
+        name = ("_".join(parts) or c.method)[:120]
+        if _reserved(name):
+            name = name.strip(".-") + "_"  # e.g. a value ending in .partial
+        n = seen.get(name, 0)
+        c.name = name
+        while c.name in taken:  # a repeat, or a name given to another candidate
+            n += 1
+            c.name = f"{name}-{n + 1}"
+        seen[name] = n
+        taken.add(c.name)
