@@ -147,10 +147,12 @@ def t5_stack(stack: str, layers: int, d_model: int, d_ff: int, heads: int,
     return specs
 
 
-def mt5_preset(layers: int = 24) -> Preset:
+def mt5_preset(layers: int = 24, d_model: int = 2048, d_ff: int = 5120, heads: int = 32, d_kv: int = 64,
+               vocab: int = 250112) -> Preset:
     """mT5-XL shapes: 3.7B parameters, two 250k x 2048 embedding matrices (``layers`` encoder
-    and as many decoder layers; fewer than 24 keep every width and the vocabulary)."""
-    d_model, d_ff, heads, d_kv, vocab, buckets = 2048, 5120, 32, 64, 250112, 32
+    and as many decoder layers; fewer than 24 keep every width and the vocabulary; the widths
+    are arguments only for the smoke tests' miniatures)."""
+    buckets = 32
     specs = [TensorSpec("shared.weight", (vocab, d_model))]
     for stack in ("encoder", "decoder"):
         specs += t5_stack(stack, layers, d_model, d_ff, heads, d_kv, buckets)
@@ -297,10 +299,10 @@ def model_dirs(root: Path, n_finetunes: int) -> tuple[Path, list[Path]]:
     return root / "base", [root / f"ft{i}" for i in range(1, n_finetunes + 1)]
 
 
-def generate(preset_name: str, out: Path, n_finetunes: int = 3, dtype_key: str = "bf16",
+def generate(preset_name: str | Preset, out: Path, n_finetunes: int = 3, dtype_key: str = "bf16",
              shard_size: int | None = None, log=print, layers: int | None = None) -> dict:
-    """Write base + fine-tunes; returns per-model timings for the caller's records."""
-    preset = get_preset(preset_name, layers)
+    """Write base + fine-tunes (a preset by name, or a Preset); returns per-model timings."""
+    preset = preset_name if isinstance(preset_name, Preset) else get_preset(preset_name, layers)
     shard_size = shard_size or preset.shard_size
     base, fts = model_dirs(out, n_finetunes)
     timings = {}
