@@ -510,7 +510,7 @@ def cold_summary_markdown(results: dict) -> str:
         f"{param_count(results['model']['params'])} params ({results['model']['dtype']}), "
         f"{c['input_bytes'] / GB:.1f} GB of inputs; {machine['cpu_model']}, {machine['cpu_cores']} cores; "
         f"--max-memory {results['max_memory']}, --device {results.get('device', 'cpu')}; "
-        f"{len(floors)} repeat(s), load average before {c['loadavg_before']}, after {c['loadavg_after']}.",
+        f"{len(floors)} repeat(s), load average before {c['loadavg_before']}, after {c.get('loadavg_after', '(interrupted)')}.",
         "",
         f"Eviction check on {len(ev['files'])} file(s) ({ev['warm']['bytes'] / GB:.1f} GB): warm read "
         f"{ev['warm']['GBps']:.2f} GB/s, after eviction {_pct(ev['resident_after_evict'])} resident and a "

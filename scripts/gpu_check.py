@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import re
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -91,7 +92,7 @@ def plan(py: str, work: Path, smoke: bool) -> list[Step]:
              junit=work / "junit-triton.xml"),
         Step("per-kernel throughput (torch and Triton on the device)",
              [py, "benchmarks/kernels_bench.py", "--out", str(work / "kernels.json")]
-             + (["--elements", "4096"] if smoke else []), 45, result_json=work / "kernels.json"),
+             + (["--elements", "4096", "--quick"] if smoke else []), 45, result_json=work / "kernels.json"),
         Step(f"llama-1.1b: task_arithmetic and ties --device {device}, next to the I/O floor",
              [py, "benchmarks/run_bench.py", "--preset", "tiny" if smoke else "llama-1.1b",
               "--data", str(work / "llama"), "--methods", "task_arithmetic,ties", "--device", device,
@@ -100,7 +101,7 @@ def plan(py: str, work: Path, smoke: bool) -> list[Step]:
         Step(f"mT5-XL-shaped mats (kfac, 10 CG iterations) --device {device}, 1+1 layers",
              [py, "benchmarks/mt5xl_stats.py", "--device", device, "--methods", "mats", "--layers", "1",
               "--examples", "4", "--data", str(work / "mt5"), "--out", str(work / "mt5.json")]
-             + (["--quick"] if smoke else []), 200, result_json=work / "mt5.json", cleanup=[work / "mt5"]),
+             + (["--quick", "--examples", "2"] if smoke else []), 200, result_json=work / "mt5.json", cleanup=[work / "mt5"]),
     ]
     return steps
 
@@ -136,6 +137,9 @@ def run_step(step: Step, limit: float, smoke: bool) -> dict:
     status = "passed" if res["returncode"] == 0 else ("timed out" if res.get("timed_out") else "failed")
     if step.junit is not None and step.junit.exists():
         counts = res["pytest"] = junit_counts(step.junit)
+        if "--collect-only" in step.cmd:  # the XML lists no test cases then; pytest's last line counts them
+            m = re.search(r"(\d+) tests? collected", text)
+            counts["collected"] = int(m.group(1)) if m else 0
         # on a GPU machine nothing may skip for want of CUDA: that would be a pass that tested nothing
         no_cuda = sum(n for msg, n in counts["skip_reasons"].items() if "cuda" in msg.lower())
         if status == "passed" and no_cuda and not smoke:
@@ -165,7 +169,8 @@ def one_line(res: dict) -> str:
     extra = ""
     if "pytest" in res:
         c = res["pytest"]
-        extra = (f"; {c['tests']} tests, {c['failures']} failed, {c['errors']} errors, {c['skipped']} skipped")
+        extra = (f"; {c['tests']} tests, {c['failures']} failed, {c['errors']} errors, {c['skipped']} skipped"
+                 + (f", {c['collected']} collected" if "collected" in c else ""))
     r = res.get("result") or {}
     if "methods" in r and "io_floor" in r:
         floor = r["io_floor"]["total_s"]

@@ -74,8 +74,8 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     file holds every step, the benchmarks' JSON and the summary."""
     out = tmp_path / "res.json"
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
-                          "--work", str(tmp_path / "work")], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          "--work", str(tmp_path / "work"), "--budget", "1500"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=1600, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     r = json.loads(out.read_text())
     assert r["passed"] is True and r["cpu_smoke"] is True
@@ -84,7 +84,7 @@ def test_cpu_smoke_runs_every_step(tmp_path):
         assert step["status"] == "passed", (step["name"], step.get("output_tail"))
     env, tests, triton, kernels, llama, mt5 = r["steps"]
     assert env["environment"]["torch"] and "cuda_available" in env["environment"]
-    assert tests["pytest"]["tests"] >= 1 and triton["pytest"]["tests"] >= 1
+    assert tests["pytest"]["collected"] >= 1 and triton["pytest"]["collected"] >= 1
     assert kernels["result"]["rows"]
     assert set(llama["result"]["methods"]) == {"task_arithmetic", "ties"}
     assert all(m["tensormerge"]["returncode"] == 0 for m in llama["result"]["methods"].values())
