@@ -56,9 +56,13 @@ def cases(ops, base, xs, fishers):
     }
 
 
-def timed(fn, seconds: float = 0.2, windows: int = 5) -> float:
+WINDOW_S, WINDOWS = 0.2, 5  # --quick: one 10 ms window (a smoke test, not a measurement)
+
+
+def timed(fn, seconds: float | None = None, windows: int | None = None) -> float:
     """Seconds per call: the best of several short windows, so a busy neighbour (this VM has 2
     cores) inflates a number less than a single long run would."""
+    seconds, windows = seconds or WINDOW_S, windows or WINDOWS
     fn()
     best = float("inf")
     for _ in range(windows):
@@ -79,7 +83,11 @@ def main() -> None:
     ap.add_argument("--elements", type=int, default=1 << 18)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    ap.add_argument("--quick", action="store_true", help="one 10 ms window per kernel: a smoke test")
     args = ap.parse_args()
+    if args.quick:
+        global WINDOW_S, WINDOWS
+        WINDOW_S, WINDOWS = 0.01, 1
     keep_freed_buffers()  # as the engine does: reused buffers, not fresh page-faulted mappings
     dtype = getattr(torch, args.dtype)
     rows = []

@@ -10,6 +10,9 @@ measures, in one run and on the same files:
 
 recording wall time and peak RSS / peak anonymous memory of every child, and
 writes a JSON file, a PNG plot and optionally a Markdown summary table.
+
+``--cold`` measures tensormerge alone with the inputs evicted from the page cache
+before every run (cold.py), next to the cold read floor measured in the same run.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cold  # noqa: E402
 import synth  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +103,7 @@ def ensure_data(args) -> tuple[Path, list[Path], float | None]:
     print(f"generating {args.preset} into {args.data}", file=sys.stderr)
     t0 = time.perf_counter()
     synth.generate(args.preset, args.data, args.n_finetunes, args.dtype,
-                   log=lambda msg: print(msg, file=sys.stderr))
+                   log=lambda msg: print(msg, file=sys.stderr), layers=args.layers)
     return base, fts, time.perf_counter() - t0
 
 
@@ -359,13 +363,21 @@ def tensormerge_import_error() -> str | None:
 
 
 def run_tensormerge(method: str, base: Path, fts: list[Path], out_dir: Path, stats: dict,
-                    max_memory: str, keep: bool) -> dict:
-    """One ``tensormerge run`` in a child, plus the metrics from its report."""
+                    max_memory: str, keep: bool, device: str = "cpu",
+                    evict: list[Path] | None = None) -> dict:
+    """One ``tensormerge run`` in a child, plus the metrics from its report; ``evict``: files
+    to drop from the page cache first (a cold run)."""
     output = out_dir / f"tensormerge-{method}"
     report_path = out_dir / f"tensormerge-{method}.report.json"
     cmd = [sys.executable, "-m", "tensormerge", "run", "--method", method,
            "--inputs", ",".join(map(str, fts)), "--base", str(base), "--output", str(output),
            "--max-memory", max_memory, "--report", str(report_path), "--quiet", "--overwrite"]
+    if device != "cpu":
+        cmd += ["--device", device]
+    resident = None
+    if evict:
+        cold.cold_start(evict)
+        resident = cold.resident_fraction(evict)
     result = finish(run_measured(cmd, tensormerge_env()), output, keep)
     if report_path.exists():
         try:
@@ -374,6 +386,8 @@ def run_tensormerge(method: str, base: Path, fts: list[Path], out_dir: Path, sta
             result["report_error"] = repr(exc)
         if not keep:
             report_path.unlink()
+    if evict:
+        result["inputs_resident_before"] = resident
     return result
 
 
@@ -483,6 +497,77 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cold_summary_markdown(results: dict) -> str:
+    """Markdown table of a --cold run: best and range over the repeats, as ratios to the cold
+    read floor of the same run."""
+    c = results["cold"]
+    floors = [f["s"] for f in c["floors"]]
+    best_floor = min(floors)
+    ev = c["eviction_check"]
+    machine = results["machine"]
+    lines = [
+        f"Preset `{results['preset']}`: {results['n_finetunes']} fine-tunes + base, "
+        f"{param_count(results['model']['params'])} params ({results['model']['dtype']}), "
+        f"{c['input_bytes'] / GB:.1f} GB of inputs; {machine['cpu_model']}, {machine['cpu_cores']} cores; "
+        f"--max-memory {results['max_memory']}, --device {results.get('device', 'cpu')}; "
+        f"{len(floors)} repeat(s), load average before {c['loadavg_before']}, after {c.get('loadavg_after', '(interrupted)')}.",
+        "",
+        f"Eviction check on {len(ev['files'])} file(s) ({ev['warm']['bytes'] / GB:.1f} GB): warm read "
+        f"{ev['warm']['GBps']:.2f} GB/s, after eviction {_pct(ev['resident_after_evict'])} resident and a "
+        f"read at {ev['cold']['GBps']:.2f} GB/s ({ev['cold_over_warm_s']:.1f}x the warm read's time).",
+        "",
+        f"Cold read floor (evict, one sequential read of every input): best {best_floor:.1f} s "
+        f"({c['input_bytes'] / GB / best_floor:.2f} GB/s), range {min(floors):.1f}-{max(floors):.1f} s.",
+        "",
+        "| method | best s | x cold read floor (best) | x floor, range over repeats | MB/s read | "
+        "inputs resident before | peak RSS GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, runs in c["methods"].items():
+        ok = [(r, f) for r, f in zip(runs, floors) if r.get("returncode") == 0 and r.get("report", {}).get("seconds")]
+        if not ok:
+            lines.append(f"| {method} | failed | | | | | |")
+            continue
+        secs = [r["report"]["seconds"] for r, _ in ok]
+        ratios = [r["report"]["seconds"] / f for r, f in ok]
+        best = min(ok, key=lambda rf: rf[0]["report"]["seconds"])[0]
+        res = [r.get("inputs_resident_before") for r, _ in ok]
+        lines.append("| " + " | ".join([
+            method, f"{min(secs):.1f}", f"{min(secs) / best_floor:.2f}",
+            f"{min(ratios):.2f}-{max(ratios):.2f}",
+            f"{(best['report'].get('read_MBps') or 0):.0f}",
+            "/".join(_pct(x) for x in res),
+            f"{(best['report'].get('peak_rss_bytes') or best.get('peak_rss_bytes') or 0) / GB:.2f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{100 * x:.0f}%"
+
+
+def run_cold(args, base: Path, fts: list[Path], stats: dict, inputs: list[Path], out_dir: Path,
+             results: dict, save, log) -> None:
+    """Each repeat: the cold read floor, then every method, the inputs evicted before each."""
+    c = results["cold"] = {"input_bytes": sum(p.stat().st_size for p in inputs),
+                           "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+                           "floors": [], "methods": {m: [] for m in args.methods}}
+    log("cold: eviction check on the base model's files")
+    c["eviction_check"] = cold.eviction_check(model_files(base))
+    save()
+    for r in range(args.repeats):
+        log(f"cold: repeat {r + 1}/{args.repeats}: read floor")
+        c["floors"].append(cold.cold_read_floor(inputs))
+        for method in args.methods:
+            log(f"cold: repeat {r + 1}/{args.repeats}: {method}")
+            c["methods"][method].append(
+                run_tensormerge(method, base, fts, out_dir, stats, args.max_memory, args.keep_outputs,
+                                args.device, evict=inputs))
+            save()
+    c["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    save()
+
+
 def plot(results: dict, path: Path) -> None:
     """Two panels: seconds per method and tool, and peak RSS per method and tool. A tool that
     ran for no method (skipped or failed everywhere) gets no bars and no legend entry; the
@@ -550,7 +635,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mergekit", help="path to a mergekit-yaml executable")
     ap.add_argument("--keep-outputs", action="store_true",
                     help="keep merged models (default: delete each after measuring)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="generate the preset with this many layers (per stack for mt5-xl) instead of its own")
+    ap.add_argument("--device", default="cpu", help="tensormerge's --device (cpu, cuda, cuda:N)")
+    ap.add_argument("--cold", action="store_true",
+                    help="tensormerge only, inputs evicted from the page cache before every run, next to "
+                         "the cold read floor")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="--cold: floor + every method this many times (default 2)")
     args = ap.parse_args(argv)
+    args.repeats = args.repeats or 2
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if args.from_json is None and (args.preset is None or args.data is None):
         ap.error("--preset and --data are required (unless --from-json)")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -567,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             plot(results, args.plot)
         if args.summary_md:
-            print(summary_markdown(results))
+            print(cold_summary_markdown(results) if "cold" in results else summary_markdown(results))
         return 0
     args.data.mkdir(parents=True, exist_ok=True)
     base, fts, gen_s = ensure_data(args)
@@ -578,11 +674,23 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {
         "preset": args.preset, "data": str(args.data), "n_finetunes": len(fts),
-        "max_memory": args.max_memory, "generation_s": gen_s,
+        "max_memory": args.max_memory, "generation_s": gen_s, "device": args.device,
         "machine": machine_info(args.data), "model": stats,
     }
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     save = lambda: args.json.write_text(json.dumps(results, indent=2) + "\n")  # noqa: E731
+    if args.cold:
+        results["tensormerge_import_error"] = tensormerge_import_error()
+        if results["tensormerge_import_error"]:
+            save()
+            print(f"tensormerge does not import: {results['tensormerge_import_error']}", file=sys.stderr)
+            return 1
+        run_cold(args, base, fts, stats, inputs, out_dir, results, save, log)
+        if not args.keep_outputs:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        if args.summary_md:
+            print(cold_summary_markdown(results))
+        return 0
     log("measuring I/O floor")
     results["io_floor"] = io_floor(inputs, stats["file_bytes"], out_dir)
     save()
@@ -598,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             {"error": results["tensormerge_import_error"]}
             if results["tensormerge_import_error"] else
             run_tensormerge(method, base, fts, out_dir, stats, args.max_memory,
-                            args.keep_outputs))
+                            args.keep_outputs, args.device))
         log(f"{method}: naive")
         entry["naive"] = ({"skipped": "--skip-naive"} if args.skip_naive else
                           run_naive(method, base, fts, out_dir, stats, args.keep_outputs))

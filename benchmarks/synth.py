@@ -147,9 +147,12 @@ def t5_stack(stack: str, layers: int, d_model: int, d_ff: int, heads: int,
     return specs
 
 
-def mt5_preset() -> Preset:
-    """mT5-XL shapes: 3.7B parameters, two 250k x 2048 embedding matrices."""
-    d_model, d_ff, layers, heads, d_kv, vocab, buckets = 2048, 5120, 24, 32, 64, 250112, 32
+def mt5_preset(layers: int = 24, d_model: int = 2048, d_ff: int = 5120, heads: int = 32, d_kv: int = 64,
+               vocab: int = 250112) -> Preset:
+    """mT5-XL shapes: 3.7B parameters, two 250k x 2048 embedding matrices (``layers`` encoder
+    and as many decoder layers; fewer than 24 keep every width and the vocabulary; the widths
+    are arguments only for the smoke tests' miniatures)."""
+    buckets = 32
     specs = [TensorSpec("shared.weight", (vocab, d_model))]
     for stack in ("encoder", "decoder"):
         specs += t5_stack(stack, layers, d_model, d_ff, heads, d_kv, buckets)
@@ -172,16 +175,18 @@ def mt5_preset() -> Preset:
     return Preset(specs, config, 2 * 10**9)
 
 
-def get_preset(name: str) -> Preset:
-    """Look up a preset by CLI name."""
+def get_preset(name: str, layers: int | None = None) -> Preset:
+    """Look up a preset by CLI name; ``layers`` sizes it (per stack for mt5-xl), the widths stay."""
+    if layers is not None and layers < 1:
+        raise ValueError(f"layers must be at least 1, not {layers}")
     if name == "llama-1.1b":  # TinyLlama-1.1B
-        dims = dict(vocab=32000, hidden=2048, inter=5632, layers=22, heads=32, kv_heads=4)
+        dims = dict(vocab=32000, hidden=2048, inter=5632, layers=layers or 22, heads=32, kv_heads=4)
         return Preset(llama_specs(**dims), llama_config(**dims), 2 * 10**9)
     if name == "tiny":  # ~5M params; small shards so sharding is exercised
-        dims = dict(vocab=4096, hidden=256, inter=704, layers=4, heads=8, kv_heads=2)
+        dims = dict(vocab=4096, hidden=256, inter=704, layers=layers or 4, heads=8, kv_heads=2)
         return Preset(llama_specs(**dims), llama_config(**dims), 4 * 10**6)
     if name == "mt5-xl":
-        return mt5_preset()
+        return mt5_preset(layers or 24)
     raise ValueError(f"unknown preset {name!r}")
 
 
@@ -294,10 +299,10 @@ def model_dirs(root: Path, n_finetunes: int) -> tuple[Path, list[Path]]:
     return root / "base", [root / f"ft{i}" for i in range(1, n_finetunes + 1)]
 
 
-def generate(preset_name: str, out: Path, n_finetunes: int = 3, dtype_key: str = "bf16",
-             shard_size: int | None = None, log=print) -> dict:
-    """Write base + fine-tunes; returns per-model timings for the caller's records."""
-    preset = get_preset(preset_name)
+def generate(preset_name: str | Preset, out: Path, n_finetunes: int = 3, dtype_key: str = "bf16",
+             shard_size: int | None = None, log=print, layers: int | None = None) -> dict:
+    """Write base + fine-tunes (a preset by name, or a Preset); returns per-model timings."""
+    preset = preset_name if isinstance(preset_name, Preset) else get_preset(preset_name, layers)
     shard_size = shard_size or preset.shard_size
     base, fts = model_dirs(out, n_finetunes)
     timings = {}
@@ -319,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--shard-size", type=parse_size, default=None,
                     help="max bytes per shard, e.g. 2GB or 500MiB (preset default if omitted)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers (per stack for mt5-xl) instead of the preset's; widths and vocabulary stay")
     args = ap.parse_args(argv)
-    generate(args.preset, args.out, args.n_finetunes, args.dtype, args.shard_size)
+    generate(args.preset, args.out, args.n_finetunes, args.dtype, args.shard_size, layers=args.layers)
     return 0
 
 
