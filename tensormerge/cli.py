@@ -81,23 +81,23 @@ def _recipe(path: str | None) -> dict:
     return _native(path, data)
 
 
-def _load_yaml(path: str):
+def _load_yaml(path: str, option: str = "--config"):
     try:
         with open(path) as f:
             text = f.read(_RECIPE_BYTES + 1)
     except (OSError, UnicodeDecodeError) as e:
-        raise ParameterError(f"--config {path}: cannot read ({getattr(e, 'strerror', None) or e.__class__.__name__})"
+        raise ParameterError(f"{option} {path}: cannot read ({getattr(e, 'strerror', None) or e.__class__.__name__})"
                              ) from None
     if len(text) > _RECIPE_BYTES:
-        raise ParameterError(f"--config {path}: larger than {_RECIPE_BYTES} characters; not a recipe")
+        raise ParameterError(f"{option} {path}: larger than {_RECIPE_BYTES} characters; not a recipe")
     try:
         import yaml
 
         data = yaml.load(text, Loader=_recipe_loader())  # noqa: S506 (a SafeLoader, without aliases)
     except _AliasRefused as e:
-        raise ParameterError(f"--config {path}: YAML anchors and aliases are not allowed in a recipe ({e})") from None
+        raise ParameterError(f"{option} {path}: YAML anchors and aliases are not allowed in a recipe ({e})") from None
     except Exception as e:
-        raise ParameterError(f"--config {path}: not valid YAML ({e.__class__.__name__})") from None
+        raise ParameterError(f"{option} {path}: not valid YAML ({e.__class__.__name__})") from None
     return data
 
 
@@ -312,22 +312,7 @@ def _alternatives_text(value) -> str:
 
 
 def _recipe_list(path: str):
-    try:
-        with open(path) as f:
-            text = f.read(_RECIPE_BYTES + 1)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ParameterError(f"--candidates {path}: cannot read ({getattr(e, 'strerror', None) or e.__class__.__name__})"
-                             ) from None
-    if len(text) > _RECIPE_BYTES:
-        raise ParameterError(f"--candidates {path}: larger than {_RECIPE_BYTES} characters")
-    import yaml
-
-    try:
-        return yaml.load(text, Loader=_recipe_loader())  # noqa: S506 (a SafeLoader, without aliases)
-    except _AliasRefused as e:
-        raise ParameterError(f"--candidates {path}: YAML anchors and aliases are not allowed ({e})") from None
-    except Exception as e:
-        raise ParameterError(f"--candidates {path}: not valid YAML ({e.__class__.__name__})") from None
+    return _load_yaml(path, "--candidates")
 
 
 @cli.command()
