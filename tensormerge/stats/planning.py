@@ -60,6 +60,7 @@ def _arch_config(name: str):
         cfg = tf.MT5Config(vocab_size=250112, d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24,
                            num_decoder_layers=24, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                            architectures=["MT5ForConditionalGeneration"])
+        cfg.tie_word_embeddings = False  # transformers 5's MT5Config forces True; the checkpoint stores lm_head
     elif name == "llama-1b":
         cfg = tf.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                              num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,

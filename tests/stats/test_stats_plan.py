@@ -216,3 +216,21 @@ def test_missing_kind_and_bad_data_are_one_line_errors(tiny, tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text('{"model_type": "llama", "architectures": ["NoSuchModel"]}')
     assert_clean_error(cli(["stats", "plan", "--config", cfg, "--kind", "gram"]), str(cfg))
+
+
+@pytest.mark.parametrize("arch", ["vit", "clip_classifier"])
+def test_plan_equals_the_store_of_an_image_classifier(tmp_path, arch):
+    from tests.stats import image_models as im
+
+    mdir = im.save(getattr(im, arch)(), tmp_path / arch)
+    data, _ = im.jsonl_images(tmp_path / "img", 6)
+    plan = _plan(["--model", mdir, "--data", data, "--kind", "all", "--batch-size", "2"])
+    out = tmp_path / "S.zarr"
+    res = cli(["stats", "compute", "--model", mdir, "--data", data, "--kind", "all", "--batch-size", "2",
+               "-o", out, "-q"])
+    assert res.returncode == 0, res
+    arrays = _store_arrays(out)
+    assert plan["store"]["arrays"] == len(arrays)
+    assert plan["store"]["total"] - plan["store"]["metadata"] == sum(4 * math.prod(s) for *_, s in arrays)
+    assert plan["time"]["accumulator_bytes_measured"] == plan["accumulators"]["total"]
+    assert plan["time"]["examples"] == 6
