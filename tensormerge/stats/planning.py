@@ -380,8 +380,8 @@ def plan_model(opts, measure_batches: int = 3) -> dict:
     try:
         collector = collect.Collector(opts, loaded, examples, lambda m: None)
         collector.pad_id, collector.side = pad_id, side
-        if hasattr(collector, "prepare"):  # the shared-input probe, where this version has it
-            collector.prepare()
+        if hasattr(collector, "prepare"):  # the shared-input probe and budget check, where this version has them
+            collector.prepare(*([next(image_data.batches(1))] if image_data is not None and examples else []))
     except BudgetError as e:  # what stats compute would say; the numbers above say how much to give
         out["refused"] = str(e)
         out["time"] = None
