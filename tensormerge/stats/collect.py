@@ -370,7 +370,7 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
         vocab=getattr(cfg, "vocab_size", None), label2id=getattr(cfg, "label2id", None),
         num_labels=getattr(cfg, "num_labels", None) if loaded.task == "classification" else None, split=opts.split,
         fields=fields, records=records)
-    mixed = [e.where for e in examples if e.choices is None]
+    mixed = [e.where for e in examples if getattr(e, "choices", None) is None]
     if opts.fisher_type == "true" and 0 < len(mixed) < len(examples):
         raise InputError(f"{mixed[0]}: not multiple choice, but other records are; the true Fisher samples "
                          f"multiple-choice and generated answers differently (split the data)")

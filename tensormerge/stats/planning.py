@@ -277,6 +277,11 @@ def arch_shapes(arch: str | None, config: str | None, dtype: str) -> Shapes:
         torch_dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
         torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
     loaded, forward = _meta_model(cfg, name)
+    if arch == "mt5-xl":  # untied lm_head, but the stacks' embeddings are `shared` (transformers 5 unties all three)
+        m = loaded.model
+        m.encoder.embed_tokens.weight = m.decoder.embed_tokens.weight = m.shared.weight
+        loaded.stored.clear()
+        loaded.stored.update({n: n for n, _ in m.named_parameters()})
     loaded.model.to(torch_dtype)
     return shapes_of(loaded, name, probe=forward)
 

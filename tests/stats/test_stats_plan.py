@@ -157,6 +157,12 @@ def test_arch_mt5_xl_cross_attention_shares_one_gram():
     # wi_0/wi_1 one, wo; every decoder layer's cross k/v read the encoder output: one Gram for all 48
     shared = L * (3 * d * d + f * f) + L * (5 * d * d + f * f) + d * d + d * d
     plan = _plan(["--arch", "mt5-xl", "--kind", "gram"])
+    # shared (= both stacks' embed_tokens) + lm_head, encoder layers (q, k, v, o, wi_0, wi_1, wo, 2 norms),
+    # decoder layers (self and cross q, k, v, o, wi_0, wi_1, wo, 3 norms), 2 final norms, and each
+    # stack's relative position bias (32 buckets x 32 heads)
+    params = (2 * 250112 * d + L * (4 * d * d + 3 * d * f + 2 * d) + L * (8 * d * d + 3 * d * f + 3 * d) + 2 * d
+              + 2 * 32 * 32)
+    assert plan["parameters"] == params
     assert plan["gram_in_bytes"]["per_weight"] == 4 * every
     assert plan["gram_in_bytes"]["shared"] == 4 * shared
 
@@ -166,6 +172,9 @@ def test_every_named_arch_plans(arch):
     plan = _plan(["--arch", arch, "--kind", "all", "--gpu-tflops", "50"])
     assert plan["accumulators"]["gram_in"] > 0 and plan["accumulators"]["fisher"] == 4 * plan["parameters"]
     assert plan["time"]["seconds_per_example"] > 0
+    if arch == "llama-1b":  # Llama-3.2-1B's published count: the tied lm_head is not a parameter of its own
+        assert plan["parameters"] == 1_235_814_400
+        assert "lm_head.weight" not in json.dumps(plan)
     if arch.startswith(("vit", "clip")):
         assert plan["time"]["tokens_per_example"] == (224 // (16 if "16" in arch else 32)) ** 2 + 1
 
