@@ -157,6 +157,7 @@ _NOT_PLANNED = ("output", "resume", "overwrite", "checkpoint_every", "quiet")
 def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback: bool, **kw) -> None:
     """What `stats compute` with these options will need (memory, store size, time); writes nothing."""
     from tensormerge.errors import ParameterError
+    from tensormerge.sizes import parse_size
     from tensormerge.stats import planning
 
     given = [n for n, v in (("--model", kw.get("model")), ("--arch", arch), ("--config", config_path)) if v]
@@ -170,7 +171,6 @@ def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback:
             raise ParameterError("--model needs --data (a few real batches are timed)")
         if gpu_tflops is not None:
             raise ParameterError("--gpu-tflops is for --arch/--config; with --model the time is measured")
-        from tensormerge.sizes import parse_size
         from tensormerge.stats.collect import ComputeOptions
 
         kw["max_memory"] = parse_size(kw["max_memory"], "--max-memory")
@@ -181,7 +181,8 @@ def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback:
             raise ParameterError("--data is for --model; --arch/--config plan from shapes alone")
         plan = planning.plan_arch(arch, config_path, kw["kind"], kw["batch_size"], kw["max_length"],
                                   kw["accumulate"], kw["dtype"], kw["fisher_mode"], kw["fisher_type"],
-                                  kw.get("max_examples"), gpu_tflops, bool(kw.get("gram_per_weight")))
+                                  kw.get("max_examples"), gpu_tflops, bool(kw.get("gram_per_weight")),
+                                  parse_size(kw["max_memory"], "--max-memory"))
     click.echo(json.dumps(plan, indent=2) if as_json else planning.render(plan))
 
 

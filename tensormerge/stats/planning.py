@@ -320,9 +320,14 @@ def flops_per_token(s: Shapes, kind: str, fisher_type: str) -> tuple[float, str]
 # ------------------------------------------------------------------ entry points
 def plan_arch(arch: str | None, config: str | None, kind: str, batch_size: int, max_length: int, accumulate: str,
               dtype: str = "float32", fisher_mode: str = "per-example", fisher_type: str = "empirical",
-              max_examples: int | None = None, gpu_tflops: float | None = None, gram_per_weight: bool = False) -> dict:
+              max_examples: int | None = None, gpu_tflops: float | None = None, gram_per_weight: bool = False,
+              max_memory: int | None = None) -> dict:
     s = arch_shapes(arch, config, dtype)
     out = account(s, kind, batch_size, accumulate, fisher_mode, gram_per_weight)
+    grams = out["accumulators"]["gram_in"] + out["accumulators"]["gram_out"]
+    if max_memory is not None and grams > max(max_memory, 1 << 20):  # as Collector's budget check
+        out["refused"] = (f"the Gram accumulators need {grams / 2**20:.1f} MiB, more than --max-memory "
+                          f"{max(max_memory, 1 << 20) / 2**20:.1f} MiB")
     tokens = s.tokens_per_example or (2 * max_length if s.task == "seq2seq" else max_length)
     per_tok, how = flops_per_token(s, kind, fisher_type)
     # seq2seq: encoder parameters see the input, decoder parameters the target: both max_length

@@ -135,6 +135,10 @@ def test_arch_llama7b_against_hand_count():
     assert plan["store"]["gram_out"] == 4 * out
     assert plan["store"]["gram_in"] in (4 * every, 4 * shared)
     assert plan["store"]["fisher"] == 4 * params
+    # stats compute refuses Gram accumulators over --max-memory (4GiB by default); the plan says so
+    assert "--max-memory 4096.0 MiB" in plan["refused"]
+    roomy = _plan(["--arch", "llama-7b", "--kind", "gram", "--max-memory", "40GiB"])
+    assert "refused" not in roomy
 
 
 def test_arch_time_from_flops():
