@@ -149,3 +149,66 @@ def inspect_store(path: str, as_json: bool) -> str:
         lines += [f"    {name:<64} {a['shape']!s:<16} " + (f"-> {a['alias_of']}" if "alias_of" in a
                                                              else f"count={a['count']}") for name, a in group.items()]
     return "\n".join(lines)
+
+
+# `stats plan` takes every option of `stats compute` but the ones about the store it does not write
+_NOT_PLANNED = ("output", "resume", "overwrite", "checkpoint_every", "quiet")
+
+
+@click.option("--arch", help="a named architecture instead of --model: " + ", ".join(
+    ("t5-base", "mt5-xl", "llama-1b", "llama-7b", "vit-b-16", "clip-vit-b-32")))
+@click.option("--config", "config_path", help="a transformers config.json (or its directory) instead of --model: "
+              "built on the meta device, nothing allocated")
+@click.option("--gpu-tflops", type=float, help="with --arch/--config: the TFLOP/s your GPU sustains, for a time "
+              "estimate [default: no time]")
+@click.option("--measure-batches", type=int, default=3, show_default=True,
+              help="with --model: real batches timed (after one warm-up) to extrapolate the run's time")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback: bool, **kw) -> None:
+    """What `stats compute` with these options will need (memory, store size, time); writes nothing."""
+    from tensormerge.errors import ParameterError
+    from tensormerge.sizes import parse_size
+    from tensormerge.stats import planning
+
+    given = [n for n, v in (("--model", kw.get("model")), ("--arch", arch), ("--config", config_path)) if v]
+    if len(given) != 1:
+        raise ParameterError(f"give one of --model, --arch, --config ({', '.join(given) or 'none'} given)")
+    if kw["kind"] is None:
+        raise ParameterError("--kind is required (fisher, gram, kfac, blockwise, all)")
+    planning.check_sizes(kw["batch_size"], kw["max_length"], gpu_tflops, measure_batches)
+    if kw.get("model"):
+        if not kw.get("data"):
+            raise ParameterError("--model needs --data (a few real batches are timed)")
+        if gpu_tflops is not None:
+            raise ParameterError("--gpu-tflops is for --arch/--config; with --model the time is measured")
+        from tensormerge.stats.collect import ComputeOptions
+
+        kw["max_memory"] = parse_size(kw["max_memory"], "--max-memory")
+        opts = ComputeOptions(output="(plan)", quiet=True, **kw)
+        plan = planning.plan_model(opts, measure_batches)
+    else:
+        if kw.get("data"):
+            raise ParameterError("--data is for --model; --arch/--config plan from shapes alone")
+        plan = planning.plan_arch(arch, config_path, kw["kind"], kw["batch_size"], kw["max_length"],
+                                  kw["accumulate"], kw["dtype"], kw["fisher_mode"], kw["fisher_type"],
+                                  kw.get("max_examples"), gpu_tflops, bool(kw.get("gram_per_weight")),
+                                  parse_size(kw["max_memory"], "--max-memory"))
+    click.echo(json.dumps(plan, indent=2) if as_json else planning.render(plan))
+
+
+def _plan_params() -> list:
+    import copy
+
+    out = []
+    for p in compute_cmd.params:
+        if p.name in _NOT_PLANNED:
+            continue
+        p = copy.copy(p)
+        if p.name in ("model", "data", "kind"):
+            p.required = False  # --arch/--config need no model or data; --kind is checked in one line
+        out.append(p)
+    return out
+
+
+plan_cmd = stats.command("plan")(plan_cmd)
+plan_cmd.params[:0] = _plan_params()
