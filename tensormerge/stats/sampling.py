@@ -60,7 +60,8 @@ def _spans(scored: torch.Tensor) -> list[tuple[int, int]]:
 @torch.no_grad()
 def sample_labels(model: torch.nn.Module, task: str, batch: Batch, inputs, seed: int, max_length: int,
                   pad_id: int, side: str, choice_score: str = "sum") -> Batch:
-    if batch.choices is not None and any(c is not None for c in batch.choices):
+    choices = getattr(batch, "choices", None)  # an image batch has none
+    if choices is not None and any(c is not None for c in choices):
         return _sample_choices(model, task, batch, inputs, seed, pad_id, side, choice_score)
     if task == "classification":
         logits = model(**inputs(batch, additive=False)).logits
