@@ -58,6 +58,22 @@ def task_arithmetic(inputs: list[torch.Tensor], base: torch.Tensor, lambdas: lis
     return acc.add_(base_w)
 
 
+def task_arithmetic_many(inputs: list[torch.Tensor], base: torch.Tensor,
+                         lambdas: list[list[float]]) -> list[torch.Tensor]:
+    """`task_arithmetic` for several λ lists (a sweep's candidates) with each task vector formed
+    once: every candidate's accumulator sees the same operations in the same order, so each
+    result is bit for bit the single call's."""
+    wd = work_dtype(base, *inputs)
+    base_w = base.to(wd)
+    accs = [torch.zeros_like(base_w) for _ in lambdas]
+    tmp = torch.empty_like(base_w)
+    for i, x in enumerate(inputs):
+        torch.sub(x, base_w, out=tmp)
+        for acc, lams in zip(accs, lambdas):
+            acc.add_(tmp, alpha=lams[i])
+    return [acc.add_(base_w) for acc in accs]
+
+
 # ---------------------------------------------------------------------------------- DARE
 _M32 = 0xFFFFFFFF
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tensormerge.kernels import reference as K
 from tensormerge.kernels.dispatch import ops
 from tensormerge.methods.base import BlockData, Method, Params, param, register
 
@@ -30,3 +31,12 @@ class TaskArithmetic(Method):
 
     def merge(self, data: BlockData, params: TaskArithmeticParams, state: dict):
         return ops(data).task_arithmetic(data.inputs, data.base, params.resolved(len(data.inputs)))
+
+    def fuse_key(self, params: TaskArithmeticParams):
+        return ()  # every λ of a sweep shares the task vectors
+
+    def merge_many(self, datas: list[BlockData], params: list[TaskArithmeticParams], states: list[dict]):
+        """A sweep's candidates: each task vector formed once for every λ (kernels.reference;
+        the fused kernels' bits are the reference's, so a run on any device writes the same)."""
+        n = len(datas[0].inputs)
+        return K.task_arithmetic_many(datas[0].inputs, datas[0].base, [p.resolved(n) for p in params])
