@@ -12,7 +12,8 @@ same files, repeated `--repeats` times:
 
 recording wall time, CPU seconds (user + system of the child tree) and peak RSS of the child's
 process tree for each. The engine's own clock (sweep.json's merge_seconds, the run's report
-seconds) leaves out the interpreter's start-up, which is measured too (`tensormerge --help`).
+seconds) leaves out the interpreter's start-up, which is measured too (importing the cli and api,
+which import torch and every method).
 With --verify the model files of each run are compared byte for byte with the sweep's
 candidate of the same parameters. Writes JSON and, with --summary-md, a Markdown table.
 """
@@ -80,6 +81,7 @@ def sweep_floor(inputs: list[Path], out_bytes: int, n_out: int, scratch: Path) -
     run_bench.io_floor) plus n_out fsync'ed writes of one model's bytes, all kept on disk until
     the last is written (as the sweep's outputs are)."""
     buf = bytearray(rb.READ_CHUNK)
+    cpu0 = time.process_time()
     in_bytes = sum(p.stat().st_size for p in inputs)
     warm = in_bytes <= rb.WARM_RAM_FRACTION * psutil.virtual_memory().available
     result = {"input_bytes": in_bytes, "output_bytes": out_bytes, "n_outputs": n_out, "warm_cache": warm}
@@ -103,6 +105,8 @@ def sweep_floor(inputs: list[Path], out_bytes: int, n_out: int, scratch: Path) -
     result.update({"write_s": writes, "read_GBps": in_bytes / GB / result["read_s"],
                    "write_GBps": n_out * out_bytes / GB / sum(writes),
                    "total_s": result["read_s"] + sum(writes),
+                   # CPU of this process over the floor (warm-up included): how little of it needs a core
+                   "cpu_s": time.process_time() - cpu0,
                    # what one run must do at least: the read and one fsync'ed write
                    "one_run_s": result["read_s"] + sum(writes) / n_out})
     return result
@@ -222,7 +226,7 @@ def derived(rep: dict, method: str) -> dict:
     """Ratios of one repetition of one method: against its floor (measured in the same
     repetition) and against the M runs."""
     m = rep["methods"][method]
-    sw, runs, mk = m["sweep"], m["runs"], m["mergekit"]
+    sw, runs, mk = m.get("sweep", {}), m.get("runs", {}), m.get("mergekit", {})  # {}: not measured yet
     floor = rep["floor"]["total_s"]
     start = rep["startup"]["wall_s"]
     d = {}
@@ -258,9 +262,9 @@ def summary_markdown(results: dict) -> str:
         values = ",".join(results["values"][method])
         for i, rep in enumerate(results["repeats"]):
             m = rep["methods"].get(method)
-            if m is None:
+            if m is None or "floor" not in rep:
                 continue
-            sw, runs, mk = m["sweep"], m["runs"], m["mergekit"]
+            sw, runs, mk = m.get("sweep", {}), m.get("runs", {}), m.get("mergekit", {"skipped": "not yet"})
             d = derived(rep, method)
             ident = [e.get("identical_to_sweep") for e in runs.get("each", [])]
             mk_cell = (mk["skipped"] if "skipped" in mk else
@@ -347,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             results["repeats"].append(rep)
             log(f"[{r + 1}/{args.repeats}] I/O floor (load {rep['load_before']['load_1m']:.1f})")
             rep["floor"] = sweep_floor(inputs, stats["file_bytes"], n, out_dir)
-            rep["startup"] = entry(measured([sys.executable, "-m", "tensormerge", "--help"], rb.tensormerge_env()))
+            rep["startup"] = entry(measured([sys.executable, "-c", "import tensormerge.cli, tensormerge.api"],
+                                            rb.tensormerge_env()))
             save()
             for method in args.methods:
                 values = args.values[method]
