@@ -291,6 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=synth.PRESETS)
     ap.add_argument("--data", type=Path, help="directory holding base/ and ft1..ftN/ (generated if missing)")
+    ap.add_argument("--label", help="name the data in the table (default: the preset), e.g. for a subset of it")
     ap.add_argument("--from-json", type=Path, help="run nothing: print --summary-md of an earlier run's JSON")
     ap.add_argument("--methods", default="task_arithmetic,ties")
     ap.add_argument("--lambdas", default=DEFAULT_VALUES["task_arithmetic"], help="task_arithmetic's swept lambdas")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [p for d in [base, *fts] for p in rb.model_files(d)]
     n = len(args.values[args.methods[0]])
     results = {
-        "preset": args.preset, "data": str(args.data), "n_finetunes": len(fts), "max_memory": args.max_memory,
+        "preset": args.label or args.preset, "data": str(args.data), "n_finetunes": len(fts), "max_memory": args.max_memory,
         "generation_s": gen_s, "machine": rb.machine_info(args.data), "model": stats, "swept": args.methods,
         "values": {m: args.values[m] for m in args.methods}, "n_candidates": n, "repeats": [],
     }
