@@ -274,6 +274,7 @@ def summary_markdown(results: dict) -> str:
                 f"{rep['floor']['total_s']:.1f}",
                 _f(sw.get("wall_s"), ".1f") if sw.get("returncode") == 0 else "failed",
                 _f(d.get("sweep_x_floor"), ".2f"), _f(sw.get("cpu_s"), ".1f"),
+                (runs.get("skipped") or "not run") if "returncode" not in runs else
                 _f(runs.get("wall_s"), ".1f") if runs.get("returncode") == 0 else "failed",
                 _f(d.get("sweep_of_runs"), ".2f"),
                 (_f(d.get("speedup_wall"), ".2f") + " (" + _f(d.get("speedup_cpu"), ".2f") + ")"),
