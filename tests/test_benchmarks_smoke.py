@@ -1,4 +1,5 @@
-"""Smoke test of the statistics benchmarks: both scripts run with --quick and write their JSON."""
+"""Smoke tests of the benchmarks: the statistics scripts with --quick, the sweep benchmark on the
+tiny preset; each writes its JSON."""
 
 from __future__ import annotations
 
@@ -54,3 +55,37 @@ def test_stats_bench_quick(tmp_path):
         assert ex[key]["total"] > 0
     assert ex["kfac_100_s"]["total"] > ex["kfac_10_s"]["total"]
     assert {m["dtype"] for m in res["matmul"]} == {"float32", "float64"}
+
+
+def test_sweep_bench_tiny(tmp_path):
+    """sweep_bench.py on the tiny preset, one repetition of a two-value TIES sweep (the method whose
+    passes the candidates share): the floor, the sweep, the runs (each byte-identical to its
+    candidate) and the table come out. Four tensormerge processes: ~15 s on a quiet machine."""
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--preset", "tiny", "--data",
+                           str(tmp_path / "data"), "--repeats", "1", "--methods", "ties", "--ks", "0.1,0.2",
+                           "--verify", "--skip-mergekit", "--json", str(out), "--summary-md"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["n_candidates"] == 2 and res["swept"] == ["ties"]
+    (rep,) = res["repeats"]
+    floor = rep["floor"]
+    assert floor["n_outputs"] == 2 and len(floor["write_s"]) == 2
+    assert floor["total_s"] == pytest.approx(floor["read_s"] + sum(floor["write_s"]))
+    for method in ("ties",):
+        m = rep["methods"][method]
+        assert m["sweep"]["returncode"] == 0 and m["runs"]["returncode"] == 0
+        assert [c["status"] for c in m["sweep"]["candidates"]] == ["merged", "merged"]
+        assert len(m["runs"]["each"]) == 2
+        assert all(e["identical_to_sweep"] is True for e in m["runs"]["each"])
+        assert m["runs"]["wall_s"] == pytest.approx(sum(e["wall_s"] for e in m["runs"]["each"]))
+        assert m["sweep"]["peak_rss_bytes"] > 0 and m["sweep"]["cpu_s"] > 0
+        assert m["derived"]["speedup_wall"] == pytest.approx(m["runs"]["wall_s"] / m["sweep"]["wall_s"])
+        assert m["mergekit"] == {"skipped": "--skip-mergekit"}
+    assert not (tmp_path / "data" / "sweep-bench-out").exists()  # outputs removed
+    table = proc.stdout
+    assert "ties k=0.1,0.2" in table and "| yes |" in table
+    again = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--from-json", str(out)],
+                           capture_output=True, text=True, timeout=60, check=True)
+    assert again.stdout.strip() == table.strip()
