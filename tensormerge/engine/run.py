@@ -360,21 +360,33 @@ class Runner:
             out = torch.empty(shape, dtype=b.out_dtype)
             if fused is None:
                 self.prepare_block(b, data, first, last)
-            parts = list(_sub_chunks(data, b.sub_rows)) if fused is None else None
-            results = fused if fused is not None else self._map(lambda part: self.merge_part(b, part, state), parts)
-            starts = [p.row_start for p in parts] if parts is not None else None
-            row = 0
-            for i, result in enumerate(results):
-                if isinstance(result, tuple):
+                parts = list(_sub_chunks(data, b.sub_rows))
+                starts = [p.row_start - data.row_start for p in parts]
+            else:  # a sweep's results, computed with other candidates: their rows follow one another
+                sizes = [(r[0] if isinstance(r, tuple) else r).shape[0] if shape else 0 for r in fused]
+                starts = [sum(sizes[:i]) for i in range(len(fused))]
+
+            def place(i: int):
+                """A sub-chunk merged (or taken from `fused`), cast and checked into its rows of
+                `out` on the compute pool (disjoint rows: any order, the same bytes)."""
+                result = fused[i] if fused is not None else self.merge_part(b, parts[i], state)
+                with_extra = isinstance(result, tuple)
+                extra = None
+                if with_extra:
                     result, extra = result
-                    self.extras = method.add_extra(self.extras, extra)
-                    chunk_extras.append(extra)
-                    note = method.progress(extra)
-                    if note and bar is not None:
-                        bar.note = note
-                s0 = starts[i] - data.row_start if starts is not None else row
-                row = s0 + (result.shape[0] if shape else 0)
+                s0 = starts[i]
                 store_checked(b.name, result, out[s0:s0 + result.shape[0]] if shape else out)
+                return (extra,) if with_extra else None
+
+            for got in self._map(place, list(range(len(starts)))):
+                if got is None:
+                    continue
+                extra = got[0]
+                self.extras = method.add_extra(self.extras, extra)
+                chunk_extras.append(extra)
+                note = method.progress(extra)
+                if note and bar is not None:
+                    bar.note = note
         if b.transposed:
             out = out.t().contiguous()
         self.stats[b.name].seconds += time.perf_counter() - t0
