@@ -89,3 +89,30 @@ def test_sweep_bench_tiny(tmp_path):
     again = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--from-json", str(out)],
                            capture_output=True, text=True, timeout=60, check=True)
     assert again.stdout.strip() == table.strip()
+
+
+def test_mergekit_bench_tiny(tmp_path):
+    """mergekit_bench.py on the tiny preset: both tools merge the same recipe files, the table
+    and the agreement check are written, and the merged outputs are removed."""
+    pytest.importorskip("mergekit", reason="mergekit is not installed (benchmarks/mergekit_parity.sh)")
+    out = tmp_path / "mk.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "mergekit_bench.py"), "--data", str(tmp_path / "data"),
+                           "--generate", "tiny", "--out", str(out), "--recipes", "task_arithmetic,slerp"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["floor"]["total_s"] > 0 and res["floor"]["input_bytes"] > res["floor_slerp"]["input_bytes"]
+    for recipe in ("task_arithmetic", "slerp"):
+        row = res["results"][recipe]
+        for tool in ("mergekit", "tensormerge"):
+            assert row[tool]["returncode"] == 0, row[tool].get("error")
+            assert row[tool]["wall_s"] > 0 and row[tool]["peak_rss_bytes"] > 0
+        agree = row["agreement"]
+        assert agree["same_names"] and agree["tensors"]
+        for t in agree["tensors"].values():
+            assert t["shape_equal"] and t["dtype_a"] == t["dtype_b"] == "torch.bfloat16"
+            # mergekit sums in bf16 (the recipe's dtype), tensormerge in float32: a few entries
+            # differ by more than one bf16 ulp, never many
+            assert t["frac_over_1ulp"] < 0.05
+    assert "| slerp |" in res["markdown"] and "| task_arithmetic |" in res["markdown"]
+    assert not (tmp_path / "mergekit-bench-work").exists()  # recipes and merged outputs removed
