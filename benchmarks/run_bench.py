@@ -103,7 +103,7 @@ def ensure_data(args) -> tuple[Path, list[Path], float | None]:
     print(f"generating {args.preset} into {args.data}", file=sys.stderr)
     t0 = time.perf_counter()
     synth.generate(args.preset, args.data, args.n_finetunes, args.dtype,
-                   log=lambda msg: print(msg, file=sys.stderr), layers=args.layers)
+                   log=lambda msg: print(msg, file=sys.stderr), layers=getattr(args, "layers", None))
     return base, fts, time.perf_counter() - t0
 
 

@@ -14,7 +14,7 @@ from tensormerge.engine.plan import MergePlan
 from tensormerge.engine.run import Runner
 from tensormerge.engine.sources import open_checkpoint
 from tensormerge.engine.spec import MergeSpec, checked, open_plan, run_options  # noqa: F401 (the API's names)
-from tensormerge.errors import OutputError, ParameterError
+from tensormerge.errors import OutputError, ParameterError, short
 from tensormerge.methods import get_method
 
 

@@ -147,11 +147,20 @@ def _param_value(v, depth: int = 0) -> bool:
             and all(_param_value(x, depth + 1) for x in v.values()))
 
 
-def _spec(kw: dict) -> "api.MergeSpec":
+def _spec(kw: dict, sweep: bool = False) -> "api.MergeSpec":
     from tensormerge import api
     from tensormerge import constants as C
 
     recipe = _recipe(kw.get("config"))
+    method = kw["method"] or recipe.get("method")
+    if recipe.get("params") and method and not sweep:  # a recipe's values, refused naming the recipe
+        from tensormerge.methods import get_method
+
+        m = get_method(method)
+        try:
+            m.Params.typed(m.name, recipe["params"])
+        except ParameterError as e:
+            raise ParameterError(f"--config {kw['config']}: params: {e}") from None
     inputs = _split(kw["inputs"]) or recipe.get("inputs") or []
     if isinstance(inputs, str):
         inputs = _split((inputs,))
@@ -273,7 +282,7 @@ def _sweep_spec(kw: dict, required: bool = True):
 
     raw = kw["param"]
     kw = dict(kw, param=(), method=kw["method"] or ("-" if kw.get("candidates") else None))
-    spec = _spec(kw)
+    spec = _spec(kw, sweep=True)
     pairs = _params(raw)
     if kw.get("candidates"):
         if pairs:
