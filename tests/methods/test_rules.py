@@ -166,10 +166,6 @@ def test_tensor_ties_with_per_tensor_k_and_lambda(family, tmp_path):
 def test_slerp_with_per_tensor_t(family, tmp_path):
     """The gradient-SLERP form natively: every tensor equals the plain run with its own t (the
     base is the t = 0 endpoint, which the method needs once its parameters are validated)."""
-    from tensormerge.methods import REGISTRY
-
-    if "slerp" not in REGISTRY:
-        pytest.skip("tensormerge has no slerp method yet")
     base, fts, _, _ = family
     recipe = _recipe(tmp_path, "r.yaml", method="slerp", inputs=[fts[0]], base=base,
                      params={"t": [{"filter": "mlp", "value": {"gradient": [0.2, 0.6]}}, {"value": 0.5}]})
