@@ -1,4 +1,8 @@
-"""crc32 of a tensor from the crc32s of its row chunks, as zlib's crc32_combine computes it.
+"""crc32 of a tensor from the crc32s of its row chunks, as zlib's crc32_combine computes it,
+and the crc32 every checksum in the project uses.
+
+Every byte a merge reads or writes is checksummed once (input content hashes, output chunks),
+so on a warm cache zlib's crc32 at ~2 GB/s was a fifth of a task-arithmetic merge's CPU time.
 
 A block's checksum in `tensormerge.json` is the crc32 of all its bytes. Chunks are checksummed
 one by one (each chunk's own crc32 is what the resume manifest records and verifies), and
@@ -7,6 +11,13 @@ the chunks were merged in this run, an earlier one, or on another worker.
 """
 
 from __future__ import annotations
+
+try:  # ISA-L's crc32: zlib's CRC-32 (same values), ~3.5x faster here; the GIL is released as in zlib
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency where it has wheels
+    from zlib import crc32
+
+__all__ = ["crc32", "crc32_combine"]
 
 _POLY = 0xEDB88320
 

@@ -22,11 +22,10 @@ import hashlib
 import os
 import re
 import threading
-import zlib
 
 import torch
 
-from tensormerge.engine.crc import crc32_combine
+from tensormerge.engine.crc import crc32, crc32_combine
 from tensormerge.engine.sources import Checkpoint
 
 ALGORITHM = "sha256 over sorted lines 'name dtype shape crc32' (crc32: of the tensor's stored bytes) and 'name -> tied'"
@@ -44,7 +43,7 @@ class ContentHashes:
     def add(self, which: int, name: str, r0: int, r1: int, x: torch.Tensor) -> None:
         """Rows [r0, r1) of tensor `name` as read (contiguous, its stored dtype, on the host)."""
         raw = x.reshape(-1).view(torch.uint8).numpy()
-        entry = (zlib.crc32(raw), raw.nbytes)
+        entry = (crc32(raw), raw.nbytes)
         with self._lock:
             self.ranges.setdefault(which, {}).setdefault(name, {})[(r0, r1)] = entry
 
@@ -75,7 +74,7 @@ class ContentHashes:
                 r1 = min(r1, pos + max(1, piece_bytes // max(row_bytes, 1)))
                 x = ck.read(name, pos, r1)
                 raw = x.reshape(-1).view(torch.uint8).numpy()
-                c, n = zlib.crc32(raw), raw.nbytes
+                c, n = crc32(raw), raw.nbytes
                 reread += n
                 del x, raw
             crc = crc32_combine(crc, c, n)

@@ -10,7 +10,6 @@ import math
 import os
 import sys
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ from tensormerge.constants import PASS_SUB_FACTOR, PROVENANCE, ROW_KINDS
 from tensormerge.engine import card, faults
 from tensormerge.engine.alloc import keep_freed_buffers
 from tensormerge.engine.cast import store_checked
-from tensormerge.engine.crc import crc32_combine
+from tensormerge.engine.crc import crc32, crc32_combine
 from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.manifest import Manifest
 from tensormerge.engine.memory import MemoryMonitor
@@ -417,7 +416,7 @@ class Runner:
         for name in b.out_names:
             writer.write(name, r0 * b.out_bytes_per_row, out)
         faults.hit("chunk-bytes")  # written, not yet recorded: resume must merge it again
-        crc = zlib.crc32(raw)
+        crc = crc32(raw)
         st.crcs[r0] = (crc, raw.nbytes)
         self.record(b, r0, r1, crc, raw.nbytes, chunk_extras)
         st.bytes_read += read_bytes

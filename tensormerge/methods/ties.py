@@ -176,9 +176,13 @@ class _HighPass(_HistogramPass):
         return (self.name, self.params.needs_norms)
 
     def map_group(self, datas, passes, states):
-        """A sweep's candidates (several k): the full top-16-bit histograms once, which do not
-        depend on k, and the low bits of each candidate's own window; `_compact` then takes its
-        full-histogram path, whose thresholds are the same exact values."""
+        """A sweep's candidates (several k). Without norms, each candidate's own window counts
+        (the fused kernel is cheaper than one full histogram). With norms, the full top-16-bit
+        histograms with moments once, which do not depend on k, and the low bits of each
+        candidate's window; `_compact` then takes its full-histogram path, whose thresholds are
+        the same exact values."""
+        if not self.params.needs_norms:
+            return [p.map(d, s) for p, d, s in zip(passes, datas, states)]
         data = datas[0]
         kern = ops(data)
         tau = K.task_vectors(data.inputs, data.base).float()
@@ -416,7 +420,7 @@ class Ties(Method):
         if undecided is None:
             return out
         running[key] = running.get(key, 0) + votes
-        zero = undecided.nonzero().squeeze(1)
+        zero = K.flat_nonzero(undecided)
         columns = K.ties_columns(data.inputs, data.base, trim["v"], zero)
         base_w = data.base.reshape(-1)[zero].to(columns.dtype)
         return out, (key, votes, guess, data.name, zero + data.flat_start, columns, base_w)

@@ -39,7 +39,6 @@ import math
 import os
 import shutil
 import warnings
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from tensormerge import __version__
+from tensormerge.engine.crc import crc32
 from tensormerge.constants import PARTIAL_SUFFIX, STATS_CHUNK_BYTES, STATS_FORMAT, STATS_FORMATS_READ, STATS_KINDS
 from tensormerge.errors import InputError, OutputError, short
 from tensormerge.kernels.reference import all_finite
@@ -114,11 +114,11 @@ def chunk_record(data: np.ndarray, chunks: tuple[int, ...]) -> dict:
     """The CHUNKS_ATTR of `data` written with row chunks `chunks`: crc32 of each chunk's
     little-endian float32 bytes, as decoded (so independent of the codec)."""
     if not data.shape:
-        return {"count": 1, "crc32": [zlib.crc32(np.ascontiguousarray(data, dtype="<f4"))]}
+        return {"count": 1, "crc32": [crc32(np.ascontiguousarray(data, dtype="<f4"))]}
     data = np.ascontiguousarray(data, dtype="<f4")
     rows = chunks[0]
     n = chunk_count(data.shape, rows)
-    return {"rows": rows, "count": n, "crc32": [zlib.crc32(data[c * rows:(c + 1) * rows]) for c in range(n)]}
+    return {"rows": rows, "count": n, "crc32": [crc32(data[c * rows:(c + 1) * rows]) for c in range(n)]}
 
 
 def chunk_key(c: int, ndim: int) -> str:
@@ -532,7 +532,7 @@ class StatsStore:
         return out
 
     def _check_chunk(self, kind: str, name: str, c: int, data: np.ndarray, shape, rows, rec: dict) -> None:
-        if zlib.crc32(np.ascontiguousarray(data, dtype="<f4")) == rec["crc32"][c]:
+        if crc32(np.ascontiguousarray(data, dtype="<f4")) == rec["crc32"][c]:
             return
         where = f"{self.path}: {kind}/{name}: chunk {c} of {rec['count']}{_rows(shape, rows, c)}"
         if self.local is not None and not os.path.exists(os.path.join(self.local, kind, name,

@@ -93,7 +93,9 @@ def test_ties_k_sweep_runs_each_pass_once_for_every_k(fam, tmp_path, monkeypatch
     seen.clear()
     _run(fam, tmp_path / "one", "ties", {"k": "0.1"}, max_memory="150KiB")
     total = lambda d: sum(d.values())  # noqa: E731
-    assert total(seen_sweep) <= total(seen) + 0  # content digest rereads included in both
+    # content digest rereads included in both; the 1/64 sample's rows are rounded up per chunk,
+    # and the sweep's common chunks are not the run's: a few rows more or less
+    assert total(seen_sweep) <= total(seen) * 1.01
     from tensormerge.methods.ties import _HighPass, _SamplePass
 
     calls = {"map": 0, "group": 0}
@@ -109,7 +111,11 @@ def test_ties_k_sweep_runs_each_pass_once_for_every_k(fam, tmp_path, monkeypatch
     monkeypatch.setattr(_HighPass, "map", count_map)
     monkeypatch.setattr(_HighPass, "map_group", count_group)
     _sweep(fam, tmp_path / "sw2", "ties", {"k": "0.1,0.2,0.5"}, max_memory="150KiB")
-    assert calls["group"] > 0 and calls["map"] == 0  # one histogram computation per chunk for every k
+    # the mass sign: each k counts its own window (the fused kernel costs less than a histogram)
+    assert calls["group"] > 0 and calls["map"] == 3 * calls["group"]
+    calls.update(map=0, group=0)
+    _sweep(fam, tmp_path / "sw3", "ties", {"k": "0.1,0.2,0.5", "sign": "normfrac"}, max_memory="150KiB")
+    assert calls["group"] > 0 and calls["map"] == 0  # norms: one histogram with moments per chunk for every k
     assert _SamplePass.group_key(_SamplePass(None)) == _SamplePass(None).group_key()
 
 

@@ -83,7 +83,8 @@ def test_merge_with_numba_writes_the_bytes_of_the_torch_reference(tmp_path):
 @pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
     (1, 1, torch.float32, torch.float32), (13, 3, torch.bfloat16, torch.bfloat16),
     (5000, 3, torch.bfloat16, torch.bfloat16), (5000, 5, torch.float32, torch.float32),
-    (777, 2, torch.bfloat16, torch.float32),
+    (777, 2, torch.bfloat16, torch.float32), (2048, 3, torch.bfloat16, torch.bfloat16),
+    (4097, 2, torch.float32, torch.float32),  # the kernel works in blocks of 2048 entries
 ])
 def test_fused_pass_a_counts_equal_the_reference(n, n_models, dtype, base_dtype):
     fts, base, _ = _chunk(n, n_models, dtype, base_dtype, seed=7 * n + n_models)
@@ -100,6 +101,20 @@ def test_fused_pass_a_counts_equal_the_reference(n, n_models, dtype, base_dtype)
         fts[-1][2] = float("nan")
         assert C.ties_window_counts(fts, base, windows, 4)[2] == R.ties_window_counts(fts, base, windows, 4)[2] \
             == n_models - 1
+
+
+def test_fused_pass_a_window_at_the_top_and_infinities():
+    """The highest window ends at +inf's bits: inf is not counted in it, and names its model; so
+    does an inf in the first model of several (every model's count is still complete)."""
+    fts, base, _ = _chunk(3000, 3, torch.float32, torch.float32, seed=11)
+    top = 0x7F80 - 4
+    fts[1][2100] = float("inf")  # past the first block of 2048
+    for windows in ([top] * 3, [0, top, 5]):
+        want, got = R.ties_window_counts(fts, base, windows, 4), C.ties_window_counts(fts, base, windows, 4)
+        assert got[2] == want[2] == 1
+    fts[1][2100] = 0.0
+    fts[0][7] = float("-inf")
+    assert C.ties_window_counts(fts, base, [top] * 3, 4)[2] == R.ties_window_counts(fts, base, [top] * 3, 4)[2] == 0
 
 
 def test_module_is_a_drop_in_for_the_reference():
