@@ -9,11 +9,14 @@ any order, by any thread or worker. The directory is built as `OUT.partial` and 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -130,11 +133,14 @@ class ShardedWriter:
             raise OutputError(f"{self.out_dir}: cannot write {path} ({os_error_reason(e)})") from None
 
     def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
-        """Write a contiguous CPU tensor's bytes at `byte_offset` inside tensor `name`."""
+        """Write a contiguous CPU tensor's bytes at `byte_offset` inside tensor `name`, and start
+        their writeback to disk now (see `start_writeback`)."""
         slot = self.slots[name]
         raw = data.reshape(-1).view(torch.uint8).numpy()
         assert byte_offset + raw.nbytes <= slot.nbytes, f"write past the end of {name}"
-        self._pwrite(self._fds[slot.file], raw, slot.begin + byte_offset, os.path.join(self.partial, slot.file))
+        fd = self._fds[slot.file]
+        self._pwrite(fd, raw, slot.begin + byte_offset, os.path.join(self.partial, slot.file))
+        start_writeback(fd, slot.begin + byte_offset, raw.nbytes)
 
     def crc32(self, name: str, byte_offset: int = 0, nbytes: int | None = None) -> int:
         """crc32 of written bytes of `name`, read back in bounded windows."""
@@ -290,6 +296,34 @@ def os_error_reason(e: OSError) -> str:
     if e.errno == errno.EFBIG:
         return "file too large: the file-size limit (ulimit -f) or the filesystem's maximum"
     return e.strerror or str(e)
+
+
+def _sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing these bytes to disk now, without waiting (Linux's
+    sync_file_range WRITE; elsewhere nothing). A merge fsyncs its shards before publishing:
+    left to the kernel's dirty-page timers, a model's worth of output (or a sweep's several)
+    was still in memory then and the fsync wrote it all while nothing else ran, which was a
+    third of a task-arithmetic merge's time. Started chunk by chunk, the disk writes while the
+    merge reads and computes, and the final fsync finds little left. Only a hint: errors are
+    ignored (fsync reports what matters)."""
+    if _SYNC_FILE_RANGE is not None and nbytes > 0:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(path: str) -> None:
