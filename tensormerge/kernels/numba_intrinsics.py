@@ -25,3 +25,16 @@ def as_uint32(typingctx, value):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a·b + c rounded once (LLVM's fma; a vfmadd where the CPU has one): what torch's
+    vectorized `add_(x, alpha=a)` computes, checked at first use (kernels.cpu)."""
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen

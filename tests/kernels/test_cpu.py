@@ -123,3 +123,43 @@ def test_module_is_a_drop_in_for_the_reference():
     for name, fn in vars(R).items():
         if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == R.__name__:
             assert inspect.signature(getattr(C, name)) == inspect.signature(fn), name
+
+
+@pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
+    (1, 1, torch.float32, torch.float32), (13, 2, torch.bfloat16, torch.bfloat16),
+    (1001, 3, torch.bfloat16, torch.bfloat16), (4099, 5, torch.bfloat16, torch.float32),
+    (257, 4, torch.float32, torch.float32),
+])
+@pytest.mark.parametrize("p,rescale", [(0.0, True), (0.5, True), (0.9, False), (1.0, False), (0.3, True)])
+def test_fused_dare_gives_the_reference_bits(n, n_models, dtype, base_dtype, p, rescale):
+    fts, base, _ = _chunk(n, n_models, dtype, base_dtype, seed=3 * n + n_models)
+    lambdas = [0.3 + 0.2 * i for i in range(n_models)]
+    # element indices crossing 2^32 (the hash's high word changes inside the chunk)
+    for start in (0, 12345, (1 << 32) - n // 2):
+        want = R.dare(fts, base, p, lambdas, 7, rescale, "layer.0.w", start)
+        got = C.dare(fts, base, p, lambdas, 7, rescale, "layer.0.w", start)
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_dare_falls_back_where_torch_does_not_fuse(monkeypatch):
+    """Where torch's add_(alpha=) rounds twice (a build without FMA), the reference runs."""
+    fts, base, _ = _chunk(300, 3, torch.bfloat16, torch.bfloat16, seed=5)
+    calls = []
+    monkeypatch.setattr(C, "_FUSES", False)
+    monkeypatch.setattr(C._ref, "dare", lambda *a: calls.append(a) or "reference")
+    assert C.dare(fts, base, 0.5, [1.0] * 3, 0, True, "w", 0) == "reference" and calls
+    half = [f.half() for f in fts]  # float16: not fused either
+    monkeypatch.setattr(C, "_FUSES", True)
+    assert C.dare(half, base.half(), 0.5, [1.0] * 3, 0, True, "w", 0) == "reference"
+
+
+def test_dare_with_numba_writes_the_bytes_of_the_torch_reference(tmp_path):
+    base, ins = H.save_cancelling_family(tmp_path)
+    digests = []
+    for kernels in ("auto", "torch"):
+        out = tmp_path / kernels
+        res = H.run_cli(["run", "--method", "dare", "--inputs", ",".join(ins), "--base", base, "--output", str(out),
+                         "--max-memory", "200KiB", "--kernels", kernels, "-q", "-p", "p=0.7", "-p", "seed=3"])
+        assert res.returncode == 0, res
+        digests.append(H.shard_digests(out))
+    assert digests[0] == digests[1]
