@@ -36,7 +36,9 @@ class TaskArithmetic(Method):
         return ()  # every λ of a sweep shares the task vectors
 
     def merge_many(self, datas: list[BlockData], params: list[TaskArithmeticParams], states: list[dict]):
-        """A sweep's candidates: each task vector formed once for every λ (kernels.reference;
-        the fused kernels' bits are the reference's, so a run on any device writes the same)."""
+        """A sweep's candidates: each task vector formed once for every λ (the fused CPU kernel
+        where it runs, else the reference; every kernel's bits are the reference's, so a run on
+        any device writes the same)."""
         n = len(datas[0].inputs)
-        return K.task_arithmetic_many(datas[0].inputs, datas[0].base, [p.resolved(n) for p in params])
+        many = getattr(ops(datas[0]), "task_arithmetic_many", K.task_arithmetic_many)
+        return many(datas[0].inputs, datas[0].base, [p.resolved(n) for p in params])

@@ -163,3 +163,40 @@ def test_dare_with_numba_writes_the_bytes_of_the_torch_reference(tmp_path):
         assert res.returncode == 0, res
         digests.append(H.shard_digests(out))
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
+    (1, 1, torch.float32, torch.float32), (13, 2, torch.bfloat16, torch.bfloat16),
+    (1001, 3, torch.bfloat16, torch.bfloat16), (4099, 5, torch.bfloat16, torch.float32),
+    (257, 4, torch.float32, torch.float32),
+])
+@pytest.mark.parametrize("n_cands", [1, 3, 9])  # 9: more than one kernel's group of 8
+def test_fused_task_arithmetic_gives_the_reference_bits(n, n_models, dtype, base_dtype, n_cands):
+    fts, base, _ = _chunk(n, n_models, dtype, base_dtype, seed=5 * n + n_models)
+    if n >= 12:
+        base[8:10] = -0.0  # signed zeros: τ = 0 - (-0) and products of -λ
+        for f in fts:
+            f[8:10] = 0.0
+    lambdas = [[(-1) ** c * (0.1 + 0.37 * c) + 0.05 * i for i in range(n_models)] for c in range(n_cands)]
+    lambdas[0][0] = 0.0
+    want = R.task_arithmetic_many(fts, base, lambdas)
+    got = C.task_arithmetic_many(fts, base, lambdas)
+    assert len(got) == n_cands
+    for w, g in zip(want, got):
+        assert g.shape == w.shape and torch.equal(g.view(torch.int32), w.view(torch.int32))
+    one = C.task_arithmetic(fts, base, lambdas[-1])
+    assert torch.equal(one.view(torch.int32), R.task_arithmetic(fts, base, lambdas[-1]).view(torch.int32))
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", ["-p", "lambda=0.7"]),
+                                           ("task_arithmetic", ["-p", "lambdas=0.5,-0.3,1.1"])])
+def test_task_arithmetic_with_numba_writes_the_bytes_of_the_torch_reference(tmp_path, method, params):
+    base, ins = H.save_cancelling_family(tmp_path)
+    digests = []
+    for kernels in ("auto", "torch"):
+        out = tmp_path / kernels
+        res = H.run_cli(["run", "--method", method, "--inputs", ",".join(ins[:3]), "--base", base, "--output", str(out),
+                         "--max-memory", "200KiB", "--kernels", kernels, "-q", *params])
+        assert res.returncode == 0, res
+        digests.append(H.shard_digests(out))
+    assert digests[0] == digests[1]
