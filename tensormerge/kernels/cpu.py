@@ -1,14 +1,16 @@
-"""A fused CPU kernel for TIES' default merge (mass sign, disjoint mean), compiled with numba.
+"""Fused CPU kernels, compiled with numba: TIES' default merge (mass sign, disjoint mean) and its
+pass-A window counts, DARE, and task arithmetic (for a sweep's every λ at once).
 
-The torch reference runs TIES as a dozen whole-chunk operations (task vectors, trim, sum,
-sign, the undecided mask, the zero-sign resolution, a masked sum and count per model, a
-division, scale and add), each a pass over memory with a temporary; measured here it was the
-largest share of a global TIES merge, which stayed above 3x the read+write floor with every
-torch-level rewrite. One loop over the entries does the same arithmetic per entry, in float32,
-in the reference's order (sums in model order, the trim as hardshrink's comparisons, IEEE
-division, scale then add as two roundings, no fused multiply-adds), so it gives the reference's
-bits: tested against it on random chunks of every dtype it accepts, exact cancellations, ties at
-the thresholds and zero-sign guesses.
+The torch reference runs each as a dozen whole-chunk operations (task vectors, trim, sum,
+sign, the undecided mask, a masked sum and count per model; DARE's hash as sixteen integer
+passes per model), each a pass over memory with a temporary; measured here that was the largest
+share of a merge's CPU time. One loop over the entries does the same arithmetic per entry, in
+float32, in the reference's order (sums in model order, the trim as hardshrink's comparisons,
+IEEE division, scale then add as two roundings; fused multiply-adds exactly where torch's
+`add_(alpha=)` computes one, which is probed once: a torch build that rounds twice gets the
+reference), so each gives the reference's bits: tested against it on random chunks of every
+dtype it accepts, exact cancellations, signed zeros, ties at the thresholds and zero-sign
+guesses, and end to end (`--kernels auto` writes what `--kernels torch` writes).
 
 numba is imported only when a kernel is first needed (it costs ~0.3 s). Everything not
 overridden here (and TIES with other modes, dtypes or more models) is the reference.
