@@ -182,7 +182,7 @@ class _HighPass(_HistogramPass):
         candidate's window; `_compact` then takes its full-histogram path, whose thresholds are
         the same exact values."""
         if not self.params.needs_norms:
-            return [p.map(d, s) for p, d, s in zip(passes, datas, states)]
+            return self._windows_many(datas, passes, states)
         data = datas[0]
         kern = ops(data)
         tau = K.task_vectors(data.inputs, data.base).float()
@@ -201,6 +201,23 @@ class _HighPass(_HistogramPass):
             lows = None if windows is None else torch.stack(
                 [kern.window_hist(b, windows[i], WINDOW_BINS) for i, b in enumerate(bits)]).cpu()
             out.append((hist, lows, tau.shape[1], None))
+        return out
+
+    @staticmethod
+    def _windows_many(datas, passes, states) -> list:
+        """Each candidate's own window counts, in one pass over the chunk where the kernels
+        count several windows at once (the fused CPU kernel), else one call per candidate."""
+        data = datas[0]
+        many = getattr(ops(data), "ties_window_counts_many", None)
+        windows = [s.get(_SamplePass.name, {}).get(_key(p.params, d.name)) for p, d, s in zip(passes, datas, states)]
+        at = [i for i, w in enumerate(windows) if w is not None]
+        out = [None if w is not None else p.map(d, s) for w, p, d, s in zip(windows, passes, datas, states)]
+        if many is None or len(at) < 2:
+            return [o if o is not None else p.map(d, s) for o, p, d, s in zip(out, passes, datas, states)]
+        for i, (lows, below, bad) in zip(at, many(data.inputs, data.base, [windows[i] for i in at], WINDOW_BINS)):
+            if bad is not None:
+                raise InputError(f"tensor {data.name!r}: model {bad} (or the base) holds NaN or Inf values")
+            out[i] = (None, lows.cpu(), len(data.base.reshape(-1)), below.cpu())
         return out
 
     def reduce(self, acc: dict, partial, block: str) -> dict:

@@ -200,3 +200,22 @@ def test_task_arithmetic_with_numba_writes_the_bytes_of_the_torch_reference(tmp_
         assert res.returncode == 0, res
         digests.append(H.shard_digests(out))
     assert digests[0] == digests[1]
+
+
+def test_fused_pass_a_many_windows_equal_separate_calls():
+    """A sweep's k values: several windows per model in one pass, each what its own call counts
+    (and what the reference counts), across groups of MAX_WINDOWS; a NaN names its model."""
+    fts, base, _ = _chunk(5000, 3, torch.bfloat16, torch.bfloat16, seed=13)
+    tau = R.task_vectors(fts, base.float())
+    windows = []
+    for q in (0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):  # 9: two groups
+        windows.append([max(int(R.abs_bits_(tau[i].clone()).sort().values[int(q * 4999)]) >> 16, 1) - 1
+                        for i in range(3)])
+    windows[1] = [0, 0, 0]
+    got = C.ties_window_counts_many(fts, base, windows, 4)
+    assert len(got) == len(windows)
+    for ws, (h, below, bad) in zip(windows, got):
+        want = R.ties_window_counts(fts, base, ws, 4)
+        assert torch.equal(h, want[0]) and torch.equal(below, want[1]) and bad is want[2] is None
+    fts[2][4100] = float("nan")
+    assert [g[2] for g in C.ties_window_counts_many(fts, base, windows, 4)] == [2] * len(windows)
