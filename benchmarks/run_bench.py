@@ -480,9 +480,9 @@ def summary_markdown(results: dict) -> str:
         f"{floor['read_GBps']:.2f} GB/s, write {floor['write_GBps']:.2f} GB/s, "
         f"{'warm' if floor['warm_cache'] else 'cold'} cache).",
         "",
-        "| method | tensormerge s | x floor | MB/s | peak RSS GB | peak anon GB "
+        "| method | tensormerge s | x floor | wall s (process) | wall x floor | MB/s | peak RSS GB | peak anon GB "
         "| naive s | naive peak RSS GB | mergekit s | mergekit peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, r in results["methods"].items():
         tm, naive, mk = r["tensormerge"], r["naive"], r["mergekit"]
@@ -492,6 +492,8 @@ def summary_markdown(results: dict) -> str:
             method,
             cell(tm, seconds, ".1f"),
             cell(tm, seconds and seconds / floor["total_s"], ".2f"),
+            cell(tm, tm.get("wall_s"), ".1f"),  # the interpreter's start-up (torch) included
+            cell(tm, tm.get("wall_s") and tm["wall_s"] / floor["total_s"], ".2f"),
             cell(tm, rep.get("MBps"), ".0f"),
             cell(tm, rep.get("peak_rss_bytes") or tm.get("peak_rss_bytes"), ".2f", GB),
             cell(tm, rep.get("peak_anon_bytes") or tm.get("peak_anon_bytes"), ".2f", GB),
