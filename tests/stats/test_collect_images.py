@@ -341,3 +341,32 @@ def test_decompression_bomb_is_refused(tmp_path, vit_dir, monkeypatch):
     msg, data = _bad(tmp_path, vit_dir, [json.dumps({"image": "img/big.png", "label": 0})],
                      lambda d: im.write_image(d / "img" / "big.png", 1, size=(40, 40)))
     assert f"{data}:1" in msg and "field 'image'" in msg and "big.png" in msg and "pixels" in msg
+
+
+def test_flat_image_far_larger_than_its_file_is_refused(tmp_path, vit_dir, monkeypatch):
+    """Under Pillow's pixel limit, a 291 KB PNG of 10000x10000 flat pixels cost 2.2 GB and 30 s;
+    an image decoding to more than BOMB_BYTES and BOMB_RATIO times its file is refused (the
+    limit lowered here to keep the test small: a 400x400 flat PNG is ~1 KB for 480 KB of pixels),
+    while a noisy image of the same size (a photograph's ratio) passes."""
+    from PIL import Image
+
+    from tensormerge.stats import images
+
+    monkeypatch.setattr(images, "BOMB_BYTES", 100_000)
+
+    def setup(d):
+        Image.new("RGB", (400, 400)).save(d / "img" / "flat.png")
+
+    msg, data = _bad(tmp_path, vit_dir, [OK, json.dumps({"image": "img/flat.png", "label": 0})], setup)
+    assert f"{data}:2" in msg and "field 'image'" in msg and "flat.png" in msg and "400x400" in msg
+    im.write_image(tmp_path / "img" / "noisy.png", 5, size=(400, 400))
+    assert images._check_image("x", str(tmp_path / "img" / "noisy.png")) == (400, 400)
+
+
+def test_classes_file_not_utf8_is_one_line(tmp_path):
+    from tensormerge.stats.images import _parse_classes
+
+    path = tmp_path / "classes.txt"
+    path.write_bytes(b"cat\n\xff\xfedog\n")
+    with pytest.raises(InputError, match=r"--classes .*classes\.txt.*not UTF-8"):
+        _parse_classes(str(path))
