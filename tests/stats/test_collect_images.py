@@ -370,3 +370,17 @@ def test_classes_file_not_utf8_is_one_line(tmp_path):
     path.write_bytes(b"cat\n\xff\xfedog\n")
     with pytest.raises(InputError, match=r"--classes .*classes\.txt.*not UTF-8"):
         _parse_classes(str(path))
+
+
+def test_zero_shot_prompt_longer_than_the_text_tower_is_one_line(images, tmp_path):
+    """A prompt whose tokens exceed CLIP's text positions (77 in released models, 16 here) was
+    an internal ValueError at the first batch; refused naming --prompt and the longest class."""
+    root, data, _ = images
+    path = im.save(im.clip(), tmp_path / "clip", tok=True)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(InputError) as e:
+        compute_stats(ComputeOptions(model=path, data=data, kind="fisher", output=str(out), quiet=True,
+                                     classes=",".join(im.CLASSES), prompt="a photo of " * 4 + "{}"))
+    msg = str(e.value)
+    assert msg.startswith("--prompt ") and "'red small bird'" in msg and "16 positions" in msg and "\n" not in msg
+    assert not out.exists()
