@@ -73,6 +73,19 @@ def _tokenizer(loaded):
                      f"[{last.__class__.__name__ if last else ''}]")
 
 
+def check_flags(opts, loaded) -> None:
+    """--classes, --prompt and --clip-towers mean something only to a zero-shot CLIPModel; given
+    for another model they were ignored without a word (the user believed them used)."""
+    if getattr(loaded, "zero_shot", False):
+        return
+    given = [flag for flag, value, default in (("--classes", opts.classes, None),
+                                               ("--prompt", opts.prompt, "a photo of a {}."),
+                                               ("--clip-towers", opts.clip_towers, "vision")) if value != default]
+    if given:
+        what = "a classifier with its own labels" if loaded.modality == "image" else "not an image model"
+        raise InputError(f"{given[0]}: is for a zero-shot CLIPModel; {opts.model} is {what}")
+
+
 def make_zero_shot(loaded, classes: list[str], prompt: str, towers: str) -> None:
     """Replace loaded.model by the zero-shot classifier; freeze (and keep no statistics of) the
     text tower and the logit scale unless `towers` is 'both'."""

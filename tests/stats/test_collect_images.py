@@ -384,3 +384,23 @@ def test_zero_shot_prompt_longer_than_the_text_tower_is_one_line(images, tmp_pat
     msg = str(e.value)
     assert msg.startswith("--prompt ") and "'red small bird'" in msg and "16 positions" in msg and "\n" not in msg
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("classes", "cat,dog"), ("prompt", "a {}"), ("clip_towers", "both")])
+def test_zero_shot_flags_for_another_model_are_refused(images, vit_dir, tmp_path, flag, value):
+    """--classes on a text model, --prompt or --clip-towers on either, were ignored without a word
+    (the store written as if they were not given); refused naming the flag, no store."""
+    from tests.stats.test_collect_text import chat_tokenizer
+
+    root, data, _ = images
+    llama = cm.save(cm.llama(seed=1), tmp_path / "llama")
+    chat_tokenizer(tmp_path / "llama")
+    text = cm.write_jsonl(tmp_path / "t.jsonl", [{"text": "w3 w4 w5"}])
+    for model, d, what in ((llama, text, "not an image model"), (vit_dir, data, "classifier")):
+        out = tmp_path / "s.zarr"
+        with pytest.raises(InputError) as e:
+            compute_stats(ComputeOptions(model=model, data=d, kind="fisher", output=str(out), quiet=True,
+                                         **{flag: value}))
+        msg = str(e.value)
+        assert msg.startswith(f"--{flag.replace('_', '-')}: ") and what in msg and "\n" not in msg, msg
+        assert not out.exists()
