@@ -211,6 +211,10 @@ BAD = [
     (["--arch", "llama-7b", "--gpu-tflops", "nan"], ["--gpu-tflops"]),
     (["--arch", "llama-7b", "--batch-size", "0"], ["--batch-size 0"]),
     (["--config", "no/such/config.json"], ["no/such/config.json"]),
+    # ignored without a word with --arch/--config before (a --model plan checked them)
+    (["--arch", "llama-7b", "--workers", "2", "--scheduler", "tcp://h:1"], ["--workers and --scheduler"]),
+    (["--arch", "llama-7b", "--workers", "0"], ["--workers 0"]),
+    (["--arch", "llama-7b", "--max-examples", "0"], ["--max-examples 0"]),
 ]
 
 
