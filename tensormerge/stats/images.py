@@ -151,11 +151,18 @@ def _class_folders(path: str) -> list[str]:
 
 
 def _folder_images(path: str, classes: list[str]):
+    """Every image under each class folder, sub-folders included (torchvision's ImageFolder
+    walks them too: a class split into sub-folders lost those images without a word)."""
     for c in classes:
-        for f in sorted(os.listdir(os.path.join(path, c))):
-            p = os.path.join(path, c, f)
-            if os.path.isfile(p) and f.lower().endswith(IMAGE_EXTENSIONS):
-                yield p, p, c, f"{path}: folder '{c}'", "folder"
+        walk = []
+        for d, dirs, files in os.walk(os.path.join(path, c)):
+            dirs[:] = [x for x in dirs if not x.startswith(".")]
+            walk.append((d, files))
+        for d, files in sorted(walk):  # ImageFolder's order: folders by path, files by name
+            for f in sorted(files):
+                p = os.path.join(d, f)
+                if os.path.isfile(p) and f.lower().endswith(IMAGE_EXTENSIONS):
+                    yield p, p, c, f"{path}: folder '{c}'", "folder"
 
 
 def _open_dataset(path: str, split: str | None, image_field: str, label_field: str):

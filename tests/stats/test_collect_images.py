@@ -404,3 +404,20 @@ def test_zero_shot_flags_for_another_model_are_refused(images, vit_dir, tmp_path
         msg = str(e.value)
         assert msg.startswith(f"--{flag.replace('_', '-')}: ") and what in msg and "\n" not in msg, msg
         assert not out.exists()
+
+
+def test_image_folder_reads_sub_folders_of_a_class(tmp_path):
+    """A class folder holding sub-folders (`cat/indoor/*.png`) gave only its top-level images,
+    the rest dropped without a word; every image below the class folder is the class's, in
+    sorted order, as torchvision's ImageFolder reads it (hidden folders and other files skipped)."""
+    from tensormerge.stats.images import read_images
+
+    for rel in ("cat/b.png", "cat/indoor/a.png", "cat/indoor/deeper/c.png", "dog/x.png", "cat/.cache/h.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        im.write_image(tmp_path / rel, 0)
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    records, classes = read_images(str(tmp_path), "image", "label", None, None)
+    assert classes == ["cat", "dog"]
+    got = [(r[1][len(str(tmp_path)) + 1:], r[2]) for r in records]
+    assert got == [("cat/b.png", "cat"), ("cat/indoor/a.png", "cat"), ("cat/indoor/deeper/c.png", "cat"),
+                   ("dog/x.png", "dog")]
