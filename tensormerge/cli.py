@@ -56,16 +56,43 @@ def _recipe_loader():
         """SafeLoader without anchors and aliases: nested aliases let a few hundred bytes expand
         to gigabytes (and a megabytes-long error line); a recipe has no use for them."""
 
+        nodes = 0
+
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None) is not None:
                 mark = self.peek_event().start_mark
-                raise _AliasRefused(f"line {mark.line + 1}")
+                raise _RecipeRefused(f"YAML anchors and aliases are not allowed in a recipe (line {mark.line + 1})")
+            # pure-Python YAML costs ~0.1 ms a node, and the card echoes every value: a 1 MiB
+            # gradient of 100k numbers took a minute; no recipe needs this many values
+            self.nodes += 1
+            if self.nodes > _RECIPE_NODES:
+                mark = self.peek_event().start_mark
+                raise _RecipeRefused(f"more than {_RECIPE_NODES} YAML values (line {mark.line + 1}); not a recipe")
             return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            # PyYAML keeps the last of two equal keys: `merge_method: ties` then, further down,
+            # `merge_method: linear` would merge silently with the second
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _RecipeRefused(f"key {short(key)} is given twice (lines {seen[key]} and {line}); "
+                                             "which one was meant?")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: SafeConstructor names it
+                    continue
+            return super().construct_mapping(node, deep)
 
     return RecipeLoader
 
 
-class _AliasRefused(Exception):
+_RECIPE_NODES = 20_000
+
+
+class _RecipeRefused(Exception):
     pass
 
 
@@ -94,8 +121,8 @@ def _load_yaml(path: str, option: str = "--config"):
         import yaml
 
         data = yaml.load(text, Loader=_recipe_loader())  # noqa: S506 (a SafeLoader, without aliases)
-    except _AliasRefused as e:
-        raise ParameterError(f"{option} {path}: YAML anchors and aliases are not allowed in a recipe ({e})") from None
+    except _RecipeRefused as e:
+        raise ParameterError(f"{option} {path}: {e}") from None
     except Exception as e:
         raise ParameterError(f"{option} {path}: not valid YAML ({e.__class__.__name__})") from None
     return data

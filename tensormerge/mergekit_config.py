@@ -109,9 +109,9 @@ def translate(data: dict, path: str = "recipe") -> dict:
     uses_base = method != "linear"
     if uses_base and base is None:
         raise ParameterError(f"{where}: merge_method {method} needs base_model")
-    inputs = [(m, p, i) for m, p, i in models if not (uses_base and m == base)]
+    inputs = [(m, p, i) for m, p, i in models if not (uses_base and _same(m, base))]
     for m, p, label in models:
-        if uses_base and m == base:
+        if uses_base and _same(m, base):
             continue  # mergekit reads no per-model parameter of the base (ParameterScope.NON_BASE)
         for key in p:
             if key in shared:
@@ -246,7 +246,11 @@ def _sources(data: dict, where: str) -> tuple[list[tuple[str, dict, str]], dict]
             raise ParameterError(f"{where}: {label}.layer_range {short(lr)}: only a whole range [0, layers] is "
                                  "supported (layer stacking is not)")
         layers = _layers(model)
-        if layers is not None and lr[1] != layers:
+        if layers is None:  # unchecked, a slice of the first layers would merge the whole model silently
+            raise ParameterError(f"{where}: {label}.layer_range {lr}: cannot tell how many layers {model} has "
+                                 "(no config.json stating num_hidden_layers); only whole ranges are supported, so "
+                                 "list the models under `models:` instead of `slices:`")
+        if lr[1] != layers:
             raise ParameterError(f"{where}: {label}.layer_range {lr} does not cover {model}'s {layers} layers "
                                  "(only whole ranges are supported)")
         ranges.append(tuple(lr))
@@ -258,27 +262,49 @@ def _sources(data: dict, where: str) -> tuple[list[tuple[str, dict, str]], dict]
     return _distinct(out, where), _params_dict(sl.get("parameters"), f"{where}: slices[0].parameters")
 
 
+def _key(model: str) -> str:
+    """What a model names: a local path by its real path (`a`, `./a`, `a/` are one model)."""
+    return os.path.realpath(model) if os.path.exists(model) else model
+
+
+def _same(a: str, b: str | None) -> bool:
+    return b is not None and _key(a) == _key(b)
+
+
 def _distinct(models: list, where: str) -> list:
-    seen = set()
+    seen = {}
     for m, _, label in models:
-        if m in seen:
-            raise ParameterError(f"{where}: {label}.model {short(m)} is listed twice")
-        seen.add(m)
+        if _key(m) in seen:
+            same = f" (as {short(seen[_key(m)])})" if seen[_key(m)] != m else ""
+            raise ParameterError(f"{where}: {label}.model {short(m)} is listed twice{same}")
+        seen[_key(m)] = m
     return models
 
 
 def _layers(model: str) -> int | None:
-    """The layer count a local model's config.json states, when it states one."""
+    """The layer count a model's config.json states (a local directory's, else a hub model's,
+    downloading that one file unless offline), when it states one: at its top level or, for a
+    multimodal model, in its text_config as mergekit reads it."""
     import json
 
+    path = os.path.join(model, "config.json")
+    if not os.path.exists(model):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            repo, _, revision = model.partition("@")
+            path = hf_hub_download(repo, "config.json", revision=revision or None)
+        except Exception:  # not a hub id, offline and not cached, no such repo: the count is unknown
+            return None
     try:
-        with open(os.path.join(model, "config.json")) as f:
-            cfg = json.load(f)
+        with open(path, "rb") as f:
+            cfg = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
         return None
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg, dict) and isinstance(cfg.get(key), int):
-            return cfg[key]
+    for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(c, dict) and isinstance(c.get(key), int) and not isinstance(c.get(key), bool):
+                return c[key]
     return None
 
 

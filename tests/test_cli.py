@@ -510,3 +510,39 @@ def test_progress_bars_say_what_each_pass_does(small, tmp_path):
     assert any(ln.startswith("5/5 merge ") for ln in bars), res.stderr
     assert not any("ties_" in ln for ln in bars)  # what a pass does, not its internal name
     assert any("run ~0:00:" in ln for ln in bars)  # and the whole run's time left
+
+
+@pytest.mark.parametrize("text,key", [
+    ("method: task_arithmetic\ninputs: [A]\nparams: {lambda: 0.5}\nmethod: average\n", "'method'"),
+    ("method: task_arithmetic\nparams: {lambda: 0.5, lambda: 2}\n", "'lambda'"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A, parameters: {weight: 1}}]\nmerge_method: linear\n",
+     "'merge_method'"),
+])
+def test_recipe_key_given_twice_is_refused(small, tmp_path, text, key):
+    """PyYAML keeps the last of two equal keys, so a recipe with `method` twice merged silently
+    with the second; refused naming the key and both lines, nothing written."""
+    _, base, fts, _, _ = small
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text.replace("A", fts[0]).replace("B", base))
+    out = tmp_path / "out"
+    line = H.assert_clean_error(H.run_cli(["run", "--config", recipe, "-b", base, "-o", out]), str(recipe), key,
+                                "twice", out_dir=out)
+    assert "lines" in line
+    H.assert_clean_error(H.run_cli(["convert-config", recipe]), key, "twice")
+
+
+def test_recipe_with_a_huge_list_is_refused_quickly(small, tmp_path):
+    """A recipe under the 1 MiB limit holding 150k values (a gradient no model has layers for)
+    took a minute to parse and echo into the card; refused in about a second."""
+    import time
+
+    _, _, fts, _, _ = small
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: average\ninputs: [{fts[0]}, {fts[1]}]\nparams:\n  weights: [{{gradient: ["
+                      + ",".join(["1"] * 150_000) + "]}, 1]\n")
+    assert recipe.stat().st_size < 1 << 20
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    res = H.run_cli(["run", "--config", recipe, "-o", out])
+    H.assert_clean_error(res, str(recipe), "YAML values", out_dir=out)
+    assert time.perf_counter() - t0 < 15

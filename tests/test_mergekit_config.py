@@ -86,11 +86,14 @@ def test_whole_range_slices_are_a_plain_merge(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 4}}))  # as multimodal ones do
     cfg = {"merge_method": "slerp", "base_model": str(d),
            "slices": [{"sources": [{"model": str(d), "layer_range": [0, 4]},
-                                   {"model": "b", "layer_range": [0, 4], "parameters": {}}],
+                                   {"model": str(b), "layer_range": [0, 4], "parameters": {}}],
                        "parameters": {"t": 0.3}}]}
-    assert translate(cfg) == {"method": "slerp", "params": {"t": 0.3}, "inputs": ["b"], "base": str(d)}
+    assert translate(cfg) == {"method": "slerp", "params": {"t": 0.3}, "inputs": [str(b)], "base": str(d)}
     cfg["slices"][0]["sources"][1]["layer_range"] = [0, 3]
     with pytest.raises(ParameterError, match=r"layer_range"):
         translate(cfg)
@@ -222,3 +225,58 @@ def test_plan_reads_a_mergekit_recipe(family, tmp_path):
     assert rows["layer.0.attn.weight"].endswith("weights=[0,1]")
     assert rows["layer.1.proj.weight"].endswith("weights=[1,1]")
     assert rows["embed.weight"].endswith("weights=[0,1]")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def _slerp_slices(a: str, b: str, end: int) -> dict:
+    return {"merge_method": "slerp", "base_model": a, "parameters": {"t": 0.5},
+            "slices": [{"sources": [{"model": a, "layer_range": [0, end]}, {"model": b, "layer_range": [0, end]}]}]}
+
+
+def test_slices_of_a_model_whose_layer_count_is_unknown_are_refused(tmp_path, hub_cache):
+    """A slice of the first layers of a model whose layer count was not read (a hub name, a
+    directory without config.json) was taken for the whole model: mergekit writes a model of
+    those layers, tensormerge merged every layer. Now the count comes from the hub's config.json
+    too (here the cache; the family's config states 2 layers), and where none can be read the
+    slice is refused naming it."""
+    base, fts = H.make_family(1, seed=3)
+    H.make_hub_cache(hub_cache, "org/a", base)
+    H.make_hub_cache(hub_cache, "org/b", fts[0])
+    with pytest.raises(ParameterError, match=r"slices\[0\]\.sources\[0\]\.layer_range \[0, 1\] does not cover org/a"):
+        translate(_slerp_slices("org/a", "org/b", 1))
+    assert translate(_slerp_slices("org/a", "org/b", 2))["inputs"] == ["org/b"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for model in (str(bare), "org/not-cached"):
+        with pytest.raises(ParameterError, match=r"slices\[0\]\.sources\[1\]\.layer_range \[0, 2\]: cannot tell how "
+                           r"many layers") as e:
+            translate(_slerp_slices("org/a", model, 2), "r.yaml")
+        assert model in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_model_spelled_two_ways_is_one_model(tmp_path, monkeypatch):
+    """`a` and `./a/` name one directory: listed twice is refused as with equal spellings (it was
+    merged as two models), and base_model spelled another way is the base, not a further input
+    with a zero task vector (which would shift model_stock's angles)."""
+    for name in ("base", "a", "b"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = _gta("ties")
+    cfg["models"][2]["model"] = "./a/"
+    with pytest.raises(ParameterError, match=r"models\[2\]\.model '\./a/' is listed twice \(as 'a'\)"):
+        translate(cfg)
+    stock = {"merge_method": "model_stock", "base_model": "base",
+             "models": [{"model": "./base"}, {"model": "a"}, {"model": "b"}]}
+    assert translate(stock) == {"method": "model_stock", "params": {}, "inputs": ["a", "b"], "base": "base"}

@@ -59,4 +59,10 @@ def run_warnings(plan, notes: dict[str, dict]) -> list[str]:
     if plan.base is not None and not plan.method.requires_base(plan.params):
         out.append(f"--base: method {plan.method.name!r} with these parameters does not use the base's values "
                    f"(the output only takes its tensor names, order, dtypes and side files)")
+    from tensormerge.methods.rules import unmatched_filters
+
+    names = list(getattr(plan.params, "per_block", None) or {})
+    for key, value in (getattr(plan.params, "rules", None) or {}).items():
+        for f in unmatched_filters(value, names):
+            out.append(f"-p {key}: filter {f!r} matches no tensor of the model, so its value was never used")
     return out + plan.method.run_warnings(plan.params, notes)

@@ -150,3 +150,23 @@ def layer_positions(names: Iterable[str]) -> dict[str, float]:
         count = last[stack] + 1
         out[n] = i / (count - 1) if count > 1 else 1.0
     return out
+
+
+def unmatched_filters(x: Any, names: Iterable[str]) -> list[str]:
+    """The filters of a YAML form (a per-model list's too) that match none of `names`: a filter
+    written for another architecture's names ("self_attn" where tensors say "attention") leaves
+    its value unused and the next rule's applied, without an error (mergekit's rule as well)."""
+    names = list(names)
+    found: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            f = v.get("filter")
+            if isinstance(f, str) and f not in found and not any(matches(f, n) for n in names):
+                found.append(f)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                walk(item)
+
+    walk(x)
+    return found

@@ -189,6 +189,12 @@ def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback:
     else:
         if kw.get("data"):
             raise ParameterError("--data is for --model; --arch/--config plan from shapes alone")
+        from tensormerge.stats.collect import ComputeOptions
+
+        # the options' own checks, as with --model (--workers 0, --workers with --scheduler, ...)
+        ComputeOptions(output="(plan)", quiet=True, **{**kw, "model": "(plan)", "data": "(plan)",
+                                                       "max_memory": parse_size(kw["max_memory"], "--max-memory")}
+                       ).check()
         plan = planning.plan_arch(arch, config_path, kw["kind"], kw["batch_size"], kw["max_length"],
                                   kw["accumulate"], kw["dtype"], kw["fisher_mode"], kw["fisher_type"],
                                   kw.get("max_examples"), gpu_tflops, bool(kw.get("gram_per_weight")),

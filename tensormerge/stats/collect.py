@@ -412,6 +412,9 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
         check_fields(records, fields)
     torch.manual_seed(opts.seed)
     loaded = load_model(opts.model, dtype=dtype, device=opts.device, base_model=opts.base_model)
+    from tensormerge.stats.zeroshot import check_flags
+
+    check_flags(opts, loaded)
     image_data = _image_data(opts, loaded) if loaded.modality == "image" else None
     cfg = loaded.config
     tok = Tokenize(loaded.tokenizer_dirs, opts.data)

@@ -57,20 +57,32 @@ class Batch:
 
 # ------------------------------------------------------------------------------ records
 def _jsonl_records(path: str):
+    """Each line's object. Lines are decoded one by one (a text-mode file raised its
+    UnicodeDecodeError from the loop itself, naming no line), a UTF-8 byte-order mark before
+    the first is allowed, and text a tokenizer cannot encode (an unpaired surrogate written as
+    a JSON escape) is refused here, not as an internal error batches later."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        for n, line in enumerate(f, 1):
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
+                json.dumps(rec, ensure_ascii=False).encode("utf-8")
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            except UnicodeDecodeError:
-                raise InputError(f"{path}:{n}: not UTF-8 text") from None
+            except RecursionError:
+                raise InputError(f"{path}:{n}: JSON nested too deeply") from None
+            except UnicodeEncodeError:
+                raise InputError(f"{path}:{n}: a string holds an unpaired surrogate (a \\ud800-\\udfff escape), "
+                                 "not text") from None
             if not isinstance(rec, dict):
                 raise InputError(f"{path}:{n}: expected a JSON object per line, got {type(rec).__name__}")
             yield f"{path}:{n}", rec

@@ -14,10 +14,12 @@ so it is refused with its file, line and field, and the user converts it knowing
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +29,12 @@ from tensormerge.stats.data import _jsonl_records, is_saved_dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MODES = ("RGB", "L")
+# A decompression bomb by its ratio, not only Pillow's pixel limit (89M pixels warn, 179M fail):
+# a 291 KB PNG of 100M flat pixels passed it and cost 2.2 GB and 30 s. Refused: an image that
+# decodes to more than BOMB_BYTES and more than BOMB_RATIO times its file (photographs compress
+# 2-20x, so only a large flat image is caught, and that is not a training image).
+BOMB_BYTES = 64 << 20
+BOMB_RATIO = 256
 
 
 @dataclass
@@ -83,20 +91,37 @@ def gram_side(key: str) -> str:
 
 
 # ------------------------------------------------------------------------------ records
+@contextlib.contextmanager
+def _quiet_bomb_warning():
+    """BOMB_RATIO decides what is a bomb; Pillow's DecompressionBombWarning (a large photograph
+    passes it) would print several lines of stderr."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def _check_image(where: str, source) -> tuple[int, int]:
     """Decode the image fully (a truncated file fails here, not mid-run); its size, or a
     one-line error naming the record and the field."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as im:
+        with _quiet_bomb_warning(), Image.open(source if isinstance(source, str) else io.BytesIO(source)) as im:
+            decoded = im.size[0] * im.size[1] * len(im.getbands())
+            stored = os.path.getsize(source) if isinstance(source, str) else len(source)
+            if decoded > BOMB_BYTES and decoded > BOMB_RATIO * stored:
+                what = source if isinstance(source, str) else "image"
+                raise InputError(f"{where}: {what}: {im.size[0]}x{im.size[1]} pixels ({decoded >> 20} MiB) from a "
+                                 f"{stored} byte file, a decompression bomb? (resize it first)")
             im.load()
             mode, size = im.mode, im.size
     except FileNotFoundError:
         raise InputError(f"{where}: {source}: no such image file") from None
     except Image.DecompressionBombError:  # a small file that decodes to gigabytes
         raise InputError(f"{where}: {source if isinstance(source, str) else 'image'}: more than "
-                         f"{Image.MAX_IMAGE_PIXELS} pixels (Pillow's decompression-bomb limit)") from None
+                         f"{2 * Image.MAX_IMAGE_PIXELS} pixels (Pillow's decompression-bomb limit)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         what = source if isinstance(source, str) else "the image bytes"
         raise InputError(f"{where}: {what}: not a readable image ({e.__class__.__name__})") from None
@@ -126,11 +151,18 @@ def _class_folders(path: str) -> list[str]:
 
 
 def _folder_images(path: str, classes: list[str]):
+    """Every image under each class folder, sub-folders included (torchvision's ImageFolder
+    walks them too: a class split into sub-folders lost those images without a word)."""
     for c in classes:
-        for f in sorted(os.listdir(os.path.join(path, c))):
-            p = os.path.join(path, c, f)
-            if os.path.isfile(p) and f.lower().endswith(IMAGE_EXTENSIONS):
-                yield p, p, c, f"{path}: folder '{c}'", "folder"
+        walk = []
+        for d, dirs, files in os.walk(os.path.join(path, c)):
+            dirs[:] = [x for x in dirs if not x.startswith(".")]
+            walk.append((d, files))
+        for d, files in sorted(walk):  # ImageFolder's order: folders by path, files by name
+            for f in sorted(files):
+                p = os.path.join(d, f)
+                if os.path.isfile(p) and f.lower().endswith(IMAGE_EXTENSIONS):
+                    yield p, p, c, f"{path}: folder '{c}'", "folder"
 
 
 def _open_dataset(path: str, split: str | None, image_field: str, label_field: str):
@@ -220,8 +252,12 @@ def _label(rec_where: str, fld: str, raw, classes: list[str] | None, label2id: d
 
 def _parse_classes(spec: str) -> list[str]:
     if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            names = [ln.strip() for ln in f if ln.strip()]
+        try:
+            with open(spec, encoding="utf-8") as f:
+                names = [ln.strip() for ln in f if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--classes {spec!r}: cannot read ({getattr(e, 'strerror', None) or 'not UTF-8 text'})"
+                             ) from None
     else:
         names = [c.strip() for c in spec.split(",") if c.strip()]
     if len(names) < 2 or len(set(names)) != len(names):
@@ -283,7 +319,8 @@ class ImageData:
 
         images = []
         for e in examples:
-            with Image.open(e.source if isinstance(e.source, str) else io.BytesIO(e.source)) as im:
+            src = e.source if isinstance(e.source, str) else io.BytesIO(e.source)
+            with _quiet_bomb_warning(), Image.open(src) as im:
                 images.append(im.convert(self.mode))
         return torch.as_tensor(self.processor(images=images, return_tensors="pt")["pixel_values"])
 

@@ -94,6 +94,9 @@ def _load(path: str, dtype: torch.dtype | None):
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # missing or unreadable config.json
         raise InputError(f"{path}: cannot read config.json ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+    from tensormerge.stats.planning import check_module_counts
+
+    check_module_counts(config, path)
     task = task_of(config, path)
     cls = _model_class(config, task)
     kw = {"attn_implementation": "eager"}  # padded query rows stay finite; vmap has no sdpa batching rule on CPU

@@ -223,6 +223,28 @@ def shapes_of(loaded, name: str, skip_out: set[str] | None = None, probe=None) -
                   matmul)
 
 
+# More layers or experts than any released model has (Llama 3.1 405B: 126 layers, DeepSeek-V3:
+# 256 experts): a config stating millions builds millions of meta modules, minutes and gigabytes
+# of Python objects from a 1 KB file.
+MAX_MODULES = 1024
+
+
+def check_module_counts(cfg, path: str) -> None:
+    """Refuse a config whose layer or expert count no model has, before any module is built."""
+    def walk(d: dict, prefix: str):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            elif (isinstance(v, int) and not isinstance(v, bool) and v > MAX_MODULES
+                  and ("layer" in k.lower() or "expert" in k.lower())):
+                yield f"{prefix}{k}", v
+
+    bad = next(walk(cfg.to_dict(), ""), None)
+    if bad is not None:
+        raise InputError(f"{path}: {bad[0]} is {bad[1]}, more than {MAX_MODULES} (no model has that many; "
+                         "a typo?)")
+
+
 def _meta_model(config, path: str):
     """The model `stats compute` would load for `config`, with meta tensors: shapes, no storage."""
     from types import SimpleNamespace
@@ -269,6 +291,7 @@ def arch_shapes(arch: str | None, config: str | None, dtype: str) -> Shapes:
             raise InputError(f"{config}: cannot read the config ({e.__class__.__name__}: "
                              f"{str(e).splitlines()[0][:200]})") from None
         name = config
+        check_module_counts(cfg, config)
     else:
         cfg, name = _arch_config(arch), arch
     if dtype in ("bfloat16", "float16", "float32"):

@@ -21,9 +21,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from tensormerge.errors import InputError
+from tensormerge.errors import InputError, short
 
 IGNORE = -100  # the same label-without-loss value as data.IGNORE
+# the roles of transformers' chat templates (OpenAI's, Llama 3's ipython, the older function)
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 _GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
 FIELD_FLAGS = {"input": "--input-field", "target": "--target-field", "text": "--text-field", "label": "--label-field",
                "messages": "--messages-field", "prompt": "--prompt-field", "completion": "--completion-field",
@@ -82,6 +84,16 @@ def _messages(where: str, rec: dict, name: str) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise InputError(f"{where}: field '{name}' item {i} must be an object with a string 'role' and a "
                              f"'content'")
+        # a misspelt role ("asistant", "User") is a turn never scored; a template writes a None,
+        # number or list content as its Python text ("None", "[{'type': ...}]"): both silently
+        # change the statistics, so both are refused
+        if m["role"] not in ROLES:
+            raise InputError(f"{where}: field '{name}' item {i} role {short(m['role'])} is not one of "
+                             f"{', '.join(ROLES)} (only 'assistant' turns are scored)")
+        content = m["content"]
+        if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
+            raise InputError(f"{where}: field '{name}' item {i} content is {type(content).__name__} "
+                             f"{short(content)}, expected text (the template would write it as Python text)")
     if not any(m["role"] == "assistant" for m in msgs):
         raise InputError(f"{where}: field '{name}' has no assistant turn (nothing to score)")
     return msgs

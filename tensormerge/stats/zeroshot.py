@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tensormerge.errors import InputError
+from tensormerge.errors import InputError, short
 
 TOWERS = ("vision", "both")
 DEFAULT_PROMPT = "a photo of a {}."
@@ -73,6 +73,19 @@ def _tokenizer(loaded):
                      f"[{last.__class__.__name__ if last else ''}]")
 
 
+def check_flags(opts, loaded) -> None:
+    """--classes, --prompt and --clip-towers mean something only to a zero-shot CLIPModel; given
+    for another model they were ignored without a word (the user believed them used)."""
+    if getattr(loaded, "zero_shot", False):
+        return
+    given = [flag for flag, value, default in (("--classes", opts.classes, None),
+                                               ("--prompt", opts.prompt, "a photo of a {}."),
+                                               ("--clip-towers", opts.clip_towers, "vision")) if value != default]
+    if given:
+        what = "a classifier with its own labels" if loaded.modality == "image" else "not an image model"
+        raise InputError(f"{given[0]}: is for a zero-shot CLIPModel; {opts.model} is {what}")
+
+
 def make_zero_shot(loaded, classes: list[str], prompt: str, towers: str) -> None:
     """Replace loaded.model by the zero-shot classifier; freeze (and keep no statistics of) the
     text tower and the logit scale unless `towers` is 'both'."""
@@ -83,6 +96,11 @@ def make_zero_shot(loaded, classes: list[str], prompt: str, towers: str) -> None
     tok = _tokenizer(loaded)
     enc = tok([prompt.replace("{}", c) for c in classes], padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    limit = getattr(getattr(loaded.model.config, "text_config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and ids.shape[1] > limit:  # else an internal ValueError at the first batch
+        longest = classes[int(mask.sum(-1).argmax())]
+        raise InputError(f"--prompt {short(prompt)}: with class {short(longest)} it is {int(mask.sum(-1).max())} "
+                         f"tokens, more than the text tower's {limit} positions")
     eos = loaded.model.text_model.eos_token_id
     if eos != 2 and not bool((ids == eos).any(-1).all()):  # CLIP pools the first EOS (legacy configs: argmax id)
         raise InputError(f"{loaded.spec}: the tokenized class prompts do not all end with eos_token_id {eos}")

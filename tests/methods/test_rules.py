@@ -187,3 +187,21 @@ def test_rules_do_not_nest():
     P = get_method("average").Params
     with pytest.raises(ParameterError, match="not further rules"):
         P.from_strings("average", {"normalize": [{"value": [{"value": True}]}]}, 2)
+
+
+def test_a_filter_matching_no_tensor_is_warned(family, tmp_path):
+    """mergekit's popular SLERP recipe filters `self_attn` and `mlp`; on a model whose tensors say
+    `attn` the self_attn rule is never used and the default applies, silently. Merged as mergekit
+    does, with a warning naming the parameter and the filter (the one that matched is not named)."""
+    base, fts, base_sd, sds = family
+    recipe = _recipe(tmp_path, "r.yaml", method="slerp", base=base, inputs=[fts[0]],
+                     params={"t": [{"filter": "self_attn", "value": {"gradient": [0, 1]}},
+                                   {"filter": "mlp", "value": 0.3}, {"value": 0.5}]})
+    res = H.run_cli(["run", "--config", recipe, "-o", tmp_path / "out", "-q"])
+    assert res.returncode == 0, str(res)
+    assert "warning: -p t: filter 'self_attn' matches no tensor" in res.stderr, res.stderr
+    assert "'mlp'" not in res.stderr
+    from tensormerge.methods.rules import unmatched_filters
+
+    assert unmatched_filters([0.5, [{"filter": "x*", "value": 1}, {"value": 2}]], ["a.x", "x.1"]) == []
+    assert unmatched_filters([[{"filter": "q", "value": 1}], {"gradient": [0, 1]}], ["a.x"]) == ["q"]

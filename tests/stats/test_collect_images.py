@@ -341,3 +341,83 @@ def test_decompression_bomb_is_refused(tmp_path, vit_dir, monkeypatch):
     msg, data = _bad(tmp_path, vit_dir, [json.dumps({"image": "img/big.png", "label": 0})],
                      lambda d: im.write_image(d / "img" / "big.png", 1, size=(40, 40)))
     assert f"{data}:1" in msg and "field 'image'" in msg and "big.png" in msg and "pixels" in msg
+
+
+def test_flat_image_far_larger_than_its_file_is_refused(tmp_path, vit_dir, monkeypatch):
+    """Under Pillow's pixel limit, a 291 KB PNG of 10000x10000 flat pixels cost 2.2 GB and 30 s;
+    an image decoding to more than BOMB_BYTES and BOMB_RATIO times its file is refused (the
+    limit lowered here to keep the test small: a 400x400 flat PNG is ~1 KB for 480 KB of pixels),
+    while a noisy image of the same size (a photograph's ratio) passes."""
+    from PIL import Image
+
+    from tensormerge.stats import images
+
+    monkeypatch.setattr(images, "BOMB_BYTES", 100_000)
+
+    def setup(d):
+        Image.new("RGB", (400, 400)).save(d / "img" / "flat.png")
+
+    msg, data = _bad(tmp_path, vit_dir, [OK, json.dumps({"image": "img/flat.png", "label": 0})], setup)
+    assert f"{data}:2" in msg and "field 'image'" in msg and "flat.png" in msg and "400x400" in msg
+    im.write_image(tmp_path / "img" / "noisy.png", 5, size=(400, 400))
+    assert images._check_image("x", str(tmp_path / "img" / "noisy.png")) == (400, 400)
+
+
+def test_classes_file_not_utf8_is_one_line(tmp_path):
+    from tensormerge.stats.images import _parse_classes
+
+    path = tmp_path / "classes.txt"
+    path.write_bytes(b"cat\n\xff\xfedog\n")
+    with pytest.raises(InputError, match=r"--classes .*classes\.txt.*not UTF-8"):
+        _parse_classes(str(path))
+
+
+def test_zero_shot_prompt_longer_than_the_text_tower_is_one_line(images, tmp_path):
+    """A prompt whose tokens exceed CLIP's text positions (77 in released models, 16 here) was
+    an internal ValueError at the first batch; refused naming --prompt and the longest class."""
+    root, data, _ = images
+    path = im.save(im.clip(), tmp_path / "clip", tok=True)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(InputError) as e:
+        compute_stats(ComputeOptions(model=path, data=data, kind="fisher", output=str(out), quiet=True,
+                                     classes=",".join(im.CLASSES), prompt="a photo of " * 4 + "{}"))
+    msg = str(e.value)
+    assert msg.startswith("--prompt ") and "'red small bird'" in msg and "16 positions" in msg and "\n" not in msg
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("classes", "cat,dog"), ("prompt", "a {}"), ("clip_towers", "both")])
+def test_zero_shot_flags_for_another_model_are_refused(images, vit_dir, tmp_path, flag, value):
+    """--classes on a text model, --prompt or --clip-towers on either, were ignored without a word
+    (the store written as if they were not given); refused naming the flag, no store."""
+    from tests.stats.test_collect_text import chat_tokenizer
+
+    root, data, _ = images
+    llama = cm.save(cm.llama(seed=1), tmp_path / "llama")
+    chat_tokenizer(tmp_path / "llama")
+    text = cm.write_jsonl(tmp_path / "t.jsonl", [{"text": "w3 w4 w5"}])
+    for model, d, what in ((llama, text, "not an image model"), (vit_dir, data, "classifier")):
+        out = tmp_path / "s.zarr"
+        with pytest.raises(InputError) as e:
+            compute_stats(ComputeOptions(model=model, data=d, kind="fisher", output=str(out), quiet=True,
+                                         **{flag: value}))
+        msg = str(e.value)
+        assert msg.startswith(f"--{flag.replace('_', '-')}: ") and what in msg and "\n" not in msg, msg
+        assert not out.exists()
+
+
+def test_image_folder_reads_sub_folders_of_a_class(tmp_path):
+    """A class folder holding sub-folders (`cat/indoor/*.png`) gave only its top-level images,
+    the rest dropped without a word; every image below the class folder is the class's, in
+    sorted order, as torchvision's ImageFolder reads it (hidden folders and other files skipped)."""
+    from tensormerge.stats.images import read_images
+
+    for rel in ("cat/b.png", "cat/indoor/a.png", "cat/indoor/deeper/c.png", "dog/x.png", "cat/.cache/h.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        im.write_image(tmp_path / rel, 0)
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    records, classes = read_images(str(tmp_path), "image", "label", None, None)
+    assert classes == ["cat", "dog"]
+    got = [(r[1][len(str(tmp_path)) + 1:], r[2]) for r in records]
+    assert got == [("cat/b.png", "cat"), ("cat/indoor/a.png", "cat"), ("cat/indoor/deeper/c.png", "cat"),
+                   ("dog/x.png", "dog")]

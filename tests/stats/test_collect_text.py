@@ -438,3 +438,38 @@ def test_chat_data_for_a_seq2seq_model_is_refused(tmp_path):
     data = cm.write_jsonl(tmp_path / "d.jsonl", [{"messages": CHATS[0]}])
     with pytest.raises(InputError, match="d.jsonl:1: field 'messages' .*needs a causal LM"):
         _run(tmp_path / "S.zarr", model, data)
+
+
+TURN_BAD = {
+    "misspelt-role": ({"role": "asistant", "content": "w2"}, "item 1 role 'asistant' is not one of"),
+    "capitalised-role": ({"role": "User", "content": "w2"}, "item 1 role 'User'"),
+    "null-content": ({"role": "user", "content": None}, "item 1 content is NoneType None"),
+    "number-content": ({"role": "user", "content": 5}, "item 1 content is int 5"),
+    "parts-content": ({"role": "user", "content": [{"type": "text", "text": "w2"}]}, "item 1 content is list"),
+}
+
+
+@pytest.mark.parametrize("case", list(TURN_BAD))
+def test_chat_turn_with_a_wrong_role_or_non_text_content_is_refused(llama_chat, tmp_path, case):
+    """Each of these ran to a store without a word: a misspelt role is a turn never scored, and
+    the template wrote None, 5 or a list of parts as the Python text 'None', '5', "[{'type'..."."""
+    _, model = llama_chat
+    turn, needle = TURN_BAD[case]
+    msgs = [{"role": "user", "content": "w1"}, turn, {"role": "assistant", "content": "w3"}]
+    data = cm.write_jsonl(tmp_path / "d.jsonl", [{"messages": CHATS[0]}, {"messages": msgs}])
+    out = tmp_path / "S.zarr"
+    with pytest.raises(InputError) as e:
+        _run(out, model, data)
+    assert str(e.value).startswith(f"{data}:2: field 'messages' ") and needle in str(e.value), str(e.value)
+    assert not out.exists()
+
+
+def test_tool_call_turn_without_content_is_allowed(llama_chat, tmp_path):
+    """An assistant turn that only calls a tool has content None beside its tool_calls (OpenAI's
+    form): not refused with the Nones above."""
+    _, model = llama_chat
+    msgs = [{"role": "user", "content": "w1"},
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+            {"role": "tool", "content": "w2"}, {"role": "assistant", "content": "w3"}]
+    data = cm.write_jsonl(tmp_path / "d.jsonl", [{"messages": msgs}])
+    _run(tmp_path / "S.zarr", model, data, kind="fisher")

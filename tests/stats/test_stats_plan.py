@@ -211,6 +211,10 @@ BAD = [
     (["--arch", "llama-7b", "--gpu-tflops", "nan"], ["--gpu-tflops"]),
     (["--arch", "llama-7b", "--batch-size", "0"], ["--batch-size 0"]),
     (["--config", "no/such/config.json"], ["no/such/config.json"]),
+    # ignored without a word with --arch/--config before (a --model plan checked them)
+    (["--arch", "llama-7b", "--workers", "2", "--scheduler", "tcp://h:1"], ["--workers and --scheduler"]),
+    (["--arch", "llama-7b", "--workers", "0"], ["--workers 0"]),
+    (["--arch", "llama-7b", "--max-examples", "0"], ["--max-examples 0"]),
 ]
 
 
@@ -247,3 +251,33 @@ def test_plan_equals_the_store_of_an_image_classifier(tmp_path, arch):
     assert plan["store"]["total"] - plan["store"]["metadata"] == sum(4 * math.prod(s) for *_, s in arrays)
     assert plan["time"]["accumulator_bytes_measured"] == plan["accumulators"]["total"]
     assert plan["time"]["examples"] == 6
+
+
+def test_config_with_absurd_layer_count_is_refused_before_building(tiny, tmp_path):
+    """A 1 KB config.json stating 2 million layers built 2 million meta modules (killed after
+    minutes, gigabytes of Python objects); a count above any model's is refused naming the key,
+    by `stats plan --config` and by `stats compute --model` alike (here 1500 tiny layers, which
+    the code before built and planned silently)."""
+    from tensormerge.errors import InputError
+    from tensormerge.stats import planning
+    from tensormerge.stats.collect import ComputeOptions, compute_stats
+
+    _, models = tiny
+    mdir, _ = models["llama"]
+    cfg = json.loads((Path(mdir) / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1500
+    d = tmp_path / "deep"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"num_hidden_layers is 1500, more than 1024"):
+        planning.arch_shapes(None, str(d / "config.json"), "float32")
+    import shutil
+
+    for name in os.listdir(mdir):
+        if name != "config.json":
+            shutil.copy(os.path.join(mdir, name), d / name)
+    data = cm.write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    with pytest.raises(InputError, match=r"deep: num_hidden_layers is 1500"):
+        compute_stats(ComputeOptions(model=str(d), data=data, kind="fisher", output=str(tmp_path / "s.zarr"),
+                                     quiet=True))
+    assert not (tmp_path / "s.zarr").exists()
