@@ -272,6 +272,12 @@ def ties_merge(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[
     return merged.mul_(lam).add_(base_w), votes, undecided
 
 
+def ties_hist_high(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """[N, NBINS] counts of the top 16 bits of each model's |τ_i| as float32 bits."""
+    tau = task_vectors(inputs, base).float()
+    return torch.stack([hist_high(abs_bits_(t)) for t in tau])
+
+
 def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int
                        ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """TIES' pass A over one chunk: per model, the low-bit histogram of |τ_i| inside its window

@@ -295,8 +295,7 @@ class _HighMissPass(_HistogramPass):
         return all(m is not None for per_model in state[_HighPass.name].values() for m in per_model)
 
     def map(self, data: BlockData, state: dict):
-        tau = K.task_vectors(data.inputs, data.base).float()
-        return torch.stack([ops(data).hist_high(S.abs_bits_(t)) for t in tau]).cpu(), tau.shape[1]
+        return ops(data).ties_hist_high(data.inputs, data.base).cpu(), data.base.numel()
 
     def group_key(self):
         return (self.name,)
@@ -347,13 +346,15 @@ class _LowPass(_HistogramPass):
         return all(m[3] is not None for per_model in state[_HighPass.name].values() for m in per_model)
 
     def map(self, data: BlockData, state: dict) -> torch.Tensor:
+        """Each model's low-bit histogram of its threshold bin: the window counts of a window one
+        bin wide (the fused kernel where there is one); zero for the models already placed."""
         located = state[_HighPass.name][_key(self.params, data.name)]
-        tau = K.task_vectors(data.inputs, data.base).float()
-        out = torch.zeros(len(located), S.NBINS, dtype=torch.int64, device=tau.device)
-        for i, (b, _, _, final) in enumerate(located):
-            if final is None:
-                out[i] = ops(data).hist_low(S.abs_bits_(tau[i]), b)
-        return out.cpu()
+        bins = [b if final is None else 0 for b, _, _, final in located]
+        lows = ops(data).ties_window_counts(data.inputs, data.base, bins, 1)[0].cpu()
+        for i, (_, _, _, final) in enumerate(located):
+            if final is not None:
+                lows[i].zero_()
+        return lows
 
     def finish(self, acc: dict, state: dict) -> None:
         for key in list(acc["high"]):

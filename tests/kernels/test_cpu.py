@@ -219,3 +219,18 @@ def test_fused_pass_a_many_windows_equal_separate_calls():
         assert torch.equal(h, want[0]) and torch.equal(below, want[1]) and bad is want[2] is None
     fts[2][4100] = float("nan")
     assert [g[2] for g in C.ties_window_counts_many(fts, base, windows, 4)] == [2] * len(windows)
+
+
+@pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
+    (1, 1, torch.float32, torch.float32), (1001, 3, torch.bfloat16, torch.bfloat16),
+    (4099, 5, torch.bfloat16, torch.float32), (257, 2, torch.float32, torch.float32),
+])
+def test_fused_full_histograms_equal_the_reference(n, n_models, dtype, base_dtype):
+    """TIES' recount after a missed window: per model, the top 16 bits of |τ_i| counted, as the
+    reference's bincount of the task vectors' bits (infinities and NaNs in their own bins)."""
+    fts, base, _ = _chunk(n, n_models, dtype, base_dtype, seed=17 * n + n_models)
+    if n > 10:
+        fts[0][3], fts[-1][5] = float("inf"), float("nan")
+    want = R.ties_hist_high(fts, base)
+    got = C.ties_hist_high(fts, base)
+    assert got.shape == (n_models, 1 << 16) and torch.equal(got, want) and int(got.sum()) == n * n_models
