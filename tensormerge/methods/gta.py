@@ -30,6 +30,7 @@ import torch
 
 from tensormerge.errors import InputError, ParameterError
 from tensormerge.kernels import reference as K
+from tensormerge.kernels.dispatch import ops
 from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, param, register
 
 SPARSIFY = ("none", "magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -205,10 +206,13 @@ class Gta(Method):
     def merge(self, data: BlockData, params: GtaCommonParams, state: dict) -> torch.Tensor:
         n = len(data.inputs)
         mode = params.sparsify_mode()
+        norms = state.get(_L1Pass.name, {}).get(data.name)
+        fused = self._fused(data, params, norms)
+        if fused is not None:
+            return fused
         wd = K.work_dtype(data.base, *data.inputs)
         base_w = data.base.to(wd)
         dens = params.densities(n)
-        norms = state.get(_L1Pass.name, {}).get(data.name)
         deltas = []
         for i, x in enumerate(data.inputs):
             d = x.to(wd) - base_w  # a new tensor: x.to(wd) may be the input itself
@@ -224,10 +228,39 @@ class Gta(Method):
         return K.gta_combine(deltas, params.model_weights(n), params.consensus_mode(), params.normalize,
                              params.lambda_, base_w)
 
+    def _fused(self, data: BlockData, params: GtaCommonParams, norms: list | None) -> torch.Tensor | None:
+        """The merge by the run's kernels in one loop over the entries (kernels.cpu.gta_fused: the
+        same bits), where they have one for these modes; None: the torch code below."""
+        fused = getattr(ops(data), "gta_fused", None)
+        mode = params.sparsify_mode()
+        if fused is None or mode not in ("none", "magnitude", "random") or (mode == "magnitude" and params.rescale):
+            return None
+        n = len(data.inputs)
+        if mode == "magnitude":
+            self._check_whole(data, params)
+        specs: list[tuple] = []
+        rescaled = params.pass_rescale(n)
+        for i, density in enumerate(params.densities(n)):
+            if mode == "none" or density >= 1:
+                specs.append(("none",))
+            elif mode == "magnitude":
+                specs.append(("magnitude", density))
+            elif density <= 0:
+                specs.append(("zero",))
+            else:
+                factor = K.l1_rescale(*norms[i]) if rescaled[i] else 1.0
+                specs.append(("random", density, params.seed, i, data.name, factor))
+        return fused(data.inputs, data.base, specs, params.model_weights(n), params.consensus_mode(),
+                     params.normalize, params.lambda_, data.flat_start)
+
+    @staticmethod
+    def _check_whole(data: BlockData, params: GtaCommonParams) -> None:
+        if data.row_start != 0 or data.base.numel() != torch.Size(data.full_shape).numel():
+            raise RuntimeError(f"tensor {data.name!r}: {params.sparsify_mode()} needs the whole tensor in one chunk")
+
     def _whole(self, data: BlockData, params: GtaCommonParams, i: int, d: torch.Tensor, density: float) -> torch.Tensor:
         """Magnitude and breadcrumbs sparsification of one model's whole task vector."""
-        if data.row_start != 0 or d.numel() != torch.Size(data.full_shape).numel():
-            raise RuntimeError(f"tensor {data.name!r}: {params.sparsify_mode()} needs the whole tensor in one chunk")
+        self._check_whole(data, params)
         if density >= 1:
             return d
         if d.numel() and not K.all_finite(d):
