@@ -31,6 +31,7 @@ import torch
 
 from tensormerge.constants import KERNEL_CACHE
 from tensormerge.kernels import reference as _ref
+from tensormerge.kernels import threads as _threads
 from tensormerge.kernels.reference import *  # noqa: F403  (everything not overridden below)
 from tensormerge.kernels.select import NBINS
 
@@ -476,12 +477,15 @@ def gta_fused(inputs: list[torch.Tensor], base: torch.Tensor, sparsify: list[tup
     k2 = np.zeros(n_models, np.uint32)
     cut = np.zeros(n_models, np.uint32)
     scale = np.ones(n_models, np.float32)
+    mags = [i for i, spec in enumerate(sparsify) if spec[0] == "magnitude"]
+    ks = {i: (max(1, int(sparsify[i][1] * numel)) if sparsify[i][1] > 0 else 0) for i in mags}
+    # each model's selection on its own thread (numba releases the GIL); its histogram also
+    # checks finiteness
+    tops = dict(zip(mags, _threads.pmap(lambda i: _top_k_bits(xs[i], b, min(max(ks[i], 1), numel)), mags)))
     for i, spec in enumerate(sparsify):
         kind = spec[0]
         if kind == "magnitude":
-            density = spec[1]
-            k = max(1, int(density * numel)) if density > 0 else 0
-            got = _top_k_bits(xs[i], b, min(max(k, 1), numel))  # its histogram also checks finiteness
+            got, k = tops[i], ks[i]
             if got is None:
                 return None
             if k >= numel:  # top_k_keep keeps everything
@@ -510,8 +514,16 @@ def gta_fused(inputs: list[torch.Tensor], base: torch.Tensor, sparsify: list[tup
     divisor = np.float32(1.0 if abs(divisor) < 1e-8 else divisor)
     out = torch.empty(numel, dtype=torch.float32)
     kernel = _gta_kernel(xs[0].dtype, b.dtype, tuple(modes), consensus)
-    kernel(*xs, b, vb, tie_end, k1, k2, cut, scale, np.array(weights, np.float32), np.float32(lam),
-           np.int64(flat_start & 0xFFFFFFFF), bool(normalize), divisor, out.numpy())
+    w = np.array(weights, np.float32)
+    o = out.numpy()
+    start = flat_start & 0xFFFFFFFF
+
+    def run(r: tuple[int, int]) -> None:  # entries are independent: a range is merged alone
+        s, e = r
+        kernel(*(x[s:e] for x in xs), b[s:e], vb, tie_end - s, k1, k2, cut, scale, w, np.float32(lam),
+               np.int64(start + s), bool(normalize), divisor, o[s:e])
+
+    _threads.pmap(run, _threads.ranges(numel, 1 << 20))
     return out.reshape(base.shape)
 
 

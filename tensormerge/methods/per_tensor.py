@@ -17,6 +17,7 @@ import torch
 
 from tensormerge.constants import PASS_SUB_FACTOR, SUB_CHUNK_ELEMENTS
 from tensormerge.kernels import reference as K
+from tensormerge.kernels.threads import pmap
 from tensormerge.methods.base import BlockData, GlobalPass
 
 
@@ -104,7 +105,8 @@ class PerTensorPass(GlobalPass):
             return None
         row_numel = data.inputs[0][0].numel() if data.full_shape and data.inputs[0].shape[0] else 1
         rows = max(1, SUB_CHUNK_ELEMENTS // max(row_numel, 1)) * PASS_SUB_FACTOR
-        sums = torch.cat([self.row_partials(part) for part in _row_slices(data, rows)], dim=1)
+        # row pieces on a few threads (the engine has this chunk as one piece): placed in order
+        sums = torch.cat(pmap(self.row_partials, list(_row_slices(data, rows))), dim=1)
         numel = 1
         for s in data.full_shape:
             numel *= s
