@@ -141,7 +141,7 @@ class _L1Pass(PerTensorPass):
         rows = data.inputs[0].shape[0] if data.full_shape else 1
         out = torch.zeros(2 * n, rows, dtype=torch.float64)
         wd = K.work_dtype(data.base, *data.inputs)
-        base_w = data.base.to(wd)
+        base_w = None
         own = self.params.for_block(data.name)  # a per-tensor density (methods.rules)
         dens = own.densities(n)
         pair = getattr(ops(data), "gta_l1_rows", None)
@@ -155,6 +155,7 @@ class _L1Pass(PerTensorPass):
                 out[2 * i] = K.row_sums(fast[0])
                 out[2 * i + 1] = K.row_sums(fast[1])
                 continue
+            base_w = data.base.to(wd) if base_w is None else base_w
             d = x.to(wd) - base_w
             keep = _hashed_mask(own, i, d, data, dens[i])
             out[2 * i] = K.row_sums(d.abs()).cpu()
