@@ -481,7 +481,8 @@ def gta_fused(inputs: list[torch.Tensor], base: torch.Tensor, sparsify: list[tup
     ks = {i: (max(1, int(sparsify[i][1] * numel)) if sparsify[i][1] > 0 else 0) for i in mags}
     # each model's selection on its own thread (numba releases the GIL); its histogram also
     # checks finiteness
-    tops = dict(zip(mags, _threads.pmap(lambda i: _top_k_bits(xs[i], b, min(max(ks[i], 1), numel)), mags)))
+    top = lambda i: _top_k_bits(xs[i], b, min(max(ks[i], 1), numel))  # noqa: E731
+    tops = dict(zip(mags, _threads.pmap(top, mags) if numel >= 1 << 20 else [top(i) for i in mags]))
     for i, spec in enumerate(sparsify):
         kind = spec[0]
         if kind == "magnitude":

@@ -126,3 +126,29 @@ def test_fused_gta_leaves_other_modes_and_bad_values_to_the_torch_code():
     fts[1].view(-1)[7] = float("nan")  # magnitude refuses NaN, named as the torch code names it
     with pytest.raises(InputError, match="model 1"):
         _merge("gta", p, fts, base, shape, C)
+
+
+def test_fused_gta_on_several_threads_gives_the_torch_bits(monkeypatch):
+    """A block large enough to be merged in row ranges on several threads (and its models'
+    selections on their own threads): the equal-magnitude entries kept (the exact zeros, at a
+    density above the nonzero fraction) end inside a later range; hashed entries key on their
+    global index. The same bits as the torch code and as one thread."""
+    from tensormerge.kernels import threads
+
+    monkeypatch.setattr(threads, "workers", lambda: 4)
+    shape = (2100, 1024)  # > 2 * 2^20 entries: two ranges at least
+    fts, base = _family(shape, 3, torch.bfloat16, torch.bfloat16, seed=11)
+    for method, params, state in (
+            ("gta", {"sparsify": "magnitude", "consensus": "sum", "density": "0.85,0.55,0.3",
+                     "weights": "1,0.5,0.7", "normalize": "true"}, {}),
+            ("dare_ties", {"density": "0.53", "weights": "0.4,0.3,0.3"},
+             {"gta_l1": {NAME: [[3.0, 1.5], [2.0, 1.0], [1.0, 0.7]]}})):
+        m = get_method(method)
+        p = m.Params.from_strings(method, params, 3)
+        assert len(threads.ranges(base.numel(), 1 << 20)) >= 2
+        assert m._fused(BlockData(NAME, fts, base, shape, ops=C), p, state.get("gta_l1", {}).get(NAME)) is not None
+        want = _merge(method, params, fts, base, shape, None, state)
+        _same(_merge(method, params, fts, base, shape, C, state), want)
+        monkeypatch.setattr(threads, "workers", lambda: 1)
+        _same(_merge(method, params, fts, base, shape, C, state), want)
+        monkeypatch.setattr(threads, "workers", lambda: 4)
