@@ -267,7 +267,7 @@ class DaskExecutor:
 
     def run_pass(self, runner, index: int, gpass, state: dict) -> None:
         t0 = time.perf_counter()
-        blocks = runner.plan.merge_blocks
+        blocks = runner.plan.pass_blocks(gpass)
         futures = [self._submit(pass_task, self.spec, runner.fingerprint, index, names, state, self.threads)
                    for names in self.groups(blocks)]
         folded: dict[str, Any] = {}

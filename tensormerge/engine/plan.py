@@ -112,6 +112,11 @@ class MergePlan:
     def merge_blocks(self) -> list[Block]:
         return [b for b in self.blocks if b.kind == "merge"]
 
+    def pass_blocks(self, gpass) -> list[Block]:
+        """The blocks a global pass maps: every merged block, less (for a pass whose results the
+        merge folds in, GlobalPass.folds) those merged in one chunk."""
+        return [b for b in self.merge_blocks if not gpass.folds or len(b.chunks) > 1]
+
     @property
     def bytes_read_merge(self) -> int:
         return sum(b.read_bytes_per_row * b.rows for b in self.blocks)

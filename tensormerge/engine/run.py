@@ -278,7 +278,7 @@ class Runner:
             if last:
                 acc = gpass.end_block(acc, b.name, b.numel)
 
-        read = self.pass_blocks(gpass, state, self.plan.merge_blocks, reduce)
+        read = self.pass_blocks(gpass, state, self.plan.pass_blocks(gpass), reduce)
         gpass.finish(acc, state)
         self.passes_report.append({"name": gpass.name, "seconds": time.perf_counter() - t0, "bytes_read": read})
 
@@ -396,8 +396,9 @@ class Runner:
         chunks and dropped with the last."""
         if b.kind != "merge" or b.fallback:
             return
-        if b.stats and first:
-            self.prepared[b.name] = self.plan.method.prepare(data, b.params or self.plan.params)
+        params = b.params or self.plan.params
+        if first and (b.stats or self.plan.method.prepares(params)):
+            self.prepared[b.name] = self.plan.method.prepare(data, params)
         data.prepared = self.prepared.pop(b.name, None) if last else self.prepared.get(b.name)
 
     def merge_part(self, b: Block, part: BlockData, state: dict):
@@ -488,7 +489,7 @@ class Runner:
         return False
 
     def _pass_bytes(self, gpass) -> int:
-        return sum(t.read_bytes for t in self._tasks(self.plan.merge_blocks, False, gpass.sample))
+        return sum(t.read_bytes for t in self._tasks(self.plan.pass_blocks(gpass), False, gpass.sample))
 
     def _passes(self, state: dict) -> None:
         passes = self.plan.method.passes(self.plan.params)

@@ -193,6 +193,9 @@ class GlobalPass(ABC):
     label: str = ""  # what the pass does, in the progress bar's words (the name when empty)
     sample: float = 1.0  # fraction of each chunk's rows the engine reads for this pass
     needs_inputs: bool = True  # False: the pass reads statistics only (Fisher norms)
+    # True: per-tensor results that a block merged in one chunk computes from that chunk itself
+    # (Method.prepare, methods/per_tensor.py), so the engine maps only blocks of several chunks
+    folds: bool = False
 
     def start(self, state: dict) -> Any:
         return {}
@@ -283,8 +286,13 @@ class Method(ABC):
         return 0
 
     def prepare(self, data: BlockData, params: Params) -> Any:
-        """Per-block state from the block's whole statistics, made once on its first chunk."""
+        """Per-block state from the block's whole statistics, made once on its first chunk (and,
+        where `prepares`, from the first chunk's rows: a folded pass's result)."""
         return None
+
+    def prepares(self, params: Params) -> bool:
+        """Whether `prepare` runs for blocks without statistics (a folding pass's method)."""
+        return False
 
     def fallback(self, data: BlockData, params: Params) -> torch.Tensor:
         """Blocks whose statistics are missing: the uniform average, as the research code does."""

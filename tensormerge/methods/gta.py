@@ -16,7 +16,9 @@ What needs the whole tensor is kept exact under any chunking:
   bit for bit, only in distribution. DELLA's ranks run along axis 1, within a row (a 1-D tensor
   is ranked whole, so merged whole).
 - `rescale` (mergekit's L1 rescale of the masked vector to the unmasked one's norm) needs both
-  norms of the whole tensor: for the random masks a pass sums them per row, exactly combined.
+  norms of the whole tensor: for the random masks they are per-row sums, exactly combined,
+  computed in the merge for a tensor merged in one chunk and by a pass for one cut into
+  several (methods/per_tensor.py).
 
 Computation is in float32 (float64 for float64 inputs) with one cast of the result; mergekit
 computes in the recipe's dtype (bf16 deltas, weights and sums in bf16), so its results differ by
@@ -30,7 +32,9 @@ import torch
 
 from tensormerge.errors import InputError, ParameterError
 from tensormerge.kernels import reference as K
+from tensormerge.kernels.dispatch import ops
 from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, param, register
+from tensormerge.methods.per_tensor import PerTensorPass
 
 SPARSIFY = ("none", "magnitude", "random", "magnitude_outliers", "della_magprune")
 CONSENSUS = ("none", "sum", "count")
@@ -112,10 +116,10 @@ def _hashed_mask(params: GtaCommonParams, i: int, delta: torch.Tensor, data: Blo
                         data.flat_start)
 
 
-class _L1Pass(GlobalPass):
-    """Per model and tensor, ‖δ‖₁ and ‖m ⊙ δ‖₁ of the hashed masks, for `rescale`. Partials are
-    per-row sums placed in a vector over the tensor's rows (zero elsewhere), so adding partials
-    in any grouping is exact; the rows' sums are then added with fsum."""
+class _L1Pass(PerTensorPass):
+    """Per model and tensor, ‖δ‖₁ and ‖m ⊙ δ‖₁ of the hashed masks, for `rescale`: per-row float64
+    sums added with fsum (methods/per_tensor.py); folded into the merge for a tensor merged in
+    one chunk, a pass over the rows for one cut into several."""
 
     name = "gta_l1"
     label = "rescale: L1 norms"
@@ -123,58 +127,50 @@ class _L1Pass(GlobalPass):
     def __init__(self, params: GtaCommonParams):
         self.params = params
 
-    def start(self, state: dict) -> dict:
-        return {"sums": {}, "result": {}}
-
     def skip(self, state: dict) -> bool:
         """No model is dropped (density 1, mergekit's default): nothing to rescale, nothing read."""
         every = [self.params, *getattr(self.params, "per_block", {}).values()]  # per-tensor densities too
         return all(p.density is None or not any(0 < d < 1 for d in p.density) for p in every)
 
-    def map(self, data: BlockData, state: dict) -> torch.Tensor:
+    def wanted(self, data: BlockData) -> bool:
+        return any(self.params.for_block(data.name).pass_rescale(len(data.inputs)))
+
+    def row_partials(self, data: BlockData) -> torch.Tensor:
+        """[2 n, rows]: per model ‖δ‖₁ and ‖m ⊙ δ‖₁ of each row (zeros for a model not rescaled)."""
         n = len(data.inputs)
         rows = data.inputs[0].shape[0] if data.full_shape else 1
-        total = data.full_shape[0] if data.full_shape else 1
-        out = torch.zeros(n, 2, total, dtype=torch.float64)
+        out = torch.zeros(2 * n, rows, dtype=torch.float64)
         wd = K.work_dtype(data.base, *data.inputs)
-        base_w = data.base.to(wd)
+        base_w = None
         own = self.params.for_block(data.name)  # a per-tensor density (methods.rules)
         dens = own.densities(n)
+        pair = getattr(ops(data), "gta_l1_rows", None)
         for i, (x, needed) in enumerate(zip(data.inputs, own.pass_rescale(n))):
             if not needed:
                 continue
+            fast = None
+            if pair is not None and own.sparsify_mode() == "random":
+                fast = pair(x, data.base, own.seed, i, data.name, data.flat_start, dens[i])
+            if fast is not None:  # the same float64 values, summed by the same row_sums
+                out[2 * i] = K.row_sums(fast[0])
+                out[2 * i + 1] = K.row_sums(fast[1])
+                continue
+            base_w = data.base.to(wd) if base_w is None else base_w
             d = x.to(wd) - base_w
             keep = _hashed_mask(own, i, d, data, dens[i])
-            out[i, 0, data.row_start:data.row_start + rows] = K.row_sums(d.abs()).cpu()
-            out[i, 1, data.row_start:data.row_start + rows] = K.row_sums(d.abs_().mul_(keep)).cpu()
+            out[2 * i] = K.row_sums(d.abs()).cpu()
+            out[2 * i + 1] = K.row_sums(d.abs_().mul_(keep)).cpu()
         return out
 
-    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
-        if block in acc["sums"]:
-            acc["sums"][block] += partial
-        else:
-            acc["sums"][block] = partial.clone()
-        return acc
-
-    def end_block(self, acc: dict, block: str, numel: int) -> dict:
-        sums = acc["sums"].pop(block, None)
-        if sums is None:
-            return acc
+    def result(self, totals: list[float], block: str, numel: int) -> list[list[float]]:
         norms = []
-        for i in range(sums.shape[0]):
-            try:
-                pair = [K.exact_total(sums[i, 0]), K.exact_total(sums[i, 1])]
-            except OverflowError:
-                pair = [float("inf")] * 2
+        for i in range(len(totals) // 2):
+            pair = totals[2 * i:2 * i + 2]
             if not all(map(torch.isfinite, torch.tensor(pair))):
                 raise InputError(f"tensor {block!r}: model {i} (or the base) holds NaN or Inf values, or its task "
                                  f"vector's L1 norm overflows")
             norms.append(pair)
-        acc["result"][block] = norms
-        return acc
-
-    def finish(self, acc: dict, state: dict) -> None:
-        state[self.name] = acc["result"]
+        return norms
 
 
 @register
@@ -200,15 +196,24 @@ class Gta(Method):
         return 4 * (n_models + 4) + extra[params.sparsify_mode()]
 
     def passes(self, params: GtaCommonParams) -> list[GlobalPass]:
-        return [_L1Pass(params)] if params.rescale and params.sparsify_mode() in HASHED else []
+        return [_L1Pass(params)] if self.prepares(params) else []
+
+    def prepares(self, params: GtaCommonParams) -> bool:
+        return params.rescale and params.sparsify_mode() in HASHED
+
+    def prepare(self, data: BlockData, params: GtaCommonParams):
+        return _L1Pass(params).fold(data) if self.prepares(params) else None
 
     def merge(self, data: BlockData, params: GtaCommonParams, state: dict) -> torch.Tensor:
         n = len(data.inputs)
         mode = params.sparsify_mode()
+        norms = _L1Pass(params).lookup(data, state)
+        fused = self._fused(data, params, norms)
+        if fused is not None:
+            return fused
         wd = K.work_dtype(data.base, *data.inputs)
         base_w = data.base.to(wd)
         dens = params.densities(n)
-        norms = state.get(_L1Pass.name, {}).get(data.name)
         deltas = []
         for i, x in enumerate(data.inputs):
             d = x.to(wd) - base_w  # a new tensor: x.to(wd) may be the input itself
@@ -224,10 +229,39 @@ class Gta(Method):
         return K.gta_combine(deltas, params.model_weights(n), params.consensus_mode(), params.normalize,
                              params.lambda_, base_w)
 
+    def _fused(self, data: BlockData, params: GtaCommonParams, norms: list | None) -> torch.Tensor | None:
+        """The merge by the run's kernels in one loop over the entries (kernels.cpu.gta_fused: the
+        same bits), where they have one for these modes; None: the torch code below."""
+        fused = getattr(ops(data), "gta_fused", None)
+        mode = params.sparsify_mode()
+        if fused is None or mode not in ("none", "magnitude", "random") or (mode == "magnitude" and params.rescale):
+            return None
+        n = len(data.inputs)
+        if mode == "magnitude":
+            self._check_whole(data, params)
+        specs: list[tuple] = []
+        rescaled = params.pass_rescale(n)
+        for i, density in enumerate(params.densities(n)):
+            if mode == "none" or density >= 1:
+                specs.append(("none",))
+            elif mode == "magnitude":
+                specs.append(("magnitude", density))
+            elif density <= 0:
+                specs.append(("zero",))
+            else:
+                factor = K.l1_rescale(*norms[i]) if rescaled[i] else 1.0
+                specs.append(("random", density, params.seed, i, data.name, factor))
+        return fused(data.inputs, data.base, specs, params.model_weights(n), params.consensus_mode(),
+                     params.normalize, params.lambda_, data.flat_start)
+
+    @staticmethod
+    def _check_whole(data: BlockData, params: GtaCommonParams) -> None:
+        if data.row_start != 0 or data.base.numel() != torch.Size(data.full_shape).numel():
+            raise RuntimeError(f"tensor {data.name!r}: {params.sparsify_mode()} needs the whole tensor in one chunk")
+
     def _whole(self, data: BlockData, params: GtaCommonParams, i: int, d: torch.Tensor, density: float) -> torch.Tensor:
         """Magnitude and breadcrumbs sparsification of one model's whole task vector."""
-        if data.row_start != 0 or d.numel() != torch.Size(data.full_shape).numel():
-            raise RuntimeError(f"tensor {data.name!r}: {params.sparsify_mode()} needs the whole tensor in one chunk")
+        self._check_whole(data, params)
         if density >= 1:
             return d
         if d.numel() and not K.all_finite(d):

@@ -3,8 +3,9 @@ task vectors: t = N cos / (1 + (N − 1) cos), cos the mean pairwise cosine of �
 (each clamped to [−1, 1], norms' product floored at 1e-6); t = 0 (the base) where the
 denominator is below 1e-6.
 
-Per tensor by default: the cosines need dot products over the whole tensor, which a pass sums
-per row (exactly combined, so chunking never changes them). With filter_wise, one t per vector
+Per tensor by default: the cosines need dot products over the whole tensor, summed per row and
+exactly combined (so chunking never changes them): in the merge for a tensor merged in one
+chunk, by a pass for one cut into several (methods/per_tensor.py). With filter_wise, one t per vector
 along the last axis, computed within the chunk (a 1-D tensor is one vector, merged whole).
 mergekit computes in the recipe's dtype (bf16 dot products); here float64 sums, float32 merge.
 """
@@ -18,6 +19,7 @@ import torch
 from tensormerge.errors import InputError, ParameterError
 from tensormerge.kernels import reference as K
 from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, param, register
+from tensormerge.methods.per_tensor import PerTensorPass
 
 
 @dataclass
@@ -34,56 +36,27 @@ def _pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
 
-class _AnglePass(GlobalPass):
-    """Per tensor: Σ τ_i² and Σ τ_i τ_j per row, in a vector over the tensor's rows (zero
-    elsewhere, so partials add exactly in any grouping), then fsum'd into the tensor's t."""
+class _AnglePass(PerTensorPass):
+    """Per tensor: Σ τ_i² and Σ τ_i τ_j (per-row float64 sums, fsum'd) into the tensor's t;
+    folded into the merge for a tensor merged in one chunk (methods/per_tensor.py)."""
 
     name = "model_stock_angle"
     label = "task-vector angles"
 
-    def start(self, state: dict) -> dict:
-        return {"sums": {}, "result": {}}
-
-    def map(self, data: BlockData, state: dict) -> torch.Tensor:
-        n = len(data.inputs)
-        rows = data.inputs[0].shape[0] if data.full_shape else 1
-        total = data.full_shape[0] if data.full_shape else 1
+    def row_partials(self, data: BlockData) -> torch.Tensor:
         w0 = data.base.double()
         tau = [x.double() - w0 for x in data.inputs]
-        pairs = _pairs(n)
-        out = torch.zeros(n + len(pairs), total, dtype=torch.float64)
-        where = slice(data.row_start, data.row_start + rows)
-        for i, t in enumerate(tau):
-            out[i, where] = K.row_sums(t * t).cpu()
-        for p, (i, j) in enumerate(pairs):
-            out[n + p, where] = K.row_sums(tau[i] * tau[j]).cpu()
-        return out
+        sums = [K.row_sums(t * t) for t in tau]
+        sums += [K.row_sums(tau[i] * tau[j]) for i, j in _pairs(len(tau))]
+        return torch.stack(sums).cpu()
 
-    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
-        if block in acc["sums"]:
-            acc["sums"][block] += partial
-        else:
-            acc["sums"][block] = partial.clone()
-        return acc
-
-    def end_block(self, acc: dict, block: str, numel: int) -> dict:
-        sums = acc["sums"].pop(block, None)
-        if sums is None:
-            return acc
-        try:
-            totals = [K.exact_total(s) for s in sums]
-        except OverflowError:
-            totals = [float("inf")]
+    def result(self, totals: list[float], block: str, numel: int) -> float:
         if not all(map(torch.isfinite, torch.tensor(totals))):
             raise InputError(f"tensor {block!r}: a model (or the base) holds NaN or Inf values, or a task "
                              f"vector's squared norm overflows")
         n = next(k for k in range(2, len(totals) + 1) if k + k * (k - 1) // 2 == len(totals))
         cos = [K.model_stock_cos(totals[n + p], totals[i], totals[j]) for p, (i, j) in enumerate(_pairs(n))]
-        acc["result"][block] = K.model_stock_t(cos, n)
-        return acc
-
-    def finish(self, acc: dict, state: dict) -> None:
-        state[self.name] = acc["result"]
+        return K.model_stock_t(cos, n)
 
 
 @register
@@ -103,9 +76,15 @@ class ModelStock(Method):
     def passes(self, params: ModelStockParams) -> list[GlobalPass]:
         return [] if params.filter_wise else [_AnglePass()]
 
+    def prepares(self, params: ModelStockParams) -> bool:
+        return not params.filter_wise
+
+    def prepare(self, data: BlockData, params: ModelStockParams):
+        return None if params.filter_wise else _AnglePass().fold(data)
+
     def merge(self, data: BlockData, params: ModelStockParams, state: dict):
         if not params.filter_wise:
-            return K.model_stock_merge(data.inputs, data.base, state[_AnglePass.name][data.name])
+            return K.model_stock_merge(data.inputs, data.base, _AnglePass().lookup(data, state))
         if data.base.dim() == 0:
             t = K.model_stock_filter_t([x.reshape(1) for x in data.inputs], data.base.reshape(1)).reshape(())
         else:

@@ -2,9 +2,10 @@
 
 The angle between the endpoints is that of the whole tensors: cos = Σab / (‖a‖‖b‖) (norms ≤ 1e-8
 taken as 1), with mergekit's linear fallback where the tensors are nearly parallel or
-antiparallel (|cos| > 0.9995). Those sums come from a pass over the rows (per-row float64 sums
-added exactly), so any chunking gives the same coefficients and bytes; the merge is then
-c_a · a + c_b · b per element. (mergekit 0.1.5 batches same-shaped tensors along a new leading
+antiparallel (|cos| > 0.9995). Those sums are per-row float64 sums added exactly, computed in the
+merge for a tensor merged in one chunk and by a pass over the rows for one cut into several
+(methods/per_tensor.py), so any chunking gives the same coefficients and bytes; the merge is
+then c_a · a + c_b · b per element. (mergekit 0.1.5 batches same-shaped tensors along a new leading
 axis; its slerp reduces over everything but that axis, so it is per tensor.)
 
 Endpoints: with --base, t = 0 is the base and t = 1 the single input (mergekit's recipe form);
@@ -21,6 +22,7 @@ import torch
 from tensormerge.errors import InputError, ParameterError
 from tensormerge.kernels import reference as K
 from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, param, register
+from tensormerge.methods.per_tensor import PerTensorPass
 
 
 @dataclass
@@ -39,9 +41,9 @@ def _endpoints(data: BlockData) -> tuple[torch.Tensor, torch.Tensor]:
     return (data.base, data.inputs[0]) if len(data.inputs) == 1 else (data.inputs[0], data.inputs[1])
 
 
-class _AnglePass(GlobalPass):
-    """Per tensor Σa², Σb², Σab, as per-row float64 sums in a vector over the tensor's rows (zero
-    elsewhere, so partials add exactly in any grouping), then fsum'd into the coefficients."""
+class _AnglePass(PerTensorPass):
+    """Per tensor Σa², Σb², Σab (per-row float64 sums, fsum'd) into the coefficients; folded
+    into the merge for a tensor merged in one chunk (methods/per_tensor.py)."""
 
     name = "slerp_angle"
     label = "angles between endpoints"
@@ -49,43 +51,16 @@ class _AnglePass(GlobalPass):
     def __init__(self, params: SlerpParams):
         self.params = params
 
-    def start(self, state: dict) -> dict:
-        return {"sums": {}, "result": {}}
-
-    def map(self, data: BlockData, state: dict) -> torch.Tensor:
+    def row_partials(self, data: BlockData) -> torch.Tensor:
         a, b = (x.double() for x in _endpoints(data))
-        rows = a.shape[0] if data.full_shape else 1
-        total = data.full_shape[0] if data.full_shape else 1
-        out = torch.zeros(3, total, dtype=torch.float64)
-        where = slice(data.row_start, data.row_start + rows)
-        out[0, where] = K.row_sums(a * a).cpu()
-        out[1, where] = K.row_sums(b * b).cpu()
-        out[2, where] = K.row_sums(a * b).cpu()
-        return out
+        return torch.stack([K.row_sums(a * a), K.row_sums(b * b), K.row_sums(a * b)]).cpu()
 
-    def reduce(self, acc: dict, partial: torch.Tensor, block: str) -> dict:
-        if block in acc["sums"]:
-            acc["sums"][block] += partial
-        else:
-            acc["sums"][block] = partial.clone()
-        return acc
-
-    def end_block(self, acc: dict, block: str, numel: int) -> dict:
-        sums = acc["sums"].pop(block, None)
-        if sums is None:
-            return acc
-        try:
-            sq_a, sq_b, dot = (K.exact_total(s) for s in sums)
-        except OverflowError:
-            sq_a = sq_b = dot = float("inf")
+    def result(self, totals: list[float], block: str, numel: int) -> list[float]:
+        sq_a, sq_b, dot = totals
         if not all(map(torch.isfinite, torch.tensor([sq_a, sq_b, dot]))):
             raise InputError(f"tensor {block!r}: an endpoint holds NaN or Inf values, or its squared norm overflows")
         t = self.params.for_block(block).t  # a per-tensor t (methods.rules)
-        acc["result"][block] = list(K.slerp_coefficients(t, sq_a, sq_b, dot, numel == 0))
-        return acc
-
-    def finish(self, acc: dict, state: dict) -> None:
-        state[self.name] = acc["result"]
+        return list(K.slerp_coefficients(t, sq_a, sq_b, dot, numel == 0))
 
 
 @register
@@ -109,5 +84,11 @@ class Slerp(Method):
     def passes(self, params: SlerpParams) -> list[GlobalPass]:
         return [_AnglePass(params)]
 
+    def prepares(self, params: SlerpParams) -> bool:
+        return True
+
+    def prepare(self, data: BlockData, params: SlerpParams):
+        return _AnglePass(params).fold(data)
+
     def merge(self, data: BlockData, params: SlerpParams, state: dict):
-        return K.slerp_merge(*_endpoints(data), *state[_AnglePass.name][data.name])
+        return K.slerp_merge(*_endpoints(data), *_AnglePass(params).lookup(data, state))

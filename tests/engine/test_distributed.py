@@ -19,6 +19,8 @@ SPEC = H.CHUNKED_SPEC
 METHODS = {  # method -> extra arguments (statistics methods get their stores in _args)
     "average": [], "task_arithmetic": ["-p", "lambda=0.5"], "ties": [], "dare": ["-p", "p=0.3"],
     "fisher": ["-p", "normalize=true"], "regmean": [], "mats": ["-p", "iterations=5"], "ubgm": [],
+    # per-tensor sums folded into the merge of one-chunk tensors, a pass for the others
+    "dare_ties": ["-p", "density=0.5,0.7,0.3"], "model_stock": [],
 }
 NO_BASE = ("average", "fisher", "regmean")
 BUDGET = "1536KiB"  # regmean's 128-row tiles need about this; the other methods chunk at it too

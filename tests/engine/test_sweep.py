@@ -63,6 +63,8 @@ def _count_reads(monkeypatch) -> dict:
     ("ties", {"k": "0.2,0.5", "scope": "tensor"}, ()),
     ("ties", {"k": "0.1,0.4", "sign": "normfrac"}, ()),
     ("dare", {"seed": "0,1,2", "p": "0.3"}, ()),
+    ("dare_ties", {"seed": "0,1", "density": "0.5"}, ()),  # rescale norms: folded and pass
+    ("model_stock", {"filter_wise": "false,true"}, ()),
 ])
 def test_each_candidate_is_byte_identical_to_its_run(fam, tmp_path, method, raw, list_keys):
     cands, res = _sweep(fam, tmp_path / "sw", method, raw, list_keys, max_memory="200KiB")
