@@ -38,19 +38,8 @@ from tensormerge.stats.bind import check_gram
 
 
 def _sub_chunks(data: BlockData, rows: int):
-    """Row slices of a chunk (views, no copies), each a BlockData of its own; statistics with
-    the parameter's shape are sliced alike, whole matrices and the prepared state are shared."""
-    n = data.inputs[0].shape[0] if data.full_shape else 1
-    if not data.full_shape or rows >= n:
-        yield data
-        return
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
-        stats = {k: ([x[s:e] for x in v] if k in ROW_KINDS else v) for k, v in data.stats.items()}
-        base_stats = {k: (v[s:e] if k in ROW_KINDS else v) for k, v in data.base_stats.items()}
-        yield BlockData(data.name, [x[s:e] for x in data.inputs], None if data.base is None else data.base[s:e],
-                        data.full_shape, data.row_start + s, stats, base_stats,
-                        {k: v[s:e] for k, v in data.extra.items()}, data.prepared, data.ops)
+    """The compute sub-chunks of a chunk (BlockData.row_slices)."""
+    return data.row_slices(rows)
 
 
 @dataclass

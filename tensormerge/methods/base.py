@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from tensormerge.constants import ROW_KINDS
 from tensormerge.errors import ParameterError, short
 from tensormerge.methods import rules as R
 
@@ -50,6 +51,22 @@ class BlockData:
         for s in self.full_shape[1:]:
             row_numel *= s
         return self.row_start * row_numel
+
+    def row_slices(self, rows: int):
+        """Row slices of this chunk (views, no copies) of at most `rows` rows, each a BlockData of
+        its own: the engine's compute sub-chunks, and a method's per-row pieces. Statistics with
+        the parameter's shape are sliced alike, whole matrices and the prepared state shared."""
+        n = self.inputs[0].shape[0] if self.full_shape else 1
+        if not self.full_shape or rows >= n:
+            yield self
+            return
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            stats = {k: ([x[s:e] for x in v] if k in ROW_KINDS else v) for k, v in self.stats.items()}
+            base_stats = {k: (v[s:e] if k in ROW_KINDS else v) for k, v in self.base_stats.items()}
+            yield BlockData(self.name, [x[s:e] for x in self.inputs], None if self.base is None else self.base[s:e],
+                            self.full_shape, self.row_start + s, stats, base_stats,
+                            {k: v[s:e] for k, v in self.extra.items()}, self.prepared, self.ops)
 
 
 def param(default: Any, help: str, *, key: str | None = None, choices: tuple | None = None) -> Any:

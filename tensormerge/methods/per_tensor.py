@@ -29,18 +29,6 @@ def is_whole(data: BlockData) -> bool:
     return data.row_start == 0 and ref.shape[0] == data.full_shape[0]
 
 
-def _row_slices(data: BlockData, rows: int):
-    """Row slices of `data` (views), as the engine's pass sub-chunks them."""
-    n = data.inputs[0].shape[0] if data.full_shape else 1
-    if not data.full_shape or rows >= n:
-        yield data
-        return
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
-        yield BlockData(data.name, [x[s:e] for x in data.inputs], None if data.base is None else data.base[s:e],
-                        data.full_shape, data.row_start + s, ops=data.ops)
-
-
 class PerTensorPass(GlobalPass):
     """A pass of per-row float64 sums, `width` of them per row, made into one result per tensor.
 
@@ -106,7 +94,7 @@ class PerTensorPass(GlobalPass):
         row_numel = data.inputs[0][0].numel() if data.full_shape and data.inputs[0].shape[0] else 1
         rows = max(1, SUB_CHUNK_ELEMENTS // max(row_numel, 1)) * PASS_SUB_FACTOR
         # row pieces on a few threads (the engine has this chunk as one piece): placed in order
-        sums = torch.cat(pmap(self.row_partials, list(_row_slices(data, rows))), dim=1)
+        sums = torch.cat(pmap(self.row_partials, list(data.row_slices(rows))), dim=1)
         numel = 1
         for s in data.full_shape:
             numel *= s
