@@ -93,7 +93,7 @@ _RECIPE_NODES = 20_000
 
 
 class _RecipeRefused(Exception):
-    pass
+    """A recipe refused while it is parsed (a key given twice, too many values): one line."""
 
 
 def _recipe(path: str | None) -> dict:

@@ -11,6 +11,8 @@ chunks get the pass's map-reduce as before; the same rows, the same sums, the sa
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from typing import Any
 
 import torch
@@ -38,11 +40,13 @@ class PerTensorPass(GlobalPass):
 
     folds = True
 
+    @abstractmethod
     def row_partials(self, data: BlockData) -> torch.Tensor:
-        raise NotImplementedError
+        """The [width, rows] float64 sums of this chunk's rows."""
 
+    @abstractmethod
     def result(self, totals: list[float], block: str, numel: int) -> Any:
-        raise NotImplementedError
+        """The tensor's result from its `width` exact totals."""
 
     def wanted(self, data: BlockData) -> bool:
         """Whether this tensor needs the reduction at all (gta: only with a drop to rescale)."""
