@@ -280,11 +280,10 @@ def ties_window_counts_many(inputs: list[torch.Tensor], base: torch.Tensor, wind
                             ) -> list[tuple[torch.Tensor, torch.Tensor, int | None]]:
     """`ties_window_counts` for several window lists (a sweep's k values) in one pass over the
     chunk: what each separate call returns, in order."""
-    xs = [_as_array(x) for x in inputs]
-    b = _as_array(base)
-    if (len({x.dtype for x in inputs}) != 1 or len(inputs) > MAX_MODELS or b is None or any(x is None for x in xs)
-            or not all(0 <= w and w + width <= 1 << 15 for ws in windows for w in ws)):
+    arrays = _arrays(inputs, base)
+    if arrays is None or not all(0 <= w and w + width <= 1 << 15 for ws in windows for w in ws):
         return [_ref.ties_window_counts(inputs, base, ws, width) for ws in windows]
+    xs, b = arrays
     span, n = width * NBINS, len(xs)
     out = []
     for g in range(0, len(windows), MAX_WINDOWS):
@@ -304,6 +303,16 @@ def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: 
     return ties_window_counts_many(inputs, base, [windows], width)[0]
 
 
+def _arrays(inputs: list[torch.Tensor], base: torch.Tensor) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """numpy views of a chunk the fused kernels take (one storage dtype for the models, at most
+    MAX_MODELS of them, bf16 or float32 on the CPU), or None: the caller runs the reference."""
+    if len({x.dtype for x in inputs}) != 1 or len(inputs) > MAX_MODELS:
+        return None
+    xs = [_as_array(x) for x in inputs]
+    b = _as_array(base)
+    return None if b is None or any(x is None for x in xs) else (xs, b)
+
+
 def _as_array(x: torch.Tensor) -> np.ndarray | None:
     view = _VIEWS.get(x.dtype)
     if view is None or x.device.type != "cpu":
@@ -319,10 +328,10 @@ def ties_merge(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[
     if (sign_mode != "mass" or merge != "dis-mean" or len(dtypes) != 1 or len(inputs) > MAX_MODELS
             or _ref.work_dtype(base, *inputs) != torch.float32):
         return _ref.ties_merge(inputs, base, thresholds, sign_mode, sq_norms, merge, lam, guess)
-    xs = [_as_array(x) for x in inputs]
-    b = _as_array(base)
-    if b is None or any(x is None for x in xs):
+    arrays = _arrays(inputs, base)
+    if arrays is None:
         return _ref.ties_merge(inputs, base, thresholds, sign_mode, sq_norms, merge, lam, guess)
+    xs, b = arrays
     # the reference keeps |τ| >= v as hardshrink(τ, the float32 just below v)
     below = np.array([np.nextafter(np.float32(v), np.float32(0)) if v > 0 else 0 for v in thresholds], np.float32)
     out = torch.empty(base.numel(), dtype=torch.float32)
@@ -414,10 +423,10 @@ def dare(inputs: list[torch.Tensor], base: torch.Tensor, p: float, lambdas: list
     if (len(dtypes) != 1 or len(inputs) > MAX_MODELS or _ref.work_dtype(base, *inputs) != torch.float32
             or not _torch_fuses()):
         return _ref.dare(inputs, base, p, lambdas, seed, rescale, name, flat_start)
-    xs = [_as_array(x) for x in inputs]
-    b = _as_array(base)
-    if b is None or any(x is None for x in xs):
+    arrays = _arrays(inputs, base)
+    if arrays is None:
         return _ref.dare(inputs, base, p, lambdas, seed, rescale, name, flat_start)
+    xs, b = arrays
     keys = [_ref.dare_keys(seed, i, name) for i in range(len(inputs))]
     k1 = np.array([k for k, _ in keys], np.uint64)
     k2 = np.array([k for _, k in keys], np.uint64)
@@ -475,12 +484,10 @@ def task_arithmetic_many(inputs: list[torch.Tensor], base: torch.Tensor,
                          lambdas: list[list[float]]) -> list[torch.Tensor]:
     """reference.task_arithmetic_many; fused for bf16 or float32 CPU chunks: one pass over the
     inputs for every candidate, instead of a dozen passes over float32 temporaries."""
-    dtypes = {x.dtype for x in inputs}
-    xs = [_as_array(x) for x in inputs]
-    b = _as_array(base)
-    if (len(dtypes) != 1 or len(inputs) > MAX_MODELS or _ref.work_dtype(base, *inputs) != torch.float32
-            or b is None or any(x is None for x in xs) or not _torch_fuses()):
+    arrays = _arrays(inputs, base)
+    if arrays is None or _ref.work_dtype(base, *inputs) != torch.float32 or not _torch_fuses():
         return _ref.task_arithmetic_many(inputs, base, lambdas)
+    xs, b = arrays
     outs = [torch.empty(base.shape, dtype=torch.float32) for _ in lambdas]
     for g in range(0, len(lambdas), MAX_FUSED_CANDIDATES):
         group = lambdas[g:g + MAX_FUSED_CANDIDATES]
@@ -527,10 +534,10 @@ def ties_hist_high(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tens
     """[N, NBINS] counts of the top 16 bits of |θ_i − θ_0| (float32), per model: what
     `select.hist_high(abs_bits_(τ_i))` counts, fused (TIES' recount after a missed window; the
     torch path forms the task vectors, their absolute values and a bincount per model)."""
-    xs = [_as_array(x) for x in inputs]
-    b = _as_array(base)
-    if (len({x.dtype for x in inputs}) != 1 or len(inputs) > MAX_MODELS or b is None or any(x is None for x in xs)):
+    arrays = _arrays(inputs, base)
+    if arrays is None:
         return _ref.ties_hist_high(inputs, base)
+    xs, b = arrays
     hist = torch.zeros(len(xs), NBINS, dtype=torch.int64)
     _hist_kernel(len(xs), xs[0].dtype, b.dtype)(*xs, b, hist.numpy())
     return hist
@@ -717,10 +724,10 @@ def gta_fused(inputs: list[torch.Tensor], base: torch.Tensor, sparsify: list[tup
             or _ref.work_dtype(base, *inputs) != torch.float32 or numel == 0
             or flat_start >> 32 != (flat_start + numel - 1) >> 32):  # one high word of the index
         return None
-    xs = [_as_array(x) for x in inputs]
-    b = _as_array(base)
-    if b is None or any(x is None for x in xs):
+    arrays = _arrays(inputs, base)
+    if arrays is None:
         return None
+    xs, b = arrays
     modes = []
     vb = np.zeros(n_models, np.int64)
     tie_end = np.zeros(n_models, np.int64)
