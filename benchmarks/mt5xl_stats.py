@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mt5xl-stats.json")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints and stores")
     ap.add_argument("--quick", action="store_true", help="miniature widths (smoke test)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="merge again from the family and stores an earlier --keep run left in --data (its "
+                         "stats compute results are taken from --out)")
     args = ap.parse_args(argv)
     dims = QUICK if args.quick else XL
     methods = [m for m in args.methods.split(",") if m]
@@ -280,11 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--methods: choose from {', '.join(KIND)}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     root = args.data
-    if root.exists() and any(root.iterdir()):
+    earlier = None
+    if args.reuse:
+        if not all((root / d).is_dir() for d in ("base", "ft1", "ft2", "ft3", "ft1.zarr", "ft2.zarr", "ft3.zarr")):
+            ap.error(f"--reuse: {root} does not hold the family and stores of a --keep run")
+        earlier = json.loads(args.out.read_text())
+    elif root.exists() and any(root.iterdir()):
         ap.error(f"--data {root} exists and is not empty (this script deletes what it writes there)")
     root.mkdir(parents=True, exist_ok=True)
     need, free = disk_needed(dims, args.layers), shutil.disk_usage(root).free
-    if need > 0.9 * free:
+    if not args.reuse and need > 0.9 * free:
         ap.error(f"needs ~{need / GB:.1f} GB of disk under {root}, {free / GB:.1f} GB free")
     res = {"quick": args.quick, "layers": args.layers, "examples": args.examples, "seq_len": args.seq_len,
            "iterations": args.iterations, "device": args.device, "max_memory": args.max_memory,
@@ -293,8 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     save = lambda: (args.out.parent.mkdir(parents=True, exist_ok=True),  # noqa: E731
                     args.out.write_text(json.dumps(res, indent=2) + "\n"))
     try:
-        log("writing the family")
-        res["family"] = write_family(root, args.layers, dims, args.examples, args.seq_len, log)
+        if earlier is not None:
+            res["family"], res["reused_from"] = earlier["family"], str(args.out)
+            res["stats_kind"] = earlier["stats_kind"]
+        else:
+            log("writing the family")
+            res["family"] = write_family(root, args.layers, dims, args.examples, args.seq_len, log)
         shapes = [(dims["d_model"], dims["heads"] * dims["d_kv"]), (dims["d_ff"], dims["d_model"]),
                   (dims["d_model"], dims["d_ff"])]
         log("matrix products")
@@ -304,8 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         save()
         res["stats"], stores = [], []
         for i in (1, 2, 3):
-            log(f"stats compute ft{i}")
             store = root / f"ft{i}.zarr"
+            if earlier is not None:
+                res["stats"].append(earlier["stats"][i - 1])
+                stores.append(store)
+                continue
+            log(f"stats compute ft{i}")
             res["stats"].append(stats_compute(root / f"ft{i}", root / "data.jsonl", store, args.device,
                                               args.max_memory, res["stats_kind"]))
             stores.append(store)
@@ -335,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     finally:
-        if not args.keep:
+        if not args.keep and not args.reuse:
             shutil.rmtree(root, ignore_errors=True)
 
 

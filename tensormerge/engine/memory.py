@@ -1,4 +1,5 @@
-"""Peak resident and anonymous memory of this process, sampled from /proc (Linux)."""
+"""Peak resident and anonymous memory of this process, sampled from /proc (Linux), and the
+memory a device has free."""
 
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ def _status() -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """What the device can still give this process: MemAvailable (Linux) for the CPU, free
+    memory for a CUDA device; None where it cannot be known."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class MemoryMonitor:

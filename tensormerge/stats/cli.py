@@ -198,7 +198,7 @@ def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback:
         plan = planning.plan_arch(arch, config_path, kw["kind"], kw["batch_size"], kw["max_length"],
                                   kw["accumulate"], kw["dtype"], kw["fisher_mode"], kw["fisher_type"],
                                   kw.get("max_examples"), gpu_tflops, bool(kw.get("gram_per_weight")),
-                                  parse_size(kw["max_memory"], "--max-memory"))
+                                  parse_size(kw["max_memory"], "--max-memory"), kw.get("grad_mode") or "auto")
     click.echo(json.dumps(plan, indent=2) if as_json else planning.render(plan))
 
 

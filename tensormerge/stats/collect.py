@@ -16,6 +16,11 @@ Conventions (METHODS.md §4.2, §5, §8.1), the research code's defaults:
   input Gram, stored once with an alias per other weight (stats/hooks.py; `--gram-per-weight`
   stores a copy per weight instead).
 
+Memory: K-FAC's backward computes no parameter gradients (the weights are frozen for it; the
+first hooked layers' outputs start the graph), Fisher gradients are streamed into their sums one
+parameter at a time (stats/grads.py), and the whole run is checked against the memory the
+device has before the data pass (`_check_memory`, `stats plan`'s accounting).
+
 Accumulators are float32 by default, as in the research code and the store; float64 is offered
 for very long runs (its rounding error stops depending on the number of batches).
 The accumulators are checkpointed every --checkpoint-every batches into S.zarr.partial/.resume
@@ -40,7 +45,7 @@ from tensormerge.constants import PARTIAL_SUFFIX
 from tensormerge.engine import outdir
 from tensormerge.errors import BudgetError, InputError, OutputError, ParameterError
 from tensormerge.stats.data import Tokenize, batches, data_fingerprint, load_examples, read_records
-from tensormerge.stats.grads import PerExampleGrads, batch_grad
+from tensormerge.stats.grads import PerExampleGrads, batch_grad, frozen
 from tensormerge.stats.hooks import GramHooks
 from tensormerge.stats.losses import Inputs, scored_tokens, token_nll
 
@@ -51,6 +56,8 @@ RESUME_DIR = ".resume"
 STATE_FILE = "state.pt"
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_MEMORY = 1 << 20
+NO_MEMORY_CHECK_ENV = "TENSORMERGE_STATS_NO_MEMORY_CHECK"
 FAULT_ENV = "TENSORMERGE_FAULT_KILL_AFTER_CHECKPOINT"  # tests: SIGKILL self after the Nth checkpoint
 
 
@@ -107,6 +114,9 @@ class ComputeOptions:
                        ("--checkpoint-every", self.checkpoint_every), ("--shard-examples", self.shard_examples)):
             if v < 1:
                 raise ParameterError(f"{opt} {v}: must be at least 1")
+        if self.max_memory < MIN_MEMORY:
+            raise ParameterError(f"--max-memory {self.max_memory} bytes: must be at least 1MiB (the Gram row blocks "
+                                 f"and gradient chunks are sized from it)")
         if self.max_examples is not None and self.max_examples < 1:
             raise ParameterError(f"--max-examples {self.max_examples}: must be at least 1")
         if self.workers is not None and self.scheduler:
@@ -184,6 +194,7 @@ class Collector:
         if opts.kind == "blockwise" and not self.block_names:
             raise InputError(f"{opts.model}: no vector parameters (IA3 vectors, biases, norms) for --kind blockwise")
         self.grad_names = sorted(set(self.fisher_names) | set(self.block_names), key=list(params).index)
+        self._fisher_set, self._block_set = set(self.fisher_names), set(self.block_names)
         self.want_in, self.want_out = "gram_in" in kinds, "gram_out" in kinds
         dtype = next(iter(params.values())).dtype
         if loaded.modality == "image":
@@ -192,9 +203,16 @@ class Collector:
             self.inputs = ImageInputs(model)
         else:
             self.inputs = Inputs(model, loaded.task, dtype if dtype.is_floating_point else torch.float32)
-        budget = max(opts.max_memory, 1 << 20)
+        budget = opts.max_memory
         per_example = sum(4 * params[n].numel() for n in self.grad_names) or 1
-        self.grads = PerExampleGrads(model, loaded.task, self.grad_names, self.inputs, opts.grad_mode,
+        mode = opts.grad_mode
+        self.loop_reason = None
+        if mode == "auto" and opts.fisher_mode == "per-example" and self.grad_names and per_example > budget // 4:
+            # vmap holds a model of gradients per example; the loop one parameter's at a time
+            mode = "loop"
+            self.loop_reason = (f"one example's gradients ({per_example / 2**30:.2f} GiB) exceed a quarter of "
+                                f"--max-memory")
+        self.grads = PerExampleGrads(model, loaded.task, self.grad_names, self.inputs, mode,
                                      chunk=max(1, (budget // 4) // per_example))
         self.hooks = None
         if self.want_in or self.want_out:
@@ -262,25 +280,33 @@ class Collector:
                                   self.side, o.choice_score)
         if self.grad_names:
             if o.fisher_mode == "squared-batch":
-                g = batch_grad(self.loaded.model, task, self.grad_names, self.inputs, batch)
-                for n in self.fisher_names:
-                    self.acc.add("fisher", self.loaded.stored[n], g[n].detach().float() ** 2, 1)
-                for n in self.block_names:
-                    v = g[n].detach().reshape(-1).to(self.acc.dtype)
-                    self.acc.add("fisher_block", self.loaded.stored[n], torch.outer(v, v), 1)
+                batch_grad(self.loaded.model, task, self.grad_names, self.inputs, batch,
+                           lambda n, g: self._add_grad(n, g, 1))
             else:
                 g = self.grads(batch)
-                for n in self.fisher_names:
-                    self.acc.add("fisher", self.loaded.stored[n], (g[n].to(self.acc.dtype) ** 2).sum(0), len(batch))
-                for n in self.block_names:
-                    v = g[n].reshape(len(batch), -1).to(self.acc.dtype)
-                    self.acc.add("fisher_block", self.loaded.stored[n], v.T @ v, len(batch))
-                del g
+                if g is None:  # the loop: one example at a time, each gradient as it completes
+                    self.grads.each(batch, lambda n, g: self._add_grad(n, g, 1))
+                else:
+                    for n in self.fisher_names:
+                        self.acc.add("fisher", self.loaded.stored[n], (g[n].to(self.acc.dtype) ** 2).sum(0),
+                                     len(batch))
+                    for n in self.block_names:
+                        v = g[n].reshape(len(batch), -1).to(self.acc.dtype)
+                        self.acc.add("fisher_block", self.loaded.stored[n], v.T @ v, len(batch))
+                    del g
         if self.hooks is not None and self.hooks.layers:
             self._grams(batch)
         self.n_examples += len(batch)
         self.n_batches += 1
         self.n_tokens += scored_tokens(batch, task)
+
+    def _add_grad(self, name: str, g: torch.Tensor, count: int) -> None:
+        """One gradient (of one example, or of a mini-batch) into the Fisher and Fisher block sums."""
+        if name in self._fisher_set:
+            self.acc.add("fisher", self.loaded.stored[name], g.detach().to(self.acc.dtype) ** 2, count)
+        if name in self._block_set:
+            v = g.detach().reshape(-1).to(self.acc.dtype)
+            self.acc.add("fisher_block", self.loaded.stored[name], torch.outer(v, v), count)
 
     def _grams(self, batch) -> None:
         task, model = self.loaded.task, self.loaded.model
@@ -292,10 +318,15 @@ class Collector:
             self.hooks.attach({"enc": mask, "dec": dec})
         try:
             if self.want_out:
-                out = model(**self.inputs(batch, additive=False))
-                # the sum of per-example token-averaged losses: each example's gradient is its own
-                token_nll(out.logits, batch.labels, task).sum().backward()
-                model.zero_grad(set_to_none=True)
+                # No parameter gradients: the weights are frozen and the first hooked layers'
+                # outputs start the graph (GramHooks.leaves), so the backward computes only the
+                # gradients at layer outputs that the output Grams need.
+                with frozen(model):
+                    out = model(**self.inputs(batch, additive=False))
+                    # the sum of per-example token-averaged losses: each example's gradient is its own
+                    loss = token_nll(out.logits, batch.labels, task).sum()
+                    if loss.requires_grad and self.hooks.leaves:
+                        torch.autograd.grad(loss, self.hooks.leaves, allow_unused=True)
             else:
                 with torch.no_grad():
                     model(**self.inputs(batch, additive=False))
@@ -440,6 +471,7 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     collector = Collector(opts, loaded, examples, say)
     collector.pad_id, collector.side = pad_id, side
     collector.prepare(next(image_data.batches(1)) if image_data is not None and examples else None)
+    _check_memory(opts, loaded, collector)
     warn: list[str] = [stale_lock] if stale_lock else []
     if collector.hooks is not None and collector.hooks.unstored:
         _warn(f"no Gram for {len(collector.hooks.unstored)} linear layer(s) whose weight is not stored under its "
@@ -501,6 +533,8 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
         seconds, done_here = dist[1], dist[2]
     if collector.grads.fallback_reason:
         _warn(f"per-example gradients one example at a time (vmap failed: {collector.grads.fallback_reason})", warn)
+    elif collector.loop_reason:
+        _warn(f"per-example gradients one example at a time ({collector.loop_reason})", warn)
 
     uses_fisher = bool(collector.grad_names)
     writer = StatsWriter(opts.output, model={"spec": opts.model, "identity": loaded.identity},
@@ -525,6 +559,37 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
             "examples": collector.n_examples, "tokens": collector.n_tokens,
             "seconds": seconds, "examples_per_s": done_here / seconds if seconds > 0 else float("inf"),
             "grad_mode": collector.grads.mode if collector.grad_names else None, "warnings": warn or []}
+
+
+def _check_memory(opts: ComputeOptions, loaded, collector: Collector) -> None:
+    """Refuse, before the data pass, a run whose statistics would not fit beside the loaded model
+    (`stats plan`'s accounting, activations not counted), rather than being killed an hour in.
+    TENSORMERGE_STATS_NO_MEMORY_CHECK=1 skips it (an estimate can be wrong)."""
+    from tensormerge.engine.memory import available_bytes
+    from tensormerge.stats import planning
+
+    if os.environ.get(NO_MEMORY_CHECK_ENV) == "1":
+        return
+    free = available_bytes(opts.device)
+    if free is None:
+        return
+    s = planning.shapes_of(loaded, opts.model)
+    if collector.hooks is not None:
+        s.alias = dict(collector.hooks.alias)
+    a = planning.account(s, opts.kind, opts.batch_size, opts.accumulate, opts.fisher_mode, opts.gram_per_weight,
+                         opts.max_memory, collector.grads.mode)
+    need = a["memory_total_bytes"] - a["weights_bytes"]
+    if need <= free:
+        return
+    gib = 2**30
+    parts = [f"{k} accumulators {v / gib:.1f}" for k, v in a["accumulators"].items() if k != "total" and v]
+    if a["per_example_gradients"]["peak_bytes"]:
+        parts.append(f"gradients {a['per_example_gradients']['peak_bytes'] / gib:.1f}")
+    raise BudgetError(f"{opts.model}: stats compute --kind {opts.kind} needs about {need / gib:.1f} GiB beside the "
+                      f"loaded model ({', '.join(parts)} GiB; activations not counted), and {opts.device} has "
+                      f"{free / gib:.1f} GiB available: compute fewer kinds per run (e.g. --kind kfac, then "
+                      f"--kind fisher), --accumulate float32, or use a larger machine ({NO_MEMORY_CHECK_ENV}=1 "
+                      f"skips this check)")
 
 
 def _image_model(model_dir: str) -> bool:

@@ -137,6 +137,7 @@ class GramHooks:
 
     def attach(self, masks: dict[str, torch.Tensor]) -> None:
         self.masks = masks
+        self.leaves: list[torch.Tensor] = []  # outputs made to require a gradient (see _hook)
         self._calls, self._seen, self._tokens = {}, {}, 0
         for key, (mod, side, _) in self.layers.items():
             self.handles.append(mod.register_forward_hook(self._hook(key, side)))
@@ -145,6 +146,7 @@ class GramHooks:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self.leaves = []
 
     def _rows(self, t: torch.Tensor, side: str, key: str) -> torch.Tensor:
         if t.dim() == 2:  # a pooled input (classifier head): one row per example
@@ -183,6 +185,9 @@ class GramHooks:
             if self.want_in and key not in self.alias:
                 x = args[0]
                 self._add("gram_in", key, self._rows(x.reshape(*x.shape[:-1], x.shape[-1]), side, key))
-            if self.want_out and key not in self.skip_out and out.requires_grad:
+            if self.want_out and key not in self.skip_out and torch.is_grad_enabled():
+                if not out.requires_grad:  # frozen weights, an input that needs no gradient: start the graph
+                    out.requires_grad_()
+                    self.leaves.append(out)
                 out.register_hook(lambda g: self._add("gram_out", key, self._rows(g, side, key)))
         return hook

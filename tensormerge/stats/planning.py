@@ -16,7 +16,9 @@ The accounting mirrors collect.py: accumulators are one sum per statistic in the
 dtype (fisher: one per parameter; gram_in: d_in² per linear weight; gram_out: d_out², none for
 the vocabulary-sized output layer; fisher_block: n² per vector parameter). Per-example gradients
 (fisher, blockwise) are held for the whole batch in the model's dtype, and once more while the
-vmap chunks are concatenated. K-FAC's backward fills every parameter's `.grad`. The store is
+vmap chunks are concatenated, unless they are streamed (the loop, and squared-batch: one
+parameter's gradient at a time; stats/grads.py). K-FAC's backward computes no parameter
+gradients. Activations are not counted. The store is
 float32 of the same shapes; Blosc saves little on dense statistics, so the disk figure is the
 uncompressed size plus about 2.5 KB of metadata per array (an upper bound: within 5% of
 the tests' stores, where the codec saved 8% of the data).
@@ -99,7 +101,7 @@ class Shapes:
     layers: dict[str, tuple[int, int, bool]]  # stored weight name -> (d_in, d_out, has gram_out)
     alias: dict[str, str] = field(default_factory=dict)  # gram_in key -> the key whose input it reads
     tokens_per_example: int | None = None  # images: patches + class token
-    grad_params: int = 0  # parameters that require a gradient (K-FAC's backward fills their .grad)
+    grad_params: int = 0  # parameters that require a gradient
     matmul_params: int = 0  # entries of every linear weight, tied ones too: 2 FLOPs per token each, forward
 
 
@@ -111,7 +113,7 @@ def _sharing_now() -> bool:
 
 
 def account(s: Shapes, kind: str, batch_size: int, accumulate: str, fisher_mode: str = "per-example",
-            gram_per_weight: bool = False) -> dict:
+            gram_per_weight: bool = False, max_memory: int | None = None, grad_mode: str = "auto") -> dict:
     """Memory (bytes) and store size (bytes) of a `stats compute --kind KIND` run over `s`."""
     from tensormerge.stats.collect import STORE_KINDS
 
@@ -126,12 +128,15 @@ def account(s: Shapes, kind: str, batch_size: int, accumulate: str, fisher_mode:
     in_stored = in_shared if shared else in_every
     grad_names = (set(s.fisher) if "fisher" in kinds else set()) | (set(s.vectors) if "fisher_block" in kinds else set())
     per_example = sum(s.fisher.get(n, s.vectors.get(n, 0)) for n in grad_names)
-    if fisher_mode == "squared-batch":
-        held, peak = per_example * s.param_bytes, per_example * s.param_bytes
+    largest = max((s.fisher.get(n, s.vectors.get(n, 0)) for n in grad_names), default=0)
+    # as Collector: vmap unless told otherwise or one example's gradients exceed a quarter of the budget
+    loop = fisher_mode == "per-example" and (grad_mode == "loop" or (
+        grad_mode == "auto" and max_memory is not None and 4 * per_example > max_memory // 4))
+    if fisher_mode == "squared-batch" or loop:  # streamed: one parameter's gradient at a time
+        mode, held, peak = "streamed", largest * s.param_bytes, largest * s.param_bytes
     else:  # [B, *shape] per parameter, and the vmap chunks beside them while they are concatenated
-        held = batch_size * per_example * s.param_bytes
+        mode, held = "vmap", batch_size * per_example * s.param_bytes
         peak = 2 * held
-    dot_grad = s.grad_params * s.param_bytes if "gram_out" in kinds else 0
     accum = {"fisher": fisher * acc, "gram_in": in_stored * acc, "gram_out": out * acc, "fisher_block": blocks * acc}
     store = {"fisher": fisher * 4, "gram_in": in_stored * 4, "gram_out": out * 4, "fisher_block": blocks * 4}
     arrays = ((len(s.fisher) if "fisher" in kinds else 0) + (len(s.vectors) if "fisher_block" in kinds else 0)
@@ -143,15 +148,15 @@ def account(s: Shapes, kind: str, batch_size: int, accumulate: str, fisher_mode:
         "parameters": s.params, "linear_weights": len(s.layers) if kinds & {"gram_in", "gram_out"} else 0,
         "weights_bytes": weights,
         "per_example_gradients": {"parameters": per_example, "bytes_per_example": per_example * s.param_bytes,
+                                  "mode": mode if per_example else None,
                                   "batch_bytes": held if per_example else 0, "peak_bytes": peak if per_example else 0},
-        "parameter_grad_bytes": dot_grad,
         "accumulators": {**accum, "total": sum(accum.values())},
         "gram_in_bytes": {"per_weight": in_every * acc, "shared": in_shared * acc,
                           "shared_weights": len(s.alias) if "gram_in" in kinds else 0},
         "gram_sharing": "shared" if shared else "per weight",
         "store": {**store, "metadata": arrays * META_BYTES, "total": sum(store.values()) + arrays * META_BYTES,
                   "arrays": arrays},
-        "memory_total_bytes": weights + (peak if per_example else 0) + dot_grad + sum(accum.values()),
+        "memory_total_bytes": weights + (peak if per_example else 0) + sum(accum.values()),
     }
 
 
@@ -316,7 +321,8 @@ def flops_per_token(s: Shapes, kind: str, fisher_type: str) -> tuple[float, str]
     P is the entries of every linear weight (embedding lookups cost no FLOPs; attention's
     score products, 4 x length x d per token and layer, are left out: small at the lengths
     statistics are computed at). A weight costs 2P per token forward; the backward 2P for the
-    input gradient and 2P for the weight gradient. Per-example weight gradients (vmap) are the same
+    input gradient and 2P for the weight gradient (K-FAC's backward computes no weight gradients).
+    The gradients and the Grams are separate passes, each with its own forward. Per-example weight gradients (vmap) are the same
     products kept apart instead of summed, so the FLOPs are those of one batched backward; what
     per-example gradients add is memory traffic (B copies of the model written and squared),
     which this count does not see. Grams add 2 d² per token per accumulated Gram (addmm)."""
@@ -329,12 +335,15 @@ def flops_per_token(s: Shapes, kind: str, fisher_type: str) -> tuple[float, str]
     if kinds & {"fisher", "fisher_block"}:
         f += 6 * p if "fisher" in kinds else 4 * p  # blockwise: no weight gradients of matrices
         how.append("6P forward+backward (per-example gradients: same FLOPs, B model copies of memory traffic)")
+    if kinds & {"gram_in", "gram_out"}:  # the Grams' own forward, after the gradients' pass
+        f += 2 * p
+        how.append("2P forward")
     if "gram_in" in kinds:
-        f += (0 if f else 2 * p) + 2 * sum(d * d for k, (d, _, _) in s.layers.items() if k not in s.alias)
-        how.append("2P forward + 2 d_in² per distinct input Gram")
-    if "gram_out" in kinds:
-        f += 6 * p + 2 * sum(d * d for _, d, has in s.layers.values() if has)
-        how.append("6P forward+backward + 2 d_out² per output Gram")
+        f += 2 * sum(d * d for k, (d, _, _) in s.layers.items() if k not in s.alias)
+        how.append("2 d_in² per distinct input Gram")
+    if "gram_out" in kinds:  # the weights are frozen: input gradients only
+        f += 2 * p + 2 * sum(d * d for _, d, has in s.layers.values() if has)
+        how.append("2P backward (no weight gradients) + 2 d_out² per output Gram")
     if fisher_type == "true" and (kinds & {"fisher", "fisher_block", "gram_out"}):
         how.append("true Fisher's label sampling not counted (a forward per generated token on text)")
     return f, "; ".join(how)
@@ -344,13 +353,13 @@ def flops_per_token(s: Shapes, kind: str, fisher_type: str) -> tuple[float, str]
 def plan_arch(arch: str | None, config: str | None, kind: str, batch_size: int, max_length: int, accumulate: str,
               dtype: str = "float32", fisher_mode: str = "per-example", fisher_type: str = "empirical",
               max_examples: int | None = None, gpu_tflops: float | None = None, gram_per_weight: bool = False,
-              max_memory: int | None = None) -> dict:
+              max_memory: int | None = None, grad_mode: str = "auto") -> dict:
     s = arch_shapes(arch, config, dtype)
-    out = account(s, kind, batch_size, accumulate, fisher_mode, gram_per_weight)
+    out = account(s, kind, batch_size, accumulate, fisher_mode, gram_per_weight, max_memory, grad_mode)
     grams = out["accumulators"]["gram_in"] + out["accumulators"]["gram_out"]
-    if max_memory is not None and grams > max(max_memory, 1 << 20):  # as Collector's budget check
+    if max_memory is not None and grams > max_memory:  # as Collector's budget check
         out["refused"] = (f"the Gram accumulators need {grams / 2**20:.1f} MiB, more than --max-memory "
-                          f"{max(max_memory, 1 << 20) / 2**20:.1f} MiB")
+                          f"{max_memory / 2**20:.1f} MiB")
     tokens = s.tokens_per_example or (2 * max_length if s.task == "seq2seq" else max_length)
     per_tok, how = flops_per_token(s, kind, fisher_type)
     # seq2seq: encoder parameters see the input, decoder parameters the target: both max_length
@@ -408,7 +417,7 @@ def plan_model(opts, measure_batches: int = 3) -> dict:
     skip = None if opts.kind in ("kfac", "all") else set()
     s = shapes_of(loaded, opts.model, skip_out=skip, probe=probe)
     out = account(s, opts.kind, opts.batch_size, opts.accumulate, opts.fisher_mode,
-                  getattr(opts, "gram_per_weight", False))
+                  getattr(opts, "gram_per_weight", False), opts.max_memory, opts.grad_mode)
     out["examples"] = len(examples)
     try:
         collector = collect.Collector(opts, loaded, examples, lambda m: None)
@@ -497,11 +506,11 @@ def render(p: dict) -> str:
     rows = [("model", f"{p['model']} ({p['task']}, {p['parameters']:,} parameters)"),
             ("kind", f"{p['kind']}, batch {p['batch_size']}, accumulate {p['accumulate']}"),
             ("weights", _b(p["weights_bytes"]))]
-    if pe["parameters"]:
+    if pe["parameters"] and pe["mode"] == "streamed":
+        rows.append(("gradients", f"{_b(pe['peak_bytes'])} peak (one parameter's at a time, as it completes)"))
+    elif pe["parameters"]:
         rows.append(("per-example gradients", f"{_b(pe['batch_bytes'])} held ({_b(pe['bytes_per_example'])} per "
                                               f"example), {_b(pe['peak_bytes'])} peak"))
-    if p["parameter_grad_bytes"]:
-        rows.append(("parameter .grad (K-FAC backward)", _b(p["parameter_grad_bytes"])))
     for k in ("fisher", "gram_in", "gram_out", "fisher_block"):
         if acc[k]:
             rows.append((f"accumulator {k}", _b(acc[k])))

@@ -130,8 +130,16 @@ def test_arch_llama7b_against_hand_count():
     assert plan["accumulators"]["gram_out"] == 8 * out
     assert plan["accumulators"]["fisher"] == 8 * params
     assert plan["accumulators"]["fisher_block"] == 8 * 4096 * 4096 * (32 * 2 + 1)  # the RMSNorm weights
-    assert plan["per_example_gradients"]["batch_bytes"] == 8 * 4 * params  # float32, batch 8
-    assert plan["parameter_grad_bytes"] == 4 * params
+    # one example's gradients (27 GB) exceed a quarter of --max-memory: the loop streams them, one
+    # parameter's at a time (the largest: the embedding or lm_head, 32000 x 4096)
+    assert plan["per_example_gradients"]["mode"] == "streamed"
+    assert plan["per_example_gradients"]["peak_bytes"] == 4 * 32000 * 4096
+    assert plan["memory_total_bytes"] == 4 * params + 4 * 32000 * 4096 + plan["accumulators"]["total"]
+    vmap = _plan(["--arch", "llama-7b", "--kind", "all", "--batch-size", "8", "--grad-mode", "vmap"])
+    assert vmap["per_example_gradients"]["batch_bytes"] == 8 * 4 * params  # float32, batch 8
+    assert vmap["per_example_gradients"]["peak_bytes"] == 2 * 8 * 4 * params
+    sq = _plan(["--arch", "llama-7b", "--kind", "fisher", "--fisher-mode", "squared-batch", "--grad-mode", "vmap"])
+    assert sq["per_example_gradients"]["peak_bytes"] == 4 * 32000 * 4096  # mini-batch gradients: streamed too
     assert plan["store"]["gram_out"] == 4 * out
     assert plan["store"]["gram_in"] in (4 * every, 4 * shared)
     assert plan["store"]["fisher"] == 4 * params
@@ -150,6 +158,10 @@ def test_arch_time_from_flops():
     flops = 512 * (2 * matmul + 2 * shared)
     assert plan["time"]["flops_per_example"] == pytest.approx(flops, rel=1e-12)
     assert plan["time"]["seconds"] == pytest.approx(1000 * flops / 100e12, rel=1e-12)
+    # kfac: the Grams' forward, and a backward with input gradients only (the weights are frozen)
+    _, _, out, _ = _llama7b_hand()
+    kfac = _plan(["--arch", "llama-7b", "--kind", "kfac", "--max-length", "512"])
+    assert kfac["time"]["flops_per_example"] == pytest.approx(512 * (4 * matmul + 2 * shared + 2 * out), rel=1e-12)
     plain = _plan(["--arch", "llama-7b", "--kind", "gram"])
     assert "seconds" not in plain["time"] and "seconds_per_example" not in plain["time"]
 
