@@ -526,15 +526,24 @@ def cold_summary_markdown(results: dict) -> str:
         "",
         f"Cold read floor (evict, one sequential read of every input): best {best_floor:.1f} s "
         f"({c['input_bytes'] / GB / best_floor:.2f} GB/s), range {min(floors):.1f}-{max(floors):.1f} s.",
+    ]
+    rw = [f["s"] for f in c.get("read_write_floors") or []]
+    if rw:
+        lines += ["", f"Outputs written to `{c['output_dir']}` ("
+                  f"{'the inputs’ disk' if c['output_on_input_disk'] else 'another device than the inputs'}); "
+                  f"cold read + fsync'ed write of one model there: best {min(rw):.1f} s, range "
+                  f"{min(rw):.1f}-{max(rw):.1f} s (write {min(f['write_s'] for f in c['read_write_floors']):.1f}-"
+                  f"{max(f['write_s'] for f in c['read_write_floors']):.1f} s)."]
+    lines += [
         "",
-        "| method | best s | x cold read floor (best) | x floor, range over repeats | MB/s read | "
-        "inputs resident before | peak RSS GB |",
-        "|---|---|---|---|---|---|---|",
+        "| method | best s | x cold read floor (best) | x floor, range over repeats | x read+write floor (best) "
+        "| MB/s read | inputs resident before | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, runs in c["methods"].items():
         ok = [(r, f) for r, f in zip(runs, floors) if r.get("returncode") == 0 and r.get("report", {}).get("seconds")]
         if not ok:
-            lines.append(f"| {method} | failed | | | | | |")
+            lines.append(f"| {method} | failed | | | | | | |")
             continue
         secs = [r["report"]["seconds"] for r, _ in ok]
         ratios = [r["report"]["seconds"] / f for r, f in ok]
@@ -543,6 +552,7 @@ def cold_summary_markdown(results: dict) -> str:
         lines.append("| " + " | ".join([
             method, f"{min(secs):.1f}", f"{min(secs) / best_floor:.2f}",
             f"{min(ratios):.2f}-{max(ratios):.2f}",
+            f"{min(secs) / min(rw):.2f}" if rw else "-",
             f"{(best['report'].get('read_MBps') or 0):.0f}",
             "/".join(_pct(x) for x in res),
             f"{(best['report'].get('peak_rss_bytes') or best.get('peak_rss_bytes') or 0) / GB:.2f}",
@@ -554,18 +564,40 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.0f}%"
 
 
+def cold_read_write_floor(inputs: list[Path], out_bytes: int, out_dir: Path) -> dict:
+    """The cold read floor followed by one fsync'ed write of a model to the output directory:
+    the least any merge writing there does (the warm floor's write, after a cold read)."""
+    f = cold.cold_read_floor(inputs)
+    target = out_dir / "io-floor-write.bin"
+    t0 = time.perf_counter()
+    write_bytes(target, out_bytes, bytearray(READ_CHUNK))
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    write_s = time.perf_counter() - t0
+    target.unlink()
+    return {"read_s": f["s"], "write_s": write_s, "s": f["s"] + write_s, "resident_before": f["resident_before"]}
+
+
 def run_cold(args, base: Path, fts: list[Path], stats: dict, inputs: list[Path], out_dir: Path,
              results: dict, save, log) -> None:
     """Each repeat: the cold read floor, then every method, the inputs evicted before each."""
     c = results["cold"] = {"input_bytes": sum(p.stat().st_size for p in inputs),
                            "loadavg_before": [round(x, 2) for x in os.getloadavg()],
                            "floors": [], "methods": {m: [] for m in args.methods}}
+    c["output_dir"] = str(out_dir)
+    c["output_on_input_disk"] = os.stat(out_dir).st_dev == os.stat(inputs[0]).st_dev
+    c["read_write_floors"] = []
     log("cold: eviction check on the base model's files")
     c["eviction_check"] = cold.eviction_check(model_files(base))
     save()
     for r in range(args.repeats):
         log(f"cold: repeat {r + 1}/{args.repeats}: read floor")
         c["floors"].append(cold.cold_read_floor(inputs))
+        log(f"cold: repeat {r + 1}/{args.repeats}: read + write floor")
+        c["read_write_floors"].append(cold_read_write_floor(inputs, stats["file_bytes"], out_dir))
         for method in args.methods:
             log(f"cold: repeat {r + 1}/{args.repeats}: {method}")
             c["methods"][method].append(
@@ -649,6 +681,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cold", action="store_true",
                     help="tensormerge only, inputs evicted from the page cache before every run, next to "
                          "the cold read floor")
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="where the merged outputs and the floor's write go (default DATA/bench-out); "
+                         "another device than the inputs' (e.g. /dev/shm) isolates the reads")
     ap.add_argument("--repeats", type=int, default=None,
                     help="--cold: floor + every method this many times (default 2)")
     args = ap.parse_args(argv)
@@ -676,8 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     args.data.mkdir(parents=True, exist_ok=True)
     base, fts, gen_s = ensure_data(args)
     stats = model_stats(base)
-    out_dir = args.data / "bench-out"
-    out_dir.mkdir(exist_ok=True)
+    out_dir = args.out_dir / "bench-out" if args.out_dir else args.data / "bench-out"
+    out_dir.mkdir(parents=True, exist_ok=True)
     inputs = [p for d in [base, *fts] for p in model_files(d)]
 
     results = {
