@@ -89,7 +89,7 @@ def test_grid_reads_every_input_chunk_once_for_all_candidates(fam, tmp_path, mon
 def test_ties_k_sweep_runs_each_pass_once_for_every_k(fam, tmp_path, monkeypatch):
     seen = _count_reads(monkeypatch)
     _sweep(fam, tmp_path / "sw", "ties", {"k": "0.1,0.2,0.5"}, max_memory="150KiB")
-    # TIES reads a 1/64 sample, the full rows for its threshold pass and again for the merge:
+    # TIES reads a 1/64 sample, the full rows for its threshold pass, its vote pass and the merge:
     # three candidates read no more than one run does
     seen_sweep = dict(seen)
     seen.clear()
