@@ -100,7 +100,7 @@ def test_plan_ties_prints_blocks_and_passes_and_writes_nothing(fam, tmp_path):
             "--max-memory", "8KiB"]
     res = ok(H.run_cli(args, cwd=tmp_path))
     out = res.stdout
-    assert "ties_high -> ties_high_miss -> ties_low -> merge" in out
+    assert "ties_high -> ties_high_miss -> ties_low -> ties_votes -> merge" in out
     assert "method ties" in out and "'k': 0.3" in out
     assert "inputs 3 + base" in out
     for name in base:
@@ -505,9 +505,10 @@ def test_progress_bars_say_what_each_pass_does(small, tmp_path):
     args = [a for a in run_args("ties", ft_specs, base_spec, tmp_path / "out") if a != "--quiet"]
     res = ok(H.run_cli(args, cwd=tmp_path))
     bars = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if "%|" in ln]
-    assert any(ln.startswith("1/5 top-k threshold: sample ") for ln in bars), res.stderr
-    assert any(ln.startswith("2/5 top-k threshold: high bits ") for ln in bars), res.stderr
-    assert any(ln.startswith("5/5 merge ") for ln in bars), res.stderr
+    assert any(ln.startswith("1/6 top-k threshold: sample ") for ln in bars), res.stderr
+    assert any(ln.startswith("2/6 top-k threshold: high bits ") for ln in bars), res.stderr
+    assert any(ln.startswith("5/6 majority sign: votes ") for ln in bars), res.stderr
+    assert any(ln.startswith("6/6 merge ") for ln in bars), res.stderr
     assert not any("ties_" in ln for ln in bars)  # what a pass does, not its internal name
     assert any("run ~0:00:" in ln for ln in bars)  # and the whole run's time left
 

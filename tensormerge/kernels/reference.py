@@ -272,6 +272,29 @@ def ties_merge(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[
     return merged.mul_(lam).add_(base_w), votes, undecided
 
 
+def ties_votes(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[float], sign_mode: str,
+               sq_norms: list[float] | None) -> int:
+    """The vote `ties_merge` returns for this chunk (Σ of the elected signs before zero signs
+    are resolved), without merging: TIES' vote pass, which knows the model-wide majority before
+    the merge. Counted as integers, so any chunking sums to the same total."""
+    return ties_votes_many(inputs, base, [thresholds], sign_mode, [sq_norms])[0]
+
+
+def ties_votes_many(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[list[float]], sign_mode: str,
+                    sq_norms: list[list[float] | None]) -> list[int]:
+    """`ties_votes` for several threshold sets (a sweep's k values), the task vectors formed once."""
+    if sign_mode == "none":
+        return [0] * len(thresholds)
+    base_w = base.reshape(-1).to(work_dtype(base, *inputs))
+    tau = task_vectors(inputs, base_w)
+    out = []
+    for k, (th, sq) in enumerate(zip(thresholds, sq_norms)):
+        trimmed = ties_trim_(tau if k == len(thresholds) - 1 else tau.clone(), th)
+        sign = ties_elect(trimmed, sign_mode, sq)
+        out.append(int((sign > 0).sum()) - int((sign < 0).sum()))
+    return out
+
+
 def ties_hist_high(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """[N, NBINS] counts of the top 16 bits of each model's |τ_i| as float32 bits."""
     tau = task_vectors(inputs, base).float()

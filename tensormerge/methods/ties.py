@@ -5,9 +5,12 @@ flattened (tied tensors once), keeping |τ| ≥ the (D − floor(D·k))-th small
 whose elected sign is exactly zero take the model-wide majority sign (when that is 0 too, the
 disjoint merges select their negative entries, as the reference's where(s > 0, τ > 0, τ < 0)
 does; kernels.reference.ties_disjoint). Both need the whole
-model, so they come from streaming passes: two radix-histogram passes give the exact
-thresholds, and the majority sign, known only after the merge pass, is applied by patching the
-(rare) exactly-cancelling entries recorded during it.
+model, so they come from streaming passes: radix-histogram passes give the exact thresholds,
+then a vote pass sums the elected signs (integers: exact in any order) so the merge gives the
+exactly-cancelling entries the majority itself. Without it the majority is known only after the
+merge: those entries were merged with the running vote as a guess and patched where it was
+wrong, which on data with many of them (bf16 task vectors cancel exactly often) rewrote
+entries on every page of the output. That path remains for chunks an interrupted run logged.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, Patc
 
 GLOBAL = "\x00global"
 RUNNING_VOTES = "ties_running_votes"
+VOTES = "ties_votes"  # the exact votes per key, from the vote pass
 WINDOW_BINS = 4  # top bins around the sampled threshold whose low bits pass A also counts
 NONFINITE_BIN = 0x7F80  # top 16 bits of +inf; NaNs fill the 127 bins above (sign bit is clear)
 
@@ -371,6 +375,40 @@ class _LowPass(_HistogramPass):
         acc["result"][key] = {"v": thresholds, "sq": sq_norms}
 
 
+class _VotePass(GlobalPass):
+    """After the thresholds: per key, the sum of the elected signs (what the merge kernel returns
+    as each chunk's vote), so the merge gives entries whose elected sign is zero the exact
+    model-wide majority and nothing is patched after it. Integer sums: exact in any order."""
+
+    name = VOTES
+    label = "majority sign: votes"
+
+    def __init__(self, params: TiesParams):
+        self.params = params
+
+    def skip(self, state: dict) -> bool:
+        return self.params.sign == "none"  # no election, no zero signs
+
+    def map(self, data: BlockData, state: dict) -> int:
+        trim = state[_LowPass.name][_key(self.params, data.name)]
+        return ops(data).ties_votes(data.inputs, data.base, trim["v"], self.params.sign, trim["sq"])
+
+    def group_key(self):
+        return (self.name, self.params.sign)
+
+    def map_group(self, datas, passes, states):
+        """A sweep's candidates (several k): every threshold set's votes from one pass over the
+        chunk (the fused kernel shares the loads and task vectors)."""
+        trims = [s[_LowPass.name][_key(p.params, d.name)] for p, d, s in zip(passes, datas, states)]
+        return ops(datas[0]).ties_votes_many(datas[0].inputs, datas[0].base, [t["v"] for t in trims],
+                                             self.params.sign, [t["sq"] for t in trims])
+
+    def reduce(self, acc: dict, partial: int, block: str) -> dict:
+        key = _key(self.params, block)
+        acc[key] = acc.get(key, 0) + partial
+        return acc
+
+
 class _UndecidedLog:
     """Entries whose elected sign was exactly zero although some τ̂ was not, kept compactly.
 
@@ -423,13 +461,18 @@ class Ties(Method):
         return 4 * (2 * n_models + 4) + (32 if params.needs_norms else 8)
 
     def passes(self, params: TiesParams) -> list[GlobalPass]:
-        return [_SamplePass(params), _HighPass(params), _HighMissPass(params), _LowPass(params)]
+        return [_SamplePass(params), _HighPass(params), _HighMissPass(params), _LowPass(params), _VotePass(params)]
 
     def merge(self, data: BlockData, params: TiesParams, state: dict):
         key = _key(params, data.name)
         trim = state[_LowPass.name][key]
-        # Zero signs take the model-wide majority, known only after the last block. Guess it
-        # from the votes so far; `patches` rewrites the entries only where the guess was wrong.
+        exact = state.get(VOTES)
+        if exact is not None:  # the vote pass ran: zero signs take the majority itself
+            merged, _, _ = ops(data).ties_merge(data.inputs, data.base, trim["v"], params.sign, trim["sq"],
+                                                params.merge, params.lambda_, float(_sign(exact.get(key, 0))))
+            return merged.reshape(data.base.shape)
+        # Without it, zero signs take the model-wide majority known only after the last block:
+        # guessed from the votes so far; `patches` rewrites the entries where the guess was wrong.
         running = state.setdefault(RUNNING_VOTES, {})
         guess = float(_sign(running.get(key, 0)))
         merged, votes, undecided = ops(data).ties_merge(data.inputs, data.base, trim["v"], params.sign, trim["sq"],
@@ -452,8 +495,9 @@ class Ties(Method):
 
     def patches(self, params: TiesParams, state: dict, log: _UndecidedLog) -> list[Patch]:
         out = []
+        exact = state.get(VOTES)  # logged only by chunks an interrupted run merged without it
         for key, name, index, columns, base, guess in log.entries():
-            majority = float(_sign(log.votes[key]))
+            majority = float(_sign((exact if exact is not None else log.votes).get(key, 0)))
             if majority == guess:
                 continue
             sign = torch.full((columns.shape[1],), majority, dtype=columns.dtype)

@@ -89,7 +89,7 @@ def test_grid_reads_every_input_chunk_once_for_all_candidates(fam, tmp_path, mon
 def test_ties_k_sweep_runs_each_pass_once_for_every_k(fam, tmp_path, monkeypatch):
     seen = _count_reads(monkeypatch)
     _sweep(fam, tmp_path / "sw", "ties", {"k": "0.1,0.2,0.5"}, max_memory="150KiB")
-    # TIES reads a 1/64 sample, the full rows for its threshold pass and again for the merge:
+    # TIES reads a 1/64 sample, the full rows for its threshold pass, its vote pass and the merge:
     # three candidates read no more than one run does
     seen_sweep = dict(seen)
     seen.clear()
@@ -384,3 +384,59 @@ def test_cli_sweep_eval_select_keep_and_resume(fam, tmp_path):
     assert [c["name"] for c in state["candidates"] if c["selected"]] == [best]
     assert sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir()) == [best]  # --keep best
     assert (tmp_path / "sw" / "sweep.png").exists() or "matplotlib" in res.stderr
+
+
+@pytest.mark.parametrize("which", ["negative", "zero"])
+def test_ties_k_sweep_merges_undecided_entries_exactly(tmp_path, monkeypatch, which):
+    """A TIES sweep of several k on families with exact cancellations whose model-wide majority
+    is −1 (decided by a tensor merged after them) or exactly 0 (at k = 0.2): the shared vote pass
+    gives every candidate its exact majority before the merge, so no candidate patches anything,
+    and each is byte-identical to its `run` and to the merge that guessed and patched (which did
+    patch: the case under test)."""
+    from tests.methods.test_ties import _without_vote_pass, majority_family, zero_majority_family
+
+    if which == "negative":
+        base, inputs = majority_family(tmp_path / "m", -1.0)
+    else:
+        base, inputs = zero_majority_family(tmp_path / "m")[:2]
+    fam = {"base": base, "inputs": inputs}
+    ks = "0.2,0.5,1.0"
+    cands, res = _sweep(fam, tmp_path / "sw", "ties", {"k": ks}, max_memory="4KiB")
+    assert [c["status"] for c in res["candidates"]] == ["merged"] * 3
+    patched = 0
+    for c in cands:
+        prov = json.loads((tmp_path / "sw" / c.name / "tensormerge.json").read_text())
+        assert prov["patched_entries"] == 0, c.name
+        got = shard_digests(tmp_path / "sw" / c.name)
+        assert got == _run(fam, tmp_path / f"run-{c.name}", "ties", c.params, max_memory="4KiB"), c.name
+        with monkeypatch.context() as m:
+            _without_vote_pass(m)
+            out = tmp_path / f"patched-{c.name}"
+            rep = merge(MergeSpec("ties", inputs, str(out), base=base, params=c.params, quiet=True,
+                                  max_memory="4KiB"))
+        patched += rep["patched_entries"]
+        assert shard_digests(out) == got, c.name
+    assert patched > 0
+
+
+def test_ties_sweep_vote_pass_is_one_call_for_every_k(fam, tmp_path, monkeypatch):
+    """The candidates' vote passes share each chunk: one fused call per chunk counts every k's
+    votes, never one call per candidate."""
+    from tensormerge.kernels import cpu
+    from tensormerge.methods.ties import _VotePass
+
+    calls = {"map": 0, "group": 0, "sets": set()}
+    real_map, real_many = _VotePass.map, cpu.ties_votes_many
+
+    def count_map(self, *a):
+        calls["map"] += 1
+        return real_map(self, *a)
+
+    def count_many(inputs, base, thresholds, *a):
+        calls["group"] += 1
+        calls["sets"].add(len(thresholds))
+        return real_many(inputs, base, thresholds, *a)
+    monkeypatch.setattr(_VotePass, "map", count_map)
+    monkeypatch.setattr(cpu, "ties_votes_many", count_many)
+    _sweep(fam, tmp_path / "sw", "ties", {"k": "0.1,0.2,0.5"}, max_memory="150KiB")
+    assert calls["map"] == 0 and calls["group"] > 0 and calls["sets"] == {3}

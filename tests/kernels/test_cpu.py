@@ -234,3 +234,59 @@ def test_fused_full_histograms_equal_the_reference(n, n_models, dtype, base_dtyp
     want = R.ties_hist_high(fts, base)
     got = C.ties_hist_high(fts, base)
     assert got.shape == (n_models, 1 << 16) and torch.equal(got, want) and int(got.sum()) == n * n_models
+
+
+def _votes64(fts, base, thresholds) -> int:
+    """Σ sign(Σ_i τ̂_i) by the formula: float64 task vectors (exact for these dtypes), kept where
+    |τ_i| >= v_i in float32 as the reference compares, summed in float64 in model order."""
+    tau = torch.stack([f.double().reshape(-1) - base.double().reshape(-1) for f in fts])
+    keep = tau.float().abs() >= torch.tensor(thresholds, dtype=torch.float32)[:, None]
+    total = (tau * keep).sum(0)
+    return int((total > 0).sum()) - int((total < 0).sum())
+
+
+@pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
+    (1, 1, torch.float32, torch.float32), (13, 2, torch.bfloat16, torch.bfloat16),
+    (1001, 3, torch.bfloat16, torch.bfloat16), (1001, 3, torch.float32, torch.float32),
+    (4099, 5, torch.bfloat16, torch.float32), (257, 4, torch.float32, torch.bfloat16),
+])
+def test_fused_votes_equal_the_reference_and_the_merge(n, n_models, dtype, base_dtype):
+    """The vote pass's kernel counts what the merge kernel returns as its vote, for each of
+    several threshold sets at once (more than one kernel call holds), exact cancellations, signed
+    zeros (τ = −0 votes nothing) and untrimmed models included; the float64 formula agrees."""
+    fts, base, thresholds = _chunk(n, n_models, dtype, base_dtype, seed=5 * n + n_models)
+    if n >= 12:
+        base[8] = 0.0
+        fts[0][8] = -0.0  # τ_0 = −0 − 0 = −0: no vote
+        fts[-1][9] = float(base[9]) if n_models > 1 else fts[-1][9]
+    sets = [thresholds, [0.0] * n_models] + [[t * f for t in thresholds] for f in (0.25, 0.5, 0.75, 1.25, 1.5,
+                                                                                      2.0, 4.0, 8.0)]
+    assert len(sets) > C.MAX_FUSED_CANDIDATES
+    want = [R.ties_merge(fts, base, th, "mass", None, "dis-mean", 1.0, 1.0)[1] for th in sets]
+    assert R.ties_votes_many(fts, base, sets, "mass", [None] * len(sets)) == want
+    assert C.ties_votes_many(fts, base, sets, "mass", [None] * len(sets)) == want
+    assert [C.ties_votes(fts, base, th, "mass", None) for th in sets[:2]] == want[:2]
+    assert want == [_votes64(fts, base, th) for th in sets]
+    if n >= 1000:
+        assert len(set(want)) > 1  # the thresholds change the votes: the sets are not all alike
+
+
+def test_votes_of_other_modes_and_nonfinite_values_are_the_reference():
+    """Other signs (and float16) are the reference's votes, as its merge returns them; ±inf
+    (which the threshold pass refuses first) counts alike in both kernels, inf − inf as no vote.
+    NaN is outside both: the reference's merge cannot count its vote either."""
+    fts, base, th = _chunk(300, 3, torch.bfloat16, torch.bfloat16, seed=2)
+    sq = [1.0, 2.0, 3.0]
+    for sign in ("normfrac", "normmass", "none"):
+        want = R.ties_merge(fts, base, th, sign, sq, "dis-mean", 1.0, 1.0)[1]
+        assert R.ties_votes(fts, base, th, sign, sq) == C.ties_votes(fts, base, th, sign, sq) == want, sign
+    half = [f.half() for f in fts]
+    assert C.ties_votes(half, base.half(), th, "mass", None) == R.ties_merge(half, base.half(), th, "mass", None,
+                                                                             "dis-mean", 1.0, 1.0)[1]
+    f32, b32, th32 = _chunk(301, 3, torch.float32, torch.float32, seed=4)
+    f32[0][3], f32[1][5], f32[1][6], f32[2][6] = float("inf"), float("inf"), float("inf"), float("-inf")
+    f32[0][7] = float("-inf")
+    got = C.ties_votes(f32, b32, th32, "mass", None)
+    assert got == R.ties_votes(f32, b32, th32, "mass", None) == _votes64(f32, b32, th32)
+    assert got == R.ties_votes([f[:3] for f in f32], b32[:3], th32, "mass", None) + \
+        R.ties_votes([f[3:] for f in f32], b32[3:], th32, "mass", None)

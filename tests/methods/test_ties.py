@@ -154,7 +154,8 @@ def test_worked_example(tmp_path):
 @pytest.mark.parametrize("majority", [1.0, -1.0])
 def test_global_majority_sign_for_cancelling_entries(tmp_path, majority):
     """An entry whose trimmed task vectors cancel exactly takes the model-wide majority sign,
-    even when the majority is decided by another tensor (so the engine must patch it)."""
+    even when the majority is decided by another tensor, merged after it: the vote pass knows
+    the majority before the merge, so nothing is patched after it."""
     d = tmp_path / "m"
     base = {"a": torch.zeros(4), "z": torch.zeros(6)}
     m1 = {"a": torch.tensor([0.5, 0.0, 0.0, 0.0]), "z": majority * torch.tensor([1.0, 1, 1, 1, 1, 1])}
@@ -171,7 +172,7 @@ def test_global_majority_sign_for_cancelling_entries(tmp_path, majority):
     import json
 
     prov = json.loads((out / "tensormerge.json").read_text())
-    assert prov["patched_entries"] == 1
+    assert prov["patched_entries"] == 0
     import zlib
 
     assert prov["blocks"]["a"]["crc32"] == f"{zlib.crc32(got['a'].numpy().tobytes()):08x}"
@@ -285,13 +286,14 @@ def test_zero_majority_sign_keeps_the_negative_entries(tmp_path, merge_fn, scope
     """With a majority sign of exactly 0 the undecided entries keep sign 0 and the reference's
     where(s > 0, τ > 0, τ < 0) selects their negative entries: dis-mean writes their mean and
     dis-sum their sum (the others multiply by s = 0). Through the CLI, one chunk and many
-    (patched), numba and torch kernels, against the float64 reference."""
+    (many chunks, the first ones merged before any vote of the merge pass is in), numba and torch
+    kernels, against the float64 reference."""
     base_path, ft_paths, base, fts = zero_majority_family(tmp_path / "m")
     info = []
     exp = reference_ties(base, fts, merge_fn=merge_fn, scope=scope, info=info)
     assert all(votes == 0 and cancelling > 0 for votes, cancelling in info), info  # the case under test
     outs = []
-    runs = [("many", ["--max-memory", "2KiB"])]  # many chunks: the zero guess of early ones is patched
+    runs = [("many", ["--max-memory", "2KiB"])]  # many chunks
     if merge_fn in ("dis-mean", "dis-sum"):  # where a zero sign selects something
         runs.append(("one", ["--max-memory", "64MiB"]))
     if merge_fn == "dis-mean":  # the numba kernel's case (auto) against the torch reference
@@ -305,8 +307,8 @@ def test_zero_majority_sign_keeps_the_negative_entries(tmp_path, merge_fn, scope
         for n, t in got.items():
             torch.testing.assert_close(t.double(), exp[n].to(t.dtype).double(), rtol=0, atol=TOL[t.dtype], msg=n)
         outs.append(H.shard_digests(out))
-        if tag == "many":  # early chunks guessed a nonzero majority: the patch step rewrote them
-            assert json.loads((out / "tensormerge.json").read_text())["patched_entries"] > 0
+        # the vote pass knew the majority (0) before the merge: nothing rewritten after it
+        assert json.loads((out / "tensormerge.json").read_text())["patched_entries"] == 0
     assert all(o == outs[0] for o in outs)
     if merge_fn == "dis-mean":  # (2, -1, -1) -> -1 and (-1, ·, 1) -> -1 below the base, by hand
         t = got["a.weight"].reshape(-1).double() - base["a.weight"].reshape(-1).double()
@@ -352,3 +354,72 @@ def test_zero_sign_kernels_agree_with_the_formula(merge_fn, guess):
             assert bool(got[2][60:63].all())
         assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32)), mod.__name__
         assert got[1] == want[1] and torch.equal(got[2].cpu(), want[2]), mod.__name__
+
+
+# ------------------------------------------------------------------ the vote pass against the patches
+def majority_family(root, majority: float):
+    """Base and three fine-tunes (float32, dyadic values: exact task vectors) whose first tensor
+    has ten +1 votes before 50 exact cancellations (+v, −v, 0), and a later tensor whose 48
+    votes of `majority` decide the model-wide sign: merged in small chunks, the running vote
+    guesses +1 for the cancellations, wrong when `majority` is −1. Returns (base, inputs)."""
+    g = torch.Generator().manual_seed(13)
+    base = {"a.weight": (torch.randint(-8, 9, (60,), generator=g) / 4).reshape(12, 5),
+            "z.weight": (torch.randint(-8, 9, (48,), generator=g) / 4).reshape(12, 4)}
+    taus_a = torch.zeros(3, 60)
+    taus_a[:, :10] = 0.5  # ten +1 votes first
+    taus_a[0, 10:] = torch.where(torch.arange(50) % 2 == 0, 0.75, -0.25)
+    taus_a[1, 10:] = -taus_a[0, 10:]  # exact cancellations, the third model silent
+    taus_z = torch.full((3, 48), majority * 0.5)
+    fts = [{"a.weight": base["a.weight"] + taus_a[i].reshape(12, 5),
+            "z.weight": base["z.weight"] + taus_z[i].reshape(12, 4)} for i in range(3)]
+    paths = [H.save(root / n, sd) for n, sd in zip(("base", "ft0", "ft1", "ft2"), [base] + fts)]
+    return paths[0], paths[1:]
+
+
+def _without_vote_pass(monkeypatch):
+    """The merge as it was before the vote pass: running-vote guesses, patched afterwards."""
+    from tensormerge.methods import ties as T
+
+    real = T.Ties.passes
+    monkeypatch.setattr(T.Ties, "passes", lambda self, params: [p for p in real(self, params)
+                                                                if not isinstance(p, T._VotePass)])
+
+
+@pytest.mark.parametrize("which,params", [
+    ("negative", {"k": 1.0}),
+    ("negative", {"k": 1.0, "scope": "tensor"}),
+    ("negative", {"k": 1.0, "merge": "dis-max", "kernels": "torch"}),
+    ("negative", {"k": 1.0, "sign": "normmass", "merge": "dis-sum"}),
+    ("zero", {}),
+    ("zero", {"scope": "tensor", "merge": "magnitude"}),
+    ("zero", {"sign": "normmass"}),
+    ("cancelling", {}),
+    ("cancelling", {"merge": "median", "kernels": "torch"}),
+])
+def test_vote_pass_writes_the_bytes_the_patches_wrote(tmp_path, monkeypatch, which, params):
+    """With the vote pass the undecided entries are merged with the exact majority: the same bytes
+    as the merge that guessed and patched them (which did patch some: the case under test), and
+    nothing patched."""
+    if which == "negative":
+        base_path, ft_paths = majority_family(tmp_path / "m", -1.0)
+    elif which == "zero":
+        base_path, ft_paths = zero_majority_family(tmp_path / "m")[:2]
+    else:
+        base_path, ft_paths = H.save_cancelling_family(tmp_path / "m")
+    params = dict(params)
+    kernels = params.pop("kernels", "auto")
+
+    def run(tag):
+        out = tmp_path / tag
+        rep = merge(MergeSpec("ties", ft_paths, str(out), base=base_path, params={k: str(v) for k, v in params.items()},
+                              max_memory="200KiB" if which == "cancelling" else "2KiB", kernels=kernels,
+                              quiet=True))
+        return rep, H.shard_digests(out)
+
+    rep, got = run("votes")
+    assert rep["patched_entries"] == 0
+    assert [p for p in rep["passes"] if p["name"] == "ties_votes" and not p.get("skipped")]
+    with monkeypatch.context() as m:
+        _without_vote_pass(m)
+        old, want = run("patched")
+    assert old["patched_entries"] > 0 and got == want

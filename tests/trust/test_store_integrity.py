@@ -266,8 +266,8 @@ def _rargs(fam, method: str, out: Path, *extra: str, stats=None) -> list[str]:
     return args + ["--base", fam["base"]]
 
 
-def _killed(fam, method: str, out: Path, point: str, stats=None) -> Path:
-    res = H.run_cli(_rargs(fam, method, out, stats=stats), env={ENV: point})
+def _killed(fam, method: str, out: Path, point: str, stats=None, setup: str = "") -> Path:
+    res = H.run_cli(_rargs(fam, method, out, stats=stats), env={ENV: point}, setup=setup)
     assert res.returncode == -signal.SIGKILL, res
     return Path(str(out) + ".partial") / RESUME_DIR
 
@@ -290,9 +290,16 @@ class _Plant:
         return (open, (self.marker, "w"))
 
 
+# TIES without its vote pass (as a run before it was added): its chunks log their undecided
+# entries, which the manifest keeps as chunk blobs and a resume (with the pass) still patches
+NO_VOTE_PASS = ("from tensormerge.methods import ties as T\n"
+                "_passes = T.Ties.passes\n"
+                "T.Ties.passes = lambda self, p: [x for x in _passes(self, p) if not isinstance(x, T._VotePass)]\n")
+
+
 def test_the_manifest_holds_data_not_pickles(rfam, tmp_path):
     out = tmp_path / "out"
-    resume = _killed(rfam, "ties", out, "chunk:14")  # after the passes and the patched entries' chunks
+    resume = _killed(rfam, "ties", out, "chunk:14", setup=NO_VOTE_PASS)  # after the passes and logged chunks
     blobs = [p for p in resume.iterdir() if p.name != "manifest.jsonl"]
     assert any(p.name.startswith("pass") for p in blobs) and any(p.name.startswith("chunk") for p in blobs)
     for p in blobs:
