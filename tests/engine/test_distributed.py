@@ -126,3 +126,21 @@ def test_a_local_merge_killed_midway_resumes_on_the_cluster(fam, cluster, tmp_pa
     assert _merge(fam, "ties", out, "--resume", "--scheduler", cluster, "--report", str(report),
                   budget="200KiB") == local
     assert json.loads(report.read_text())["resumed"]["chunks"] == 9
+
+
+@pytest.mark.parametrize("method", ["ties", "model_stock"])
+def test_the_report_counts_the_bytes_each_pass_read_as_the_local_executor_does(fam, cluster, method, tmp_path):
+    """Each pass's bytes_read is the rows its chunks read: TIES's 1/64 sample rounds each chunk's
+    rows up, model_stock's pass skips the tensors merged in one chunk (their sums are folded into
+    the merge), so at 200KiB it reads some tensors and not others. The seconds differ, the bytes
+    may not."""
+    reports = {}
+    for where, extra in (("local", ()), ("dask", ("--scheduler", cluster))):
+        report = tmp_path / f"{where}.json"
+        _merge(fam, method, tmp_path / where, *extra, "--report", str(report), budget="200KiB")
+        reports[where] = json.loads(report.read_text())
+    local, dask = reports["local"], reports["dask"]
+    assert [p["name"] for p in dask["passes"]] == [p["name"] for p in local["passes"]] != []
+    assert local["passes"][0]["bytes_read"] > 0
+    assert [p["bytes_read"] for p in dask["passes"]] == [p["bytes_read"] for p in local["passes"]]
+    assert dask["bytes_read"] == local["bytes_read"]
