@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensormerge.errors import InputError
-from tensormerge.stats.data import _jsonl_records, is_saved_dataset
+from tensormerge.stats.data import _jsonl_records, is_saved_dataset, load_saved_dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MODES = ("RGB", "L")
@@ -193,22 +193,9 @@ def _folder_images(path: str, classes: list[str]):
 
 def _open_dataset(path: str, split: str | None, image_field: str, label_field: str):
     """(rows, class names of a ClassLabel column or None) of a save_to_disk directory."""
-    try:
-        import datasets
-    except ImportError:
-        raise InputError(f"{path}: reading a saved dataset needs the `datasets` package") from None
-    try:
-        ds = datasets.load_from_disk(path)
-    except Exception as e:  # datasets raises several types for a directory that is not a dataset
-        raise InputError(f"{path}: not a dataset saved with save_to_disk ({e.__class__.__name__})") from None
     root = path
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds)
-        if split is None:
-            split = "train" if "train" in ds else names[0] if len(names) == 1 else None
-        if split not in ds:
-            raise InputError(f"{path}: choose a split with --split (it holds {', '.join(names)})")
-        ds, path = ds[split], f"{path}[{split}]"
+    ds, path = load_saved_dataset(path, split)
+    import datasets  # load_saved_dataset has said so where it is missing
     for name in (image_field, label_field):
         if name not in ds.column_names:
             raise InputError(f"{path}: missing field '{name}' (columns: {', '.join(ds.column_names)})")
