@@ -23,16 +23,6 @@ N = 5
 KINDS = ("fisher", "gram_in", "gram_out", "fisher_block")
 
 
-def _stored(path: str) -> set[str]:
-    from tensormerge.engine.sources import open_checkpoint
-
-    ck = open_checkpoint(path)
-    try:
-        return {n for n in ck.tensors if n not in ck.aliases}
-    finally:
-        ck.close()
-
-
 def _compute(model: str, data: str, out, **kw) -> dict:
     opts = dict(model=model, data=data, kind="all", output=str(out), quiet=True, overwrite=True, batch_size=2)
     opts.update(kw)
