@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run_bench as rb  # noqa: E402
+from io_floor import write_fsynced  # noqa: E402
 import synth  # noqa: E402
 
 RECIPES = ("task_arithmetic", "ties", "dare_ties", "slerp")
@@ -86,12 +86,7 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> dict:
     read_s = time.perf_counter() - t0
     target = scratch / "io-floor-write.bin"
     t0 = time.perf_counter()
-    rb.write_bytes(target, out_bytes, buf)
-    fd = os.open(target, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_fsynced(target, out_bytes, buf)
     write_s = time.perf_counter() - t0
     target.unlink()
     return {"input_bytes": n, "output_bytes": out_bytes, "warmup_read_s": warmup, "read_s": read_s,

@@ -35,6 +35,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run_bench as rb  # noqa: E402
+from io_floor import write_fsynced  # noqa: E402
 import synth  # noqa: E402
 
 GB = rb.GB
@@ -64,16 +65,6 @@ def entry(run: dict) -> dict:
     if run["returncode"] != 0:
         out["error"] = rb.tail(run["stderr"] or run["stdout"])
     return out
-
-
-def write_fsynced(path: Path, nbytes: int, buf: bytearray) -> None:
-    """Write nbytes from the reusable buffer and fsync, as a merge's writer does per shard."""
-    rb.write_bytes(path, nbytes, buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sweep_floor(inputs: list[Path], out_bytes: int, n_out: int, scratch: Path) -> dict:

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from tensormerge.engine.outdir import fsync_dir
 from tensormerge.errors import InputError, OutputError, ParameterError
 
 SWEEP_JSON = "sweep.json"
@@ -123,7 +124,7 @@ def save_state(sweep_dir: str, state: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(sweep_dir)
+        fsync_dir(sweep_dir)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -583,7 +584,7 @@ def keep(cands: list[Candidate], best: Candidate | None, mode: str, sweep_dir: s
             if os.path.lexists(trash):
                 shutil.rmtree(trash)
             os.rename(path, trash)
-            _fsync_dir(sweep_dir)
+            fsync_dir(sweep_dir)
             shutil.rmtree(trash)
         except OSError as e:
             if not os.path.lexists(trash):  # not renamed: nothing for the next keep to finish
@@ -763,14 +764,6 @@ def _read_json(path: str):
             return json.loads(f.read())
     except (OSError, ValueError, RecursionError):
         return None
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _jsonable(x):

@@ -218,28 +218,37 @@ def load_model(path: str):
 
 
 def train(model, ids: torch.Tensor, label_only: bool, steps: int, lr: float, batch_size: int, seed: int) -> float:
-    """`steps` AdamW steps with a linear decay to 0, over epochs shuffled by a seeded generator
-    (the last batch of an epoch may be short); returns the mean loss of the last 32 steps."""
+    """Next-token loss on the sequences (with label_only, on the last token alone); see fit."""
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        batch = ids[idx]
+        labels = batch.clone()
+        if label_only:
+            labels[:, :-1] = -100
+        return model(input_ids=batch, labels=labels).loss
+
+    return fit(model, len(ids), loss, steps, lr, batch_size, seed)
+
+
+def fit(model, n: int, loss, steps: int, lr: float, batch_size: int, seed: int) -> float:
+    """`steps` AdamW steps with a linear decay to 0, over epochs of the n examples shuffled by a
+    seeded generator (the last batch of an epoch may be short), loss(indices) the batch's loss;
+    returns the mean loss of the last 32 steps. (Here and experiment_vision.)"""
     model.train()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
     losses: list[float] = []
-    perm, pos = torch.randperm(len(ids), generator=g), 0
+    perm, pos = torch.randperm(n, generator=g), 0
     for _ in range(steps):
-        if pos >= len(ids):
-            perm, pos = torch.randperm(len(ids), generator=g), 0
-        batch = ids[perm[pos:pos + batch_size]]
+        if pos >= n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        value = loss(perm[pos:pos + batch_size])
         pos += batch_size
-        labels = batch.clone()
-        if label_only:
-            labels[:, :-1] = -100
-        loss = model(input_ids=batch, labels=labels).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(value.detach()))
     model.eval()
     return sum(losses[-32:]) / len(losses[-32:])
 
@@ -442,26 +451,77 @@ def merge_notes(method: str, out: str) -> list[str]:
 
 def run_experiment(cfg: Config, root: str, log=print) -> dict:
     """Everything above; returns {"rows": [...], "config": ..., "notes": [...], "seconds": ...}."""
+    return run_quietly(cfg.threads, lambda t_start: _run(cfg, root, log, t_start))
+
+
+def run_quietly(threads: int, run):
+    """run(t_start) with transformers' bars and warnings off (a bar per save and load otherwise)
+    and torch at `threads` intra-op threads, as it was afterwards. (Here and experiment_vision.)"""
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()      # a bar per save and load otherwise
+    transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     t_start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        return _run(cfg, root, log, t_start)
+        return run(t_start)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
-def _run(cfg: Config, root: str, log, t_start: float) -> dict:
+def reference_rows(tasks: list[Task], base: str, fts: list[str], splits: dict, load, evaluate, accuracy):
+    """The table's base and fine-tune rows on the test split; each fine-tune's accuracy on its own
+    task on test and on validation (what `normalised` divides by). `load`, `evaluate`, `accuracy`:
+    the experiment's own (a language model here, a ViT in experiment_vision)."""
+    test, val = splits["test"], splits["val"]
+    ft_test = [evaluate(load(p), tasks, test) for p in fts]
+    rows = [{"model": "base", "acc": evaluate(load(base), tasks, test), "seconds": None}]
+    rows += [{"model": f"ft-{t.name}", "acc": acc, "seconds": None} for t, acc in zip(tasks, ft_test)]
+    ft_own = {t.name: ft_test[i][t.name] for i, t in enumerate(tasks)}
+    ft_own_val = {t.name: accuracy(load(p), t, *val) for t, p in zip(tasks, fts)}
+    return rows, ft_own, ft_own_val
+
+
+def task_statistics(root: str, tasks: list[Task], fts: list[str], data: dict[str, str], kind: str,
+                    examples: int, base: str | None) -> tuple[list[str], str | None]:
+    """`stats compute --kind KIND` on each fine-tune with its task's data; with `base` (UBGM's
+    --base-stats) the base's Fisher on data["base"] too. The stores, and the base's or None."""
+    stores = []
+    for t, p in zip(tasks, fts):
+        out = os.path.join(root, f"stats-{t.name}.zarr")
+        compute_statistics(p, data[t.name], kind, out, examples)
+        stores.append(out)
+    base_store = None
+    if base is not None:
+        base_store = os.path.join(root, "stats-base.zarr")
+        compute_statistics(base, data["base"], "fisher", base_store, examples)
+    return stores, base_store
+
+
+def begin(cfg, root: str, log) -> tuple[list[Task], dict]:
+    """The work directory made, the tasks and the splits (logged)."""
     os.makedirs(root, exist_ok=True)
     tasks = [TASKS[t] for t in cfg.tasks]
     splits = load_splits(cfg.seed)
+    log(f"load_digits: {len(splits['train'][1])} train / {len(splits['val'][1])} validation / "
+        f"{len(splits['test'][1])} test images; tasks: {', '.join(f'{t.name} = {t.description}' for t in tasks)}")
+    return tasks, splits
+
+
+def result(cfg, tasks: list[Task], rows: list[dict], ft_own: dict[str, float], notes: list[str], root: str,
+           t_start: float) -> dict:
+    """What run_experiment returns: the rows with their mean and normalised accuracy."""
+    for r in rows:
+        r["mean"] = sum(r["acc"].values()) / len(tasks)
+        r["normalised"] = normalised(r["acc"], ft_own)
+    return {"config": dataclasses.asdict(cfg), "tasks": {t.name: t.description for t in tasks}, "rows": rows,
+            "notes": notes, "workdir": root, "seconds": time.perf_counter() - t_start}
+
+
+def _run(cfg: Config, root: str, log, t_start: float) -> dict:
+    tasks, splits = begin(cfg, root, log)
     train_px, train_y = splits["train"]
-    log(f"load_digits: {len(train_y)} train / {len(splits['val'][1])} validation / {len(splits['test'][1])} test "
-        f"images; tasks: {', '.join(f'{t.name} = {t.description}' for t in tasks)}")
 
     # 1. the base
     t0 = time.perf_counter()
@@ -492,16 +552,10 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
             f"{time.perf_counter() - t0:.1f} s")
     data["base"] = write_jsonl(os.path.join(root, "data-pretrain.jsonl"), pre_ids, label_only=False)
 
-    test, val = splits["test"], splits["val"]
-    rows, notes = [], []
-    base_acc = evaluate(load_model(base), tasks, test)
-    ft_test = [evaluate(load_model(p), tasks, test) for p in fts]
-    ft_own = {t.name: ft_test[i][t.name] for i, t in enumerate(tasks)}
-    ft_own_val = {t.name: accuracy(load_model(p), t, *val) for t, p in zip(tasks, fts)}
+    test = splits["test"]
+    notes: list[str] = []
+    rows, ft_own, ft_own_val = reference_rows(tasks, base, fts, splits, load_model, evaluate, accuracy)
     write_validation_context(root, tasks, cfg, ft_own_val)
-    rows.append({"model": "base", "acc": base_acc, "seconds": None})
-    for t, acc in zip(tasks, ft_test):
-        rows.append({"model": f"ft-{t.name}", "acc": acc, "seconds": None})
 
     # 3. statistics
     methods = list(cfg.methods)
@@ -516,14 +570,8 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
     elif kinds:
         t0 = time.perf_counter()
         kind = "all" if len(kinds) > 1 else kinds.pop()   # kfac brings Grams; all adds the Fisher
-        stores["all"] = []
-        for t, p in zip(tasks, fts):
-            out = os.path.join(root, f"stats-{t.name}.zarr")
-            compute_statistics(p, data[t.name], kind, out, cfg.stats_examples)
-            stores["all"].append(out)
-        if "ubgm" in methods:
-            base_store = os.path.join(root, "stats-base.zarr")
-            compute_statistics(base, data["base"], "fisher", base_store, cfg.stats_examples)
+        stores["all"], base_store = task_statistics(root, tasks, fts, data, kind, cfg.stats_examples,
+                                                    base if "ubgm" in methods else None)
         log(f"statistics (`stats compute --kind {kind}`, {cfg.stats_examples} examples each"
             f"{', and the base Fisher on pretraining sequences' if base_store else ''}): "
             f"{time.perf_counter() - t0:.1f} s")
@@ -558,12 +606,7 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
         log(f"merged {method} ({', '.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}): {seconds:.2f} s"
             + (f" for {len(sweep['scores'])} candidates from one read (`tensormerge sweep`: {sweep['seconds']:.2f} s "
                f"with the validation scoring)" if sweep else ""))
-
-    for r in rows:
-        r["mean"] = sum(r["acc"].values()) / len(tasks)
-        r["normalised"] = normalised(r["acc"], ft_own)
-    return {"config": dataclasses.asdict(cfg), "tasks": {t.name: t.description for t in tasks}, "rows": rows,
-            "notes": notes, "workdir": root, "seconds": time.perf_counter() - t_start}
+    return result(cfg, tasks, rows, ft_own, notes, root, t_start)
 
 
 def format_table(result: dict) -> str:
@@ -578,25 +621,31 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", help="where to write models, data and statistics (default: a temporary directory)")
+    command_line(argv, __doc__.splitlines()[0], lambda quick: Config(**QUICK) if quick else Config(), run_experiment,
+                 "tensormerge-experiment-", "`tensormerge run` (in process), or of a sweep's one read merging all "
+                 "its candidates", "models, data and statistics", ", ~30 s")
+
+
+def command_line(argv, description: str, config, run, prefix: str, merge_s: str, workdir: str, quick_s: str) -> None:
+    """The command line of this experiment and of experiment_vision: run, print the table, notes
+    and where the models are, and write --json."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--workdir", help=f"where to write {workdir} (default: a temporary directory)")
     ap.add_argument("--json", help="also write the results (rows, parameters, notes) to this file")
-    ap.add_argument("--quick", action="store_true", help="2 tasks, 3 methods, shorter training (the test's mode, ~30 s)")
+    ap.add_argument("--quick", action="store_true", help=f"2 tasks, 3 methods, shorter training (the test's mode{quick_s})")
     args = ap.parse_args(argv)
-    cfg = Config(**QUICK) if args.quick else Config()
-    root = args.workdir or tempfile.mkdtemp(prefix="tensormerge-experiment-")
-    result = run_experiment(cfg, root)
+    root = args.workdir or tempfile.mkdtemp(prefix=prefix)
+    out = run(config(args.quick), root)
     print()
     print("test accuracy (%) per task; mean; norm. = mean of merged / fine-tuned accuracy on each task;")
-    print("merge s = wall seconds of `tensormerge run` (in process), "
-          "or of a sweep's one read merging all its candidates")
-    print(format_table(result))
-    for n in result["notes"]:
+    print(f"merge s = wall seconds of {merge_s}")
+    print(format_table(out))
+    for n in out["notes"]:
         print(n)
-    print(f"total {result['seconds']:.0f} s; models in {root}")
+    print(f"total {out['seconds']:.0f} s; models in {root}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -27,19 +27,18 @@ Training runs on one thread with fixed seeds, so a rerun on the same machine pri
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from tensormerge.experiment import (METHOD_PARAMS, METHODS, STATS_METHODS, TASKS, Task, compute_statistics,
-                                    format_table, load_splits, merge, merge_notes, normalised)
+# format_table and load_splits are this module's too (the tests use them from here)
+from tensormerge.experiment import (METHOD_PARAMS, METHODS, STATS_METHODS, TASKS, Task, begin,  # noqa: F401
+                                    command_line, fit, format_table, load_splits, merge, merge_notes, normalised,
+                                    reference_rows, result, run_quietly, task_statistics)
 
 ROTATIONS = ("rot0", "rot90", "rot180", "rot270")
 LABELS = [str(d) for d in range(10)] + ["even", "odd", "low", "high"] + list(ROTATIONS)
@@ -140,26 +139,10 @@ def load_model(path: str):
 
 
 def train(model, px: torch.Tensor, labels: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int) -> float:
-    """`steps` AdamW steps, linear decay to 0, seeded shuffles; the mean loss of the last 32."""
-    model.train()
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
-    losses: list[float] = []
-    perm, pos = torch.randperm(len(px), generator=g), 0
-    for _ in range(steps):
-        if pos >= len(px):
-            perm, pos = torch.randperm(len(px), generator=g), 0
-        idx = perm[pos:pos + batch_size]
-        pos += batch_size
-        loss = torch.nn.functional.cross_entropy(model(pixel_values=px[idx]).logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return sum(losses[-32:]) / len(losses[-32:])
+    """Cross-entropy of the classifier's logits; experiment.fit's steps and schedule."""
+    return fit(model, len(px), lambda idx: torch.nn.functional.cross_entropy(model(pixel_values=px[idx]).logits,
+                                                                             labels[idx]),
+               steps, lr, batch_size, seed)
 
 
 @torch.no_grad()
@@ -177,26 +160,12 @@ def evaluate(model, tasks: list[Task], split) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the experiment
 def run_experiment(cfg: Config, root: str, log=print) -> dict:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    t_start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _run(cfg, root, log, t_start)
-    finally:
-        torch.set_num_threads(threads)
+    return run_quietly(cfg.threads, lambda t_start: _run(cfg, root, log, t_start))
 
 
 def _run(cfg: Config, root: str, log, t_start: float) -> dict:
-    os.makedirs(root, exist_ok=True)
-    tasks = [TASKS[t] for t in cfg.tasks]
-    splits = load_splits(cfg.seed)
+    tasks, splits = begin(cfg, root, log)
     train_px, train_y = splits["train"]
-    log(f"load_digits: {len(train_y)} train / {len(splits['val'][1])} validation / {len(splits['test'][1])} test "
-        f"images; tasks: {', '.join(f'{t.name} = {t.description}' for t in tasks)}")
     images = write_images(root, train_px, "train")
 
     # 1. the base: rotation prediction on every training image, four turns each
@@ -242,14 +211,8 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
                                [ROTATIONS[int(r)] for r in k])
 
     test, val = splits["test"], splits["val"]
-    rows, notes = [], []
-    base_acc = evaluate(load_model(base), tasks, test)
-    ft_test = [evaluate(load_model(p), tasks, test) for p in fts]
-    ft_own = {t.name: ft_test[i][t.name] for i, t in enumerate(tasks)}
-    ft_own_val = {t.name: accuracy(load_model(p), t, *val) for t, p in zip(tasks, fts)}
-    rows.append({"model": "base", "acc": base_acc, "seconds": None})
-    for t, acc in zip(tasks, ft_test):
-        rows.append({"model": f"ft-{t.name}", "acc": acc, "seconds": None})
+    notes: list[str] = []
+    rows, ft_own, ft_own_val = reference_rows(tasks, base, fts, splits, load_model, evaluate, accuracy)
 
     # 3. statistics
     methods = list(cfg.methods)
@@ -259,13 +222,8 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
     if kinds:
         t0 = time.perf_counter()
         kind = "all" if len(kinds) > 1 else kinds.pop()
-        for t, p in zip(tasks, fts):
-            out = os.path.join(root, f"stats-{t.name}.zarr")
-            compute_statistics(p, data[t.name], kind, out, cfg.stats_examples)
-            stores.append(out)
-        if "ubgm" in methods:
-            base_store = os.path.join(root, "stats-base.zarr")
-            compute_statistics(base, data["base"], "fisher", base_store, cfg.stats_examples)
+        stores, base_store = task_statistics(root, tasks, fts, data, kind, cfg.stats_examples,
+                                             base if "ubgm" in methods else None)
         log(f"statistics (`stats compute --kind {kind}` on image files, {cfg.stats_examples} images each"
             f"{', and the base Fisher on rotated images' if base_store else ''}): {time.perf_counter() - t0:.1f} s")
 
@@ -298,34 +256,13 @@ def _run(cfg: Config, root: str, log, t_start: float) -> dict:
                      "params": params})
         notes += merge_notes(method, out)
         log(f"merged {method} ({', '.join(f'{k}={v}' for k, v in params.items()) or 'defaults'}): {seconds:.2f} s")
-
-    for r in rows:
-        r["mean"] = sum(r["acc"].values()) / len(tasks)
-        r["normalised"] = normalised(r["acc"], ft_own)
-    return {"config": dataclasses.asdict(cfg), "tasks": {t.name: t.description for t in tasks}, "rows": rows,
-            "notes": notes, "workdir": root, "seconds": time.perf_counter() - t_start}
+    return result(cfg, tasks, rows, ft_own, notes, root, t_start)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", help="where to write models, images, data and statistics "
-                    "(default: a temporary directory)")
-    ap.add_argument("--json", help="also write the results (rows, parameters, notes) to this file")
-    ap.add_argument("--quick", action="store_true", help="2 tasks, 3 methods, shorter training (the test's mode)")
-    args = ap.parse_args(argv)
-    cfg = Config(**QUICK) if args.quick else Config()
-    root = args.workdir or tempfile.mkdtemp(prefix="tensormerge-experiment-vision-")
-    result = run_experiment(cfg, root)
-    print()
-    print("test accuracy (%) per task; mean; norm. = mean of merged / fine-tuned accuracy on each task;")
-    print("merge s = wall seconds of `tensormerge run` (in process)")
-    print(format_table(result))
-    for n in result["notes"]:
-        print(n)
-    print(f"total {result['seconds']:.0f} s; models in {root}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    command_line(argv, __doc__.splitlines()[0], lambda quick: Config(**QUICK) if quick else Config(), run_experiment,
+                 "tensormerge-experiment-vision-", "`tensormerge run` (in process)",
+                 "models, images, data and statistics", "")
 
 
 if __name__ == "__main__":

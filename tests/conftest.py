@@ -58,3 +58,11 @@ def family(tmp_path):
         "position_ids": ((1, 9), torch.int64),
     }
     return write_family(tmp_path / "models", tensors)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty offline Hugging Face cache (fill it with helpers.make_hub_cache)."""
+    from tests import helpers
+
+    return helpers.offline_hub_cache(tmp_path, monkeypatch)

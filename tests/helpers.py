@@ -252,6 +252,23 @@ def make_hub_cache(cache: Path, repo_id: str, sd: dict[str, torch.Tensor], commi
     return commit
 
 
+def offline_hub_cache(tmp_path: Path, monkeypatch) -> Path:
+    """An empty hub cache at tmp_path/hub-cache that this process (and the CLI subprocesses it
+    spawns) reads offline; the cwd moves to tmp_path so "org/name" is not an existing relative
+    path. huggingface_hub reads both settings at import time and snapshot_download consults its
+    module constants, so those are patched too. The `hub_cache` fixture in conftest.py."""
+    import huggingface_hub.constants as hc
+
+    cache = Path(tmp_path) / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    return cache
+
+
 # ------------------------------------------------------------------------------------ output
 def load_dir(d: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors model directory (single file or sharded), via safe_open."""

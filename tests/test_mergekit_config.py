@@ -227,19 +227,6 @@ def test_plan_reads_a_mergekit_recipe(family, tmp_path):
     assert rows["embed.weight"].endswith("weights=[0,1]")
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def _slerp_slices(a: str, b: str, end: int) -> dict:
     return {"merge_method": "slerp", "base_model": a, "parameters": {"t": 0.5},
             "slices": [{"sources": [{"model": a, "layer_range": [0, end]}, {"model": b, "layer_range": [0, end]}]}]}

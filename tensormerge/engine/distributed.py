@@ -279,8 +279,10 @@ class DaskExecutor:
                 acc = gpass.reduce(acc, folded[b.name], b.name)
             acc = gpass.end_block(acc, b.name, b.numel)
         gpass.finish(acc, state)
+        # the rows the workers' chunks read, counted as the local executor counts them (a sample
+        # rounds each chunk up; a folding pass skips the blocks merged in one chunk)
         runner.passes_report.append({"name": gpass.name, "seconds": time.perf_counter() - t0,
-                                     "bytes_read": int(gpass.sample * runner.plan.bytes_read_pass)})
+                                     "bytes_read": runner._pass_bytes(gpass)})
 
     # ------------------------------------------------------------------ sweeps
     def _sweep_ctx(self, group) -> tuple:
@@ -304,8 +306,8 @@ class DaskExecutor:
             for idx, per in part.items():
                 folded.setdefault(idx, {}).update(per)
             self._sweep_failures(group, failed)
-        read = int(sample * sum(sb.read_bytes_per_row * sb.rows for sb in group.blocks if sb.members[0].kind == "merge"))
-        return read, folded
+        who = [m for m, _ in members]  # the chunks sweep.map_blocks would read here, counted as it counts them
+        return sum(t.read_bytes for t in group._tasks(lambda i, r0, r1: who, sample, merge_only=True)), folded
 
     def sweep_merge(self, group, todo: list) -> None:
         from distributed import as_completed

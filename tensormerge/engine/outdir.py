@@ -370,7 +370,7 @@ def publish(partial: str, out: str, *, overwrite: bool, kind: str = "merge") -> 
             raise
     else:
         os.rename(partial, out)
-    _fsync_dir(os.path.dirname(os.path.abspath(out)))
+    fsync_dir(os.path.dirname(os.path.abspath(out)))
     remove_replaced(out)
 
 
@@ -382,7 +382,8 @@ def remove_replaced(out: str) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new entry in `path` durable (the writer, publish and sweep.json)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

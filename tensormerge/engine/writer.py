@@ -24,7 +24,7 @@ import torch
 from tensormerge import constants as C
 from tensormerge.engine.crc import crc32
 from tensormerge.engine import faults
-from tensormerge.engine.outdir import publish
+from tensormerge.engine.outdir import fsync_dir, publish
 from tensormerge.engine.safetensors_format import build_header, element_size
 from tensormerge.engine.sources import confined
 from tensormerge.errors import OutputError
@@ -222,7 +222,7 @@ class ShardedWriter:
                 os.close(fd)
                 del self._fds[fname]
             self._finishing = self.partial
-            _fsync_dir(self.partial)
+            fsync_dir(self.partial)
         except OSError as e:
             raise OutputError(f"{self.out_dir}: cannot finish output: {self._finishing} ({os_error_reason(e)})") from None
 
@@ -324,11 +324,3 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     ignored (fsync reports what matters)."""
     if _SYNC_FILE_RANGE is not None and nbytes > 0:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

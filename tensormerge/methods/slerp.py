@@ -10,7 +10,8 @@ axis; its slerp reduces over everything but that axis, so it is per tensor.)
 
 Endpoints: with --base, t = 0 is the base and t = 1 the single input (mergekit's recipe form);
 without, t = 0 is the first of exactly two inputs. The sums are float64 and the merge float32
-(mergekit: float32 throughout), which shifts results by float32 rounding at most.
+(mergekit: float32 throughout), which shifts results by float32 rounding at most. Like mergekit's,
+t is not confined to [0, 1]: the same coefficients extrapolate beyond the endpoints.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from tensormerge.methods.per_tensor import PerTensorPass
 
 @dataclass
 class SlerpParams(Params):
-    t: float = param(0.5, "interpolation: 0 gives the first endpoint (the base, with --base), 1 the second")
+    t: float = param(0.5, "interpolation: 0 gives the first endpoint (the base, with --base), 1 the second; "
+                          "outside [0, 1] it extrapolates along the arc, as mergekit's does")
 
     def validate(self, method: str, n_models: int) -> None:
         super().validate(method, n_models)

@@ -88,8 +88,9 @@ def _jsonl_records(path: str):
             yield f"{path}:{n}", rec
 
 
-def _disk_records(path: str, split: str | None):
-    """A `datasets` save_to_disk directory (a Dataset, or a DatasetDict and --split)."""
+def load_saved_dataset(path: str, split: str | None):
+    """A `datasets` save_to_disk directory's Dataset (of a DatasetDict, --split, else its "train"
+    or only split) and its name in errors (`path[split]`); text and image data alike."""
     try:
         import datasets
     except ImportError:
@@ -104,8 +105,13 @@ def _disk_records(path: str, split: str | None):
             split = "train" if "train" in ds else names[0] if len(names) == 1 else None
         if split not in ds:
             raise InputError(f"{path}: choose a split with --split (it holds {', '.join(names)})")
-        ds = ds[split]
-        path = f"{path}[{split}]"
+        ds, path = ds[split], f"{path}[{split}]"
+    return ds, path
+
+
+def _disk_records(path: str, split: str | None):
+    """A `datasets` save_to_disk directory (a Dataset, or a DatasetDict and --split)."""
+    ds, path = load_saved_dataset(path, split)
     for i, rec in enumerate(ds):
         yield f"{path} row {i}", dict(rec)
 

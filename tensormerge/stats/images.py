@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensormerge.errors import InputError
-from tensormerge.stats.data import _jsonl_records, is_saved_dataset
+from tensormerge.stats.data import _jsonl_records, is_saved_dataset, load_saved_dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MODES = ("RGB", "L")
@@ -102,6 +102,27 @@ def _quiet_bomb_warning():
         yield
 
 
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
+
+
+def _png_whole(source) -> None:
+    """Pillow's load() of a PNG stops once it has every pixel, so a file cut short after them
+    (in the last IDAT's checksum or the IEND chunk) decodes without a word; verify() reads every
+    chunk's CRC up to IEND, and the IEND chunk must be there whole. OSError if either fails."""
+    from PIL import Image
+
+    with _quiet_bomb_warning(), Image.open(source if isinstance(source, str) else io.BytesIO(source)) as im:
+        im.verify()
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            f.seek(max(0, os.path.getsize(source) - 4096))
+            tail = f.read()
+    else:
+        tail = bytes(source[-4096:])
+    if _PNG_END not in tail:
+        raise OSError("truncated PNG file: no IEND chunk")
+
+
 def _check_image(where: str, source) -> tuple[int, int]:
     """Decode the image fully (a truncated file fails here, not mid-run); its size, or a
     one-line error naming the record and the field."""
@@ -116,7 +137,9 @@ def _check_image(where: str, source) -> tuple[int, int]:
                 raise InputError(f"{where}: {what}: {im.size[0]}x{im.size[1]} pixels ({decoded >> 20} MiB) from a "
                                  f"{stored} byte file, a decompression bomb? (resize it first)")
             im.load()
-            mode, size = im.mode, im.size
+            mode, size, fmt = im.mode, im.size, im.format
+        if fmt == "PNG":
+            _png_whole(source)
     except FileNotFoundError:
         raise InputError(f"{where}: {source}: no such image file") from None
     except Image.DecompressionBombError:  # a small file that decodes to gigabytes
@@ -124,7 +147,10 @@ def _check_image(where: str, source) -> tuple[int, int]:
                          f"{2 * Image.MAX_IMAGE_PIXELS} pixels (Pillow's decompression-bomb limit)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         what = source if isinstance(source, str) else "the image bytes"
-        raise InputError(f"{where}: {what}: not a readable image ({e.__class__.__name__})") from None
+        text = str(e).lower()  # Pillow's words for a file cut short, then for one cut or damaged
+        why = ("truncated" if "truncat" in text or "incomplete" in text else
+               "truncated or corrupt" if "broken png" in text else e.__class__.__name__)
+        raise InputError(f"{where}: {what}: not a readable image ({why})") from None
     if mode not in MODES:
         what = source if isinstance(source, str) else "image"
         raise InputError(f"{where}: {what}: mode {mode}, expected RGB or L (convert it first)")
@@ -167,22 +193,9 @@ def _folder_images(path: str, classes: list[str]):
 
 def _open_dataset(path: str, split: str | None, image_field: str, label_field: str):
     """(rows, class names of a ClassLabel column or None) of a save_to_disk directory."""
-    try:
-        import datasets
-    except ImportError:
-        raise InputError(f"{path}: reading a saved dataset needs the `datasets` package") from None
-    try:
-        ds = datasets.load_from_disk(path)
-    except Exception as e:  # datasets raises several types for a directory that is not a dataset
-        raise InputError(f"{path}: not a dataset saved with save_to_disk ({e.__class__.__name__})") from None
     root = path
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds)
-        if split is None:
-            split = "train" if "train" in ds else names[0] if len(names) == 1 else None
-        if split not in ds:
-            raise InputError(f"{path}: choose a split with --split (it holds {', '.join(names)})")
-        ds, path = ds[split], f"{path}[{split}]"
+    ds, path = load_saved_dataset(path, split)
+    import datasets  # load_saved_dataset has said so where it is missing
     for name in (image_field, label_field):
         if name not in ds.column_names:
             raise InputError(f"{path}: missing field '{name}' (columns: {', '.join(ds.column_names)})")

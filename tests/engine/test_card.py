@@ -189,20 +189,6 @@ def test_recipe_records_statistics_stores(fam, tmp_path, monkeypatch, method):
     assert H.shard_digests(tmp_path / "again") == H.shard_digests(out)
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.chdir(tmp_path)
-    return cache
-
-
 def test_hub_inputs_named_with_their_commit(hub_cache, tmp_path):
     base, fts = H.make_family(2, seed=4)
     commits = {name: H.make_hub_cache(hub_cache, name, sd) for name, sd in

@@ -126,3 +126,49 @@ def test_a_local_merge_killed_midway_resumes_on_the_cluster(fam, cluster, tmp_pa
     assert _merge(fam, "ties", out, "--resume", "--scheduler", cluster, "--report", str(report),
                   budget="200KiB") == local
     assert json.loads(report.read_text())["resumed"]["chunks"] == 9
+
+
+@pytest.mark.parametrize("method", ["ties", "model_stock"])
+def test_the_report_counts_the_bytes_each_pass_read_as_the_local_executor_does(fam, cluster, method, tmp_path):
+    """Each pass's bytes_read is the rows its chunks read: TIES's 1/64 sample rounds each chunk's
+    rows up, model_stock's pass skips the tensors merged in one chunk (their sums are folded into
+    the merge), so at 200KiB it reads some tensors and not others. The seconds differ, the bytes
+    may not."""
+    reports = {}
+    for where, extra in (("local", ()), ("dask", ("--scheduler", cluster))):
+        report = tmp_path / f"{where}.json"
+        _merge(fam, method, tmp_path / where, *extra, "--report", str(report), budget="200KiB")
+        reports[where] = json.loads(report.read_text())
+    local, dask = reports["local"], reports["dask"]
+    assert [p["name"] for p in dask["passes"]] == [p["name"] for p in local["passes"]] != []
+    assert local["passes"][0]["bytes_read"] > 0
+    assert [p["bytes_read"] for p in dask["passes"]] == [p["bytes_read"] for p in local["passes"]]
+    assert dask["bytes_read"] == local["bytes_read"]
+
+
+def test_a_sweep_on_the_cluster_reports_the_pass_bytes_of_a_local_sweep(fam, cluster, tmp_path):
+    """The same count for a sweep's shared pass reads (TIES's 1/64 sample rounded up per chunk)."""
+    passes = {}
+    for where, extra in (("local", ()), ("dask", ("--scheduler", cluster))):
+        report = tmp_path / f"{where}.json"
+        res = H.run_cli(["sweep", "-q", "-m", "ties", "-i", ",".join(fam["inputs"]), "-b", fam["base"],
+                         "-o", str(tmp_path / where), "--max-memory", "200KiB", "-p", "k=0.1,0.3",
+                         "--report", str(report), *extra], timeout=300)
+        assert res.returncode == 0, res
+        text = json.loads(report.read_text())
+        found = []
+
+        def walk(o):
+            if isinstance(o, dict):
+                if isinstance(o.get("passes"), list):
+                    found.append([(p["name"], p["bytes_read"]) for p in o["passes"]])
+                for v in o.values():
+                    walk(v)
+            elif isinstance(o, list):
+                for v in o:
+                    walk(v)
+
+        walk(text)
+        passes[where] = found
+    assert len(passes["local"]) == 2 and passes["local"][0][0][0] == "ties_sample" and passes["local"][0][0][1] > 0
+    assert passes["dask"] == passes["local"]

@@ -159,20 +159,6 @@ def test_a_bin_checkpoint_records_the_content_of_its_safetensors_twin(fam, tmp_p
     assert prov["inputs"][0]["content"]["digest"] == expected_content(fam["ft0"])
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.chdir(tmp_path)
-    return cache
-
-
 def test_hub_inputs_record_commit_and_blob_sha256(hub_cache, tmp_path):
     base, fts = H.make_family(2, seed=4)
     H.make_hub_cache(hub_cache, "org/base", base)

@@ -140,21 +140,6 @@ def test_zero_dim_and_empty_tensors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- hub ids
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads both at import time; snapshot_download consults the module constants
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.chdir(tmp_path)  # so "org/name" is not an existing relative path
-    return cache
-
-
 def test_hub_repo_id_offline_from_cache(hub_cache, family):
     base, _ = family
     commit = H.make_hub_cache(hub_cache, "org/name", base)

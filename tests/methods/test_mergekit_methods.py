@@ -353,6 +353,24 @@ def test_slerp_endpoints_parallel_and_zero_rows():
     close(run("slerp", [zero, zero.clone()], t=0.3), zero)
 
 
+@pytest.mark.parametrize("t", [-0.5, 2.0])
+def test_slerp_outside_0_1_extrapolates_as_mergekit(tmp_path, t):
+    """mergekit 0.1.5 checks no range for t: sin((1 − t)θ)/sin θ and sin(tθ)/sin θ extrapolate
+    along the great circle (and 1 − t, t along the line where the endpoints are parallel)."""
+    base, (x,) = family((9, 7), n=1, scale=1.0)
+    close(run("slerp", [x], base, t=t), slerp64(t, base, x))
+    v = torch.randn(6, 10, dtype=torch.float64)
+    close(run("slerp", [v, 2.5 * v], t=t), (1 - t) * v + t * 2.5 * v)
+    base_path, ft_paths, bsd, fts = H.write_family(tmp_path / "m", n=1)
+    out = tmp_path / "out"
+    res = H.run_cli(["run", "-q", "-m", "slerp", "-b", base_path, "-i", ft_paths[0], "-o", out, "-p", f"t={t}"],
+                    cwd=tmp_path)
+    assert res.returncode == 0, str(res)
+    for name, got in H.load_dir(out).items():
+        if got.dtype.is_floating_point:
+            H.assert_close(got, slerp64(t, bsd[name], fts[0][name]), bsd[name].dtype, name)
+
+
 def test_slerp_inputs_and_base():
     m = get_method("slerp")
     with pytest.raises(ParameterError, match="two endpoints"):

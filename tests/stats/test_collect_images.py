@@ -23,16 +23,6 @@ N = 5
 KINDS = ("fisher", "gram_in", "gram_out", "fisher_block")
 
 
-def _stored(path: str) -> set[str]:
-    from tensormerge.engine.sources import open_checkpoint
-
-    ck = open_checkpoint(path)
-    try:
-        return {n for n in ck.tensors if n not in ck.aliases}
-    finally:
-        ck.close()
-
-
 def _compute(model: str, data: str, out, **kw) -> dict:
     opts = dict(model=model, data=data, kind="all", output=str(out), quiet=True, overwrite=True, batch_size=2)
     opts.update(kw)
@@ -192,6 +182,36 @@ def test_unreadable_image(tmp_path, vit_dir):
     for name in ("junk.png", "cut.png"):
         msg, data = _bad(tmp_path, vit_dir, [OK, OK, json.dumps({"image": f"img/{name}", "label": 0})], setup)
         assert f"{data}:3" in msg and "field 'image'" in msg and name in msg and "not a readable image" in msg
+
+
+@pytest.mark.parametrize("cut", [20, 14, 8, 2])
+def test_png_cut_short_after_its_pixels_is_refused(tmp_path, vit_dir, cut):
+    """A PNG that lost only its last bytes (the IDAT checksum, the IEND chunk): Pillow's load()
+    decodes every pixel and says nothing, so the file used to be read as whole."""
+    def setup(d):
+        im.write_image(d / "img" / "big.png", 5, size=(32, 24))
+        full = (d / "img" / "big.png").read_bytes()
+        (d / "img" / "cut.png").write_bytes(full[:-cut])
+
+    msg, data = _bad(tmp_path, vit_dir, [OK, json.dumps({"image": "img/cut.png", "label": 0})], setup)
+    assert f"{data}:2" in msg and "field 'image'" in msg and "cut.png" in msg and "truncated" in msg
+
+
+def test_cli_png_cut_short_is_one_line_and_leaves_no_store(tmp_path, vit_dir):
+    from tests.helpers import assert_clean_error
+    from tests.stats.test_collect_cli import cli
+
+    (tmp_path / "img").mkdir()
+    im.write_image(tmp_path / "img" / "ok.png", 0, size=(32, 24))
+    full = (tmp_path / "img" / "ok.png").read_bytes()
+    for name, cut in (("mid.png", len(full) // 2), ("end.png", len(full) - 10)):
+        (tmp_path / "img" / name).write_bytes(full[:cut])
+        data = cm.write_jsonl(tmp_path / f"{name}.jsonl", [{"image": "img/ok.png", "label": 0},
+                                                           {"image": f"img/{name}", "label": 1}])
+        out = tmp_path / "s.zarr"
+        res = cli(["stats", "compute", "--model", vit_dir, "--data", data, "--kind", "all", "-o", str(out)])
+        assert_clean_error(res, f"{data}:2", "field 'image'", name, "truncated", out_dir=out)
+        assert not (tmp_path / "s.zarr.partial").exists()
 
 
 def test_wrong_mode_image(tmp_path, vit_dir):

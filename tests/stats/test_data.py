@@ -35,3 +35,28 @@ def test_utf8_byte_order_mark_is_allowed(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + GOOD + b"\r\n" + '{"text": "café"}\r\n'.encode())
     assert [r for _, r in read_records(str(path), None)] == [{"text": "w3 w4"}, {"text": "café"}]
+
+
+def test_saved_dataset_dict_split_choice(tmp_path):
+    """A DatasetDict: --split names the split; without it its "train", or its only split; several
+    others and no --split is a one-line error listing them (text and image data share this)."""
+    datasets = pytest.importorskip("datasets")
+    from tensormerge.stats.data import load_saved_dataset
+
+    rows = {name: datasets.Dataset.from_list([{"text": f"{name} {i}"} for i in range(n)])
+            for name, n in (("train", 2), ("test", 3), ("val", 1))}
+    datasets.DatasetDict(rows).save_to_disk(str(tmp_path / "all"))
+    ds, where = load_saved_dataset(str(tmp_path / "all"), None)
+    assert where == f"{tmp_path / 'all'}[train]" and ds["text"] == ["train 0", "train 1"]
+    ds, where = load_saved_dataset(str(tmp_path / "all"), "test")
+    assert where.endswith("[test]") and len(ds) == 3
+    datasets.DatasetDict({"val": rows["val"]}).save_to_disk(str(tmp_path / "one"))
+    assert load_saved_dataset(str(tmp_path / "one"), None)[0]["text"] == ["val 0"]
+    datasets.DatasetDict({"test": rows["test"], "val": rows["val"]}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(InputError, match=r"choose a split with --split \(it holds test, val\)"):
+        load_saved_dataset(str(tmp_path / "two"), None)
+    with pytest.raises(InputError, match="holds test, val"):
+        load_saved_dataset(str(tmp_path / "two"), "train")
+    rows["train"].save_to_disk(str(tmp_path / "plain"))
+    ds, where = load_saved_dataset(str(tmp_path / "plain"), None)
+    assert where == str(tmp_path / "plain") and len(ds) == 2

@@ -246,20 +246,6 @@ def test_empty_tensor_takes_the_requested_dtype(tmp_path):
 
 
 # ------------------------------------------------------------------------------- Hugging Face cache
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hc
-
-    cache = tmp_path / "hub-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    monkeypatch.chdir(tmp_path)  # so "org/name" is not an existing relative path
-    return cache
-
-
 def test_make_hub_cache_lays_out_the_cache_as_the_hub_client_does(hub_cache):
     H.make_hub_cache(hub_cache, "org/name", toy(0), n_shards=2)
     repo = hub_cache / "models--org--name"
