@@ -1,7 +1,7 @@
 """The write half of the benchmarks' I/O floors: a merge fsyncs each shard before it publishes
 it, so a floor that leaves the write in the page cache would flatter the merges it is held
-against. One copy, for sweep_bench.py and mergekit_bench.py (run_bench.py times the unsynced
-write separately and keeps its own write_bytes)."""
+against. One copy, for run_bench.py, sweep_bench.py and mergekit_bench.py (run_bench.py also
+times the unsynced write alone)."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cold  # noqa: E402
+from io_floor import fsync_file, write_bytes, write_fsynced  # noqa: E402
 import synth  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,15 +161,6 @@ def read_all(paths: list[Path], buf: bytearray) -> int:
     return total
 
 
-def write_bytes(path: Path, nbytes: int, buf: bytearray) -> None:
-    """Write nbytes to path from the reusable buffer (the caller fsyncs, as a merge does)."""
-    view = memoryview(buf)
-    with open(path, "wb", buffering=0) as f:
-        left = nbytes
-        while left:
-            left -= f.write(view[:min(left, len(view))])
-
-
 def io_floor(inputs: list[Path], out_bytes: int, scratch_dir: Path) -> dict:
     """Time the minimum I/O any merge must do: read all inputs, write one model.
 
@@ -197,11 +189,7 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch_dir: Path) -> dict:
     t0 = time.perf_counter()
     write_bytes(target, out_bytes, buf)
     cached_s = time.perf_counter() - t0
-    fd = os.open(target, os.O_RDONLY)
-    try:  # a merge fsyncs its shards before it publishes them: so does the floor
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(target)  # a merge fsyncs its shards before it publishes them: so does the floor
     write_s = time.perf_counter() - t0
     target.unlink()
     result.update({
@@ -570,12 +558,7 @@ def cold_read_write_floor(inputs: list[Path], out_bytes: int, out_dir: Path) -> 
     f = cold.cold_read_floor(inputs)
     target = out_dir / "io-floor-write.bin"
     t0 = time.perf_counter()
-    write_bytes(target, out_bytes, bytearray(READ_CHUNK))
-    fd = os.open(target, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_fsynced(target, out_bytes, bytearray(READ_CHUNK))
     write_s = time.perf_counter() - t0
     target.unlink()
     return {"read_s": f["s"], "write_s": write_s, "s": f["s"] + write_s, "resident_before": f["resident_before"]}

@@ -299,6 +299,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ks", default=DEFAULT_VALUES["ties"], help="TIES' swept k (global, the default scope)")
     ap.add_argument("--max-memory", default="4GiB", help="given to every tensormerge child (its default)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="where outputs and the floor's writes go (default DATA); e.g. /dev/shm: outputs in "
+                         "memory, to see the engine where the disk's write speed is not the bound")
     ap.add_argument("--n-finetunes", type=int, default=3)
     ap.add_argument("--dtype", choices=sorted(synth.DTYPES), default="bf16")
     ap.add_argument("--json", type=Path, default=Path("sweep-results.json"))
@@ -333,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     args.data.mkdir(parents=True, exist_ok=True)
     base, fts, gen_s = rb.ensure_data(args)
     stats = rb.model_stats(base)
-    out_dir = args.data / "sweep-bench-out"
+    out_dir = (args.out_dir or args.data) / "sweep-bench-out"
     shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir()
+    out_dir.mkdir(parents=True)
     inputs = [p for d in [base, *fts] for p in rb.model_files(d)]
     n = len(args.values[args.methods[0]])
     results = {
-        "preset": args.label or args.preset, "data": str(args.data), "n_finetunes": len(fts), "max_memory": args.max_memory,
+        "preset": args.label or args.preset, "data": str(args.data), "output_dir": str(out_dir), "n_finetunes": len(fts), "max_memory": args.max_memory,
         "generation_s": gen_s, "machine": rb.machine_info(args.data), "model": stats, "swept": args.methods,
         "values": {m: args.values[m] for m in args.methods}, "n_candidates": n, "repeats": [],
     }
