@@ -45,7 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from tensormerge.engine.outdir import fsync_dir
+from tensormerge.durable import fsync_dir
 from tensormerge.errors import InputError, OutputError, ParameterError
 
 SWEEP_JSON = "sweep.json"

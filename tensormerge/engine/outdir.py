@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterable
 
 from tensormerge import constants as C
+from tensormerge.durable import fsync_dir
 from tensormerge.engine import faults
 from tensormerge.errors import OutputError
 
@@ -380,12 +381,3 @@ def remove_replaced(out: str) -> None:
     aside = os.path.join(out, REPLACED)
     if os.path.isdir(aside) and not os.path.islink(aside):
         shutil.rmtree(aside, ignore_errors=True)
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new entry in `path` durable (the writer, publish and sweep.json)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,7 +24,8 @@ import torch
 from tensormerge import constants as C
 from tensormerge.engine.crc import crc32
 from tensormerge.engine import faults
-from tensormerge.engine.outdir import fsync_dir, publish
+from tensormerge.durable import fsync_dir
+from tensormerge.engine.outdir import publish
 from tensormerge.engine.safetensors_format import build_header, element_size
 from tensormerge.engine.sources import confined
 from tensormerge.errors import OutputError
