@@ -573,11 +573,14 @@ def _check_memory(opts: ComputeOptions, loaded, collector: Collector) -> None:
     free = available_bytes(opts.device)
     if free is None:
         return
-    s = planning.shapes_of(loaded, opts.model)
-    if collector.hooks is not None:
-        s.alias = dict(collector.hooks.alias)
-    a = planning.account(s, opts.kind, opts.batch_size, opts.accumulate, opts.fisher_mode, opts.gram_per_weight,
-                         opts.max_memory, collector.grads.mode)
+    try:
+        s = planning.shapes_of(loaded, opts.model)
+        if collector.hooks is not None:
+            s.alias = dict(collector.hooks.alias)
+        a = planning.account(s, opts.kind, opts.batch_size, opts.accumulate, opts.fisher_mode, opts.gram_per_weight,
+                             opts.max_memory, collector.grads.mode)
+    except Exception:  # noqa: BLE001 - an estimate that cannot be made (an unusual model) stops nothing
+        return
     need = a["memory_total_bytes"] - a["weights_bytes"]
     if need <= free:
         return

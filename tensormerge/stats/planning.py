@@ -221,7 +221,9 @@ def shapes_of(loaded, name: str, skip_out: set[str] | None = None, probe=None) -
     cfg = getattr(model, "config", None)
     if loaded.modality == "image" and cfg is not None:
         vis = getattr(cfg, "vision_config", cfg)
-        tokens = (vis.image_size // vis.patch_size) ** 2 + 1
+        size, patch = getattr(vis, "image_size", None), getattr(vis, "patch_size", None)
+        if isinstance(size, int) and isinstance(patch, int) and patch > 0:  # a custom model may say neither
+            tokens = (size // patch) ** 2 + 1
     matmul = sum(m.weight.numel() for _, m in model.named_modules() if linear_kind(m) is not None)
     return Shapes(name, loaded.task, loaded.modality, sum(p.numel() for p in params.values()), first.element_size(),
                   fisher, vectors, layers, alias, tokens, sum(p.numel() for p in params.values() if p.requires_grad),
