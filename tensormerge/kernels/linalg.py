@@ -360,13 +360,38 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
     return found
 
 
+# Row blocks of a K-FAC product, fixed (not the core count), so the bytes never depend on it.
+KFAC_ROW_PARTS = 4
+
+
+def _kfac_sum(a: torch.Tensor, b: torch.Tensor, w_of: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Σ_i B_i W_i A_i. On CPU every (model, row block) product runs on its own thread
+    (kernels/threads; the engine's compute is single-threaded there, so a whole block would
+    otherwise use one core), and the models' products are added in model order; on a GPU one
+    batched product."""
+    n, out_rows = b.shape[0], b.shape[1]
+    if b.device.type != "cpu":
+        return torch.matmul(torch.matmul(b, torch.stack([w_of(i) for i in range(n)])), a).sum(0)
+    from tensormerge.kernels.threads import pmap
+
+    step = -(-out_rows // KFAC_ROW_PARTS) if out_rows else 1
+    rows = [(r, min(r + step, out_rows)) for r in range(0, out_rows, step)]
+    parts = pmap(lambda t: torch.matmul(torch.matmul(b[t[0], t[1][0]:t[1][1]], w_of(t[0])), a[t[0]]),
+                 [(i, r) for r in rows for i in range(n)])
+    out = torch.empty(out_rows, a.shape[-1], dtype=torch.result_type(b, a))
+    for j, (r0, r1) in enumerate(rows):
+        acc = out[r0:r1]
+        acc.copy_(parts[j * n])
+        for i in range(1, n):
+            acc.add_(parts[j * n + i])
+    return out
+
+
 def kfac_apply(a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """W -> Σ_i B_i W A_i, batched over models: A (N, in, in), B (N, out, out)."""
-    def apply(w: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(torch.matmul(b, w), a).sum(0)
-    return apply
+    """W -> Σ_i B_i W A_i over models: A (N, in, in), B (N, out, out)."""
+    return lambda w: _kfac_sum(a, b, lambda i: w)
 
 
 def kfac_rhs(a: torch.Tensor, b: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     """Σ_i B_i W_i A_i for stacked W (N, out, in)."""
-    return torch.matmul(torch.matmul(b, ws), a).sum(0)
+    return _kfac_sum(a, b, lambda i: ws[i])

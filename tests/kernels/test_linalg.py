@@ -177,3 +177,28 @@ def test_regmean_rows_keep_the_average_where_the_grams_say_nothing():
     null = torch.tensor([1.0, 1.0, -1.0], dtype=F64) / 3**0.5
     torch.testing.assert_close(got[:, :3] @ null, wbar[:, :3] @ null, rtol=0, atol=1e-6)
     torch.testing.assert_close(got[:, 3], wbar[:, 3], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(9, 5), (3, 7), (1, 4), (0, 3)])
+def test_kfac_products_equal_the_formula_and_not_the_thread_count(monkeypatch, shape):
+    """Σ_i B_i W A_i and Σ_i B_i W_i A_i against float64 written here; on CPU the (model, row
+    block) products run on threads, and their bytes do not depend on how many."""
+    from tensormerge.kernels import threads
+
+    out, inp = shape
+    a32 = torch.stack([(lambda m: m @ m.T)(rand(inp, inp, seed=i)) for i in range(3)]).float()
+    b32 = torch.stack([(lambda m: m @ m.T)(rand(out, out, seed=10 + i)) for i in range(3)]).float()
+    w32, ws32 = rand(out, inp, seed=20).float(), rand(3, out, inp, seed=21).float()
+    a, b, w, ws = a32.double(), b32.double(), w32.double(), ws32.double()
+    want_apply = sum(b[i] @ w @ a[i] for i in range(3))
+    want_rhs = sum(b[i] @ ws[i] @ a[i] for i in range(3))
+    runs = []
+    for n in (1, 2, 4):
+        monkeypatch.setattr(threads, "workers", lambda n=n: n)
+        runs.append((L.kfac_apply(a32, b32)(w32), L.kfac_rhs(a32, b32, ws32)))
+    for got_apply, got_rhs in runs:
+        assert got_apply.shape == (out, inp) and got_apply.dtype == torch.float32
+        scale = max([1.0] + [float(t.abs().max()) for t in (want_apply, want_rhs) if t.numel()])
+        torch.testing.assert_close(got_apply.double(), want_apply, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(got_rhs.double(), want_rhs, rtol=1e-5, atol=1e-5 * scale)
+        assert torch.equal(got_apply, runs[0][0]) and torch.equal(got_rhs, runs[0][1])
