@@ -481,7 +481,7 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:  # click's form of Ctrl-C
-        click.echo("error: interrupted (run it again with --resume to continue a merge)", err=True)
+        click.echo("error: interrupted (run the same command again with --resume to continue)", err=True)
         sys.exit(130)
     except click.ClickException as e:
         click.echo(f"error: {_one_line(e.format_message())}", err=True)
@@ -492,12 +492,13 @@ def main() -> None:
         click.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("error: interrupted (run it again with --resume to continue a merge)", err=True)
+        click.echo("error: interrupted (run the same command again with --resume to continue)", err=True)
         sys.exit(130)
     except Exception as e:
         if show_tb:
             traceback.print_exc()
-        click.echo(f"error: internal error {e.__class__.__name__}: {_one_line(str(e))} (rerun with --traceback)", err=True)
+        hint = "" if show_tb else " (rerun with --traceback)"
+        click.echo(f"error: internal error {e.__class__.__name__}: {_one_line(str(e))}{hint}", err=True)
         sys.exit(1)
 
 

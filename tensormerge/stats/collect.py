@@ -210,8 +210,8 @@ class Collector:
         if mode == "auto" and opts.fisher_mode == "per-example" and self.grad_names and per_example > budget // 4:
             # vmap holds a model of gradients per example; the loop one parameter's at a time
             mode = "loop"
-            self.loop_reason = (f"one example's gradients ({per_example / 2**30:.2f} GiB) exceed a quarter of "
-                                f"--max-memory")
+            self.loop_reason = (f"one example's gradients ({per_example / 2**20:.1f} MiB) exceed a quarter of "
+                                f"--max-memory ({budget / 2**20:.1f} MiB)")
         self.grads = PerExampleGrads(model, loaded.task, self.grad_names, self.inputs, mode,
                                      chunk=max(1, (budget // 4) // per_example))
         self.hooks = None
@@ -588,10 +588,17 @@ def _check_memory(opts: ComputeOptions, loaded, collector: Collector) -> None:
     parts = [f"{k} accumulators {v / gib:.1f}" for k, v in a["accumulators"].items() if k != "total" and v]
     if a["per_example_gradients"]["peak_bytes"]:
         parts.append(f"gradients {a['per_example_gradients']['peak_bytes'] / gib:.1f}")
+    advice = []
+    if len(STORE_KINDS[opts.kind]) > 1 and opts.kind != "kfac":
+        advice.append("compute fewer kinds per run (e.g. --kind kfac, then --kind fisher)")
+    if opts.accumulate == "float64":
+        advice.append("--accumulate float32")
+    if a["per_example_gradients"]["mode"] == "vmap":
+        advice.append("--grad-mode loop")
+    advice.append("use a machine with more memory")
     raise BudgetError(f"{opts.model}: stats compute --kind {opts.kind} needs about {need / gib:.1f} GiB beside the "
                       f"loaded model ({', '.join(parts)} GiB; activations not counted), and {opts.device} has "
-                      f"{free / gib:.1f} GiB available: compute fewer kinds per run (e.g. --kind kfac, then "
-                      f"--kind fisher), --accumulate float32, or use a larger machine ({NO_MEMORY_CHECK_ENV}=1 "
+                      f"{free / gib:.1f} GiB available: {', or '.join(advice)} ({NO_MEMORY_CHECK_ENV}=1 "
                       f"skips this check)")
 
 

@@ -426,6 +426,7 @@ def plan_model(opts, measure_batches: int = 3) -> dict:
         collector.pad_id, collector.side = pad_id, side
         if hasattr(collector, "prepare"):  # the shared-input probe and budget check, where this version has them
             collector.prepare(*([next(image_data.batches(1))] if image_data is not None and examples else []))
+        collect._check_memory(opts, loaded, collector)  # a run that cannot fit is not timed either
     except BudgetError as e:  # what stats compute would say; the numbers above say how much to give
         out["refused"] = str(e)
         out["time"] = None

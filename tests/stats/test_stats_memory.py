@@ -133,7 +133,7 @@ def test_a_run_that_cannot_fit_is_refused_before_any_work(llama, monkeypatch):
         compute_stats(_opts(llama, "refused", kind="all"))
     msg = str(e.value)
     assert "\n" not in msg and llama["model"] in msg and "--kind all" in msg and "available" in msg
-    assert "fisher accumulators" in msg and "gram_out accumulators" in msg
+    assert "fisher accumulators" in msg and "gram_out accumulators" in msg and "fewer kinds" in msg
     assert steps == [] and not out.exists() and not os.path.exists(str(out) + ".partial")
     monkeypatch.setenv("TENSORMERGE_STATS_NO_MEMORY_CHECK", "1")
     with pytest.raises(KeyboardInterrupt):  # past the check: the data pass is reached
@@ -146,3 +146,17 @@ def test_max_memory_below_one_mib_is_refused(llama, size):
     """Before: silently raised to 1 MiB."""
     with pytest.raises(ParameterError, match=f"--max-memory {size} bytes: must be at least 1MiB"):
         compute_stats(_opts(llama, "tiny", kind="gram", max_memory=size))
+
+
+def test_plan_says_what_compute_would_refuse_and_times_nothing(llama, monkeypatch):
+    """`stats plan --model` does not run (and allocate) the measured batches of a run that
+    `stats compute` would refuse for want of memory; the advice fits the run."""
+    from tensormerge.engine import memory
+    from tensormerge.stats import collect, planning
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
+    monkeypatch.setattr(planning, "_measure", lambda *a, **k: pytest.fail("measured a refused run"))
+    plan = planning.plan_model(_opts(llama, "plan", kind="kfac"))
+    assert "available" in plan["refused"] and plan["time"] is None
+    assert "fewer kinds" not in plan["refused"] and "--accumulate" not in plan["refused"]
+    assert collect.Collector  # the refusal came from the same check stats compute makes
