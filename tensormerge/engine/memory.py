@@ -31,8 +31,8 @@ def available_bytes(device: str = "cpu") -> int | None:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    except (OSError, ValueError, IndexError):  # no /proc (not Linux) or an unexpected format: unknown
+        return None
     return None
 
 
