@@ -272,6 +272,24 @@ def ties_merge(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[
     return merged.mul_(lam).add_(base_w), votes, undecided
 
 
+def ties_merge_many(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[list[float]], sign_mode: str,
+                    sq_norms: list[list[float] | None], merge: str, lams: list[float], majorities: list[float]
+                    ) -> list[torch.Tensor]:
+    """`ties_merge`'s merged values (flattened, work dtype) for several candidates (a sweep's k
+    and λ) whose zero signs take a known majority (the vote pass's), the task vectors formed
+    once; each is bit for bit the single call's."""
+    base_w = base.reshape(-1).to(work_dtype(base, *inputs))
+    tau = task_vectors(inputs, base_w)
+    out = []
+    for k, (th, sq, lam, majority) in enumerate(zip(thresholds, sq_norms, lams, majorities)):
+        trimmed = ties_trim_(tau if k == len(thresholds) - 1 else tau.clone(), th)
+        sign = ties_elect(trimmed, sign_mode, sq)
+        if sign is not None:
+            resolve_zero_signs_(sign, majority)
+        out.append(ties_disjoint(trimmed, sign, merge).mul_(lam).add_(base_w))
+    return out
+
+
 def ties_votes(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[float], sign_mode: str,
                sq_norms: list[float] | None) -> int:
     """The vote `ties_merge` returns for this chunk (Σ of the elected signs before zero signs

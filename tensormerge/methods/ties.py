@@ -468,9 +468,7 @@ class Ties(Method):
         trim = state[_LowPass.name][key]
         exact = state.get(VOTES)
         if exact is not None:  # the vote pass ran: zero signs take the majority itself
-            merged, _, _ = ops(data).ties_merge(data.inputs, data.base, trim["v"], params.sign, trim["sq"],
-                                                params.merge, params.lambda_, float(_sign(exact.get(key, 0))))
-            return merged.reshape(data.base.shape)
+            return self.merge_many([data], [params], [state])[0]
         # Without it, zero signs take the model-wide majority known only after the last block:
         # guessed from the votes so far; `patches` rewrites the entries where the guess was wrong.
         running = state.setdefault(RUNNING_VOTES, {})
@@ -485,6 +483,23 @@ class Ties(Method):
         columns = K.ties_columns(data.inputs, data.base, trim["v"], zero)
         base_w = data.base.reshape(-1)[zero].to(columns.dtype)
         return out, (key, votes, guess, data.name, zero + data.flat_start, columns, base_w)
+
+    def fuse_key(self, params: TiesParams):
+        return (params.sign, params.merge)  # a sweep's k and λ share each chunk's loads and τ_i
+
+    def merge_many(self, datas: list[BlockData], params: list[TiesParams], states: list[dict]):
+        """Candidates (a sweep's k and λ; a run is one) merged from one pass over the chunk,
+        each with the exact majority of its vote pass. A candidate without it (resuming a
+        partial output merged before the vote pass existed) is merged alone, as it was."""
+        if any(s.get(VOTES) is None for s in states):
+            return [self.merge(d, p, s) for d, p, s in zip(datas, params, states)]
+        data = datas[0]
+        trims = [s[_LowPass.name][_key(p, data.name)] for p, s in zip(params, states)]
+        majorities = [float(_sign(s[VOTES].get(_key(p, data.name), 0))) for p, s in zip(params, states)]
+        merged = ops(data).ties_merge_many(data.inputs, data.base, [t["v"] for t in trims], params[0].sign,
+                                           [t["sq"] for t in trims], params[0].merge, [p.lambda_ for p in params],
+                                           majorities)
+        return [m.reshape(data.base.shape) for m in merged]
 
     def start_extras(self, params: TiesParams) -> _UndecidedLog:
         return _UndecidedLog()

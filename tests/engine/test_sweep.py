@@ -440,3 +440,24 @@ def test_ties_sweep_vote_pass_is_one_call_for_every_k(fam, tmp_path, monkeypatch
     monkeypatch.setattr(cpu, "ties_votes_many", count_many)
     _sweep(fam, tmp_path / "sw", "ties", {"k": "0.1,0.2,0.5"}, max_memory="150KiB")
     assert calls["map"] == 0 and calls["group"] > 0 and calls["sets"] == {3}
+
+
+def test_ties_sweep_merges_every_k_in_one_fused_call(fam, tmp_path, monkeypatch):
+    """The merge pass shares each sub-chunk's loads and task vectors: one fused call merges
+    every k and λ (never one call per candidate), and each candidate is still its run's bytes."""
+    from tensormerge.kernels import cpu
+
+    calls = {"group": 0, "sets": set()}
+    real_many = cpu.ties_merge_many
+
+    def count_many(inputs, base, thresholds, *a):
+        calls["group"] += 1
+        calls["sets"].add(len(thresholds))
+        return real_many(inputs, base, thresholds, *a)
+    monkeypatch.setattr(cpu, "ties_merge_many", count_many)
+    cands, _ = _sweep(fam, tmp_path / "sw", "ties", {"k": "0.1,0.2", "lambda": "1.0,0.5"}, max_memory="150KiB")
+    assert calls["group"] > 0 and calls["sets"] == {4}
+    monkeypatch.setattr(cpu, "ties_merge_many", real_many)
+    for c in cands:
+        assert shard_digests(tmp_path / "sw" / c.name) == _run(fam, tmp_path / f"run-{c.name}", "ties", c.params,
+                                                               max_memory="150KiB"), c.name

@@ -271,6 +271,44 @@ def test_fused_votes_equal_the_reference_and_the_merge(n, n_models, dtype, base_
         assert len(set(want)) > 1  # the thresholds change the votes: the sets are not all alike
 
 
+@pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
+    (1, 1, torch.float32, torch.float32), (13, 2, torch.bfloat16, torch.bfloat16),
+    (1001, 3, torch.bfloat16, torch.bfloat16), (1001, 3, torch.float32, torch.float32),
+    (4099, 5, torch.bfloat16, torch.float32), (257, 4, torch.float32, torch.bfloat16),
+])
+def test_fused_merge_of_many_candidates_gives_each_single_merge(n, n_models, dtype, base_dtype):
+    """A sweep's candidates (thresholds, λ and majority each their own, more than one kernel
+    call holds) merged from one pass: each the bits of the single merge with that majority as its
+    guess (which the reference defines), exact cancellations and every majority included."""
+    fts, base, thresholds = _chunk(n, n_models, dtype, base_dtype, seed=7 * n + n_models)
+    sets = [thresholds, [0.0] * n_models] + [[t * f for t in thresholds] for f in (0.25, 0.5, 2.0, 4.0, 8.0, 0.1, 0.75)]
+    assert len(sets) > C.MAX_FUSED_CANDIDATES
+    lams = [1.0, 0.37, 2.5, 1.0, 0.5, 1.0, 0.8, 1.2, 0.9]
+    majorities = [1.0, -1.0, 0.0, -1.0, 1.0, 0.0, 1.0, -1.0, 0.0]
+    got = C.ties_merge_many(fts, base, sets, "mass", [None] * len(sets), "dis-mean", lams, majorities)
+    ref = R.ties_merge_many(fts, base, sets, "mass", [None] * len(sets), "dis-mean", lams, majorities)
+    for c, (th, lam, m) in enumerate(zip(sets, lams, majorities)):
+        want = R.ties_merge(fts, base, th, "mass", None, "dis-mean", lam, m)[0]
+        assert torch.equal(ref[c].view(torch.int32), want.view(torch.int32)), c
+        assert torch.equal(got[c].view(torch.int32), want.view(torch.int32)), c
+
+
+def test_fused_merge_of_many_candidates_matches_the_float64_formula():
+    """Independent of the kernels: trim |τ_i| >= v_i, elect sign(Σ τ̂_i) (a zero one takes the
+    majority), mean of the τ̂_i agreeing with it, × λ, + θ_0, in float64 from float32 values."""
+    fts, base, thresholds = _chunk(2003, 3, torch.bfloat16, torch.bfloat16, seed=3)
+    sets, lams, majorities = [thresholds, [t * 2 for t in thresholds]], [1.0, 0.5], [1.0, -1.0]
+    got = C.ties_merge_many(fts, base, sets, "mass", [None, None], "dis-mean", lams, majorities)
+    tau = torch.stack([f.double() - base.double() for f in fts])
+    for g, th, lam, m in zip(got, sets, lams, majorities):
+        kept = tau * (tau.float().abs() >= torch.tensor(th)[:, None]).double()
+        sign = torch.sign(kept.sum(0))
+        sign[sign == 0] = m
+        agree = (kept * sign > 0).double()
+        want = (kept * agree).sum(0) / agree.sum(0).clamp_min(1) * lam + base.double()
+        assert torch.allclose(g.double(), want, rtol=1e-6, atol=1e-7)
+
+
 def test_votes_of_other_modes_and_nonfinite_values_are_the_reference():
     """Other signs (and float16) are the reference's votes, as its merge returns them; ±inf
     (which the threshold pass refuses first) counts alike in both kernels, inf − inf as no vote.

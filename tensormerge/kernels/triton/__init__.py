@@ -239,6 +239,15 @@ def ties_merge(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[
     return out, int(votes.sum().item()), undecided
 
 
+def ties_merge_many(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[list[float]], sign_mode: str,
+                    sq_norms: list[list[float] | None], merge: str, lams: list[float], majorities: list[float]
+                    ) -> list[torch.Tensor]:
+    """reference.ties_merge_many: one `ties_merge` kernel per candidate (on a GPU the inputs are
+    read from device memory, which a shared pass would save little of)."""
+    return [ties_merge(inputs, base, th, sign_mode, sq, merge, lam, m)[0]
+            for th, sq, lam, m in zip(thresholds, sq_norms, lams, majorities)]
+
+
 # ---------------------------------------------------------------------------------- histograms
 def _bits_usable(bits: torch.Tensor) -> bool:
     return (bits.dtype == torch.int32 and bits.dim() == 1 and bits.numel() > 0 and bits.is_contiguous()
