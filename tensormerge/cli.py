@@ -17,6 +17,7 @@ import traceback
 import click
 
 from tensormerge import __version__
+from tensormerge.engine.alloc import keep_freed_buffers
 from tensormerge.errors import ParameterError, TensorMergeError, short
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # constants.DTYPE_CHOICES, without importing torch
@@ -477,6 +478,7 @@ def _one_line(text: str) -> str:
 
 
 def main() -> None:
+    keep_freed_buffers()  # before any thread first allocates (engine.alloc)
     show_tb = "--traceback" in sys.argv or os.environ.get("TENSORMERGE_TRACEBACK") == "1"
     try:
         cli.main(standalone_mode=False)
