@@ -221,6 +221,26 @@ def test_fused_pass_a_many_windows_equal_separate_calls():
     assert [g[2] for g in C.ties_window_counts_many(fts, base, windows, 4)] == [2] * len(windows)
 
 
+@pytest.mark.parametrize("dtype,base_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                              (torch.float32, torch.float32)])
+def test_fused_pass_b_bins_of_many_candidates_equal_the_reference(dtype, base_dtype):
+    """A sweep's pass B: each candidate's threshold bin per model counted from one pass, where
+    candidates share a bin, a bin is empty, and bins hold entries equal to the base (τ = 0, bin
+    0); each candidate's histogram is the reference's one-bin window."""
+    fts, base, _ = _chunk(6000, 3, dtype, base_dtype, seed=17)
+    tau = R.task_vectors(fts, base.float())
+    bins = []
+    for q in (0.5, 0.7, 0.9, 0.97):
+        bins.append([int(R.abs_bits_(tau[i].clone()).sort().values[int(q * 5999)]) >> 16 for i in range(3)])
+    bins.append(list(bins[1]))  # the same bins as another candidate
+    bins.append([0, 0x7F00, bins[0][2]])  # τ = 0 entries, an empty bin
+    got = C.ties_bin_counts_many(fts, base, bins)
+    for bs, g in zip(bins, got):
+        want = R.ties_window_counts(fts, base, bs, 1)[0]
+        assert torch.equal(g, want), bs
+    assert int(got[-1][0].sum()) > 0 and int(got[-1][1].sum()) == 0
+
+
 @pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
     (1, 1, torch.float32, torch.float32), (1001, 3, torch.bfloat16, torch.bfloat16),
     (4099, 5, torch.bfloat16, torch.float32), (257, 2, torch.float32, torch.float32),
