@@ -307,15 +307,26 @@ from tensormerge.kernels.numba_intrinsics import as_float32, as_uint32
 
 
 @njit(nogil=True, cache=True)
-def kernel({xs}, base, tables, hist):
+def kernel({xs}, base, tables, zero_rows, hist):
+{setup}
     for j in range(base.shape[0]):
         b = {load_base}
 {count}
+{flush}
 """
+# τ = 0 (a weight the fine-tune left unchanged: half the entries of some bf16 checkpoints) is
+# counted in a register: bin 0 is the threshold bin of a k above the share of nonzero entries,
+# and there its increments of one counter, each waiting on the last, made the pass 3x slower.
+# Bin 0 is therefore out of the tables; its other entries (subnormal |τ|) are rare.
 _BINS_COUNT = """        v = as_uint32({load} - b) & np.uint32(0x7FFFFFFF)
+        z{i} += np.int64(v == np.uint32(0))
         r = tables[{i}, np.intp(v >> np.uint32(16))]
         if r >= 0:
-            hist[np.intp(r), np.intp(v & np.uint32(0xFFFF))] += 1"""
+            hist[np.intp(r), np.intp(v & np.uint32(0xFFFF))] += 1
+        elif (v < np.uint32(0x10000)) & (v != np.uint32(0)) & (zr{i} >= 0):
+            hist[zr{i}, np.intp(v)] += 1"""
+_BINS_FLUSH = """    if zr{i} >= 0:
+        hist[zr{i}, 0] += z{i}"""
 
 
 def _bins_kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
@@ -328,7 +339,9 @@ def _bins_kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
             xs = [f"x{i}" for i in range(n_models)]
             src = _BINS_KERNEL.format(
                 n=n_models, xs=", ".join(xs), load_base=_LOAD[b_dtype].format(a="base"),
-                count="\n".join(_BINS_COUNT.format(i=i, load=_LOAD[x_dtype].format(a=x)) for i, x in enumerate(xs)))
+                setup="\n".join(f"    z{i} = np.int64(0)\n    zr{i} = np.intp(zero_rows[{i}])" for i in range(n_models)),
+                count="\n".join(_BINS_COUNT.format(i=i, load=_LOAD[x_dtype].format(a=x)) for i, x in enumerate(xs)),
+                flush="\n".join(_BINS_FLUSH.format(i=i) for i in range(n_models)))
             _kernels[key] = _load_source(f"bins_{n_models}_{x_dtype.name}_{b_dtype.name}", src).kernel
     return _kernels[key]
 
@@ -347,10 +360,14 @@ def ties_bin_counts_many(inputs: list[torch.Tensor], base: torch.Tensor, bins: l
         for i, v in enumerate(bs):
             rows.setdefault((i, v), len(rows))
     tables = np.full((n, NBINS), -1, np.int16)
+    zero_rows = np.full(n, -1, np.int64)  # bin 0's row per model, counted apart (_BINS_COUNT)
     for (i, v), r in rows.items():
-        tables[i, v] = r
+        if v == 0:
+            zero_rows[i] = r
+        else:
+            tables[i, v] = r
     hist = torch.zeros(len(rows), NBINS, dtype=torch.int64)
-    _bins_kernel(n, xs[0].dtype, b.dtype)(*xs, b, tables, hist.numpy())
+    _bins_kernel(n, xs[0].dtype, b.dtype)(*xs, b, tables, zero_rows, hist.numpy())
     return [torch.stack([hist[rows[(i, v)]] for i, v in enumerate(bs)]) for bs in bins]
 
 

@@ -228,6 +228,9 @@ def test_fused_pass_b_bins_of_many_candidates_equal_the_reference(dtype, base_dt
     candidates share a bin, a bin is empty, and bins hold entries equal to the base (τ = 0, bin
     0); each candidate's histogram is the reference's one-bin window."""
     fts, base, _ = _chunk(6000, 3, dtype, base_dtype, seed=17)
+    if dtype == torch.float32:  # |τ| subnormal with top 16 bits 0: bin 0 besides the exact zeros
+        base[10:13] = 0.0
+        fts[0][10:13] = torch.tensor([5e-41, -3e-41, 1e-45])
     tau = R.task_vectors(fts, base.float())
     bins = []
     for q in (0.5, 0.7, 0.9, 0.97):
@@ -239,6 +242,8 @@ def test_fused_pass_b_bins_of_many_candidates_equal_the_reference(dtype, base_dt
         want = R.ties_window_counts(fts, base, bs, 1)[0]
         assert torch.equal(g, want), bs
     assert int(got[-1][0].sum()) > 0 and int(got[-1][1].sum()) == 0
+    if dtype == torch.float32:
+        assert int(got[-1][0][1:].sum()) >= 3  # the subnormal ones, beside τ = 0 in column 0
 
 
 @pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
