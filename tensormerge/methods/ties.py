@@ -340,15 +340,11 @@ class _LowPass(_HistogramPass):
         return all(m[3] is not None for per_model in state[_HighPass.name].values() for m in per_model)
 
     def map(self, data: BlockData, state: dict) -> torch.Tensor:
-        """Each model's low-bit histogram of its threshold bin: the window counts of a window one
-        bin wide (the fused kernel where there is one); zero for the models already placed."""
-        located = state[_HighPass.name][_key(self.params, data.name)]
-        bins = [b if final is None else 0 for b, _, _, final in located]
-        lows = ops(data).ties_window_counts(data.inputs, data.base, bins, 1)[0].cpu()
-        for i, (_, _, _, final) in enumerate(located):
-            if final is not None:
-                lows[i].zero_()
-        return lows
+        """Each model's low-bit histogram of its threshold bin (the fused bin-count kernel where
+        there is one, else the window counts of a window one bin wide); zero for the models
+        already placed. Pass B runs after a sampled window missed, typically where a k sits at
+        the edge of the exact zeros (bin 0), which the bin-count kernel counts apart."""
+        return self.map_group([data], [self], [state])[0]
 
     def group_key(self):
         return (self.name,)
@@ -358,13 +354,14 @@ class _LowPass(_HistogramPass):
         chunk (the fused kernel looks each entry's bin up once for all of them), else one call
         each."""
         data = datas[0]
-        many = getattr(ops(data), "ties_bin_counts_many", None)
-        if many is None:
-            return [p.map(d, s) for p, d, s in zip(passes, datas, states)]
+        kern = ops(data)
         located = [s[_HighPass.name][_key(p.params, d.name)] for p, d, s in zip(passes, datas, states)]
         bins = [[b if final is None else 0 for b, _, _, final in per_model] for per_model in located]
+        many = getattr(kern, "ties_bin_counts_many", None)
+        counted = many(data.inputs, data.base, bins) if many is not None else [
+            kern.ties_window_counts(data.inputs, data.base, bs, 1)[0] for bs in bins]
         out = []
-        for per_model, lows in zip(located, many(data.inputs, data.base, bins)):
+        for per_model, lows in zip(located, counted):
             lows = lows.cpu()
             for i, (_, _, _, final) in enumerate(per_model):
                 if final is not None:
