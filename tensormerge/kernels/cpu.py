@@ -208,7 +208,7 @@ from tensormerge.kernels.numba_intrinsics import as_float32, as_uint32
 
 
 @njit(nogil=True, cache=True)
-def kernel({xs}, base, starts, span, hist, below):
+def kernel({xs}, base, starts, span, hist, below, zeros):
     n = base.shape[0]
     sp = np.uint32(span)
     block = 2048
@@ -223,7 +223,8 @@ def kernel({xs}, base, starts, span, hist, below):
 {finish}
     return -1
 """
-_WINDOW_MAX = """    m{i} = np.uint32(0)"""
+_WINDOW_MAX = """    m{i} = np.uint32(0)
+    z{i} = np.int64(0)"""
 _WINDOW_SETUP = """    o{r} = np.empty(2048, np.uint32)
     s{r} = np.uint32(starts[{r}])
     c{r} = np.int64(0)"""
@@ -231,14 +232,16 @@ _WINDOW_SETUP = """    o{r} = np.empty(2048, np.uint32)
 # which wraps past `span` when below it, and the count below it; the largest bits (NaN/Inf):
 # all without branches
 _WINDOW_BITS = """            v{i} = as_uint32({load} - b) & np.uint32(0x7FFFFFFF)
-            m{i} = max(m{i}, v{i})"""
+            m{i} = max(m{i}, v{i})
+            z{i} += np.int64(v{i} == np.uint32(0))"""
 _WINDOW_OFFSET = """            o{r}[j] = v{i} - s{r}
             c{r} += np.int64(v{i} < s{r})"""
 _WINDOW_COUNT = """            u = o{r}[j]
             if u < sp:
                 hist[{r}, np.intp(u)] += 1"""
 _WINDOW_BELOW = """    below[{r}] += c{r}"""
-_WINDOW_BAD = """    if m{i} >= np.uint32(0x7F800000):
+_WINDOW_BAD = """    zeros[{i}] += z{i}
+    if m{i} >= np.uint32(0x7F800000):
         return {i}"""
 
 
@@ -279,7 +282,7 @@ MAX_WINDOWS = 8  # windows counted by one kernel call; more are counted in group
 
 
 def ties_window_counts_many(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[list[int]], width: int
-                            ) -> list[tuple[torch.Tensor, torch.Tensor, int | None]]:
+                            ) -> list[tuple[torch.Tensor, torch.Tensor, int | None, torch.Tensor]]:
     """`ties_window_counts` for several window lists (a sweep's k values) in one pass over the
     chunk: what each separate call returns, in order."""
     arrays = _arrays(inputs, base)
@@ -292,9 +295,11 @@ def ties_window_counts_many(inputs: list[torch.Tensor], base: torch.Tensor, wind
         group = windows[g:g + MAX_WINDOWS]
         hist = torch.zeros(len(group) * n, span, dtype=torch.int64)
         below = torch.zeros(len(group) * n, dtype=torch.int64)
+        zeros = torch.zeros(n, dtype=torch.int64)
         starts = np.array([w << 16 for ws in group for w in ws], np.int64)
-        bad = _window_kernel(n, xs[0].dtype, b.dtype, len(group))(*xs, b, starts, span, hist.numpy(), below.numpy())
-        out += [(hist[k * n:(k + 1) * n], below[k * n:(k + 1) * n], None if bad < 0 else int(bad))
+        bad = _window_kernel(n, xs[0].dtype, b.dtype, len(group))(*xs, b, starts, span, hist.numpy(), below.numpy(),
+                                                                   zeros.numpy())
+        out += [(hist[k * n:(k + 1) * n], below[k * n:(k + 1) * n], None if bad < 0 else int(bad), zeros)
                 for k in range(len(group))]
     return out
 
@@ -372,7 +377,7 @@ def ties_bin_counts_many(inputs: list[torch.Tensor], base: torch.Tensor, bins: l
 
 
 def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, int | None, torch.Tensor]:
     """reference.ties_window_counts; fused for bf16 or float32 CPU chunks."""
     return ties_window_counts_many(inputs, base, [windows], width)[0]
 

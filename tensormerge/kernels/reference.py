@@ -320,26 +320,30 @@ def ties_hist_high(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tens
 
 
 def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, int | None, torch.Tensor]:
     """TIES' pass A over one chunk: per model, the low-bit histogram of |τ_i| inside its window
     of `width` top bins from windows[i] and the count of entries below it ([N, width * NBINS]
-    and [N] int64), and the first model holding a NaN or Inf in τ (None when all are finite)."""
+    and [N] int64), the first model holding a NaN or Inf in τ (None when all are finite), and
+    the count of exact zeros τ_i = 0 ([N]): a threshold that falls among them is exactly 0,
+    which a window above the gap between 0 and the smallest nonzero |τ| cannot see."""
     return window_counts_with(window_hist_below_, inputs, base, windows, width)
 
 
 def window_counts_with(window_hist_below, inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int],
-                       width: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+                       width: int) -> tuple[torch.Tensor, torch.Tensor, int | None, torch.Tensor]:
     """ties_window_counts with another window histogram (the Triton kernels pass theirs)."""
     tau = task_vectors(inputs, base).float()
-    lows, below = [], []
+    lows, below, zeros = [], [], []
     for i in range(tau.shape[0]):
         bits = abs_bits_(tau[i])
         if bits.numel() and int(bits.max()) >= 0x7F800000:
-            return torch.empty(0), torch.empty(0), i
+            return torch.empty(0), torch.empty(0), i, torch.empty(0)
+        zeros.append(int(torch.count_nonzero(bits == 0)))
         low, n_below = window_hist_below(bits, windows[i], width)
         lows.append(low)
         below.append(n_below)
-    return torch.stack(lows), torch.tensor(below, dtype=torch.int64), None
+    return (torch.stack(lows), torch.tensor(below, dtype=torch.int64), None,
+            torch.tensor(zeros, dtype=torch.int64))
 
 
 def ties_columns(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[float],

@@ -153,17 +153,17 @@ class _HighPass(_HistogramPass):
     label = "top-k threshold: high bits"
 
     def start(self, state: dict) -> dict:
-        return {"hist": {}, "numel": {}, "result": {}, "window": {}, "below": {},
+        return {"hist": {}, "numel": {}, "result": {}, "window": {}, "below": {}, "zeros": {},
                 "lo": state.get(_SamplePass.name, {})}
 
     def map(self, data: BlockData, state: dict):
         windows = state.get(_SamplePass.name, {}).get(_key(self.params, data.name))
         kern = ops(data)
         if windows is not None and not self.params.needs_norms:  # the window only (see the class)
-            lows, below, bad = kern.ties_window_counts(data.inputs, data.base, windows, WINDOW_BINS)
+            lows, below, bad, zeros = kern.ties_window_counts(data.inputs, data.base, windows, WINDOW_BINS)
             if bad is not None:
                 raise InputError(f"tensor {data.name!r}: model {bad} (or the base) holds NaN or Inf values")
-            return None, lows.cpu(), len(data.base.reshape(-1)), below.cpu()
+            return None, lows.cpu(), len(data.base.reshape(-1)), below.cpu(), zeros.cpu()
         tau = K.task_vectors(data.inputs, data.base).float()
         hists, lows = [], []
         for i in range(tau.shape[0]):
@@ -174,7 +174,7 @@ class _HighPass(_HistogramPass):
             hists.append(h)
             if windows is not None:
                 lows.append(kern.window_hist(bits, windows[i], WINDOW_BINS))
-        return torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None, tau.shape[1], None
+        return torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None, tau.shape[1], None, None
 
     def group_key(self):
         return (self.name, self.params.needs_norms)
@@ -194,7 +194,7 @@ class _HighPass(_HistogramPass):
             bad = hist[:, NONFINITE_BIN:NONFINITE_BIN + 128].any(1).nonzero()
             if len(bad):
                 raise InputError(f"tensor {data.name!r}: model {int(bad[0])} (or the base) holds NaN or Inf values")
-            return [(hist.unsqueeze(1), None, data.base.numel(), None)] * len(datas)
+            return [(hist.unsqueeze(1), None, data.base.numel(), None, None)] * len(datas)
         kern = ops(data)
         tau = K.task_vectors(data.inputs, data.base).float()
         hists, bits = [], []
@@ -211,11 +211,11 @@ class _HighPass(_HistogramPass):
             windows = s.get(_SamplePass.name, {}).get(_key(p.params, d.name))
             lows = None if windows is None else torch.stack(
                 [kern.window_hist(b, windows[i], WINDOW_BINS) for i, b in enumerate(bits)]).cpu()
-            out.append((hist, lows, tau.shape[1], None))
+            out.append((hist, lows, tau.shape[1], None, None))
         return out
 
     def reduce(self, acc: dict, partial, block: str) -> dict:
-        hist, lows, numel, below = partial
+        hist, lows, numel, below, zeros = partial
         key = _key(self.params, block)
         acc["numel"][key] = acc["numel"].get(key, 0) + numel
         if lows is not None:
@@ -225,6 +225,8 @@ class _HighPass(_HistogramPass):
                 acc["window"][key] = lows.clone()
         if below is not None:
             acc["below"][key] = acc["below"].get(key, 0) + below
+        if zeros is not None:
+            acc["zeros"][key] = acc["zeros"].get(key, 0) + zeros
         if hist is not None:
             return super().reduce(acc, hist, block)
         return acc
@@ -243,6 +245,7 @@ class _HighPass(_HistogramPass):
         numel = acc["numel"].pop(key)
         window, lows = acc["window"].pop(key, None), acc["lo"].get(key)
         below = acc["below"].pop(key, None)
+        zeros = acc["zeros"].pop(key, None)
         own = self.params.for_block(key)
         rank = S.keep_rank(numel, own.k, own.k_rule)
         per_model = []
@@ -256,6 +259,10 @@ class _HighPass(_HistogramPass):
                     j, r_in = S.locate(window[i], inside)
                     bits = (lows[i] << 16) + j
                     per_model.append((bits >> 16, r_in, Fraction(0), (S.bits_to_float(bits), 0.0)))
+                elif inside < 1 and zeros is not None and rank <= int(zeros[i]):
+                    # among the exact zeros below the window: the threshold is 0 (a model whose
+                    # k is at the edge of its unchanged weights; no window spans both sides)
+                    per_model.append((0, rank, Fraction(0), (0.0, 0.0)))
                 else:
                     per_model.append(None)
             acc["result"][key] = per_model

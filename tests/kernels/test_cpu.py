@@ -96,6 +96,8 @@ def test_fused_pass_a_counts_equal_the_reference(n, n_models, dtype, base_dtype)
     want = R.ties_window_counts(fts, base, windows, 4)
     got = C.ties_window_counts(fts, base, windows, 4)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] is want[2] is None
+    tau64 = torch.stack([f.double() - base.double() for f in fts])  # exact for these dtypes
+    assert torch.equal(got[3], want[3]) and got[3].tolist() == (tau64 == 0).sum(1).tolist()
     assert int(got[0].sum() + got[1].sum()) <= n * n_models
     if n > 3:  # NaN in the last model: both name it
         fts[-1][2] = float("nan")
@@ -214,9 +216,10 @@ def test_fused_pass_a_many_windows_equal_separate_calls():
     windows[1] = [0, 0, 0]
     got = C.ties_window_counts_many(fts, base, windows, 4)
     assert len(got) == len(windows)
-    for ws, (h, below, bad) in zip(windows, got):
+    for ws, (h, below, bad, zeros) in zip(windows, got):
         want = R.ties_window_counts(fts, base, ws, 4)
         assert torch.equal(h, want[0]) and torch.equal(below, want[1]) and bad is want[2] is None
+        assert torch.equal(zeros, want[3])
     fts[2][4100] = float("nan")
     assert [g[2] for g in C.ties_window_counts_many(fts, base, windows, 4)] == [2] * len(windows)
 

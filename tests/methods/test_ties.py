@@ -233,6 +233,57 @@ def test_sampled_window_skips_the_low_pass_and_a_miss_falls_back(family, tmp_pat
         assert miss == hit
 
 
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_threshold_among_the_exact_zeros_needs_no_recount(tmp_path, monkeypatch, kernels):
+    """Fine-tunes that left 60% of the weights unchanged (τ = 0, as bf16 checkpoints do), at
+    k = 0.5: each threshold is 0, and the sampled window, placed above the gap between 0 and the
+    smallest nonzero |τ| (where a sample near the edge puts it), cannot hold it. Pass A's count
+    of exact zeros places it anyway: no recount, no low-bit pass, and the bytes of the formula
+    (`reference_ties`, float64) and of a merge whose window held bin 0."""
+    import hashlib
+
+    from tensormerge.methods import ties as T
+
+    g = torch.Generator().manual_seed(21)
+    base = {"w": torch.randn(64, 50, generator=g), "b": torch.randn(300, generator=g)}
+    fts = []
+    for _ in range(3):
+        sd = {}
+        for name, t in base.items():
+            moved = torch.rand(t.shape, generator=g) < 0.4
+            sd[name] = torch.where(moved, t + 0.1 * torch.randn(t.shape, generator=g), t)
+        fts.append(sd)
+    paths = []
+    for i, sd in enumerate([base] + fts):
+        (tmp_path / f"m{i}").mkdir()
+        save_file(sd, str(tmp_path / f"m{i}" / "model.safetensors"))
+        paths.append(str(tmp_path / f"m{i}"))
+
+    def run(tag, window):
+        def placed(self, acc, key):
+            acc["hist"].pop(key)
+            acc["numel"].pop(key)
+            acc["result"][key] = [window] * 3
+
+        with monkeypatch.context() as m:
+            m.setattr(T._SamplePass, "_compact", placed)
+            out = tmp_path / tag
+            rep = merge(MergeSpec("ties", paths[1:], str(out), base=paths[0], params={"k": 0.5}, quiet=True,
+                                  max_memory="12KiB", kernels=kernels))
+        passes = {p["name"]: p for p in rep["passes"]}
+        return passes, hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(), out
+
+    above = int(T.S.abs_bits_(torch.tensor([0.001])).item()) >> 16  # a bin between 0 and the nonzero |τ|
+    passes, got, out = run("above", above)
+    assert passes["ties_high_miss"].get("skipped") and passes["ties_low"].get("skipped")
+    _, hit, _ = run("at0", 0)
+    assert got == hit
+    exp = reference_ties(base, fts, k=0.5)
+    merged_ = load_file(str(out / "model.safetensors"))
+    for name in base:
+        torch.testing.assert_close(merged_[name].double(), exp[name], rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("merge,sign", [("mean", "none"), ("sum", "mass"), ("dis-mean", "normmass")])
 def test_many_models_sum_does_not_depend_on_the_chunk(merge, sign):
     """Sums over N >= 5 models run in model order: torch's sum(0) would change with the chunk."""

@@ -291,7 +291,7 @@ def window_hist_below_(bits: torch.Tensor, lo_bin: int, width: int) -> tuple[tor
 
 
 def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, int | None, torch.Tensor]:
     """reference.ties_window_counts with the window histogram in Triton."""
     return _ref.window_counts_with(window_hist_below_, inputs, base, windows, width)
 
