@@ -340,7 +340,10 @@ class SweepGroup:
                 parts = {m.index: list(_sub_chunks(datas[m.index], sub)) for m in group}
 
                 def one(k: int, group=group, parts=parts, gpass=gpass):
-                    if len(group) == 1:
+                    # a keyed pass maps through map_group even when one candidate is left (the
+                    # others dropped mid-pass): its partials may differ in kind from a run's map
+                    # (TIES: full histograms, not windows) and must not be mixed in one reduce
+                    if gpass.group_key() is None:
                         return [gpass.map(parts[group[0].index][k], group[0].state)]
                     return gpass.map_group([parts[m.index][k] for m in group], [passes[m.index] for m in group],
                                            [m.state for m in group])

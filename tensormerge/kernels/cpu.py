@@ -364,6 +364,8 @@ def ties_bin_counts_many(inputs: list[torch.Tensor], base: torch.Tensor, bins: l
     for bs in bins:
         for i, v in enumerate(bs):
             rows.setdefault((i, v), len(rows))
+    if len(rows) > np.iinfo(np.int16).max:  # the tables hold int16 rows
+        return [_ref.ties_window_counts(inputs, base, bs, 1)[0] for bs in bins]
     tables = np.full((n, NBINS), -1, np.int16)
     zero_rows = np.full(n, -1, np.int64)  # bin 0's row per model, counted apart (_BINS_COUNT)
     for (i, v), r in rows.items():

@@ -140,7 +140,19 @@ class _SamplePass(_HistogramPass):
             acc["result"][key] = None
             return
         top = NONFINITE_BIN - WINDOW_BINS
-        acc["result"][key] = [min(max(S.locate(h, rank)[0] - 1, 0), top) for h in hist]
+        acc["result"][key] = [min(max(_sampled_bin(h, rank) - 1, 0), top) for h in hist]
+
+
+def _sampled_bin(h: torch.Tensor, rank: int) -> int:
+    """The sample's threshold bin, moved above the gap when it is bin 0: there (a k at the edge of
+    a fine-tune's unchanged weights, τ = 0) the exact threshold is either 0, which pass A's count
+    of exact zeros places, or in the first bins above the gap, which the window then holds."""
+    b = S.locate(h, rank)[0]
+    if b == 0:
+        above = h[1:].nonzero()
+        if len(above):
+            b = int(above[0]) + 1
+    return b
 
 
 class _HighPass(_HistogramPass):

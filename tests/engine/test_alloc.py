@@ -8,6 +8,7 @@ per arena), so the test checks the setting's effect, not a timing."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -33,8 +34,9 @@ ctypes.CDLL("libc.so.6").malloc_stats()
 
 
 def _arenas(tuned: bool) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}  # glibc's own, as the user may set it
     out = subprocess.run([sys.executable, "-c", SCRIPT, "1" if tuned else "0"], capture_output=True, text=True,
-                         check=True)
+                         check=True, env=env)
     return sum(line.startswith("Arena ") for line in out.stderr.splitlines())
 
 

@@ -461,3 +461,34 @@ def test_ties_sweep_merges_every_k_in_one_fused_call(fam, tmp_path, monkeypatch)
     for c in cands:
         assert shard_digests(tmp_path / "sw" / c.name) == _run(fam, tmp_path / f"run-{c.name}", "ties", c.params,
                                                                max_memory="150KiB"), c.name
+
+
+def test_candidate_dropped_mid_pass_leaves_the_others_exact(fam, tmp_path, monkeypatch):
+    """A TIES candidate that fails part-way through the threshold pass is dropped; the one left
+    keeps the sweep's kind of partials (full histograms through map_group, not a run's windows
+    through map), so its thresholds, and bytes, are its run's."""
+    from tensormerge.engine import run as R
+    from tensormerge.errors import InputError
+    from tensormerge.methods import ties
+
+    seen = {"grouped": 0, "failed": False}
+    real_group, real_data = ties._HighPass.map_group, R.Runner.block_data
+
+    def group(self, *a):
+        seen["grouped"] += 1
+        return real_group(self, *a)
+
+    def block_data(self, b, *a, **kw):
+        if seen["grouped"] and not seen["failed"] and self.plan.params.k == 0.5:
+            seen["failed"] = True
+            raise InputError("simulated: this candidate's input failed")
+        return real_data(self, b, *a, **kw)
+    monkeypatch.setattr(ties._HighPass, "map_group", group)
+    monkeypatch.setattr(R.Runner, "block_data", block_data)
+    cands, res = _sweep(fam, tmp_path / "sw", "ties", {"k": "0.2,0.5"}, max_memory="150KiB")
+    assert seen["failed"] and [c["status"] for c in res["candidates"]][0] == "merged"
+    assert res["candidates"][1]["status"] != "merged"
+    monkeypatch.undo()
+    assert shard_digests(tmp_path / "sw" / cands[0].name) == _run(fam, tmp_path / "run", "ties", cands[0].params,
+                                                                  max_memory="150KiB")
+

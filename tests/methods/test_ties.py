@@ -233,6 +233,20 @@ def test_sampled_window_skips_the_low_pass_and_a_miss_falls_back(family, tmp_pat
         assert miss == hit
 
 
+def test_a_sampled_threshold_among_the_zeros_puts_the_window_above_the_gap():
+    """A sample whose threshold falls in bin 0 (the unchanged weights) places the window on the
+    first bins above the gap, where the exact threshold is when the sample's share of zeros was
+    high; if it is among the zeros, pass A's zero count places it (test below)."""
+    from tensormerge.methods.ties import _sampled_bin
+
+    h = torch.zeros(65536, dtype=torch.int64)
+    h[0], h[14880], h[14890] = 600, 300, 100
+    assert _sampled_bin(h, 500) == 14880  # in bin 0 by the sample: moved above the gap
+    assert _sampled_bin(h, 700) == 14880 and _sampled_bin(h, 950) == 14890  # above it: as located
+    h[1:] = 0
+    assert _sampled_bin(h, 500) == 0  # nothing above: stays
+
+
 @pytest.mark.parametrize("kernels", ["auto", "torch"])
 def test_threshold_among_the_exact_zeros_needs_no_recount(tmp_path, monkeypatch, kernels):
     """Fine-tunes that left 60% of the weights unchanged (τ = 0, as bf16 checkpoints do), at
