@@ -197,7 +197,7 @@ class _HighPass(_HistogramPass):
         candidate's threshold bin is then exact, and pass B counts the low bits of every
         candidate's bin in one shared pass. Counting each candidate's window of bins here
         instead cost 30 ms per million entries for four k (the increments inside four windows
-        per model), against 4 ms for the histograms and 16 for pass B. With norms, the low bits
+        per model), against 4 ms for the histograms and 7 for pass B's table lookups. With norms, the low bits
         of each candidate's window too. `_compact` then takes its full-histogram path, whose
         thresholds are the same exact values."""
         data = datas[0]
