@@ -346,6 +346,60 @@ def window_counts_with(window_hist_below, inputs: list[torch.Tensor], base: torc
             torch.tensor(zeros, dtype=torch.int64))
 
 
+def ties_window_votes(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int,
+                      max_log: int) -> tuple:
+    """`ties_window_counts` and, in the same pass, the mass-sign votes of the merge (`ties_votes`)
+    as far as they do not depend on where inside each model's window its threshold falls: the
+    5th item, (fixed, where, change, log) from `window_votes`, or None (a NaN or Inf; more than `max_log`
+    entries to log). Kernels without it return None there and TIES runs its vote pass."""
+    lows, below, bad, zeros = ties_window_counts(inputs, base, windows, width)
+    votes = None if bad is not None else window_votes(inputs, base, windows, width, max_log)
+    return lows, below, bad, zeros, votes
+
+
+def window_votes(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int,
+                 max_log: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The votes of one chunk for any thresholds v_i inside the windows, in three parts.
+
+    An entry none of whose |τ_i| lies inside its model's window has the same elected sign for
+    every such v: it is counted in `fixed`. An entry with exactly one τ_i inside (offset o in
+    the window) has sign s_trim when τ_i is trimmed (v_i above it) and s_keep when kept: s_trim
+    is counted in `fixed` and, where they differ, the change s_keep - s_trim listed at
+    where = i * span + o (int64, any order), so the vote for thresholds at offsets j_i is fixed
+    + Σ_i Σ_{o >= j_i} delta[i, o] with delta the sum of the changes at each place. Entries with
+    two or more inside are listed in `log` ([m, N] task vectors in the work dtype) to be elected
+    once v is known; None when there are more than max_log of them. Every sum is the merge's, in
+    model order. Lists rather than a dense delta: it would be summed per chunk (6 MB for three
+    models), which cost more than the votes themselves."""
+    base_w = base.reshape(-1).to(work_dtype(base, *inputs))
+    tau = task_vectors(inputs, base_w)
+    span = width * _select.NBINS
+    offs = [_select.abs_bits(t.float()).sub_(w << 16) for t, w in zip(tau, windows)]
+    inside = [(o >= 0).logical_and_(o < span) for o in offs]
+    count = torch.zeros(tau.shape[1], dtype=torch.int8, device=tau.device)
+    for m in inside:
+        count.add_(m)
+    one = count == 1
+    decided, kept = torch.zeros_like(tau[0]), torch.zeros_like(tau[0])
+    for t, o, m in zip(tau, offs, inside):
+        above = o >= span
+        decided.add_(torch.where(above, t, 0))
+        kept.add_(torch.where(above.logical_or_(m & one), t, 0))
+    s = decided.sign_()
+    counted = count <= 1
+    fixed = int((s > 0).logical_and_(counted).sum()) - int((s < 0).logical_and_(counted).sum())
+    d = kept.sign_().sub_(s).to(torch.int64)
+    where, change = [], []
+    for i, (o, m) in enumerate(zip(offs, inside)):
+        sel = m.logical_and_(one).logical_and_(d != 0)
+        where.append(o[sel].long().add_(i * span))
+        change.append(d[sel])
+    many = count >= 2
+    n_log = int(many.sum())
+    log = tau[:, many].t().contiguous() if n_log <= max_log else None
+    return None if log is None else (fixed, torch.cat(where), torch.cat(change), log)
+
+
 def ties_columns(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[float],
                  index: torch.Tensor) -> torch.Tensor:
     """The trimmed task vectors [N, len(index)] at a few flat indices (for the patch log)."""

@@ -6,11 +6,17 @@ whose elected sign is exactly zero take the model-wide majority sign (when that 
 disjoint merges select their negative entries, as the reference's where(s > 0, τ > 0, τ < 0)
 does; kernels.reference.ties_disjoint). Both need the whole
 model, so they come from streaming passes: radix-histogram passes give the exact thresholds,
-then a vote pass sums the elected signs (integers: exact in any order) so the merge gives the
-exactly-cancelling entries the majority itself. Without it the majority is known only after the
-merge: those entries were merged with the running vote as a guess and patched where it was
-wrong, which on data with many of them (bf16 task vectors cancel exactly often) rewrote
-entries on every page of the output. That path remains for chunks an interrupted run logged.
+and the elected signs are summed (integers: exact in any order) so the merge gives the
+exactly-cancelling entries the majority itself. Pass A counts those votes as it counts the
+thresholds' windows (`_WindowVotes`: an entry's sign is known there unless some |τ_i| lies
+inside its window, and those few are kept in a form that gives the vote for any threshold in
+the window), so where every threshold falls in its window a run reads its inputs twice: pass A,
+then the merge. Otherwise (a missed window, a threshold among the exact zeros, a kernel without
+the votes, a sweep) a vote pass after the thresholds sums them. Without either the majority is
+known only after the merge: those entries were merged with the running vote as a guess and
+patched where it was wrong, which on data with many of them (bf16 task vectors cancel exactly
+often) rewrote entries on every page of the output. That path remains for chunks an
+interrupted run logged.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from tensormerge.methods.base import BlockData, GlobalPass, Method, Params, Patc
 GLOBAL = "\x00global"
 RUNNING_VOTES = "ties_running_votes"
 VOTES = "ties_votes"  # the exact votes per key, from the vote pass
+WINDOW_VOTES = "ties_window_votes"  # the same, counted by pass A where every threshold fell in its window
+LOG_BYTES = 64 << 20  # entries with several τ_i inside their windows, kept for their votes; beyond: vote pass
 WINDOW_BINS = 4  # top bins around the sampled threshold whose low bits pass A also counts
 NONFINITE_BIN = 0x7F80  # top 16 bits of +inf; NaNs fill the 127 bins above (sign bit is clear)
 
@@ -155,6 +163,78 @@ def _sampled_bin(h: torch.Tensor, rank: int) -> int:
     return b
 
 
+class _WindowVotes:
+    """Pass A's count of the majority votes (`kernels.reference.window_votes`), summed over
+    chunks: the votes of entries whose elected sign is the same wherever in the windows the
+    thresholds fall; per model and window offset, the change in votes when that model's τ_i
+    there is kept (listed by each chunk, summed into a dense [N, window] table as the lists
+    grow); and the few entries with two or more τ_i inside, listed (as bytes, like
+    `_UndecidedLog`: millions of small tensors would fragment the heap). `log` None: not
+    counted (a kernel without it, or more than LOG_BYTES to list), and the vote pass runs."""
+
+    __slots__ = ("fixed", "where", "change", "listed", "delta", "log", "dtype", "n_models")
+    span = WINDOW_BINS * S.NBINS
+
+    def __init__(self, fixed: int = 0, where: torch.Tensor | None = None, change: torch.Tensor | None = None,
+                 log: torch.Tensor | None = None):
+        self.fixed, self.delta = fixed, None
+        self.where = [] if where is None else [where.cpu()]
+        self.change = [] if change is None else [change.cpu()]
+        self.listed = sum(len(w) for w in self.where)
+        self.log = None if log is None else bytearray(log.cpu().numpy().tobytes())
+        self.dtype = None if log is None else log.dtype
+        self.n_models = None if log is None else log.shape[1]
+
+    def copy(self) -> "_WindowVotes":
+        out = _WindowVotes()
+        for name in self.__slots__:
+            setattr(out, name, getattr(self, name))
+        out.where, out.change = list(self.where), list(self.change)
+        out.delta = None if self.delta is None else self.delta.clone()
+        out.log = None if self.log is None else bytearray(self.log)
+        return out
+
+    def __iadd__(self, other: "_WindowVotes") -> "_WindowVotes":
+        if self.log is None or other.log is None or len(self.log) + len(other.log) > LOG_BYTES:
+            self.fixed, self.where, self.change, self.listed, self.delta, self.log = 0, [], [], 0, None, None
+            return self
+        self.fixed += other.fixed
+        self.where += other.where
+        self.change += other.change
+        self.listed += other.listed
+        self.log += other.log
+        if other.delta is not None:
+            self._table().add_(other.delta)
+        if self.listed > self.span * self.n_models:  # as large as the table: sum them into it
+            self._fold()
+        return self
+
+    def __add__(self, other: "_WindowVotes") -> "_WindowVotes":  # dask folds a block's partials
+        out = self.copy()
+        out += other
+        return out
+
+    def _table(self) -> torch.Tensor:
+        if self.delta is None:
+            self.delta = torch.zeros(self.n_models, self.span, dtype=torch.int64)
+        return self.delta
+
+    def _fold(self) -> None:
+        if self.where:
+            self._table().view(-1).index_add_(0, torch.cat(self.where), torch.cat(self.change))
+        self.where, self.change, self.listed = [], [], 0
+
+    def total(self, offsets: list[int], thresholds: list[float]) -> int:
+        """The votes for thresholds at these offsets of their windows (values `thresholds`)."""
+        self._fold()
+        votes = self.fixed + sum(int(self._table()[i, j:].sum()) for i, j in enumerate(offsets))
+        if self.log:
+            listed = torch.frombuffer(self.log, dtype=self.dtype).reshape(-1, self.n_models)
+            sign = K.ties_elect(K.ties_trim_(listed.t().contiguous(), thresholds), "mass")
+            votes += int((sign > 0).sum()) - int((sign < 0).sum())
+        return votes
+
+
 class _HighPass(_HistogramPass):
     """Pass A: per model, the low bits of the entries inside the sampled window of bins and the
     count below it, which locate the exact threshold whenever it lies in the window. The full
@@ -165,17 +245,24 @@ class _HighPass(_HistogramPass):
     label = "top-k threshold: high bits"
 
     def start(self, state: dict) -> dict:
-        return {"hist": {}, "numel": {}, "result": {}, "window": {}, "below": {}, "zeros": {},
-                "lo": state.get(_SamplePass.name, {})}
+        return {"hist": {}, "numel": {}, "result": {}, "window": {}, "below": {}, "zeros": {}, "votes": {},
+                "counted": {}, "lo": state.get(_SamplePass.name, {})}
 
     def map(self, data: BlockData, state: dict):
         windows = state.get(_SamplePass.name, {}).get(_key(self.params, data.name))
         kern = ops(data)
         if windows is not None and not self.params.needs_norms:  # the window only (see the class)
-            lows, below, bad, zeros = kern.ties_window_counts(data.inputs, data.base, windows, WINDOW_BINS)
+            numel = len(data.base.reshape(-1))
+            votes = None
+            if self.params.sign == "mass":
+                lows, below, bad, zeros, counted = kern.ties_window_votes(data.inputs, data.base, windows,
+                                                                          WINDOW_BINS, numel // 16)
+                votes = _WindowVotes(*counted) if counted is not None else _WindowVotes()
+            else:
+                lows, below, bad, zeros = kern.ties_window_counts(data.inputs, data.base, windows, WINDOW_BINS)
             if bad is not None:
                 raise InputError(f"tensor {data.name!r}: model {bad} (or the base) holds NaN or Inf values")
-            return None, lows.cpu(), len(data.base.reshape(-1)), below.cpu(), zeros.cpu()
+            return None, lows.cpu(), numel, below.cpu(), zeros.cpu(), votes
         tau = K.task_vectors(data.inputs, data.base).float()
         hists, lows = [], []
         for i in range(tau.shape[0]):
@@ -186,7 +273,7 @@ class _HighPass(_HistogramPass):
             hists.append(h)
             if windows is not None:
                 lows.append(kern.window_hist(bits, windows[i], WINDOW_BINS))
-        return torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None, tau.shape[1], None, None
+        return torch.stack(hists).cpu(), torch.stack(lows).cpu() if lows else None, tau.shape[1], None, None, None
 
     def group_key(self):
         return (self.name, self.params.needs_norms)
@@ -206,7 +293,7 @@ class _HighPass(_HistogramPass):
             bad = hist[:, NONFINITE_BIN:NONFINITE_BIN + 128].any(1).nonzero()
             if len(bad):
                 raise InputError(f"tensor {data.name!r}: model {int(bad[0])} (or the base) holds NaN or Inf values")
-            return [(hist.unsqueeze(1), None, data.base.numel(), None, None)] * len(datas)
+            return [(hist.unsqueeze(1), None, data.base.numel(), None, None, None)] * len(datas)
         kern = ops(data)
         tau = K.task_vectors(data.inputs, data.base).float()
         hists, bits = [], []
@@ -223,12 +310,17 @@ class _HighPass(_HistogramPass):
             windows = s.get(_SamplePass.name, {}).get(_key(p.params, d.name))
             lows = None if windows is None else torch.stack(
                 [kern.window_hist(b, windows[i], WINDOW_BINS) for i, b in enumerate(bits)]).cpu()
-            out.append((hist, lows, tau.shape[1], None, None))
+            out.append((hist, lows, tau.shape[1], None, None, None))
         return out
 
     def reduce(self, acc: dict, partial, block: str) -> dict:
-        hist, lows, numel, below, zeros = partial
+        hist, lows, numel, below, zeros, votes = partial
         key = _key(self.params, block)
+        if votes is not None:
+            if key in acc["votes"]:
+                acc["votes"][key] += votes
+            else:
+                acc["votes"][key] = votes.copy()
         acc["numel"][key] = acc["numel"].get(key, 0) + numel
         if lows is not None:
             if key in acc["window"]:
@@ -247,21 +339,25 @@ class _HighPass(_HistogramPass):
         for key in list(acc["numel"]):
             self._compact(acc, key)
         state[self.name] = acc["result"]
+        state[WINDOW_VOTES] = acc["counted"]
 
     def _compact(self, acc: dict, key: str) -> None:
         """Per model: its bin, rank in bin and mass above; and, when the exact bin lay inside
         the sampled window, the final threshold and trimmed norm (pass B is then not needed).
         None for a model whose threshold the window (counted without the full histogram)
-        missed: pass A2 locates it."""
+        missed: pass A2 locates it. When every model's threshold lay inside its window, the
+        key's votes too (`_WindowVotes`), and the vote pass is not needed either."""
         hist = acc["hist"].pop(key, None)
         numel = acc["numel"].pop(key)
         window, lows = acc["window"].pop(key, None), acc["lo"].get(key)
         below = acc["below"].pop(key, None)
         zeros = acc["zeros"].pop(key, None)
+        votes = acc["votes"].pop(key, None)
         own = self.params.for_block(key)
         rank = S.keep_rank(numel, own.k, own.k_rule)
         per_model = []
         if hist is None:  # window only: the threshold is the (rank - below)-th entry inside it
+            offsets = []  # each threshold's offset in its window, while all are inside
             for i in range(window.shape[0]):
                 if rank == 0:
                     per_model.append((-1, 0, Fraction(0), (0.0, 0.0)))
@@ -271,6 +367,7 @@ class _HighPass(_HistogramPass):
                     j, r_in = S.locate(window[i], inside)
                     bits = (lows[i] << 16) + j
                     per_model.append((bits >> 16, r_in, Fraction(0), (S.bits_to_float(bits), 0.0)))
+                    offsets.append(j)
                 elif inside < 1 and zeros is not None and rank <= int(zeros[i]):
                     # among the exact zeros below the window: the threshold is 0 (a model whose
                     # k is at the edge of its unchanged weights; no window spans both sides)
@@ -278,6 +375,8 @@ class _HighPass(_HistogramPass):
                 else:
                     per_model.append(None)
             acc["result"][key] = per_model
+            if votes is not None and votes.log is not None and len(offsets) == len(per_model):
+                acc["counted"][key] = votes.total(offsets, [m[3][0] for m in per_model])
             return
         for i, h in enumerate(hist):
             if rank == 0:  # keep everything
@@ -415,7 +514,12 @@ class _VotePass(GlobalPass):
         self.params = params
 
     def skip(self, state: dict) -> bool:
-        return self.params.sign == "none"  # no election, no zero signs
+        """No election (no zero signs), or pass A counted every key's votes."""
+        counted = state.get(WINDOW_VOTES, {})
+        return self.params.sign == "none" or all(key in counted for key in state[_LowPass.name])
+
+    def start(self, state: dict) -> dict:
+        return dict(state.get(WINDOW_VOTES, {})) if self.params.sign != "none" and self.skip(state) else {}
 
     def map(self, data: BlockData, state: dict) -> int:
         trim = state[_LowPass.name][_key(self.params, data.name)]

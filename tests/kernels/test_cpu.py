@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tensormerge.kernels import reference as R
+from tensormerge.kernels.select import NBINS
 from tests import helpers as H
 
 pytest.importorskip("numba")
@@ -356,3 +357,81 @@ def test_votes_of_other_modes_and_nonfinite_values_are_the_reference():
     assert got == R.ties_votes(f32, b32, th32, "mass", None) == _votes64(f32, b32, th32)
     assert got == R.ties_votes([f[:3] for f in f32], b32[:3], th32, "mass", None) + \
         R.ties_votes([f[3:] for f in f32], b32[3:], th32, "mass", None)
+
+
+# ------------------------------------------------------------------ pass A's votes
+def _window_vote(votes, fts, base, windows, thresholds) -> int:
+    """The vote pass A's three parts give for thresholds inside the windows: the entries it counted,
+    the listed changes at offsets >= each threshold's, and its logged entries elected by the
+    float64 formula."""
+    fixed, where, change, log = votes
+    span = 4 * NBINS
+    delta = torch.zeros(len(fts) * span, dtype=torch.int64).index_add_(0, where, change).reshape(len(fts), span)
+    offsets = [int(torch.tensor([v], dtype=torch.float32).view(torch.int32)) - (w << 16)
+               for v, w in zip(thresholds, windows)]
+    assert all(0 <= j < span for j in offsets)
+    listed = 0
+    if len(log):
+        keep = log.float().abs() >= torch.tensor(thresholds, dtype=torch.float32)
+        total = (log.double() * keep).sum(1)
+        listed = int((total > 0).sum()) - int((total < 0).sum())
+    return fixed + sum(int(delta[i, j:].sum()) for i, j in enumerate(offsets)) + listed
+
+
+@pytest.mark.parametrize("n,n_models,dtype,base_dtype", [
+    (1, 1, torch.float32, torch.float32), (13, 2, torch.bfloat16, torch.bfloat16),
+    (5000, 3, torch.bfloat16, torch.bfloat16), (5000, 5, torch.float32, torch.float32),
+    (777, 2, torch.bfloat16, torch.float32), (4097, 3, torch.float32, torch.float32),
+    (6000, 3, torch.float16, torch.float16),  # the reference's (no fused form for float16)
+])
+def test_pass_a_votes_are_the_vote_pass_for_every_threshold_inside_the_windows(n, n_models, dtype, base_dtype):
+    """Pass A's votes (`ties_window_votes`) give, for thresholds anywhere inside the windows
+    (their first and last offsets, exactly at an entry's |τ| (a tie: kept), random ones, and 0
+    in a window at bin 0), the vote the float64 formula counts; fused and reference agree part by
+    part, and the window counts are `ties_window_counts`' own."""
+    fts, base, _ = _chunk(n, n_models, dtype, base_dtype, seed=3 * n + n_models)
+    if n_models >= 2 and n >= 100:
+        fts[1][50:90] = fts[0][50:90]  # equal task vectors: both inside their windows together
+    tau = torch.stack([f.float() - base.float() for f in fts])
+    bits = [R.abs_bits_(t.clone()) for t in tau]
+    windows = [max(int(b.sort().values[int(0.6 * (n - 1))]) >> 16, 1) - 1 for b in bits]
+    if n_models >= 3:
+        windows[2] = 0
+    span = 4 * NBINS
+    got = C.ties_window_votes(fts, base, windows, 4, n)
+    want = R.ties_window_votes(fts, base, windows, 4, n)
+    counts = R.ties_window_counts(fts, base, windows, 4)
+    for a, b, c in zip(got[:4], want[:4], counts):
+        assert (a is b is c is None) or (torch.equal(a, b) and torch.equal(b, c))
+    (gf, gw, gc, gl), (wf, ww, wc, wl) = got[4], want[4]
+    dense = [torch.zeros(n_models * span, dtype=torch.int64).index_add_(0, w, c) for w, c in ((gw, gc), (ww, wc))]
+    assert gf == wf and torch.equal(dense[0], dense[1]) and torch.equal(gl.to(wl.dtype), wl)
+    g = torch.Generator().manual_seed(n)
+    choices = []
+    for i, (b, w) in enumerate(zip(bits, windows)):
+        inside = b[(b >= w << 16) & (b < (w << 16) + span)]
+        options = [w << 16, (w << 16) + span - 1] + [int(x) for x in inside[:3]]
+        options += [(w << 16) + int(torch.randint(span, (1,), generator=g)) for _ in range(3)]
+        choices.append(options)
+    picks = list(itertools.product(*choices))
+    for pick in picks[::max(1, len(picks) // 60)]:
+        thresholds = [float(torch.tensor([p], dtype=torch.int32).view(torch.float32)) for p in pick]
+        assert _window_vote(got[4], fts, base, windows, thresholds) == _votes64(fts, base, thresholds)
+    if n >= 4000 and n_models >= 3:
+        assert len(gl) and len(gw)  # entries of each kind were there to count
+
+
+def test_pass_a_votes_give_up_past_their_log_and_on_nonfinite_values():
+    """More entries with two τ_i inside than the log takes: no votes (the vote pass runs); a NaN:
+    no votes and the model named, as the window counts name it."""
+    fts, base, _ = _chunk(3000, 3, torch.bfloat16, torch.bfloat16, seed=2)
+    fts[1] = fts[0].clone()  # every entry inside one window is inside the other's
+    bits = R.abs_bits_(fts[0].float() - base.float())
+    w = max(int(bits.sort().values[1800]) >> 16, 1) - 1
+    for mod in (C, R):
+        assert len(mod.ties_window_votes(fts, base, [w] * 3, 4, 3000)[4][3]) > 10
+        assert mod.ties_window_votes(fts, base, [w] * 3, 4, 10)[4] is None
+    fts[2][2500] = float("nan")
+    for mod in (C, R):
+        out = mod.ties_window_votes(fts, base, [w] * 3, 4, 3000)
+        assert out[2] == 2 and out[4] is None

@@ -488,3 +488,85 @@ def test_vote_pass_writes_the_bytes_the_patches_wrote(tmp_path, monkeypatch, whi
         _without_vote_pass(m)
         old, want = run("patched")
     assert old["patched_entries"] > 0 and got == want
+
+
+# ------------------------------------------------------------------ the votes counted by pass A
+def _pass_names(rep, skipped: bool) -> set[str]:
+    return {p["name"] for p in rep["passes"] if bool(p.get("skipped")) == skipped}
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("twins", [False, True])
+def test_pass_a_counts_the_votes_and_the_vote_pass_is_skipped(tmp_path, monkeypatch, kernels, twins):
+    """Where every threshold falls inside its sampled window, pass A's votes replace the vote
+    pass (one read fewer): the same bytes as the vote pass's merge, and as the float64 formula.
+    `twins`: two fine-tunes with equal task vectors, so the votes of every entry inside one
+    window come from pass A's log of entries with several τ_i inside."""
+    from tensormerge.methods import ties as T
+
+    g = torch.Generator().manual_seed(5)
+    base = {"a.weight": torch.randn(96, 40, generator=g).to(torch.bfloat16),
+            "b.weight": torch.randn(50, 33, generator=g), "c.bias": torch.randn(70, generator=g).half()}
+    fts = [{k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)
+                * (torch.rand(v.shape, generator=g) < 0.7)).to(v.dtype) for k, v in base.items()} for _ in range(3)]
+    if twins:
+        fts[1] = {k: v.clone() for k, v in fts[0].items()}
+    paths = [H.save(tmp_path / n, sd) for n, sd in zip(("base", "f1", "f2", "f3"), [base] + fts)]
+    monkeypatch.setattr(T._SamplePass, "sample", 1.0)  # a sample this small could miss: make it the model
+    votes = []  # each run's model-wide votes, however counted
+    finish = T._VotePass.finish
+    monkeypatch.setattr(T._VotePass, "finish", lambda self, acc, state: (votes.append(dict(acc)),
+                                                                         finish(self, acc, state)))
+
+    def run(tag):
+        out = tmp_path / tag
+        rep = merge(MergeSpec("ties", paths[1:], str(out), base=paths[0], max_memory="24KiB", kernels=kernels,
+                              quiet=True))
+        return rep, H.shard_digests(out), load_file(str(out / "model.safetensors"))
+
+    rep, got, tensors = run("window-votes")
+    assert {"ties_votes", "ties_low", "ties_high_miss"} <= _pass_names(rep, True)
+    assert rep["patched_entries"] == 0
+    with monkeypatch.context() as m:
+        m.setattr(T, "LOG_BYTES", -1)  # no votes from pass A: the vote pass runs
+        rep2, want, _ = run("vote-pass")
+    assert "ties_votes" in _pass_names(rep2, False) and got == want
+    assert len(votes) == 2 and votes[0] == votes[1] and votes[0]
+    exp = reference_ties(base, fts)
+    for n, t in tensors.items():
+        torch.testing.assert_close(t.double(), exp[n].to(t.dtype).double(), rtol=0, atol=TOL[t.dtype])
+
+
+def test_window_votes_sum_alike_in_any_grouping_and_give_up_past_the_log(monkeypatch):
+    """Pass A's partial votes summed chunk by chunk (the local executor), or first per block (dask
+    folds a block's partials with `+`), give the same total, the vote pass's; a log past
+    LOG_BYTES gives none."""
+    from tensormerge.kernels import select as S
+    from tensormerge.methods import ties as T
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(30000, generator=g).to(torch.bfloat16)
+    fts = [(base.float() + 0.05 * torch.randn(30000, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    fts[2][:15000] = fts[1][:15000]
+    tau = torch.stack([f.float() - base.float() for f in fts])
+    windows = [(int(S.abs_bits(t).sort().values[18000]) >> 16) - 1 for t in tau]
+    cuts = [0, 7, 4096, 12000, 12001, 29000, 30000]
+    parts = [T._WindowVotes(*K.ties_window_votes([f[a:b] for f in fts], base[a:b], windows, T.WINDOW_BINS, b - a)[4])
+             for a, b in zip(cuts, cuts[1:])]
+    thresholds = [float(S.abs_bits(t).sort().values[18000].view(torch.float32)) for t in tau]
+    offsets = [int(torch.tensor([v]).view(torch.int32)) - (w << 16) for v, w in zip(thresholds, windows)]
+    want = K.ties_votes(fts, base, thresholds, "mass", None)
+
+    local = parts[0].copy()
+    for p in parts[1:]:
+        local += p
+    folded = (parts[0] + parts[1] + parts[2]).copy()
+    folded += parts[3] + parts[4] + parts[5]
+    assert local.total(offsets, thresholds) == folded.total(offsets, thresholds) == want
+    assert sum(len(p.log) for p in parts) > 0 and sum(p.listed for p in parts) > 0
+
+    monkeypatch.setattr(T, "LOG_BYTES", sum(len(p.log) for p in parts) - 1)
+    local = parts[0].copy()
+    for p in parts[1:]:
+        local += p
+    assert local.log is None

@@ -296,6 +296,14 @@ def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: 
     return _ref.window_counts_with(window_hist_below_, inputs, base, windows, width)
 
 
+def ties_window_votes(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int,
+                      max_log: int) -> tuple:
+    """The window counts without pass A's votes (None), so TIES runs its vote pass: there is no
+    Triton form of the votes yet, and the reference's (a dozen whole-chunk temporaries and
+    scatters) has not been measured against that pass on a GPU."""
+    return (*ties_window_counts(inputs, base, windows, width), None)
+
+
 def window_hist(bits: torch.Tensor, lo_bin: int, width: int) -> torch.Tensor:
     """bincount(select.window_offsets(bits, lo_bin, width), minlength=width * NBINS) without
     materialising the offsets (what TIES' pass A does with them)."""
