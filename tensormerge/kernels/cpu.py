@@ -386,7 +386,7 @@ from tensormerge.kernels.numba_intrinsics import as_float32, as_uint32
 
 
 @njit(nogil=True, cache=True)
-def kernel({xs}, base, starts, span, hist, below, zeros, where, change, log, counts):
+def kernel({xs}, base, starts, span, inside, below, zeros, where, change, log, counts):
     zero = np.float32(0.0)
     n = base.shape[0]
     sp = np.uint32(span)
@@ -396,6 +396,7 @@ def kernel({xs}, base, starts, span, hist, below, zeros, where, change, log, cou
     fixed = np.int64(0)
     n_log = np.int64(0)
     n_change = 0
+    n_inside = 0
     cap = log.shape[0]
 {setup}
     for c in range(0, n, block):
@@ -428,6 +429,7 @@ def kernel({xs}, base, starts, span, hist, below, zeros, where, change, log, cou
     counts[0] = fixed
     counts[1] = n_log
     counts[2] = n_change
+    counts[3] = n_inside
 {finish}
     return -1
 """
@@ -440,6 +442,10 @@ _WVOTES_BITS = """            t{i} = {load} - b
             o{i}[j] = v{i} - s{i}
             c{i} += np.int64(v{i} < s{i})
             k{i} = t{i} if v{i} >= e{i} else zero"""
+_WVOTES_INSIDE = """                u = o{i}[j]
+                if u < sp:
+                    inside[n_inside] = np.int32({i} * span) + np.int32(u)
+                    n_inside += 1"""
 _WVOTES_AGAIN = """                t{i} = {load} - b
                 u{i} = o{i}[j]
                 k{i} = t{i} if (u{i} >= sp) & (u{i} < low) else zero"""
@@ -468,7 +474,7 @@ def _wvotes_kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
                 bits="\n".join(_WVOTES_BITS.format(i=i, load=load[i]) for i in models),
                 inside=" + ".join(f"np.int64(o{i}[j] < sp)" for i in models),
                 decided=" + ".join(f"k{i}" for i in models),
-                count="\n".join("    " + line for i in models for line in _WINDOW_COUNT.format(r=i).split("\n")),
+                count="\n".join(_WVOTES_INSIDE.format(i=i) for i in models),
                 again="\n".join(_WVOTES_AGAIN.format(i=i, load=load[i]) for i in models),
                 kept=" + ".join(f"(t{i} if u{i} < low else zero)" for i in models),
                 delta="\n".join(f"                        {'if' if i == 0 else 'elif'} u{i} < sp:\n"
@@ -483,31 +489,34 @@ def _wvotes_kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
 
 def ties_window_votes(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int,
                       max_log: int) -> tuple:
-    """reference.ties_window_votes; fused for bf16 or float32 CPU chunks."""
+    """reference.ties_window_votes; fused for bf16 or float32 CPU chunks. The window counts come
+    listed: a 1-D int64 tensor with one flat place i * span + offset per entry inside model i's
+    window (any order), which the caller sums into the [N, span] table the reference returns."""
     arrays = _arrays(inputs, base)
     if (arrays is None or _ref.work_dtype(base, *inputs) != torch.float32
             or not all(0 <= w and w + width <= 1 << 15 for w in windows)):
         return _ref.ties_window_votes(inputs, base, windows, width, max_log)
     xs, b = arrays
     n, span = len(xs), width * NBINS
-    hist = torch.zeros(n, span, dtype=torch.int64)
+    inside = np.empty(b.shape[0] * n, np.int32)  # pages touched only as entries are listed
     below = torch.zeros(n, dtype=torch.int64)
     zeros = torch.zeros(n, dtype=torch.int64)
-    where = np.empty(b.shape[0], np.int32)  # pages touched only as entries are listed
+    where = np.empty(b.shape[0], np.int32)
     change = np.empty(b.shape[0], np.int8)
     log = np.empty((min(max_log, b.shape[0]), n), np.float32)
-    counts = np.zeros(3, np.int64)
+    counts = np.zeros(4, np.int64)
     starts = np.array([w << 16 for w in windows], np.int64)
-    bad = _wvotes_kernel(n, xs[0].dtype, b.dtype)(*xs, b, starts, span, hist.numpy(), below.numpy(), zeros.numpy(),
+    bad = _wvotes_kernel(n, xs[0].dtype, b.dtype)(*xs, b, starts, span, inside, below.numpy(), zeros.numpy(),
                                                   where, change, log, counts)
+    lows = torch.from_numpy(inside[:int(counts[3])].astype(np.int64))
     if bad >= 0:
-        return hist, below, int(bad), zeros, None
+        return lows, below, int(bad), zeros, None
     n_log, n_change = int(counts[1]), int(counts[2])
     votes = None
     if n_log <= log.shape[0]:
         votes = (int(counts[0]), torch.from_numpy(where[:n_change].astype(np.int64)),
                  torch.from_numpy(change[:n_change].astype(np.int64)), torch.from_numpy(log[:n_log].copy()))
-    return hist, below, None, zeros, votes
+    return lows, below, None, zeros, votes
 
 
 def ties_window_counts(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int

@@ -348,7 +348,9 @@ def window_counts_with(window_hist_below, inputs: list[torch.Tensor], base: torc
 
 def ties_window_votes(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int,
                       max_log: int) -> tuple:
-    """`ties_window_counts` and, in the same pass, the mass-sign votes of the merge (`ties_votes`)
+    """`ties_window_counts` (its window counts dense [N, span], or listed as 1-D flat places
+    i * span + offset, one per entry inside, where a kernel finds that cheaper to sum) and, in
+    the same pass, the mass-sign votes of the merge (`ties_votes`)
     as far as they do not depend on where inside each model's window its threshold falls: the
     5th item, (fixed, where, change, log) from `window_votes`, or None (a NaN or Inf; more than `max_log`
     entries to log). Kernels without it return None there and TIES runs its vote pass."""
@@ -376,7 +378,7 @@ def window_votes(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[i
     span = width * _select.NBINS
     offs = [_select.abs_bits(t.float()).sub_(w << 16) for t, w in zip(tau, windows)]
     inside = [(o >= 0).logical_and_(o < span) for o in offs]
-    count = torch.zeros(tau.shape[1], dtype=torch.int8, device=tau.device)
+    count = torch.zeros(tau.shape[1], dtype=torch.int32, device=tau.device)  # int8 wraps at 128 models
     for m in inside:
         count.add_(m)
     one = count == 1

@@ -163,50 +163,131 @@ def _sampled_bin(h: torch.Tensor, rank: int) -> int:
     return b
 
 
+class _Listed:
+    """Increments at flat places of an [N, window] table, listed by a chunk rather than dense.
+    Only the few percent of entries inside the windows add anything, and a dense table per chunk
+    (6 MB for three models, zeroed by the kernel and summed here, over a thousand chunks of a 1.1B
+    model) cost more than pass A's counting. `values` None: each place adds 1 (window counts);
+    else the listed changes (votes). Lists sum by concatenation (dask folds a block's partials
+    with `+`); `into` adds them to a dense table, which the accumulator does as they grow."""
+
+    __slots__ = ("where", "values", "size")
+
+    def __init__(self, where: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        self.where = [] if where is None else [where.cpu()]
+        self.values = None if values is None else [values.cpu()]
+        self.size = 0 if where is None else len(where)
+
+    def __add__(self, other: "_Listed") -> "_Listed":
+        out = _Listed()
+        out.where, out.size = self.where + other.where, self.size + other.size
+        out.values = None if self.values is None and other.values is None else (self.values or []) + (other.values or [])
+        return out
+
+    def into(self, table: torch.Tensor) -> torch.Tensor:
+        if self.where:
+            where = torch.cat(self.where)
+            if self.values is None:
+                table.view(-1).add_(torch.bincount(where, minlength=table.numel()))
+            else:
+                table.view(-1).index_add_(0, where, torch.cat(self.values))
+        self.where, self.size = [], 0
+        self.values = None if self.values is None else []
+        return table
+
+
+class _Table:
+    """An accumulator of dense [N, window] partials and `_Listed` ones (kept listed until they are
+    as large as the table, then added to it)."""
+
+    __slots__ = ("dense", "listed")
+    fold_at = 0  # listed increments beyond this are added to the table; 0: as many as its places
+
+    def __init__(self) -> None:
+        self.dense: torch.Tensor | None = None
+        self.listed: _Listed | None = None
+
+    def add(self, part: "torch.Tensor | _Listed", n_models: int, span: int) -> None:
+        if isinstance(part, torch.Tensor):
+            if self.dense is None:
+                self.dense = part.clone()
+            else:
+                self.dense += part
+            return
+        self.listed = part if self.listed is None else self.listed + part
+        if self.listed.size > (self.fold_at or n_models * span):
+            self.table(n_models, span)
+
+    def table(self, n_models: int, span: int) -> torch.Tensor:
+        if self.dense is None:
+            self.dense = torch.zeros(n_models, span, dtype=torch.int64)
+        if self.listed is not None:
+            self.listed.into(self.dense)
+            self.listed = None
+        return self.dense
+
+
+def _no_changes() -> _Listed:
+    return _Listed(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+
+
 class _WindowVotes:
     """Pass A's count of the majority votes (`kernels.reference.window_votes`), summed over
     chunks: the votes of entries whose elected sign is the same wherever in the windows the
     thresholds fall; per model and window offset, the change in votes when that model's τ_i
-    there is kept (listed by each chunk, summed into a dense [N, window] table as the lists
-    grow); and the few entries with two or more τ_i inside, listed (as bytes, like
-    `_UndecidedLog`: millions of small tensors would fragment the heap). `log` None: not
-    counted (a kernel without it, or more than LOG_BYTES to list), and the vote pass runs."""
+    there is kept (`_Listed`); and the few entries with two or more τ_i inside, listed per work
+    dtype (float64 tensors elect in float64, the others in float32) as bytes, like
+    `_UndecidedLog`: millions of small tensors would fragment the heap. `logs` None: not counted
+    (a kernel without it, or more than LOG_BYTES to list), and the vote pass runs."""
 
-    __slots__ = ("fixed", "where", "change", "listed", "delta", "log", "dtype", "n_models")
+    __slots__ = ("fixed", "changes", "delta", "logs", "n_models")
     span = WINDOW_BINS * S.NBINS
 
     def __init__(self, fixed: int = 0, where: torch.Tensor | None = None, change: torch.Tensor | None = None,
                  log: torch.Tensor | None = None):
-        self.fixed, self.delta = fixed, None
-        self.where = [] if where is None else [where.cpu()]
-        self.change = [] if change is None else [change.cpu()]
-        self.listed = sum(len(w) for w in self.where)
-        self.log = None if log is None else bytearray(log.cpu().numpy().tobytes())
-        self.dtype = None if log is None else log.dtype
+        self.fixed = fixed
+        self.changes = _Listed(where, change) if where is not None else _no_changes()
+        self.delta = _Table()
+        self.logs: dict | None = None if log is None else {log.dtype: bytearray(log.cpu().numpy().tobytes())}
         self.n_models = None if log is None else log.shape[1]
+
+    @classmethod
+    def zero(cls) -> "_WindowVotes":
+        """Nothing counted yet (an accumulator's start), as against nothing countable (`cls()`)."""
+        out = cls()
+        out.logs = {}
+        return out
+
+    @property
+    def known(self) -> bool:
+        return self.logs is not None
+
+    def log_bytes(self) -> int:
+        return sum(len(b) for b in self.logs.values()) if self.logs else 0
 
     def copy(self) -> "_WindowVotes":
         out = _WindowVotes()
-        for name in self.__slots__:
-            setattr(out, name, getattr(self, name))
-        out.where, out.change = list(self.where), list(self.change)
-        out.delta = None if self.delta is None else self.delta.clone()
-        out.log = None if self.log is None else bytearray(self.log)
+        out.fixed, out.n_models = self.fixed, self.n_models
+        out.changes = self.changes + _no_changes()
+        out.delta.dense = None if self.delta.dense is None else self.delta.dense.clone()
+        out.delta.listed = None if self.delta.listed is None else self.delta.listed + _no_changes()
+        out.logs = None if self.logs is None else {dt: bytearray(b) for dt, b in self.logs.items()}
         return out
 
     def __iadd__(self, other: "_WindowVotes") -> "_WindowVotes":
-        if self.log is None or other.log is None or len(self.log) + len(other.log) > LOG_BYTES:
-            self.fixed, self.where, self.change, self.listed, self.delta, self.log = 0, [], [], 0, None, None
+        if not (self.known and other.known) or self.log_bytes() + other.log_bytes() > LOG_BYTES:
+            self.fixed, self.changes, self.delta, self.logs = 0, _no_changes(), _Table(), None
             return self
+        self.n_models = self.n_models or other.n_models
         self.fixed += other.fixed
-        self.where += other.where
-        self.change += other.change
-        self.listed += other.listed
-        self.log += other.log
-        if other.delta is not None:
-            self._table().add_(other.delta)
-        if self.listed > self.span * self.n_models:  # as large as the table: sum them into it
-            self._fold()
+        self.changes = self.changes + other.changes
+        if other.delta.dense is not None or other.delta.listed is not None:  # a sum of partials (dask)
+            self.delta.add(other.delta.table(self.n_models, self.span), self.n_models, self.span)
+        if self.changes.size > (_Table.fold_at or self.n_models * self.span):  # add them to the table
+            self.delta.add(self.changes, self.n_models, self.span)
+            self.changes = _no_changes()
+        for dtype, rows in other.logs.items():
+            self.logs.setdefault(dtype, bytearray()).extend(rows)
         return self
 
     def __add__(self, other: "_WindowVotes") -> "_WindowVotes":  # dask folds a block's partials
@@ -214,24 +295,17 @@ class _WindowVotes:
         out += other
         return out
 
-    def _table(self) -> torch.Tensor:
-        if self.delta is None:
-            self.delta = torch.zeros(self.n_models, self.span, dtype=torch.int64)
-        return self.delta
-
-    def _fold(self) -> None:
-        if self.where:
-            self._table().view(-1).index_add_(0, torch.cat(self.where), torch.cat(self.change))
-        self.where, self.change, self.listed = [], [], 0
-
     def total(self, offsets: list[int], thresholds: list[float]) -> int:
         """The votes for thresholds at these offsets of their windows (values `thresholds`)."""
-        self._fold()
-        votes = self.fixed + sum(int(self._table()[i, j:].sum()) for i, j in enumerate(offsets))
-        if self.log:
-            listed = torch.frombuffer(self.log, dtype=self.dtype).reshape(-1, self.n_models)
-            sign = K.ties_elect(K.ties_trim_(listed.t().contiguous(), thresholds), "mass")
-            votes += int((sign > 0).sum()) - int((sign < 0).sum())
+        self.delta.add(self.changes, self.n_models, self.span)
+        self.changes = _no_changes()
+        delta = self.delta.table(self.n_models, self.span)
+        votes = self.fixed + sum(int(delta[i, j:].sum()) for i, j in enumerate(offsets))
+        for dtype, rows in self.logs.items():
+            if rows:
+                listed = torch.frombuffer(rows, dtype=dtype).reshape(-1, self.n_models)
+                sign = K.ties_elect(K.ties_trim_(listed.t().contiguous(), thresholds), "mass")
+                votes += int((sign > 0).sum()) - int((sign < 0).sum())
         return votes
 
 
@@ -256,13 +330,14 @@ class _HighPass(_HistogramPass):
             votes = None
             if self.params.sign == "mass":
                 lows, below, bad, zeros, counted = kern.ties_window_votes(data.inputs, data.base, windows,
-                                                                          WINDOW_BINS, numel // 16)
+                                                                          WINDOW_BINS, max(numel // 16, 1024))
                 votes = _WindowVotes(*counted) if counted is not None else _WindowVotes()
             else:
                 lows, below, bad, zeros = kern.ties_window_counts(data.inputs, data.base, windows, WINDOW_BINS)
             if bad is not None:
                 raise InputError(f"tensor {data.name!r}: model {bad} (or the base) holds NaN or Inf values")
-            return None, lows.cpu(), numel, below.cpu(), zeros.cpu(), votes
+            lows = _Listed(lows) if lows.dim() == 1 else lows.cpu()  # the fused kernel lists its counts
+            return None, lows, numel, below.cpu(), zeros.cpu(), votes
         tau = K.task_vectors(data.inputs, data.base).float()
         hists, lows = [], []
         for i in range(tau.shape[0]):
@@ -316,17 +391,13 @@ class _HighPass(_HistogramPass):
     def reduce(self, acc: dict, partial, block: str) -> dict:
         hist, lows, numel, below, zeros, votes = partial
         key = _key(self.params, block)
-        if votes is not None:
-            if key in acc["votes"]:
-                acc["votes"][key] += votes
-            else:
-                acc["votes"][key] = votes.copy()
+        if votes is not None:  # the first chunk's too is held to LOG_BYTES
+            counted = acc["votes"].setdefault(key, _WindowVotes.zero())
+            counted += votes
         acc["numel"][key] = acc["numel"].get(key, 0) + numel
         if lows is not None:
-            if key in acc["window"]:
-                acc["window"][key] += lows
-            else:
-                acc["window"][key] = lows.clone()
+            acc["window"].setdefault(key, _Table()).add(lows, len(zeros if zeros is not None else lows),
+                                                        WINDOW_BINS * S.NBINS)
         if below is not None:
             acc["below"][key] = acc["below"].get(key, 0) + below
         if zeros is not None:
@@ -350,6 +421,8 @@ class _HighPass(_HistogramPass):
         hist = acc["hist"].pop(key, None)
         numel = acc["numel"].pop(key)
         window, lows = acc["window"].pop(key, None), acc["lo"].get(key)
+        if window is not None:
+            window = window.table(len(lows), WINDOW_BINS * S.NBINS)
         below = acc["below"].pop(key, None)
         zeros = acc["zeros"].pop(key, None)
         votes = acc["votes"].pop(key, None)
@@ -375,7 +448,7 @@ class _HighPass(_HistogramPass):
                 else:
                     per_model.append(None)
             acc["result"][key] = per_model
-            if votes is not None and votes.log is not None and len(offsets) == len(per_model):
+            if votes is not None and votes.known and len(offsets) == len(per_model):
                 acc["counted"][key] = votes.total(offsets, [m[3][0] for m in per_model])
             return
         for i, h in enumerate(hist):
