@@ -169,93 +169,95 @@ class _Listed:
     (6 MB for three models, zeroed by the kernel and summed here, over a thousand chunks of a 1.1B
     model) cost more than pass A's counting. `values` None: each place adds 1 (window counts);
     else the listed changes (votes). Lists sum by concatenation (dask folds a block's partials
-    with `+`); `into` adds them to a dense table, which the accumulator does as they grow."""
+    with `+`) and are never changed after, so sums may share them."""
 
     __slots__ = ("where", "values", "size")
 
-    def __init__(self, where: torch.Tensor | None = None, values: torch.Tensor | None = None):
-        self.where = [] if where is None else [where.cpu()]
+    def __init__(self, where: torch.Tensor, values: torch.Tensor | None = None):
+        self.where = [where.cpu()]
         self.values = None if values is None else [values.cpu()]
-        self.size = 0 if where is None else len(where)
+        self.size = len(where)
 
     def __add__(self, other: "_Listed") -> "_Listed":
-        out = _Listed()
+        out = _Listed.__new__(_Listed)
         out.where, out.size = self.where + other.where, self.size + other.size
-        out.values = None if self.values is None and other.values is None else (self.values or []) + (other.values or [])
+        out.values = None if self.values is None else self.values + other.values
         return out
 
-    def into(self, table: torch.Tensor) -> torch.Tensor:
-        if self.where:
-            where = torch.cat(self.where)
-            if self.values is None:
-                table.view(-1).add_(torch.bincount(where, minlength=table.numel()))
-            else:
-                table.view(-1).index_add_(0, where, torch.cat(self.values))
-        self.where, self.size = [], 0
-        self.values = None if self.values is None else []
-        return table
+    def into(self, table: torch.Tensor) -> None:
+        where = torch.cat(self.where)
+        if self.values is None:
+            table.view(-1).add_(torch.bincount(where, minlength=table.numel()))
+        else:
+            table.view(-1).index_add_(0, where, torch.cat(self.values))
 
 
 class _Table:
-    """An accumulator of dense [N, window] partials and `_Listed` ones (kept listed until they are
-    as large as the table, then added to it)."""
+    """An [N, window] int64 table summed from dense partials, `_Listed` ones (kept listed until
+    they are as many as its places, then added to it) and other tables."""
 
-    __slots__ = ("dense", "listed")
+    __slots__ = ("shape", "dense", "listed")
     fold_at = 0  # listed increments beyond this are added to the table; 0: as many as its places
 
-    def __init__(self) -> None:
+    def __init__(self, n_models: int, span: int) -> None:
+        self.shape = (n_models, span)
         self.dense: torch.Tensor | None = None
         self.listed: _Listed | None = None
 
-    def add(self, part: "torch.Tensor | _Listed", n_models: int, span: int) -> None:
-        if isinstance(part, torch.Tensor):
-            if self.dense is None:
-                self.dense = part.clone()
-            else:
-                self.dense += part
-            return
-        self.listed = part if self.listed is None else self.listed + part
-        if self.listed.size > (self.fold_at or n_models * span):
-            self.table(n_models, span)
+    def __iadd__(self, part: "torch.Tensor | _Listed | _Table") -> "_Table":
+        if isinstance(part, _Table):
+            for own in (part.dense, part.listed):
+                if own is not None:
+                    self += own
+        elif isinstance(part, torch.Tensor):
+            self.dense = part.clone() if self.dense is None else self.dense.add_(part)
+        else:
+            self.listed = part if self.listed is None else self.listed + part
+            if self.listed.size > (self.fold_at or self.shape[0] * self.shape[1]):
+                self.table()
+        return self
 
-    def table(self, n_models: int, span: int) -> torch.Tensor:
+    def copy(self) -> "_Table":
+        out = _Table(*self.shape)
+        out += self
+        return out
+
+    def table(self) -> torch.Tensor:
         if self.dense is None:
-            self.dense = torch.zeros(n_models, span, dtype=torch.int64)
+            self.dense = torch.zeros(self.shape, dtype=torch.int64)
         if self.listed is not None:
             self.listed.into(self.dense)
             self.listed = None
         return self.dense
 
 
-def _no_changes() -> _Listed:
-    return _Listed(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-
-
 class _WindowVotes:
     """Pass A's count of the majority votes (`kernels.reference.window_votes`), summed over
     chunks: the votes of entries whose elected sign is the same wherever in the windows the
     thresholds fall; per model and window offset, the change in votes when that model's τ_i
-    there is kept (`_Listed`); and the few entries with two or more τ_i inside, listed per work
+    there is kept (`delta`); and the few entries with two or more τ_i inside, listed per work
     dtype (float64 tensors elect in float64, the others in float32) as bytes, like
     `_UndecidedLog`: millions of small tensors would fragment the heap. `logs` None: not counted
-    (a kernel without it, or more than LOG_BYTES to list), and the vote pass runs."""
+    (a kernel without it, or more than LOG_BYTES to list), and the vote pass runs; {}: nothing
+    counted yet (an accumulator's start)."""
 
-    __slots__ = ("fixed", "changes", "delta", "logs", "n_models")
+    __slots__ = ("fixed", "delta", "logs")
     span = WINDOW_BINS * S.NBINS
 
-    def __init__(self, fixed: int = 0, where: torch.Tensor | None = None, change: torch.Tensor | None = None,
-                 log: torch.Tensor | None = None):
-        self.fixed = fixed
-        self.changes = _Listed(where, change) if where is not None else _no_changes()
-        self.delta = _Table()
-        self.logs: dict | None = None if log is None else {log.dtype: bytearray(log.cpu().numpy().tobytes())}
-        self.n_models = None if log is None else log.shape[1]
+    def __init__(self, n_models: int, logs: dict | None = None):
+        self.fixed = 0
+        self.delta = _Table(n_models, self.span)
+        self.logs = logs
 
     @classmethod
-    def zero(cls) -> "_WindowVotes":
-        """Nothing counted yet (an accumulator's start), as against nothing countable (`cls()`)."""
-        out = cls()
-        out.logs = {}
+    def of_chunk(cls, n_models: int, counted: tuple | None) -> "_WindowVotes":
+        """A chunk's votes from the kernel's (fixed, where, change, log), or None: not countable."""
+        if counted is None:
+            return cls(n_models)
+        fixed, where, change, log = counted
+        out = cls(n_models, {log.dtype: bytearray(log.cpu().numpy().tobytes())})
+        out.fixed = fixed
+        out.delta += _Listed(where, change)
         return out
 
     @property
@@ -266,26 +268,17 @@ class _WindowVotes:
         return sum(len(b) for b in self.logs.values()) if self.logs else 0
 
     def copy(self) -> "_WindowVotes":
-        out = _WindowVotes()
-        out.fixed, out.n_models = self.fixed, self.n_models
-        out.changes = self.changes + _no_changes()
-        out.delta.dense = None if self.delta.dense is None else self.delta.dense.clone()
-        out.delta.listed = None if self.delta.listed is None else self.delta.listed + _no_changes()
-        out.logs = None if self.logs is None else {dt: bytearray(b) for dt, b in self.logs.items()}
+        out = _WindowVotes(self.delta.shape[0], None if self.logs is None else
+                           {dt: bytearray(b) for dt, b in self.logs.items()})
+        out.fixed, out.delta = self.fixed, self.delta.copy()
         return out
 
     def __iadd__(self, other: "_WindowVotes") -> "_WindowVotes":
         if not (self.known and other.known) or self.log_bytes() + other.log_bytes() > LOG_BYTES:
-            self.fixed, self.changes, self.delta, self.logs = 0, _no_changes(), _Table(), None
+            self.fixed, self.delta, self.logs = 0, _Table(*self.delta.shape), None
             return self
-        self.n_models = self.n_models or other.n_models
         self.fixed += other.fixed
-        self.changes = self.changes + other.changes
-        if other.delta.dense is not None or other.delta.listed is not None:  # a sum of partials (dask)
-            self.delta.add(other.delta.table(self.n_models, self.span), self.n_models, self.span)
-        if self.changes.size > (_Table.fold_at or self.n_models * self.span):  # add them to the table
-            self.delta.add(self.changes, self.n_models, self.span)
-            self.changes = _no_changes()
+        self.delta += other.delta
         for dtype, rows in other.logs.items():
             self.logs.setdefault(dtype, bytearray()).extend(rows)
         return self
@@ -297,13 +290,11 @@ class _WindowVotes:
 
     def total(self, offsets: list[int], thresholds: list[float]) -> int:
         """The votes for thresholds at these offsets of their windows (values `thresholds`)."""
-        self.delta.add(self.changes, self.n_models, self.span)
-        self.changes = _no_changes()
-        delta = self.delta.table(self.n_models, self.span)
+        delta = self.delta.table()
         votes = self.fixed + sum(int(delta[i, j:].sum()) for i, j in enumerate(offsets))
         for dtype, rows in self.logs.items():
             if rows:
-                listed = torch.frombuffer(rows, dtype=dtype).reshape(-1, self.n_models)
+                listed = torch.frombuffer(rows, dtype=dtype).reshape(-1, delta.shape[0])
                 sign = K.ties_elect(K.ties_trim_(listed.t().contiguous(), thresholds), "mass")
                 votes += int((sign > 0).sum()) - int((sign < 0).sum())
         return votes
@@ -331,7 +322,7 @@ class _HighPass(_HistogramPass):
             if self.params.sign == "mass":
                 lows, below, bad, zeros, counted = kern.ties_window_votes(data.inputs, data.base, windows,
                                                                           WINDOW_BINS, max(numel // 16, 1024))
-                votes = _WindowVotes(*counted) if counted is not None else _WindowVotes()
+                votes = _WindowVotes.of_chunk(len(windows), counted)
             else:
                 lows, below, bad, zeros = kern.ties_window_counts(data.inputs, data.base, windows, WINDOW_BINS)
             if bad is not None:
@@ -392,12 +383,12 @@ class _HighPass(_HistogramPass):
         hist, lows, numel, below, zeros, votes = partial
         key = _key(self.params, block)
         if votes is not None:  # the first chunk's too is held to LOG_BYTES
-            counted = acc["votes"].setdefault(key, _WindowVotes.zero())
+            counted = acc["votes"].setdefault(key, _WindowVotes(votes.delta.shape[0], {}))
             counted += votes
         acc["numel"][key] = acc["numel"].get(key, 0) + numel
         if lows is not None:
-            acc["window"].setdefault(key, _Table()).add(lows, len(zeros if zeros is not None else lows),
-                                                        WINDOW_BINS * S.NBINS)
+            window = acc["window"].setdefault(key, _Table(len(acc["lo"][key]), WINDOW_BINS * S.NBINS))
+            window += lows
         if below is not None:
             acc["below"][key] = acc["below"].get(key, 0) + below
         if zeros is not None:
@@ -422,7 +413,7 @@ class _HighPass(_HistogramPass):
         numel = acc["numel"].pop(key)
         window, lows = acc["window"].pop(key, None), acc["lo"].get(key)
         if window is not None:
-            window = window.table(len(lows), WINDOW_BINS * S.NBINS)
+            window = window.table()
         below = acc["below"].pop(key, None)
         zeros = acc["zeros"].pop(key, None)
         votes = acc["votes"].pop(key, None)

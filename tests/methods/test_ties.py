@@ -560,7 +560,8 @@ def test_window_votes_sum_alike_in_any_grouping_and_give_up_past_the_log(monkeyp
     tau = torch.stack([f.float() - base.float() for f in fts])
     windows = [(int(S.abs_bits(t).sort().values[18000]) >> 16) - 1 for t in tau]
     cuts = [0, 7, 4096, 12000, 12001, 29000, 30000]
-    parts = [T._WindowVotes(*K.ties_window_votes([f[a:b] for f in fts], base[a:b], windows, T.WINDOW_BINS, b - a)[4])
+    parts = [T._WindowVotes.of_chunk(3, K.ties_window_votes([f[a:b] for f in fts], base[a:b], windows,
+                                                            T.WINDOW_BINS, b - a)[4])
              for a, b in zip(cuts, cuts[1:])]
     thresholds = [float(S.abs_bits(t).sort().values[18000].view(torch.float32)) for t in tau]
     offsets = [int(torch.tensor([v]).view(torch.int32)) - (w << 16) for v, w in zip(thresholds, windows)]
@@ -574,7 +575,7 @@ def test_window_votes_sum_alike_in_any_grouping_and_give_up_past_the_log(monkeyp
         folded = (parts[0] + parts[1] + parts[2]).copy()
         folded += parts[3] + parts[4] + parts[5]
         assert local.total(offsets, thresholds) == folded.total(offsets, thresholds) == want
-    assert sum(p.log_bytes() for p in parts) > 0 and sum(p.changes.size for p in parts) > 0
+    assert sum(p.log_bytes() for p in parts) > 0 and sum(p.delta.listed.size for p in parts) > 0
 
     monkeypatch.setattr(T, "LOG_BYTES", sum(p.log_bytes() for p in parts) - 1)
     local = parts[0].copy()
@@ -595,8 +596,8 @@ def test_window_counts_listed_or_dense_sum_to_the_same_table(monkeypatch):
     want = torch.bincount(torch.cat(places), minlength=2 * span).reshape(2, span)
     for fold_at in (0, 1, 100):
         monkeypatch.setattr(T._Table, "fold_at", fold_at)
-        t = T._Table()
-        t.add(T._Listed(places[0]) + T._Listed(places[1]), 2, span)
-        t.add(torch.bincount(places[2], minlength=2 * span).reshape(2, span), 2, span)
-        t.add(T._Listed(places[3]), 2, span)
-        assert torch.equal(t.table(2, span), want)
+        t = T._Table(2, span)
+        t += T._Listed(places[0]) + T._Listed(places[1])
+        t += torch.bincount(places[2], minlength=2 * span).reshape(2, span)
+        t += T._Listed(places[3])
+        assert torch.equal(t.table(), want)
