@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 from types import ModuleType
+from typing import Callable
 
 import numpy as np
 import torch
@@ -75,8 +76,18 @@ def kernel({xs}, base, below, lam, guess, out, undecided):
 """
 _LOAD = {np.dtype(np.int16): "as_float32(np.uint32(np.uint16({a}[j])) << np.uint32(16))",  # bf16 bits
          np.dtype(np.float32): "{a}[j]"}
-_kernels: dict[tuple, object] = {}
+_kernels: dict[str, ModuleType] = {}
 _lock = threading.Lock()
+
+
+def _generated(name: str, source: Callable[[], str]) -> ModuleType:
+    """The module generated from `source()`, made once per process. `name` spells every choice
+    the source depends on (it also names the cached file, so it must), and is the key."""
+    with _lock:
+        module = _kernels.get(name)
+        if module is None:
+            module = _kernels[name] = _load_source(name, source())
+    return module
 
 
 def _kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
@@ -88,24 +99,23 @@ def _kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
     nonzero is undecided and takes `guess`; the mean of the τ_i agreeing with the sign; × λ;
     + θ_0. The source is written to the cache directory so numba caches the machine code: a
     compile costs about a second, once per machine instead of once per process."""
-    key = (n_models, x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            xs = [f"x{i}" for i in range(n_models)]
-            src = _KERNEL.format(
-                n=n_models,
-                xs=", ".join(xs),
-                load_base=_LOAD[b_dtype].format(a="base"),
-                trim="\n".join(f"        t{i} = {_LOAD[x_dtype].format(a=x)} - b\n"
-                                f"        t{i} = t{i} if (t{i} > below[{i}]) | (t{i} < -below[{i}]) else zero"
-                                for i, x in enumerate(xs)),
-                total=" + ".join(f"t{i}" for i in range(n_models)),
-                nonzero=" | ".join(f"(t{i} != zero)" for i in range(n_models)),
-                acc=" + ".join(f"(t{i} if t{i} * s > zero else zero)" for i in range(n_models)),
-                count=" + ".join(f"(one if t{i} * s > zero else zero)" for i in range(n_models)),
-            )
-            _kernels[key] = _load_source(f"ties_{n_models}_{x_dtype.name}_{b_dtype.name}", src).kernel
-    return _kernels[key]
+
+    def source() -> str:
+        xs = [f"x{i}" for i in range(n_models)]
+        return _KERNEL.format(
+            n=n_models,
+            xs=", ".join(xs),
+            load_base=_LOAD[b_dtype].format(a="base"),
+            trim="\n".join(f"        t{i} = {_LOAD[x_dtype].format(a=x)} - b\n"
+                            f"        t{i} = t{i} if (t{i} > below[{i}]) | (t{i} < -below[{i}]) else zero"
+                            for i, x in enumerate(xs)),
+            total=" + ".join(f"t{i}" for i in range(n_models)),
+            nonzero=" | ".join(f"(t{i} != zero)" for i in range(n_models)),
+            acc=" + ".join(f"(t{i} if t{i} * s > zero else zero)" for i in range(n_models)),
+            count=" + ".join(f"(one if t{i} * s > zero else zero)" for i in range(n_models)),
+        )
+
+    return _generated(f"ties_{n_models}_{x_dtype.name}_{b_dtype.name}", source).kernel
 
 
 def _load_source(name: str, src: str) -> ModuleType:
@@ -255,27 +265,26 @@ def _window_kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype, n_window
     dense: listing the entries inside a window instead was slower, since on bf16 task vectors
     (few distinct values) a window near the median holds a fifth of a chunk's entries. Several windows
     per model (a sweep's k values) share the loads and bits; row r = w * n_models + i."""
-    key = ("window", n_models, n_windows, x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            xs = [f"x{i}" for i in range(n_models)]
-            rows = [(w * n_models + i, i) for w in range(n_windows) for i in range(n_models)]
-            bits = []
-            for i, x in enumerate(xs):
-                bits.append(_WINDOW_BITS.format(i=i, load=_LOAD[x_dtype].format(a=x).replace("[j]", "[c + j]")))
-                bits += [_WINDOW_OFFSET.format(r=r, i=i) for r, m in rows if m == i]
-            src = _WINDOW_KERNEL.format(
-                n=n_models, w=n_windows, xs=", ".join(xs),
-                load_base=_LOAD[b_dtype].format(a="base").replace("[j]", "[c + j]"),
-                setup="\n".join([_WINDOW_MAX.format(i=i) for i in range(n_models)]
-                                 + [_WINDOW_SETUP.format(r=r) for r, _ in rows]),
-                bits="\n".join(bits),
-                count="\n".join(_WINDOW_COUNT.format(r=r) for r, _ in rows),
-                finish="\n".join([_WINDOW_BELOW.format(r=r) for r, _ in rows]
-                                  + [_WINDOW_BAD.format(i=i) for i in range(n_models)]))
-            suffix = "" if n_windows == 1 else f"_{n_windows}w"
-            _kernels[key] = _load_source(f"window_{n_models}_{x_dtype.name}_{b_dtype.name}{suffix}", src).kernel
-    return _kernels[key]
+    suffix = "" if n_windows == 1 else f"_{n_windows}w"
+
+    def source() -> str:
+        xs = [f"x{i}" for i in range(n_models)]
+        rows = [(w * n_models + i, i) for w in range(n_windows) for i in range(n_models)]
+        bits = []
+        for i, x in enumerate(xs):
+            bits.append(_WINDOW_BITS.format(i=i, load=_LOAD[x_dtype].format(a=x).replace("[j]", "[c + j]")))
+            bits += [_WINDOW_OFFSET.format(r=r, i=i) for r, m in rows if m == i]
+        return _WINDOW_KERNEL.format(
+            n=n_models, w=n_windows, xs=", ".join(xs),
+            load_base=_LOAD[b_dtype].format(a="base").replace("[j]", "[c + j]"),
+            setup="\n".join([_WINDOW_MAX.format(i=i) for i in range(n_models)]
+                             + [_WINDOW_SETUP.format(r=r) for r, _ in rows]),
+            bits="\n".join(bits),
+            count="\n".join(_WINDOW_COUNT.format(r=r) for r, _ in rows),
+            finish="\n".join([_WINDOW_BELOW.format(r=r) for r, _ in rows]
+                              + [_WINDOW_BAD.format(i=i) for i in range(n_models)]))
+
+    return _generated(f"window_{n_models}_{x_dtype.name}_{b_dtype.name}{suffix}", source).kernel
 
 
 MAX_WINDOWS = 8  # windows counted by one kernel call; more are counted in groups
@@ -338,17 +347,16 @@ def _bins_kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
     """Pass B fused for any number of threshold bins per model (a sweep's k values): per entry
     and model, |θ_i − θ_0| as float32 bits, and one lookup of its top 16 bits in the model's
     table of counted bins (its histogram row, or −1), instead of a comparison per bin."""
-    key = ("bins", n_models, x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            xs = [f"x{i}" for i in range(n_models)]
-            src = _BINS_KERNEL.format(
-                n=n_models, xs=", ".join(xs), load_base=_LOAD[b_dtype].format(a="base"),
-                setup="\n".join(f"    z{i} = np.int64(0)\n    zr{i} = np.intp(zero_rows[{i}])" for i in range(n_models)),
-                count="\n".join(_BINS_COUNT.format(i=i, load=_LOAD[x_dtype].format(a=x)) for i, x in enumerate(xs)),
-                flush="\n".join(_BINS_FLUSH.format(i=i) for i in range(n_models)))
-            _kernels[key] = _load_source(f"bins_{n_models}_{x_dtype.name}_{b_dtype.name}", src).kernel
-    return _kernels[key]
+
+    def source() -> str:
+        xs = [f"x{i}" for i in range(n_models)]
+        return _BINS_KERNEL.format(
+            n=n_models, xs=", ".join(xs), load_base=_LOAD[b_dtype].format(a="base"),
+            setup="\n".join(f"    z{i} = np.int64(0)\n    zr{i} = np.intp(zero_rows[{i}])" for i in range(n_models)),
+            count="\n".join(_BINS_COUNT.format(i=i, load=_LOAD[x_dtype].format(a=x)) for i, x in enumerate(xs)),
+            flush="\n".join(_BINS_FLUSH.format(i=i) for i in range(n_models)))
+
+    return _generated(f"bins_{n_models}_{x_dtype.name}_{b_dtype.name}", source).kernel
 
 
 def ties_bin_counts_many(inputs: list[torch.Tensor], base: torch.Tensor, bins: list[list[int]]) -> list[torch.Tensor]:
@@ -459,32 +467,31 @@ def _wvotes_kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
     their values from the block just read. Measured on a 1.1B model's task vectors: 1.75 ms per
     million entries more than the window counts alone, where the vote pass took 1.4 ms and a read
     of the inputs. Without it TIES reads its inputs a third time, for the vote pass."""
-    key = ("wvotes", n_models, x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            xs = [f"x{i}" for i in range(n_models)]
-            load = [_LOAD[x_dtype].format(a=x).replace("[j]", "[c + j]") for x in xs]
-            models = range(n_models)
-            src = _WVOTES_KERNEL.format(
-                n=n_models, xs=", ".join(xs),
-                load_base=_LOAD[b_dtype].format(a="base").replace("[j]", "[c + j]"),
-                setup="\n".join(f"    m{i} = np.uint32(0)\n    z{i} = np.int64(0)\n"
-                                 f"    o{i} = np.empty(block, np.uint32)\n    s{i} = np.uint32(starts[{i}])\n"
-                                 f"    e{i} = s{i} + sp\n    c{i} = np.int64(0)" for i in models),
-                bits="\n".join(_WVOTES_BITS.format(i=i, load=load[i]) for i in models),
-                inside=" + ".join(f"np.int64(o{i}[j] < sp)" for i in models),
-                decided=" + ".join(f"k{i}" for i in models),
-                count="\n".join(_WVOTES_INSIDE.format(i=i) for i in models),
-                again="\n".join(_WVOTES_AGAIN.format(i=i, load=load[i]) for i in models),
-                kept=" + ".join(f"(t{i} if u{i} < low else zero)" for i in models),
-                delta="\n".join(f"                        {'if' if i == 0 else 'elif'} u{i} < sp:\n"
-                                 f"                            where[n_change] = np.int32({i} * span) + np.int32(u{i})"
-                                 for i in models),
-                log="\n".join(f"                        log[n_log, {i}] = t{i}" for i in models),
-                finish="\n".join(_WINDOW_BELOW.format(r=i) for i in models)
-                + "\n" + "\n".join(_WINDOW_BAD.format(i=i) for i in models))
-            _kernels[key] = _load_source(f"wvotes_{n_models}_{x_dtype.name}_{b_dtype.name}", src).kernel
-    return _kernels[key]
+
+    def source() -> str:
+        xs = [f"x{i}" for i in range(n_models)]
+        load = [_LOAD[x_dtype].format(a=x).replace("[j]", "[c + j]") for x in xs]
+        models = range(n_models)
+        return _WVOTES_KERNEL.format(
+            n=n_models, xs=", ".join(xs),
+            load_base=_LOAD[b_dtype].format(a="base").replace("[j]", "[c + j]"),
+            setup="\n".join(f"    m{i} = np.uint32(0)\n    z{i} = np.int64(0)\n"
+                             f"    o{i} = np.empty(block, np.uint32)\n    s{i} = np.uint32(starts[{i}])\n"
+                             f"    e{i} = s{i} + sp\n    c{i} = np.int64(0)" for i in models),
+            bits="\n".join(_WVOTES_BITS.format(i=i, load=load[i]) for i in models),
+            inside=" + ".join(f"np.int64(o{i}[j] < sp)" for i in models),
+            decided=" + ".join(f"k{i}" for i in models),
+            count="\n".join(_WVOTES_INSIDE.format(i=i) for i in models),
+            again="\n".join(_WVOTES_AGAIN.format(i=i, load=load[i]) for i in models),
+            kept=" + ".join(f"(t{i} if u{i} < low else zero)" for i in models),
+            delta="\n".join(f"                        {'if' if i == 0 else 'elif'} u{i} < sp:\n"
+                             f"                            where[n_change] = np.int32({i} * span) + np.int32(u{i})"
+                             for i in models),
+            log="\n".join(f"                        log[n_log, {i}] = t{i}" for i in models),
+            finish="\n".join(_WINDOW_BELOW.format(r=i) for i in models)
+            + "\n" + "\n".join(_WINDOW_BAD.format(i=i) for i in models))
+
+    return _generated(f"wvotes_{n_models}_{x_dtype.name}_{b_dtype.name}", source).kernel
 
 
 def ties_window_votes(inputs: list[torch.Tensor], base: torch.Tensor, windows: list[int], width: int,
@@ -599,30 +606,29 @@ def _many_kernel(n_models: int, n_cands: int, x_dtype: np.dtype, b_dtype: np.dty
     kernel's arithmetic in its order (trim, Σ in model order, sign with zero resolved to the
     majority, disjoint mean, × λ, + θ_0); the votes and the undecided mask it also returns are
     not formed: with the vote pass the majority is known before the merge."""
-    key = ("ties_many", n_models, n_cands, x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            xs = [f"x{i}" for i in range(n_models)]
 
-            def cand(c: int) -> str:
-                u = [f"u{i}" for i in range(n_models)]
-                return _MANY_CAND.format(
-                    c=c,
-                    trim="\n".join(f"        u{i} = t{i} if (t{i} > w{c}_{i}) | (t{i} < -w{c}_{i}) else zero"
-                                    for i in range(n_models)),
-                    total=" + ".join(u),
-                    acc=" + ".join(f"({v} if {v} * s > zero else zero)" for v in u),
-                    count=" + ".join(f"(one if {v} * s > zero else zero)" for v in u))
+    def source() -> str:
+        xs = [f"x{i}" for i in range(n_models)]
 
-            src = _MANY_KERNEL.format(
-                n=n_models, m=n_cands, xs=", ".join(xs), outs=", ".join(f"out{c}" for c in range(n_cands)),
-                load_base=_LOAD[b_dtype].format(a="base"),
-                setup="\n".join([f"    w{c}_{i} = below[{c}, {i}]" for c in range(n_cands) for i in range(n_models)]
-                                 + [f"    l{c} = lam[{c}]\n    p{c} = pick[{c}]" for c in range(n_cands)]),
-                taus="\n".join(f"        t{i} = {_LOAD[x_dtype].format(a=x)} - b" for i, x in enumerate(xs)),
-                cands="\n".join(cand(c) for c in range(n_cands)))
-            _kernels[key] = _load_source(f"ties_many_{n_models}_{n_cands}_{x_dtype.name}_{b_dtype.name}", src).kernel
-    return _kernels[key]
+        def cand(c: int) -> str:
+            u = [f"u{i}" for i in range(n_models)]
+            return _MANY_CAND.format(
+                c=c,
+                trim="\n".join(f"        u{i} = t{i} if (t{i} > w{c}_{i}) | (t{i} < -w{c}_{i}) else zero"
+                                for i in range(n_models)),
+                total=" + ".join(u),
+                acc=" + ".join(f"({v} if {v} * s > zero else zero)" for v in u),
+                count=" + ".join(f"(one if {v} * s > zero else zero)" for v in u))
+
+        return _MANY_KERNEL.format(
+            n=n_models, m=n_cands, xs=", ".join(xs), outs=", ".join(f"out{c}" for c in range(n_cands)),
+            load_base=_LOAD[b_dtype].format(a="base"),
+            setup="\n".join([f"    w{c}_{i} = below[{c}, {i}]" for c in range(n_cands) for i in range(n_models)]
+                             + [f"    l{c} = lam[{c}]\n    p{c} = pick[{c}]" for c in range(n_cands)]),
+            taus="\n".join(f"        t{i} = {_LOAD[x_dtype].format(a=x)} - b" for i, x in enumerate(xs)),
+            cands="\n".join(cand(c) for c in range(n_cands)))
+
+    return _generated(f"ties_many_{n_models}_{n_cands}_{x_dtype.name}_{b_dtype.name}", source).kernel
 
 
 def ties_merge_many(inputs: list[torch.Tensor], base: torch.Tensor, thresholds: list[list[float]], sign_mode: str,
@@ -670,24 +676,23 @@ def _votes_kernel(n_models: int, n_cands: int, x_dtype: np.dtype, b_dtype: np.dt
     """TIES' vote pass fused, for several threshold sets at once (a sweep's k values share each
     τ_i): per entry and set, the trim and Σ τ̂_i in model order exactly as the merge kernel (and
     the reference) form them, and the sign counted as an integer; nothing is written per entry."""
-    key = ("votes", n_models, n_cands, x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            xs = [f"x{i}" for i in range(n_models)]
 
-            def trimmed(c: int, i: int) -> str:
-                return f"(t{i} if (t{i} > w{c}_{i}) | (t{i} < -w{c}_{i}) else zero)"
+    def source() -> str:
+        xs = [f"x{i}" for i in range(n_models)]
 
-            src = _VOTES_KERNEL.format(
-                n=n_models, m=n_cands, xs=", ".join(xs), load_base=_LOAD[b_dtype].format(a="base"),
-                setup="\n".join([f"    w{c}_{i} = below[{c}, {i}]" for c in range(n_cands) for i in range(n_models)]
-                                 + [f"    v{c} = np.int64(0)" for c in range(n_cands)]),
-                taus="\n".join(f"        t{i} = {_LOAD[x_dtype].format(a=x)} - b" for i, x in enumerate(xs)),
-                cands="\n".join(f"        s = {' + '.join(trimmed(c, i) for i in range(n_models))}\n"
-                                 f"        v{c} += np.int64(s > zero) - np.int64(s < zero)" for c in range(n_cands)),
-                store="\n".join(f"    votes[{c}] = v{c}" for c in range(n_cands)))
-            _kernels[key] = _load_source(f"votes_{n_models}_{n_cands}_{x_dtype.name}_{b_dtype.name}", src).kernel
-    return _kernels[key]
+        def trimmed(c: int, i: int) -> str:
+            return f"(t{i} if (t{i} > w{c}_{i}) | (t{i} < -w{c}_{i}) else zero)"
+
+        return _VOTES_KERNEL.format(
+            n=n_models, m=n_cands, xs=", ".join(xs), load_base=_LOAD[b_dtype].format(a="base"),
+            setup="\n".join([f"    w{c}_{i} = below[{c}, {i}]" for c in range(n_cands) for i in range(n_models)]
+                             + [f"    v{c} = np.int64(0)" for c in range(n_cands)]),
+            taus="\n".join(f"        t{i} = {_LOAD[x_dtype].format(a=x)} - b" for i, x in enumerate(xs)),
+            cands="\n".join(f"        s = {' + '.join(trimmed(c, i) for i in range(n_models))}\n"
+                             f"        v{c} += np.int64(s > zero) - np.int64(s < zero)" for c in range(n_cands)),
+            store="\n".join(f"    votes[{c}] = v{c}" for c in range(n_cands)))
+
+    return _generated(f"votes_{n_models}_{n_cands}_{x_dtype.name}_{b_dtype.name}", source).kernel
 
 
 def _below(thresholds: list[float]) -> list[float]:
@@ -760,15 +765,14 @@ def _dare_kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
     dropped negative τ is −0, as the reference's multiply by its mask), accumulated as
     fma(τ_i, λ_i·scale, acc) in model order from +0, then + θ_0: the reference's operations,
     whose `add_(alpha=)` torch computes as a fused multiply-add (checked by `_torch_fuses`)."""
-    key = ("dare", n_models, x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            xs = [f"x{i}" for i in range(n_models)]
-            src = _DARE_KERNEL.format(
-                n=n_models, xs=", ".join(xs), load_base=_LOAD[b_dtype].format(a="base"),
-                models="\n".join(_DARE_MODEL.format(i=i, load=_LOAD[x_dtype].format(a=x)) for i, x in enumerate(xs)))
-            _kernels[key] = _load_source(f"dare_{n_models}_{x_dtype.name}_{b_dtype.name}", src).kernel
-    return _kernels[key]
+
+    def source() -> str:
+        xs = [f"x{i}" for i in range(n_models)]
+        return _DARE_KERNEL.format(
+            n=n_models, xs=", ".join(xs), load_base=_LOAD[b_dtype].format(a="base"),
+            models="\n".join(_DARE_MODEL.format(i=i, load=_LOAD[x_dtype].format(a=x)) for i, x in enumerate(xs)))
+
+    return _generated(f"dare_{n_models}_{x_dtype.name}_{b_dtype.name}", source).kernel
 
 
 _FUSES: bool | None = None
@@ -841,18 +845,17 @@ def _ta_kernel(n_models: int, n_cands: int, x_dtype: np.dtype, b_dtype: np.dtype
     per entry τ_i = θ_i − θ_0, then per candidate acc = fma(τ_i, λ_i, acc) in model order from
     +0, + θ_0: the reference's `acc.add_(τ_i, alpha=λ_i)` (a fused multiply-add in torch, probed
     by `_torch_fuses`) and final add."""
-    key = ("ta", n_models, n_cands, x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            xs = [f"x{i}" for i in range(n_models)]
-            src = _TA_KERNEL.format(
-                n=n_models, m=n_cands, xs=", ".join(xs), outs=", ".join(f"out{c}" for c in range(n_cands)),
-                load_base=_LOAD[b_dtype].format(a="base"),
-                taus="\n".join(f"        t{i} = {_LOAD[x_dtype].format(a=x)} - b" for i, x in enumerate(xs)),
-                cands="\n".join(_TA_CAND.format(c=c, terms="\n".join(
-                    f"        acc = fma32(t{i}, lam[{c}, {i}], acc)" for i in range(n_models))) for c in range(n_cands)))
-            _kernels[key] = _load_source(f"ta_{n_models}_{n_cands}_{x_dtype.name}_{b_dtype.name}", src).kernel
-    return _kernels[key]
+
+    def source() -> str:
+        xs = [f"x{i}" for i in range(n_models)]
+        return _TA_KERNEL.format(
+            n=n_models, m=n_cands, xs=", ".join(xs), outs=", ".join(f"out{c}" for c in range(n_cands)),
+            load_base=_LOAD[b_dtype].format(a="base"),
+            taus="\n".join(f"        t{i} = {_LOAD[x_dtype].format(a=x)} - b" for i, x in enumerate(xs)),
+            cands="\n".join(_TA_CAND.format(c=c, terms="\n".join(
+                f"        acc = fma32(t{i}, lam[{c}, {i}], acc)" for i in range(n_models))) for c in range(n_cands)))
+
+    return _generated(f"ta_{n_models}_{n_cands}_{x_dtype.name}_{b_dtype.name}", source).kernel
 
 
 def task_arithmetic_many(inputs: list[torch.Tensor], base: torch.Tensor,
@@ -894,15 +897,14 @@ _HIST_COUNT = """        hist[{i}, np.intp((as_uint32({load} - b) & np.uint32(0x
 
 
 def _hist_kernel(n_models: int, x_dtype: np.dtype, b_dtype: np.dtype):
-    key = ("hist", n_models, x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            xs = [f"x{i}" for i in range(n_models)]
-            src = _HIST_KERNEL.format(
-                n=n_models, xs=", ".join(xs), load_base=_LOAD[b_dtype].format(a="base"),
-                count="\n".join(_HIST_COUNT.format(i=i, load=_LOAD[x_dtype].format(a=x)) for i, x in enumerate(xs)))
-            _kernels[key] = _load_source(f"hist_{n_models}_{x_dtype.name}_{b_dtype.name}", src).kernel
-    return _kernels[key]
+
+    def source() -> str:
+        xs = [f"x{i}" for i in range(n_models)]
+        return _HIST_KERNEL.format(
+            n=n_models, xs=", ".join(xs), load_base=_LOAD[b_dtype].format(a="base"),
+            count="\n".join(_HIST_COUNT.format(i=i, load=_LOAD[x_dtype].format(a=x)) for i, x in enumerate(xs)))
+
+    return _generated(f"hist_{n_models}_{x_dtype.name}_{b_dtype.name}", source).kernel
 
 
 def ties_hist_high(inputs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
@@ -1032,35 +1034,30 @@ def nth_equal(x, base, v, count):
 
 
 def _gta_kernel(x_dtype: np.dtype, b_dtype: np.dtype, modes: tuple[str, ...], consensus: str):
-    key = ("gta", x_dtype, b_dtype, modes, consensus)
-    with _lock:
-        if key not in _kernels:
-            n = len(modes)
-            xs = [f"x{i}" for i in range(n)]
-            ds = " + ".join(["zero"] + [f"d{i}" for i in range(n)])
-            if consensus == "sum":
-                combine = _GTA_SUM.format(vote=ds, agree="\n".join(_GTA_AGREE.format(i=i) for i in range(n)))
-            else:
-                combine = _GTA_NONE.format(mixed=ds)
-            src = _GTA_KERNEL.format(
-                n=n, modes=", ".join(modes), consensus=consensus, xs=", ".join(xs),
-                load_base=_LOAD[b_dtype].format(a="base"),
-                sparsify="\n".join(_GTA_MODES[m].format(i=i, load=_LOAD[x_dtype].format(a=x)) + "\n"
-                                   + _GTA_WEIGHT.format(i=i) for i, (m, x) in enumerate(zip(modes, xs))),
-                combine=combine, fmix=_FMIX)
-            tag = "".join(m[0] for m in modes)
-            _kernels[key] = _load_source(f"gta_{tag}_{x_dtype.name}_{b_dtype.name}_{consensus}", src).kernel
-    return _kernels[key]
+    tag = "".join(m[0] for m in modes)
+
+    def source() -> str:
+        n = len(modes)
+        xs = [f"x{i}" for i in range(n)]
+        ds = " + ".join(["zero"] + [f"d{i}" for i in range(n)])
+        if consensus == "sum":
+            combine = _GTA_SUM.format(vote=ds, agree="\n".join(_GTA_AGREE.format(i=i) for i in range(n)))
+        else:
+            combine = _GTA_NONE.format(mixed=ds)
+        return _GTA_KERNEL.format(
+            n=n, modes=", ".join(modes), consensus=consensus, xs=", ".join(xs),
+            load_base=_LOAD[b_dtype].format(a="base"),
+            sparsify="\n".join(_GTA_MODES[m].format(i=i, load=_LOAD[x_dtype].format(a=x)) + "\n"
+                               + _GTA_WEIGHT.format(i=i) for i, (m, x) in enumerate(zip(modes, xs))),
+            combine=combine, fmix=_FMIX)
+
+    return _generated(f"gta_{tag}_{x_dtype.name}_{b_dtype.name}_{consensus}", source).kernel
 
 
 def _gta_hist_module(x_dtype: np.dtype, b_dtype: np.dtype):
-    key = ("gta_hist", x_dtype, b_dtype)
-    with _lock:
-        if key not in _kernels:
-            src = _GTA_HIST.format(load_x=_LOAD[x_dtype].format(a="x"), load_base=_LOAD[b_dtype].format(a="base"))
-            module = _load_source(f"gta_hist_{x_dtype.name}_{b_dtype.name}", src)
-            _kernels[key] = (module.kernel, module.nth_equal)
-    return _kernels[key]
+    module = _generated(f"gta_hist_{x_dtype.name}_{b_dtype.name}", lambda: _GTA_HIST.format(
+        load_x=_LOAD[x_dtype].format(a="x"), load_base=_LOAD[b_dtype].format(a="base")))
+    return module.kernel, module.nth_equal
 
 
 def _top_k_bits(x: np.ndarray, b: np.ndarray, k: int) -> tuple[int, int] | None:
@@ -1194,15 +1191,11 @@ def gta_l1_rows(x: torch.Tensor, base: torch.Tensor, seed: int, model: int, name
     xa, b = _as_array(x), _as_array(base)
     if xa is None or b is None:
         return None
-    key = ("gta_l1", xa.dtype, b.dtype)
-    with _lock:
-        if key not in _kernels:
-            src = _GTA_L1.format(load_x=_LOAD[xa.dtype].format(a="x"), load_base=_LOAD[b.dtype].format(a="base"),
-                                 fmix=_FMIX)
-            _kernels[key] = _load_source(f"gta_l1_{xa.dtype.name}_{b.dtype.name}", src).kernel
+    kernel = _generated(f"gta_l1_{xa.dtype.name}_{b.dtype.name}", lambda: _GTA_L1.format(
+        load_x=_LOAD[xa.dtype].format(a="x"), load_base=_LOAD[b.dtype].format(a="base"), fmix=_FMIX)).kernel
     k1, k2 = _ref.dare_keys(seed, model, name)
     absd = torch.empty(numel, dtype=torch.float64)
     kept = torch.empty(numel, dtype=torch.float64)
-    _kernels[key](xa, b, np.uint32(k1), np.uint32(((flat_start >> 32) * 0x27D4EB2F + k2) & 0xFFFFFFFF),
+    kernel(xa, b, np.uint32(k1), np.uint32(((flat_start >> 32) * 0x27D4EB2F + k2) & 0xFFFFFFFF),
                   np.uint32(cut), np.int64(flat_start & 0xFFFFFFFF), absd.numpy(), kept.numpy())
     return absd.reshape(x.shape), kept.reshape(x.shape)
