@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tensormerge.stats.hooks import GramHooks, linear_kind  # noqa: E402
+from tensormerge.stats_compute.hooks import GramHooks, linear_kind  # noqa: E402
 
 
 def mt5_xl():

@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from tests.methods.test_regmean_degenerate import U32, reference, well_posed  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
-from tests.stats.test_collect_cli import cli  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
+from tests.stats_compute.test_collect_cli import cli  # noqa: E402
 
 N = 3
 

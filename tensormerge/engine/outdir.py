@@ -50,7 +50,7 @@ from tensormerge.errors import OutputError
 LOCK_SUFFIX = C.PARTIAL_SUFFIX + ".lock"  # OUT.partial.lock
 REPLACED = ".tensormerge-replaced"  # the previous OUT, inside OUT.partial (then OUT) during the finish
 OURS_SUBDIRS = {C.RESUME_DIR, REPLACED}  # the only directories a merge output ever holds
-STATS_RESUME_DIR = ".resume"  # stats/collect.RESUME_DIR: `stats compute`'s checkpoint, inside OUT.partial
+STATS_RESUME_DIR = ".resume"  # stats_compute/collect.RESUME_DIR: `stats compute`'s checkpoint, inside OUT.partial
 MAX_MARKER_BYTES = 64 * 1024 * 1024  # a tensormerge.json / zarr.json larger than this is not ours
 
 

@@ -114,7 +114,7 @@ def import_cmd(file: str, kind: str, output: str, model: str | None, count: int 
 def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:
     """Compute a model's merge statistics over a data set into a store (S.zarr)."""
     from tensormerge.sizes import parse_size
-    from tensormerge.stats.collect import ComputeOptions, compute_stats
+    from tensormerge.stats_compute.collect import ComputeOptions, compute_stats
 
     opts = ComputeOptions(max_memory=parse_size(max_memory, "--max-memory"), **kw)
     summary = compute_stats(opts)
@@ -168,7 +168,7 @@ def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback:
     """What `stats compute` with these options will need (memory, store size, time); writes nothing."""
     from tensormerge.errors import ParameterError
     from tensormerge.sizes import parse_size
-    from tensormerge.stats import planning
+    from tensormerge.stats_compute import planning
 
     given = [n for n, v in (("--model", kw.get("model")), ("--arch", arch), ("--config", config_path)) if v]
     if len(given) != 1:
@@ -181,7 +181,7 @@ def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback:
             raise ParameterError("--model needs --data (a few real batches are timed)")
         if gpu_tflops is not None:
             raise ParameterError("--gpu-tflops is for --arch/--config; with --model the time is measured")
-        from tensormerge.stats.collect import ComputeOptions
+        from tensormerge.stats_compute.collect import ComputeOptions
 
         kw["max_memory"] = parse_size(kw["max_memory"], "--max-memory")
         opts = ComputeOptions(output="(plan)", quiet=True, **kw)
@@ -189,7 +189,7 @@ def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback:
     else:
         if kw.get("data"):
             raise ParameterError("--data is for --model; --arch/--config plan from shapes alone")
-        from tensormerge.stats.collect import ComputeOptions
+        from tensormerge.stats_compute.collect import ComputeOptions
 
         # the options' own checks, as with --model (--workers 0, --workers with --scheduler, ...)
         ComputeOptions(output="(plan)", quiet=True, **{**kw, "model": "(plan)", "data": "(plan)",

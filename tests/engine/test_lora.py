@@ -24,7 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 from tests import helpers as H  # noqa: E402
 from tests.methods.test_stats_methods import fisher_formula  # noqa: E402
 from tests.methods.test_ties import reference_ties  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
 from tensormerge.api import MergeSpec, merge  # noqa: E402
 from tensormerge.errors import TensorMergeError  # noqa: E402
 

@@ -14,11 +14,11 @@ import torch
 pytest.importorskip("transformers")
 
 from tensormerge.errors import InputError  # noqa: E402
-from tensormerge.stats.collect import ComputeOptions, compute_stats  # noqa: E402
+from tensormerge.stats_compute.collect import ComputeOptions, compute_stats  # noqa: E402
 from tests.helpers import assert_clean_error  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
-from tests.stats.test_collect import _assert_matches, _stored  # noqa: E402
-from tests.stats.test_collect_cli import cli  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
+from tests.stats_compute.test_collect import _assert_matches, _stored  # noqa: E402
+from tests.stats_compute.test_collect_cli import cli  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,7 +139,7 @@ def test_chat_loss_is_on_assistant_tokens_only(llama_chat, tmp_path):
 def test_generation_template_mask_is_honoured(tmp_path):
     """A template with {% generation %} marks the assistant tokens itself: here the content without
     its <|im_end|>, where the turn-by-turn rendering scores <|im_end|> too."""
-    from tensormerge.stats.textdata import chat_tokens
+    from tensormerge.stats_compute.textdata import chat_tokens
 
     plain, gen = chat_tokenizer(tmp_path / "a"), chat_tokenizer(tmp_path / "b", GENERATION)
     for msgs in CHATS:
@@ -183,7 +183,7 @@ def test_assistant_turns_of_common_templates(name):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tensormerge.stats.textdata import chat_tokens
+    from tensormerge.stats_compute.textdata import chat_tokens
 
     tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -218,9 +218,9 @@ def test_messages_field_mapping(llama_chat, tmp_path):
 def test_multi_turn_true_fisher_draws_each_assistant_turn_in_place(llama_chat):
     """The sampled sequence keeps the gold tokens before and between the assistant turns, draws each
     turn's tokens (at most the gold turn's length), and scores only the drawn tokens."""
-    from tensormerge.stats.data import Example, collate
-    from tensormerge.stats.losses import Inputs
-    from tensormerge.stats.sampling import sample_labels
+    from tensormerge.stats_compute.data import Example, collate
+    from tensormerge.stats_compute.losses import Inputs
+    from tensormerge.stats_compute.sampling import sample_labels
 
     model = cm.llama(seed=4).eval()
     model.config.eos_token_id = None  # draw every turn to its full length
@@ -322,9 +322,9 @@ def test_multiple_choice_empirical_fisher_is_the_gold_answers(tmp_path, task):
 def test_choice_draws_follow_the_models_choice_scores(tmp_path, score):
     """Rank classification: the sampler's scores are the choices' log-likelihoods, and over many
     seeds each choice is drawn with probability softmax(scores)."""
-    from tensormerge.stats.data import Tokenize, collate, make_example
-    from tensormerge.stats.losses import Inputs
-    from tensormerge.stats.sampling import choice_scores, sample_labels
+    from tensormerge.stats_compute.data import Tokenize, collate, make_example
+    from tensormerge.stats_compute.losses import Inputs
+    from tensormerge.stats_compute.sampling import choice_scores, sample_labels
 
     model = cm.llama(seed=6).eval()
     cm.save(model, tmp_path / "m")

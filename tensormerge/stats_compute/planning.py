@@ -107,7 +107,7 @@ class Shapes:
 
 def _sharing_now() -> bool:
     """Whether this version's `stats compute` stores one input Gram per distinct input."""
-    from tensormerge.stats.hooks import GramHooks
+    from tensormerge.stats_compute.hooks import GramHooks
 
     return hasattr(GramHooks, "probe")
 
@@ -115,7 +115,7 @@ def _sharing_now() -> bool:
 def account(s: Shapes, kind: str, batch_size: int, accumulate: str, fisher_mode: str = "per-example",
             gram_per_weight: bool = False, max_memory: int | None = None, grad_mode: str = "auto") -> dict:
     """Memory (bytes) and store size (bytes) of a `stats compute --kind KIND` run over `s`."""
-    from tensormerge.stats.collect import STORE_KINDS
+    from tensormerge.stats_compute.collect import STORE_KINDS
 
     kinds = set(STORE_KINDS[kind])
     acc = 8 if accumulate == "float64" else 4
@@ -194,14 +194,14 @@ def _probe_sharing(model: torch.nn.Module, layers: dict[str, torch.nn.Module], s
 
 def shapes_of(loaded, name: str, skip_out: set[str] | None = None, probe=None) -> Shapes:
     """The accounting's view of a model loaded (or built on meta) as `stats compute` sees it."""
-    from tensormerge.stats.collect import _vector
-    from tensormerge.stats.hooks import GramHooks, linear_kind
+    from tensormerge.stats_compute.collect import _vector
+    from tensormerge.stats_compute.hooks import GramHooks, linear_kind
 
     model = loaded.model
     params = dict(model.named_parameters())
     hooks = GramHooks(loaded, True, True, torch.float32, block_bytes=1)
     if loaded.modality == "image":
-        from tensormerge.stats.images import gram_side
+        from tensormerge.stats_compute.images import gram_side
 
         hooks.layers = {k: (m, gram_side(k), c) for k, (m, _, c) in hooks.layers.items()}
     if skip_out is None:
@@ -256,7 +256,7 @@ def _meta_model(config, path: str):
     """The model `stats compute` would load for `config`, with meta tensors: shapes, no storage."""
     from types import SimpleNamespace
 
-    from tensormerge.stats.model import IMAGE_TASKS, _model_class, _quiet_transformers, task_of
+    from tensormerge.stats_compute.model import IMAGE_TASKS, _model_class, _quiet_transformers, task_of
 
     _quiet_transformers()
     task = task_of(config, path)
@@ -328,7 +328,7 @@ def flops_per_token(s: Shapes, kind: str, fisher_type: str) -> tuple[float, str]
     products kept apart instead of summed, so the FLOPs are those of one batched backward; what
     per-example gradients add is memory traffic (B copies of the model written and squared),
     which this count does not see. Grams add 2 d² per token per accumulated Gram (addmm)."""
-    from tensormerge.stats.collect import STORE_KINDS
+    from tensormerge.stats_compute.collect import STORE_KINDS
 
     kinds = set(STORE_KINDS[kind])
     p = s.matmul_params
@@ -379,10 +379,10 @@ def plan_arch(arch: str | None, config: str | None, kind: str, batch_size: int, 
 
 def plan_model(opts, measure_batches: int = 3) -> dict:
     """Load the model and data as `stats compute` does, account, then time a few real batches."""
-    from tensormerge.stats import collect
-    from tensormerge.stats.data import Tokenize, batches, load_examples, read_records
-    from tensormerge.stats.model import load_model
-    from tensormerge.stats.textdata import Fields, check_fields
+    from tensormerge.stats_compute import collect
+    from tensormerge.stats_compute.data import Tokenize, batches, load_examples, read_records
+    from tensormerge.stats_compute.model import load_model
+    from tensormerge.stats_compute.textdata import Fields, check_fields
 
     opts.check()
     if not os.path.exists(opts.data):
@@ -437,10 +437,10 @@ def plan_model(opts, measure_batches: int = 3) -> dict:
 
 def _inputs(loaded):
     """The forward's keyword arguments for a batch, as the Collector builds them."""
-    from tensormerge.stats.losses import Inputs
+    from tensormerge.stats_compute.losses import Inputs
 
     if loaded.modality == "image":
-        from tensormerge.stats.images import ImageInputs
+        from tensormerge.stats_compute.images import ImageInputs
 
         return ImageInputs(loaded.model)
     dtype = next(iter(loaded.model.parameters())).dtype

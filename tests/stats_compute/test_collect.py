@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tensormerge.stats.collect import ComputeOptions, compute_stats  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
+from tensormerge.stats_compute.collect import ComputeOptions, compute_stats  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,9 +14,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
 from tensormerge.errors import InputError  # noqa: E402
-from tensormerge.stats.collect import ComputeOptions, compute_stats  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
-from tests.stats import image_models as im  # noqa: E402
+from tensormerge.stats_compute.collect import ComputeOptions, compute_stats  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
+from tests.stats_compute import image_models as im  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N = 5
@@ -104,7 +104,7 @@ def test_true_fisher_samples_classes(images, tmp_path):
     root, data, items = images
     path = im.save(im.vit(), tmp_path / "vit")
     model = im.vit()
-    from tensormerge.stats.sampling import _draw, _gen
+    from tensormerge.stats_compute.sampling import _draw, _gen
 
     drawn = []
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_png_cut_short_after_its_pixels_is_refused(tmp_path, vit_dir, cut):
 
 def test_cli_png_cut_short_is_one_line_and_leaves_no_store(tmp_path, vit_dir):
     from tests.helpers import assert_clean_error
-    from tests.stats.test_collect_cli import cli
+    from tests.stats_compute.test_collect_cli import cli
 
     (tmp_path / "img").mkdir()
     im.write_image(tmp_path / "img" / "ok.png", 0, size=(32, 24))
@@ -260,7 +260,7 @@ def test_fused_projection_keeps_torch_attention(batch_first):
     through it (its input is the Gram's rows), cross-attention (a probe querying tokens) does not."""
     import copy
 
-    from tensormerge.stats.fused import expose_fused_projections
+    from tensormerge.stats_compute.fused import expose_fused_projections
 
     torch.manual_seed(0)
     mha = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
@@ -286,7 +286,7 @@ def test_fused_projection_keeps_torch_attention(batch_first):
 
 def test_cli_bad_image_is_one_line_and_leaves_no_store(tmp_path, vit_dir):
     from tests.helpers import assert_clean_error
-    from tests.stats.test_collect_cli import cli
+    from tests.stats_compute.test_collect_cli import cli
 
     (tmp_path / "img").mkdir()
     im.write_image(tmp_path / "img" / "ok.png", 0)
@@ -300,7 +300,7 @@ def test_cli_bad_image_is_one_line_and_leaves_no_store(tmp_path, vit_dir):
 
 def test_cli_zero_shot_classes_from_flag(images, tmp_path):
     """Integer labels index --classes; the vision tower alone by default."""
-    from tests.stats.test_collect_cli import cli
+    from tests.stats_compute.test_collect_cli import cli
 
     root, data, items = images
     path = im.save(im.clip(), tmp_path / "clip", tok=True)
@@ -321,7 +321,7 @@ def test_resume_after_interruption_gives_the_same_store(images, tmp_path, monkey
     import shutil
 
     from tensormerge.errors import TensorMergeError
-    from tensormerge.stats import collect
+    from tensormerge.stats_compute import collect
 
     root, data, items = images
     mine = tmp_path / "d"
@@ -370,7 +370,7 @@ def test_flat_image_far_larger_than_its_file_is_refused(tmp_path, vit_dir, monke
     while a noisy image of the same size (a photograph's ratio) passes."""
     from PIL import Image
 
-    from tensormerge.stats import images
+    from tensormerge.stats_compute import images
 
     monkeypatch.setattr(images, "BOMB_BYTES", 100_000)
 
@@ -384,7 +384,7 @@ def test_flat_image_far_larger_than_its_file_is_refused(tmp_path, vit_dir, monke
 
 
 def test_classes_file_not_utf8_is_one_line(tmp_path):
-    from tensormerge.stats.images import _parse_classes
+    from tensormerge.stats_compute.images import _parse_classes
 
     path = tmp_path / "classes.txt"
     path.write_bytes(b"cat\n\xff\xfedog\n")
@@ -410,7 +410,7 @@ def test_zero_shot_prompt_longer_than_the_text_tower_is_one_line(images, tmp_pat
 def test_zero_shot_flags_for_another_model_are_refused(images, vit_dir, tmp_path, flag, value):
     """--classes on a text model, --prompt or --clip-towers on either, were ignored without a word
     (the store written as if they were not given); refused naming the flag, no store."""
-    from tests.stats.test_collect_text import chat_tokenizer
+    from tests.stats_compute.test_collect_text import chat_tokenizer
 
     root, data, _ = images
     llama = cm.save(cm.llama(seed=1), tmp_path / "llama")
@@ -430,7 +430,7 @@ def test_image_folder_reads_sub_folders_of_a_class(tmp_path):
     """A class folder holding sub-folders (`cat/indoor/*.png`) gave only its top-level images,
     the rest dropped without a word; every image below the class folder is the class's, in
     sorted order, as torchvision's ImageFolder reads it (hidden folders and other files skipped)."""
-    from tensormerge.stats.images import read_images
+    from tensormerge.stats_compute.images import read_images
 
     for rel in ("cat/b.png", "cat/indoor/a.png", "cat/indoor/deeper/c.png", "dog/x.png", "cat/.cache/h.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,10 @@ from tensormerge import __version__
 from tensormerge.constants import PARTIAL_SUFFIX
 from tensormerge.engine import outdir
 from tensormerge.errors import BudgetError, InputError, OutputError, ParameterError
-from tensormerge.stats.data import Tokenize, batches, data_fingerprint, load_examples, read_records
-from tensormerge.stats.grads import PerExampleGrads, batch_grad, frozen
-from tensormerge.stats.hooks import GramHooks
-from tensormerge.stats.losses import Inputs, scored_tokens, token_nll
+from tensormerge.stats_compute.data import Tokenize, batches, data_fingerprint, load_examples, read_records
+from tensormerge.stats_compute.grads import PerExampleGrads, batch_grad, frozen
+from tensormerge.stats_compute.hooks import GramHooks
+from tensormerge.stats_compute.losses import Inputs, scored_tokens, token_nll
 
 KINDS = ("fisher", "gram", "kfac", "blockwise", "all")
 STORE_KINDS = {"fisher": ("fisher",), "gram": ("gram_in",), "kfac": ("gram_in", "gram_out"),
@@ -198,7 +198,7 @@ class Collector:
         self.want_in, self.want_out = "gram_in" in kinds, "gram_out" in kinds
         dtype = next(iter(params.values())).dtype
         if loaded.modality == "image":
-            from tensormerge.stats.images import ImageInputs
+            from tensormerge.stats_compute.images import ImageInputs
 
             self.inputs = ImageInputs(model)
         else:
@@ -227,7 +227,7 @@ class Collector:
                                    share_in=not opts.gram_per_weight)
             self.skip_out = sorted(skip_out)
             if loaded.modality == "image":
-                from tensormerge.stats.images import gram_side
+                from tensormerge.stats_compute.images import gram_side
 
                 self.hooks.layers = {k: (m, gram_side(k), c) for k, (m, _, c) in self.hooks.layers.items()}
             self.budget = budget  # checked by prepare(), once the shared inputs are known
@@ -274,7 +274,7 @@ class Collector:
     def step(self, batch) -> None:
         o, task = self.o, self.loaded.task
         if o.fisher_type == "true" and (self.grad_names or self.want_out):
-            from tensormerge.stats.sampling import sample_labels
+            from tensormerge.stats_compute.sampling import sample_labels
 
             batch = sample_labels(self.loaded.model, task, batch, self.inputs, o.seed, o.max_length, self.pad_id,
                                   self.side, o.choice_score)
@@ -420,7 +420,7 @@ def compute_stats(opts: ComputeOptions) -> dict:
 
 
 def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
-    from tensormerge.stats.model import load_model
+    from tensormerge.stats_compute.model import load_model
     from tensormerge.stats.store import StatsWriter
 
     say = (lambda m: None) if opts.quiet else (lambda m: print(m, flush=True))
@@ -429,11 +429,11 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     if not os.path.exists(opts.data):
         raise InputError(f"{opts.data}: no such data file")
     dtype = _parse_dtype(opts.dtype)
-    from tensormerge.stats.textdata import Fields, check_fields
+    from tensormerge.stats_compute.textdata import Fields, check_fields
 
     fields = Fields.from_flags(**{k: getattr(opts, f"{k}_field") for k in (
         "input", "target", "text", "label", "messages", "prompt", "completion", "choices")})
-    from tensormerge.stats.data import is_saved_dataset
+    from tensormerge.stats_compute.data import is_saved_dataset
 
     # an image model's data, or an image folder (one sub-folder per class): the image reader checks it
     image_input = _image_model(opts.model) or (os.path.isdir(opts.data) and not is_saved_dataset(opts.data))
@@ -443,7 +443,7 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
         check_fields(records, fields)
     torch.manual_seed(opts.seed)
     loaded = load_model(opts.model, dtype=dtype, device=opts.device, base_model=opts.base_model)
-    from tensormerge.stats.zeroshot import check_flags
+    from tensormerge.stats_compute.zeroshot import check_flags
 
     check_flags(opts, loaded)
     image_data = _image_data(opts, loaded) if loaded.modality == "image" else None
@@ -489,7 +489,7 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     start = 0
     dist = None
     if opts.workers is not None or opts.scheduler:  # every shard on the cluster; the loop below has nothing left
-        from tensormerge.stats import cluster
+        from tensormerge.stats_compute import cluster
 
         dist = cluster.compute(opts, fingerprint, len(examples), say)
         collector.load(dist[0])
@@ -566,7 +566,7 @@ def _check_memory(opts: ComputeOptions, loaded, collector: Collector) -> None:
     (`stats plan`'s accounting, activations not counted), rather than being killed an hour in.
     TENSORMERGE_STATS_NO_MEMORY_CHECK=1 skips it (an estimate can be wrong)."""
     from tensormerge.engine.memory import available_bytes
-    from tensormerge.stats import planning
+    from tensormerge.stats_compute import planning
 
     if os.environ.get(NO_MEMORY_CHECK_ENV) == "1":
         return
@@ -615,11 +615,11 @@ def _image_model(model_dir: str) -> bool:
 
 def _image_data(opts: ComputeOptions, loaded):
     """Images decoded and checked before any work; a zero-shot CLIP gets its class prompts."""
-    from tensormerge.stats.images import ImageData
+    from tensormerge.stats_compute.images import ImageData
 
     data = ImageData(opts, loaded)
     if loaded.zero_shot:
-        from tensormerge.stats.zeroshot import make_zero_shot
+        from tensormerge.stats_compute.zeroshot import make_zero_shot
 
         make_zero_shot(loaded, data.classes, opts.prompt, opts.clip_towers)
     return data
@@ -628,8 +628,8 @@ def _image_data(opts: ComputeOptions, loaded):
 def _run_shard(opts: ComputeOptions, collector: Collector, examples, fingerprint: str) -> dict:
     """Examples [lo, hi) of a cluster run, batched from lo, their sums saved for the client."""
     from tensormerge.engine import faults
-    from tensormerge.stats.cluster import save_shard
-    from tensormerge.stats.data import collate
+    from tensormerge.stats_compute.cluster import save_shard
+    from tensormerge.stats_compute.data import collate
 
     index, lo, hi = opts.shard
     for b0 in range(lo, hi, opts.batch_size):

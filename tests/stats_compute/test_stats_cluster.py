@@ -14,11 +14,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("distributed")
 
 from tensormerge.engine.faults import ENV, ONCE  # noqa: E402
-from tensormerge.stats.cluster import shard_path  # noqa: E402
-from tensormerge.stats.collect import ComputeOptions, compute_stats  # noqa: E402
+from tensormerge.stats_compute.cluster import shard_path  # noqa: E402
+from tensormerge.stats_compute.collect import ComputeOptions, compute_stats  # noqa: E402
 from tensormerge.stats.store import StatsStore  # noqa: E402
 from tests import helpers as H  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
 
 N, BATCH, SHARD = 10, 2, 4  # three shards: 4, 4 and 2 examples
 

@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("transformers")
 
 from tensormerge.errors import BudgetError, ParameterError  # noqa: E402
-from tensormerge.stats.collect import ComputeOptions, compute_stats  # noqa: E402
-from tensormerge.stats.grads import streamed  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
+from tensormerge.stats_compute.collect import ComputeOptions, compute_stats  # noqa: E402
+from tensormerge.stats_compute.grads import streamed  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N = 5
@@ -36,7 +36,7 @@ def _opts(s, name, **kw):
 
 def test_kfac_backward_accumulates_no_parameter_gradient(llama, monkeypatch):
     """Before: K-FAC's backward filled every parameter's .grad (a second model in memory)."""
-    from tensormerge.stats import collect
+    from tensormerge.stats_compute import collect
 
     fired = []
     real = collect.Collector._grams
@@ -118,7 +118,7 @@ def test_a_budget_too_small_for_vmap_takes_the_loop(llama, tmp_path):
 
 def test_a_run_that_cannot_fit_is_refused_before_any_work(llama, monkeypatch):
     from tensormerge.engine import memory
-    from tensormerge.stats import collect
+    from tensormerge.stats_compute import collect
 
     steps = []
 
@@ -152,7 +152,7 @@ def test_plan_says_what_compute_would_refuse_and_times_nothing(llama, monkeypatc
     """`stats plan --model` does not run (and allocate) the measured batches of a run that
     `stats compute` would refuse for want of memory; the advice fits the run."""
     from tensormerge.engine import memory
-    from tensormerge.stats import collect, planning
+    from tensormerge.stats_compute import collect, planning
 
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
     monkeypatch.setattr(planning, "_measure", lambda *a, **k: pytest.fail("measured a refused run"))

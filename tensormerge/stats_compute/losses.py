@@ -16,7 +16,7 @@ import inspect
 
 import torch
 
-from tensormerge.stats.data import IGNORE, Batch
+from tensormerge.stats_compute.data import IGNORE, Batch
 
 
 def is_decoder_only(model: torch.nn.Module, task: str) -> bool:

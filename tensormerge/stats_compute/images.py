@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tensormerge.errors import InputError
-from tensormerge.stats.data import _jsonl_records, is_saved_dataset, load_saved_dataset
+from tensormerge.stats_compute.data import _jsonl_records, is_saved_dataset, load_saved_dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MODES = ("RGB", "L")
@@ -345,7 +345,7 @@ class ImageData:
 
     def fingerprint(self) -> str:
         """The records and every image's bytes: what --resume compares."""
-        from tensormerge.stats.data import data_fingerprint
+        from tensormerge.stats_compute.data import data_fingerprint
 
         h = hashlib.sha256(data_fingerprint(self.path).encode())
         for e in self.examples:

@@ -244,7 +244,7 @@ def _prompt_answer(where: str, rec: dict, task: str, tok: Tokenize, max_length: 
 def make_example(where: str, rec: dict, task: str, tok: Tokenize, max_length: int, vocab: int | None,
                  label2id: dict | None, num_labels: int | None, fields=None) -> Example:
     """One record -> Example; prompts and inputs are truncated to fit, labels never are."""
-    from tensormerge.stats import textdata
+    from tensormerge.stats_compute import textdata
 
     f = fields or textdata.Fields()
     if "input_ids" not in rec and task != "causal" and rec.get(f.messages) is not None:

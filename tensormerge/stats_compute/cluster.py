@@ -34,7 +34,7 @@ SHARD_FILE = "shard-{:05d}.pt"
 
 
 def shard_path(output: str, index: int) -> str:
-    from tensormerge.stats.collect import RESUME_DIR
+    from tensormerge.stats_compute.collect import RESUME_DIR
 
     return os.path.join(output + PARTIAL_SUFFIX, RESUME_DIR, SHARD_FILE.format(index))
 
@@ -46,7 +46,7 @@ def shards(n: int, size: int) -> list[tuple[int, int, int]]:
 
 def shard_task(opts: dict, shard: tuple[int, int, int]) -> dict:
     """On a worker: one shard's sums into its file; returns what the client checks."""
-    from tensormerge.stats.collect import ComputeOptions, _compute_stats
+    from tensormerge.stats_compute.collect import ComputeOptions, _compute_stats
 
     torch.set_num_threads(1)
     o = ComputeOptions(**{**opts, "shard": list(shard), "workers": None, "scheduler": None, "quiet": True,

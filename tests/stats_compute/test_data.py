@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tensormerge.errors import InputError
-from tensormerge.stats.data import read_records
+from tensormerge.stats_compute.data import read_records
 
 GOOD = b'{"text": "w3 w4"}\n'
 
@@ -41,7 +41,7 @@ def test_saved_dataset_dict_split_choice(tmp_path):
     """A DatasetDict: --split names the split; without it its "train", or its only split; several
     others and no --split is a one-line error listing them (text and image data share this)."""
     datasets = pytest.importorskip("datasets")
-    from tensormerge.stats.data import load_saved_dataset
+    from tensormerge.stats_compute.data import load_saved_dataset
 
     rows = {name: datasets.Dataset.from_list([{"text": f"{name} {i}"} for i in range(n)])
             for name, n in (("train", 2), ("test", 3), ("val", 1))}

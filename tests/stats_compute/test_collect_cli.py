@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tests.helpers import CliResult, assert_clean_error, run_cli  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(cm.V - 4)]
 

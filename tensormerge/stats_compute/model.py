@@ -94,7 +94,7 @@ def _load(path: str, dtype: torch.dtype | None):
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # missing or unreadable config.json
         raise InputError(f"{path}: cannot read config.json ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
-    from tensormerge.stats.planning import check_module_counts
+    from tensormerge.stats_compute.planning import check_module_counts
 
     check_module_counts(config, path)
     task = task_of(config, path)
@@ -187,7 +187,7 @@ def load_model(spec: str, *, dtype: torch.dtype | None, device: str, base_model:
     for name, p in model.named_parameters():
         p.requires_grad_(p.is_floating_point() and (adapter is None or _stored_name(name, adapter) in on_disk))
     renamed = _checkpoint_names(model) if adapter is None else {}
-    from tensormerge.stats.fused import expose_fused_projections
+    from tensormerge.stats_compute.fused import expose_fused_projections
 
     fused = expose_fused_projections(model)  # nn.MultiheadAttention: in_proj_weight's Grams
     if adapter is None:

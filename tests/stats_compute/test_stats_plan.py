@@ -21,8 +21,8 @@ import pytest
 pytest.importorskip("transformers")
 
 from tests.helpers import assert_clean_error  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
-from tests.stats.test_collect_cli import cli  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
+from tests.stats_compute.test_collect_cli import cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -199,7 +199,7 @@ def test_meta_construction_allocates_nothing(tmp_path):
     """A 7B model built from its config: peak RSS grows far less than its 25 GiB of weights."""
     code = (
         "import resource, sys\n"
-        "from tensormerge.stats import planning\n"
+        "from tensormerge.stats_compute import planning\n"
         "import transformers, torch\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "p = planning.plan_arch('llama-7b', None, 'all', 8, 512, 'float32')\n"
@@ -249,7 +249,7 @@ def test_missing_kind_and_bad_data_are_one_line_errors(tiny, tmp_path):
 
 @pytest.mark.parametrize("arch", ["vit", "clip_classifier"])
 def test_plan_equals_the_store_of_an_image_classifier(tmp_path, arch):
-    from tests.stats import image_models as im
+    from tests.stats_compute import image_models as im
 
     mdir = im.save(getattr(im, arch)(), tmp_path / arch)
     data, _ = im.jsonl_images(tmp_path / "img", 6)
@@ -271,8 +271,8 @@ def test_config_with_absurd_layer_count_is_refused_before_building(tiny, tmp_pat
     by `stats plan --config` and by `stats compute --model` alike (here 1500 tiny layers, which
     the code before built and planned silently)."""
     from tensormerge.errors import InputError
-    from tensormerge.stats import planning
-    from tensormerge.stats.collect import ComputeOptions, compute_stats
+    from tensormerge.stats_compute import planning
+    from tensormerge.stats_compute.collect import ComputeOptions, compute_stats
 
     _, models = tiny
     mdir, _ = models["llama"]

@@ -19,10 +19,10 @@ import torch
 pytest.importorskip("transformers")
 
 from tensormerge.errors import InputError  # noqa: E402
-from tensormerge.stats.collect import ComputeOptions, compute_stats  # noqa: E402
+from tensormerge.stats_compute.collect import ComputeOptions, compute_stats  # noqa: E402
 from tensormerge.stats.store import StatsStore  # noqa: E402
 from tests import helpers as H  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,7 +242,7 @@ class _Net(torch.nn.Module):
 def _hooks(net):
     from types import SimpleNamespace
 
-    from tensormerge.stats.hooks import GramHooks
+    from tensormerge.stats_compute.hooks import GramHooks
 
     loaded = SimpleNamespace(model=net, task="causal", adapter=None, own_key=lambda n: n)
     return GramHooks(loaded, True, False, torch.float32, block_bytes=1 << 20)

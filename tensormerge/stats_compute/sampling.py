@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from tensormerge.stats.data import IGNORE, Batch
+from tensormerge.stats_compute.data import IGNORE, Batch
 
 
 def _gen(seed: int, index: int) -> torch.Generator:
@@ -34,8 +34,8 @@ def _draw(logits: torch.Tensor, g: torch.Generator) -> int:
 def choice_scores(model: torch.nn.Module, task: str, inputs, options: list, pad_id: int, side: str,
                   score: str) -> torch.Tensor:
     """[C] log-likelihood of each choice's scored tokens (summed, or averaged with score="mean")."""
-    from tensormerge.stats.data import Example, collate
-    from tensormerge.stats.losses import token_nll
+    from tensormerge.stats_compute.data import Example, collate
+    from tensormerge.stats_compute.losses import token_nll
 
     b = collate([Example(i, lab, "") for i, lab in options], list(range(len(options))), task, pad_id, side)
     b = b.to(next(model.parameters()).device)
@@ -105,7 +105,7 @@ def sample_labels(model: torch.nn.Module, task: str, batch: Batch, inputs, seed:
                         break
                 end = e
             rows.append((seq, lab))
-    from tensormerge.stats.data import Example, collate
+    from tensormerge.stats_compute.data import Example, collate
 
     if task == "seq2seq":
         exs = [Example(ids.tolist(), dec, "") for ids, dec in rows]
@@ -115,7 +115,7 @@ def sample_labels(model: torch.nn.Module, task: str, batch: Batch, inputs, seed:
 
 
 def _sample_choices(model, task: str, batch: Batch, inputs, seed: int, pad_id: int, side: str, score: str) -> Batch:
-    from tensormerge.stats.data import Example, collate
+    from tensormerge.stats_compute.data import Example, collate
 
     exs = []  # every example has choices: compute_stats refuses data that mixes them for the true Fisher
     for options, j in zip(batch.choices, batch.index):

@@ -13,9 +13,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from tensormerge.errors import InputError  # noqa: E402
-from tensormerge.stats.collect import ComputeOptions, compute_stats  # noqa: E402
-from tests.stats import collect_models as cm  # noqa: E402
-from tests.stats.test_collect import _assert_matches, _stored  # noqa: E402
+from tensormerge.stats_compute.collect import ComputeOptions, compute_stats  # noqa: E402
+from tests.stats_compute import collect_models as cm  # noqa: E402
+from tests.stats_compute.test_collect import _assert_matches, _stored  # noqa: E402
 
 N = 5
 

@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from tensormerge.stats.data import Batch
-from tensormerge.stats.losses import Inputs, token_nll
+from tensormerge.stats_compute.data import Batch
+from tensormerge.stats_compute.losses import Inputs, token_nll
 
 MODES = ("auto", "vmap", "loop")
 
