@@ -23,10 +23,18 @@ from tensormerge.errors import ParameterError, TensorMergeError, short
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # constants.DTYPE_CHOICES, without importing torch
 
 
-def _split(values: tuple[str, ...]) -> list[str]:
+def _split(values: tuple[str, ...], option: str = "--inputs") -> list[str]:
     """Comma-separated lists, repeatable; a value that names an existing path whole is that one
-    path (so a path holding a comma can be given: repeat --inputs, one path each)."""
-    return [x for v in values for x in ([v] if os.path.exists(v.strip()) else v.split(",")) if x.strip()]
+    path (so a path holding a comma can be given: repeat --inputs, one path each). An empty item
+    is refused, not dropped: `A,$UNSET,C` would otherwise merge one model fewer without a word."""
+    out = []
+    for v in values:
+        items = [v] if os.path.exists(v.strip()) else v.split(",")
+        for i, x in enumerate(items, 1):
+            if not x.strip():
+                raise ParameterError(f"{option} {short(v)}: item {i} of {len(items)} is empty")
+            out.append(x)
+    return out
 
 
 def _params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -191,10 +199,10 @@ def _spec(kw: dict, sweep: bool = False) -> "api.MergeSpec":
             raise ParameterError(f"--config {kw['config']}: params: {e}") from None
     inputs = _split(kw["inputs"]) or recipe.get("inputs") or []
     if isinstance(inputs, str):
-        inputs = _split((inputs,))
-    stats = _split(kw.get("stats") or ()) or recipe.get("stats") or []
+        inputs = _split((inputs,), "inputs:")
+    stats = _split(kw.get("stats") or (), "--stats") or recipe.get("stats") or []
     if isinstance(stats, str):
-        stats = _split((stats,))
+        stats = _split((stats,), "stats:")
     params = dict(recipe.get("params") or {})
     params.update(_params(kw["param"]))
     method = kw["method"] or recipe.get("method")

@@ -10,7 +10,10 @@ writes a directory refuses the same things before any work:
 - once checkpoints are resolved, an output or `--report` inside a hub input's cache folder or
   MaTS' `init` directory; a `--report` inside OUT or OUT.partial, or the lock file;
 - `--overwrite` of anything but an empty directory or an output of the same command (a merge's
-  `tensormerge.json`, a store's `zarr.json`), since replacing it deletes what is there.
+  `tensormerge.json`, a store's `zarr.json`), since replacing it deletes what is there; a merge
+  output holding a file its `tensormerge.json` does not list as written (a user's notes);
+- a `--report` naming anything but a new name, an earlier report or a link (the report lands
+  by a rename, which would replace a model's weights or turn a device node into a file).
 
 The lock is `fcntl.flock` on `OUT.partial.lock`, a file beside `OUT.partial` that holds the
 holder's pid, host and start time for the error line. flock rather than an O_EXCL file:
@@ -38,6 +41,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterable
@@ -49,8 +53,10 @@ from tensormerge.errors import OutputError
 
 LOCK_SUFFIX = C.PARTIAL_SUFFIX + ".lock"  # OUT.partial.lock
 REPLACED = ".tensormerge-replaced"  # the previous OUT, inside OUT.partial (then OUT) during the finish
+WRITTEN = "files"  # tensormerge.json: every file the merge wrote into its output (writer.finish_files)
 OURS_SUBDIRS = {C.RESUME_DIR, REPLACED}  # the only directories a merge output ever holds
 STATS_RESUME_DIR = ".resume"  # stats_compute/collect.RESUME_DIR: `stats compute`'s checkpoint, inside OUT.partial
+MANIFEST_HEAD = b'{"tensormerge_manifest":'  # how engine/manifest.py's log begins
 MAX_MARKER_BYTES = 64 * 1024 * 1024  # a tensormerge.json / zarr.json larger than this is not ours
 
 
@@ -139,6 +145,12 @@ def what_is_there(path: str, kind: str) -> str | None:
             dirs = [e for e in entries if e not in OURS_SUBDIRS and os.path.isdir(os.path.join(path, e))]
             if dirs:
                 return f"is a tensormerge output but also holds the directory {dirs[0]!r}, which tensormerge never writes"
+            written = doc.get(WRITTEN)  # absent in outputs of versions before it was recorded
+            if isinstance(written, list):
+                added = [e for e in entries if e not in written and e not in OURS_SUBDIRS]
+                if added:
+                    return (f"is a tensormerge output but also holds {added[0]!r}, which that merge did not write "
+                            f"(move it away first)")
             return None
         return f"is not a tensormerge output ({example}; no {marker} of a merge)"
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
@@ -160,14 +172,37 @@ def _read_json(path: str):
 def is_our_partial(partial: str) -> bool:
     """Whether `OUT.partial` is tensormerge's, so a run may remove or resume it: empty (a run
     killed before writing anything), or holding what a run writes there first: a merge's resume
-    directory (Manifest.create), a statistics store's zarr.json (StatsWriter) or `stats compute`'s
-    checkpoint directory."""
+    manifest (Manifest.create), a statistics store's zarr.json (StatsWriter) or a checkpoint in
+    `stats compute`'s resume directory."""
     try:
         entries = os.listdir(partial)
     except OSError:
         return False
-    return (not entries or os.path.isfile(os.path.join(partial, "zarr.json"))
-            or any(os.path.isdir(os.path.join(partial, d)) for d in (C.RESUME_DIR, STATS_RESUME_DIR)))
+    return (not entries or os.path.isfile(os.path.join(partial, "zarr.json")) or _holds_manifest(partial)
+            or bool(_listing(os.path.join(partial, STATS_RESUME_DIR))))
+
+
+def _holds_manifest(partial: str) -> bool:
+    """A merge's resume directory with its manifest in it: an empty `.tensormerge-resume`
+    beside someone's files is no sign that a run made them (they would be deleted)."""
+    from tensormerge.engine.manifest import LOG
+
+    path = os.path.join(partial, C.RESUME_DIR, LOG)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(len(MANIFEST_HEAD))
+    except OSError:
+        return False
+    return MANIFEST_HEAD.startswith(head)  # empty: killed between creating it and its first line
+
+
+def _listing(path: str) -> list[str]:
+    try:
+        return os.listdir(path) if os.path.isdir(path) and not os.path.islink(path) else []
+    except OSError:
+        return []
 
 
 def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind: str = "merge",
@@ -207,8 +242,9 @@ def check_output(out: str, *, overwrite: bool, keep_existing: bool = False, kind
 
 
 def check_report(report: str | None, out: str, protected: Iterable[tuple[str, str]] = ()) -> None:
-    """`--report` must be writable before the merge starts, not found unwritable after it: an
-    existing file is opened for writing (not truncated), a new one is created and removed. A
+    """`--report` must be writable before the merge starts, not found unwritable after it: a
+    file is created and removed beside it, as the report's own temporary file will be; an
+    existing path must be an earlier report (or a link, which the rename replaces). A
     report inside OUT (or OUT.partial) is refused: the output's file names are known only once
     the plan is built, and the report must never replace one of them."""
     if not report:
@@ -227,13 +263,34 @@ def check_report(report: str | None, out: str, protected: Iterable[tuple[str, st
     try:
         if os.path.isdir(report):
             raise IsADirectoryError(errno.EISDIR, "is a directory")
-        if os.path.lexists(report):
-            os.close(os.open(report, os.O_WRONLY | os.O_APPEND))
-        else:
-            os.close(os.open(report, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            os.unlink(report)
+        refusal = _report_refusal(report)
+        if refusal:
+            raise OutputError(f"--report {report}: {refusal}")
+        # what write_report needs: a file created beside it (then renamed over it), never opened through it
+        probe = os.path.join(os.path.dirname(os.path.abspath(report)), f".{os.path.basename(report)}.{os.getpid()}.probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.unlink(probe)
     except OSError as e:
         raise OutputError(f"--report {report}: cannot write ({e.strerror or e})") from None
+
+
+def _report_refusal(report: str) -> str | None:
+    """Why an existing `--report` path may not be replaced, or None: the report is written by a
+    rename over it, which would turn a device node into a file (and a FIFO would block the check
+    forever), and replace any file at all. Only an earlier report (a JSON object as `run` or
+    `sweep` write them) or a symbolic link (the rename replaces the link, not its target) is."""
+    try:
+        st = os.lstat(report)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file (a device, FIFO or socket); give a file name"
+    doc = _read_json(report)
+    if isinstance(doc, dict) and ({"output", "method"} <= doc.keys() or "candidates" in doc):
+        return None
+    return "exists and is not a tensormerge report; remove it or give another name"
 
 
 # ---------------------------------------------------------------------------------- the lock

@@ -25,7 +25,7 @@ from tensormerge import constants as C
 from tensormerge.engine.crc import crc32
 from tensormerge.engine import faults
 from tensormerge.durable import fsync_dir
-from tensormerge.engine.outdir import publish
+from tensormerge.engine.outdir import WRITTEN, publish
 from tensormerge.engine.safetensors_format import build_header, element_size
 from tensormerge.engine.sources import confined
 from tensormerge.errors import OutputError
@@ -215,7 +215,8 @@ class ShardedWriter:
                 self._write_json(fname, obj)
             for fname, data in (generate(self.partial) if generate else {}).items():
                 self._write_bytes(fname, data)
-            self._write_json(C.PROVENANCE, provenance)
+            names = {f for f in os.listdir(self.partial) if os.path.isfile(os.path.join(self.partial, f))}
+            self._write_json(C.PROVENANCE, {**provenance, WRITTEN: sorted(names | {C.PROVENANCE})})
             for fname, fd in list(self._fds.items()):
                 # a network or thin-provisioned disk may report a full disk only here
                 self._finishing = os.path.join(self.partial, fname)

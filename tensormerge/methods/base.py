@@ -22,6 +22,8 @@ from tensormerge.constants import ROW_KINDS
 from tensormerge.errors import ParameterError, short
 from tensormerge.methods import rules as R
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 @dataclass
 class BlockData:
@@ -146,6 +148,9 @@ class Params:
             for x in value if isinstance(value, list) else [value]:
                 if isinstance(x, float) and not math.isfinite(x):
                     raise ParameterError(f"{method}: parameter {key!r} is {x}, must be a finite number")
+                if isinstance(x, float) and abs(x) > FLOAT32_MAX:  # the kernels take their parameters as float32
+                    raise ParameterError(f"{method}: parameter {key!r} is {x:g}, beyond float32's largest "
+                                         f"({FLOAT32_MAX:g})")
             if isinstance(value, list) and len(value) != n_models:
                 raise ParameterError(f"{method}: parameter {key!r} has {len(value)} values for {n_models} models")
 

@@ -144,15 +144,15 @@ def test_killed_between_the_renames_of_an_overwrite(fam, reference, tmp_path):
     out = tmp_path / "out"
     res = H.run_cli(_args(fam, "dare", out))  # a previous output, which --overwrite may replace
     assert res.returncode == 0, res
-    (out / "old-file").write_text("previous output")
     res = H.run_cli(_args(fam, "ties", out, "--overwrite"), env={ENV: "rename:1"})
     assert res.returncode == -signal.SIGKILL, res
     # OUT moved inside the finished OUT.partial (no name beside it), the new one not yet in place
-    assert not out.exists() and (Path(str(out) + ".partial") / REPLACED / "old-file").exists()
+    old = Path(str(out) + ".partial") / REPLACED / "tensormerge.json"
+    assert not out.exists() and json.loads(old.read_text())["method"] == "dare"
     res = H.run_cli(_args(fam, "ties", out, "--overwrite", "--resume"))
     assert res.returncode == 0, res
     assert H.shard_digests(out) == reference["ties"]
-    assert not (out / "old-file").exists() and not (out / REPLACED).exists()
+    assert json.loads((out / "tensormerge.json").read_text())["method"] == "ties" and not (out / REPLACED).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

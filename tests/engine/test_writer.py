@@ -193,8 +193,11 @@ def test_overwrite_and_refusal(fam, tmp_path):
     (out / "keep.txt").unlink()
     merge(fam, out, overwrite=True)  # empty
     (out / "stale.txt").write_text("beside a previous output")
+    with pytest.raises(OutputError, match="'stale.txt', which that merge did not write"):
+        merge(fam, out, overwrite=True)  # a file the user put there is not the previous output's
+    assert (out / "stale.txt").read_text() == "beside a previous output"
+    (out / "stale.txt").unlink()
     merge(fam, out, overwrite=True)  # a previous tensormerge output
-    assert not (out / "stale.txt").exists()
     assert (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old, .partial or lock beside it
 
@@ -202,7 +205,8 @@ def test_overwrite_and_refusal(fam, tmp_path):
 def test_stale_partial_is_replaced(fam, tmp_path):
     out = tmp_path / "out"
     partial = pathlib.Path(str(out) + ".partial")
-    (partial / ".tensormerge-resume").mkdir(parents=True)  # what marks it as a run's (engine/outdir)
+    (partial / ".tensormerge-resume").mkdir(parents=True)  # a run's manifest marks it as a run's (engine/outdir)
+    (partial / ".tensormerge-resume" / "manifest.jsonl").write_text('{"tensormerge_manifest":2,"fingerprint":"x"}\n')
     (partial / "junk.safetensors").write_bytes(b"junk")
     merge(fam, out)
     assert not partial.exists()
@@ -240,5 +244,6 @@ def test_writer_patch(tmp_path):
     exp = torch.zeros(16, dtype=torch.bfloat16)
     exp[[0, 5, 15]] = torch.tensor([1.5, -2.0, 3.0], dtype=torch.bfloat16)
     assert torch.equal(got.reshape(-1), exp)
-    assert json.loads((tmp_path / "o" / "tensormerge.json").read_text()) == {"method": "test"}
+    assert json.loads((tmp_path / "o" / "tensormerge.json").read_text()) == {
+        "method": "test", "files": ["model.safetensors", "tensormerge.json"]}
     assert math.prod(got.shape) == 16

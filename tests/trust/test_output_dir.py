@@ -534,3 +534,113 @@ def test_a_newline_in_a_path_keeps_the_error_on_one_line(fam, tmp_path):
 def test_an_output_under_a_regular_file_says_so(fam, tmp_path):
     (tmp_path / "afile").write_text("x")
     H.assert_clean_error(H.run_cli(args(fam, tmp_path / "afile" / "x")), "afile", "not a directory")
+
+
+# ------------------------------------------------- a careless user's seventh-session red team
+@pytest.mark.parametrize("kind", ["fifo", "device", "another_models_weights", "a_text_file"])
+def test_report_never_replaces_what_is_not_a_report(fam, tmp_path, kind):
+    """The report lands by a rename over its path: a device node would become a file, any file
+    would be lost, and a FIFO blocked the writability check forever. Each is refused first."""
+    out = tmp_path / "out"
+    report = tmp_path / "victim"
+    if kind == "fifo":
+        os.mkfifo(report)
+    elif kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(report, 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))  # a copy of /dev/null
+    elif kind == "another_models_weights":
+        other = tmp_path / "other"
+        assert H.run_cli(args(fam, other)).returncode == 0
+        report = other / "model.safetensors"
+    else:
+        report.write_text("my notes\n")
+    before = os.lstat(report)
+    content = report.read_bytes() if kind in ("another_models_weights", "a_text_file") else None
+    res = H.run_cli(args(fam, out, "--report", report), timeout=60)
+    H.assert_clean_error(res, "--report", str(report), out_dir=out)
+    after = os.lstat(report)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    if content is not None:
+        assert report.read_bytes() == content
+
+
+def test_an_earlier_report_or_a_link_is_replaced(fam, tmp_path):
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    assert H.run_cli(args(fam, out, "--report", report)).returncode == 0
+    first = json.loads(report.read_text())
+    res = H.run_cli(args(fam, out, "--overwrite", "--report", report))
+    assert res.returncode == 0, res
+    assert json.loads(report.read_text())["output"] == first["output"]
+    target = tmp_path / "kept.txt"
+    target.write_text("kept")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert H.run_cli(args(fam, out, "--overwrite", "--report", link)).returncode == 0
+    assert target.read_text() == "kept" and not link.is_symlink() and "output" in json.loads(link.read_text())
+
+
+def test_overwrite_keeps_a_file_the_user_added_to_an_output(fam, tmp_path):
+    """--overwrite replaces a previous merge, not the notes a user put beside its weights: the
+    merge records what it wrote (tensormerge.json `files`), and anything else refuses it."""
+    out = tmp_path / "out"
+    assert H.run_cli(args(fam, out)).returncode == 0
+    written = json.loads((out / "tensormerge.json").read_text())["files"]
+    assert sorted(p.name for p in out.iterdir()) == written
+    (out / "eval_results.txt").write_text("my eval notes\n")
+    res = H.run_cli(args(fam, out, "--overwrite", method="task_arithmetic"))
+    H.assert_clean_error(res, str(out), "eval_results.txt", "--overwrite")
+    assert (out / "eval_results.txt").read_text() == "my eval notes\n"
+    assert_average(out, fam)  # the previous merge, untouched
+    (out / "eval_results.txt").unlink()
+    assert H.run_cli(args(fam, out, "--overwrite", method="task_arithmetic")).returncode == 0
+
+
+def test_overwrite_of_an_output_from_before_the_record_is_still_allowed(fam, tmp_path):
+    out = tmp_path / "out"
+    assert H.run_cli(args(fam, out)).returncode == 0
+    prov = out / "tensormerge.json"
+    doc = json.loads(prov.read_text())
+    del doc["files"]
+    prov.write_text(json.dumps(doc))
+    (out / "notes.txt").write_text("x")  # unknowable: an older merge may have copied a side file of that name
+    assert H.run_cli(args(fam, out, "--overwrite")).returncode == 0
+    assert not (out / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("log", [None, b"", b"not a manifest\n"])
+def test_an_empty_resume_folder_does_not_make_a_partial_ours(fam, tmp_path, log):
+    """`OUT.partial` with a `.tensormerge-resume` folder but no manifest of a run in it, and a
+    user's file beside: refused (the run would delete it), unless the manifest is merely empty
+    (a run killed between creating it and writing its first line)."""
+    from tensormerge.constants import RESUME_DIR
+    from tensormerge.engine.manifest import LOG
+
+    out = tmp_path / "out"
+    partial = Path(str(out) + ".partial")
+    (partial / RESUME_DIR).mkdir(parents=True)
+    if log is not None:
+        (partial / RESUME_DIR / LOG).write_bytes(log)
+    (partial / "important.txt").write_text("mine")
+    res = H.run_cli(args(fam, out))
+    if log == b"":
+        assert res.returncode == 0, res
+        assert_average(out, fam)
+        return
+    H.assert_clean_error(res, str(partial), "not made by tensormerge")
+    assert (partial / "important.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("inputs", ["{0},,{1}", "{0},{1},", ",{0},{1}", "{0}, ,{1}"])
+def test_an_empty_item_in_a_list_is_refused_not_dropped(fam, tmp_path, inputs):
+    out = tmp_path / "out"
+    a = args(fam, out)
+    a[a.index("--inputs") + 1] = inputs.format(*fam["inputs"])
+    H.assert_clean_error(H.run_cli(a), "--inputs", "is empty", out_dir=out)
+
+
+def test_a_parameter_past_float32_is_refused_naming_it(fam, tmp_path):
+    out = tmp_path / "out"
+    res = H.run_cli(args(fam, out, "-p", "lambda=1e39", method="task_arithmetic"))
+    line = H.assert_clean_error(res, "lambda", "float32", out_dir=out)
+    assert "RuntimeWarning" not in res.stderr and "NaN" not in line
