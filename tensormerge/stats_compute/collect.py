@@ -448,12 +448,7 @@ def _compute_stats(opts: ComputeOptions, stale_lock: str | None = None) -> dict:
     check_flags(opts, loaded)
     image_data = _image_data(opts, loaded) if loaded.modality == "image" else None
     cfg = loaded.config
-    tok = Tokenize(loaded.tokenizer_dirs, opts.data)
-    examples = image_data.examples if image_data is not None else load_examples(
-        opts.data, loaded.task, tok, max_length=opts.max_length, max_examples=opts.max_examples,
-        vocab=getattr(cfg, "vocab_size", None), label2id=getattr(cfg, "label2id", None),
-        num_labels=getattr(cfg, "num_labels", None) if loaded.task == "classification" else None, split=opts.split,
-        fields=fields, records=records)
+    tok, examples = _examples(opts, loaded, fields, records, image_data)
     mixed = [e.where for e in examples if getattr(e, "choices", None) is None]
     if opts.fisher_type == "true" and 0 < len(mixed) < len(examples):
         raise InputError(f"{mixed[0]}: not multiple choice, but other records are; the true Fisher samples "
@@ -611,6 +606,19 @@ def _image_model(model_dir: str) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return any(isinstance(a, str) and (a.endswith("ForImageClassification") or a == "CLIPModel") for a in archs)
+
+
+def _examples(opts: ComputeOptions, loaded, fields, records, image_data) -> tuple[Tokenize, list]:
+    """The tokenizer and the examples a run feeds the model (and `stats plan` times)."""
+    tok = Tokenize(loaded.tokenizer_dirs, opts.data)
+    if image_data is not None:
+        return tok, image_data.examples
+    cfg = loaded.config
+    return tok, load_examples(
+        opts.data, loaded.task, tok, max_length=opts.max_length, max_examples=opts.max_examples,
+        vocab=getattr(cfg, "vocab_size", None), label2id=getattr(cfg, "label2id", None),
+        num_labels=getattr(cfg, "num_labels", None) if loaded.task == "classification" else None, split=opts.split,
+        fields=fields, records=records)
 
 
 def _image_data(opts: ComputeOptions, loaded):

@@ -380,7 +380,7 @@ def plan_arch(arch: str | None, config: str | None, kind: str, batch_size: int, 
 def plan_model(opts, measure_batches: int = 3) -> dict:
     """Load the model and data as `stats compute` does, account, then time a few real batches."""
     from tensormerge.stats_compute import collect
-    from tensormerge.stats_compute.data import Tokenize, batches, load_examples, read_records
+    from tensormerge.stats_compute.data import batches, read_records
     from tensormerge.stats_compute.model import load_model
     from tensormerge.stats_compute.textdata import Fields, check_fields
 
@@ -397,12 +397,7 @@ def plan_model(opts, measure_batches: int = 3) -> dict:
     loaded = load_model(opts.model, dtype=dtype, device=opts.device, base_model=opts.base_model)
     image_data = collect._image_data(opts, loaded) if loaded.modality == "image" else None
     cfg = loaded.config
-    tok = Tokenize(loaded.tokenizer_dirs, opts.data)
-    examples = image_data.examples if image_data is not None else load_examples(
-        opts.data, loaded.task, tok, max_length=opts.max_length, max_examples=opts.max_examples,
-        vocab=getattr(cfg, "vocab_size", None), label2id=getattr(cfg, "label2id", None),
-        num_labels=getattr(cfg, "num_labels", None) if loaded.task == "classification" else None, split=opts.split,
-        fields=fields, records=records)
+    tok, examples = collect._examples(opts, loaded, fields, records, image_data)
     side = opts.padding_side or (getattr(tok._tok, "padding_side", None) if tok._tok is not None else None) or "right"
     pad_id = getattr(cfg, "pad_token_id", None)
     if pad_id is None and tok._tok is not None:
