@@ -55,26 +55,15 @@ def shard_task(opts: dict, shard: tuple[int, int, int]) -> dict:
 
 
 def save_shard(output: str, index: int, fingerprint: str, state: dict) -> None:
-    path = shard_path(output, index)
-    tmp = f"{path}.{os.getpid()}.tmp"  # a rerun of a lost task may race the first: each its own temporary
-    torch.save({"fingerprint": fingerprint, **state}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from tensormerge.stats_compute.collect import save_state
+
+    save_state(shard_path(output, index), fingerprint, state)
 
 
 def _load_shard(output: str, index: int, fingerprint: str) -> dict | None:
-    path = shard_path(output, index)
-    if not os.path.isfile(path):
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file
-        raise OutputError(f"{path}: unreadable shard ({e.__class__.__name__}); remove it to compute it again") from None
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        raise OutputError(f"{path}: shard of a different run (model, data or options differ); remove "
-                          f"{output}{PARTIAL_SUFFIX} or run without --resume")
-    return state
+    from tensormerge.stats_compute.collect import load_state
+
+    return load_state(shard_path(output, index), fingerprint, output, "shard")
 
 
 def _fold(total: dict | None, part: dict) -> dict:

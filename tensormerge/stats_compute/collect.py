@@ -381,25 +381,35 @@ def _resume_path(output: str) -> str:
 
 
 def _save_checkpoint(output: str, fingerprint: str, state: dict) -> None:
-    path = _resume_path(output)
+    save_state(_resume_path(output), fingerprint, state)
+
+
+def _load_checkpoint(output: str, fingerprint: str) -> dict | None:
+    return load_state(_resume_path(output), fingerprint, output, "checkpoint")
+
+
+def save_state(path: str, fingerprint: str, state: dict) -> None:
+    """A checkpoint (or a cluster shard's sums) with the run's fingerprint, replaced whole and
+    durably; each writer has its own temporary, as a rerun of a lost task may race the first."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save({"fingerprint": fingerprint, **state}, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _load_checkpoint(output: str, fingerprint: str) -> dict | None:
-    path = _resume_path(output)
+def load_state(path: str, fingerprint: str, output: str, what: str) -> dict | None:
+    """What save_state wrote for this run, None where nothing was; a torn or foreign file, or
+    one of another run, is refused naming it."""
     if not os.path.isfile(path):
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file
-        raise OutputError(f"{path}: unreadable checkpoint ({e.__class__.__name__}); remove it to start over") from None
-    if state.get("fingerprint") != fingerprint:
-        raise OutputError(f"{path}: checkpoint of a different run (model, data or options differ); remove "
+        raise OutputError(f"{path}: unreadable {what} ({e.__class__.__name__}); remove it to compute it again") from None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        raise OutputError(f"{path}: {what} of a different run (model, data or options differ); remove "
                           f"{output}{PARTIAL_SUFFIX} or run without --resume")
     return state
 
