@@ -296,7 +296,14 @@ def _call_python(fn: Callable, spec: str, c: Candidate) -> tuple[dict | None, st
     bad = next((k for k in result if not isinstance(k, str)), None)
     if bad is not None:
         return None, _one_line(f"{spec} returned a metric named {bad!r}, not a string", ERROR_CHARS)
-    return _metrics(result), None
+    try:  # what sweep.json can hold and read back: a command's metrics are bounded by STDOUT_TAIL too
+        metrics = _metrics(result)
+        size = len(json.dumps(metrics))
+    except (RecursionError, ValueError) as e:
+        return None, f"{spec} returned metrics that cannot be recorded ({type(e).__name__}: nested too deep?)"
+    if size > STDOUT_TAIL:
+        return None, f"{spec} returned {size} bytes of metrics; at most {STDOUT_TAIL} are recorded"
+    return metrics, None
 
 
 def _takes_candidate(fn: Callable) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 from tensormerge.errors import ParameterError, short
 
 MAX_CANDIDATES = 256
+MAX_NAME = 200  # a candidate directory name: with .partial.lock or .tensormerge-removing- it stays under 255
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -90,6 +91,9 @@ def from_yaml(default_method: str | None, items: Any, path: str) -> list[Candida
             raise ParameterError(f"--candidates {path}: candidate {i}: name {short(name)} must be a plain "
                                  f"directory name (letters, digits, . _ = + -), not starting with '.' or '-', "
                                  f"not ending in .partial or .lock, not sweep.json or sweep.png")
+        if name is not None and len(name) > MAX_NAME:  # its OUT.partial.lock must still be a file name
+            raise ParameterError(f"--candidates {path}: candidate {i}: name {short(name)} has {len(name)} "
+                                 f"characters, more than {MAX_NAME}")
         out.append(CandidateSpec(name or "", method, dict(params)))
     keys = sorted({k for c in out for k in c.params})
     for c in out:

@@ -838,3 +838,18 @@ def test_the_module_imports_neither_torch_nor_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.stdout.strip() == "[]"
+
+
+def test_python_metrics_too_large_or_too_deep_fail_their_candidate_not_the_sweep(sweep, tmp_path):
+    """A function's result is unbounded where a command's stdout is not: 20 MB of metrics made an
+    84 MB sweep.json the next run refused to read, after --keep had removed candidates."""
+    d, cands, _ = sweep
+    path = tmp_path / "big_eval.py"
+    path.write_text("def huge(out):\n    return {'acc': 1.0, 'blob': 'x' * (20 << 20)}\n"
+                    "def deep(out):\n    d = c = {}\n    for _ in range(100000):\n        c['a'] = {}\n        c = c['a']\n"
+                    "    return {'acc': 1.0, 'd': d}\n")
+    for fn, needle in [("huge", f"at most {ev.STDOUT_TAIL} are recorded"), ("deep", "RecursionError")]:
+        ev.evaluate(cands[:2], str(d), python=f"{path}:{fn}", log=lambda s: None)
+        assert all(c.metrics is None and needle in c.eval_error for c in cands[:2]), [c.eval_error for c in cands[:2]]
+        assert (d / "sweep.json").stat().st_size < 64 << 10
+        ev.load_state(str(d))  # still readable: a rerun can go on

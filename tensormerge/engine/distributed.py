@@ -29,7 +29,7 @@ from tensormerge.constants import (
     DASK_WORKER_OVERHEAD,
 )
 from tensormerge.engine.plan import Block
-from tensormerge.errors import InputError, ParameterError
+from tensormerge.errors import InputError, ParameterError, short
 
 # ------------------------------------------------------------------ worker side
 _OPEN: dict[str, tuple] = {}  # merge -> (stack, runner, writer): one merge per worker process at a time
@@ -212,32 +212,50 @@ def sweep_merge_task(ctx: tuple, states: dict[int, dict], skips: dict[int, set],
 
 
 # ------------------------------------------------------------------ client side
+def connect(workers: int | None, scheduler: str | None, gpu: bool, memory_limit: int | str = "auto"):
+    """(client, local cluster or None): a local cluster of `workers` processes, or the cluster at
+    `scheduler`; `merge --workers` and `stats compute --workers` alike. What answers at the
+    address is a stranger: anything but a dask scheduler fails in one line, whatever dask raised
+    (a web server's reply read as a frame length asked for exabytes)."""
+    if workers is not None and scheduler:
+        raise ParameterError("--workers and --scheduler: give one (a local cluster, or an existing one)")
+    if workers is not None and workers < 1:
+        raise ParameterError(f"--workers: {workers} is not a positive number of worker processes")
+    cores = os.cpu_count() or 1
+    most = max(8, 4 * cores)  # each process holds a torch and up to --max-memory: 1000 of them sank a 2-core VM
+    if workers is not None and workers > most:
+        raise ParameterError(f"--workers: {workers} worker processes on this machine's {cores} cores; at most "
+                             f"{most} (for more, start a cluster and give --scheduler)")
+    from distributed import Client, LocalCluster
+
+    if not scheduler:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               scheduler_kwargs={"dashboard": False}, memory_limit=memory_limit,
+                               resources={"GPU": 1} if gpu else None, silence_logs=logging.ERROR)
+        try:
+            return Client(cluster), cluster
+        except BaseException:
+            cluster.close()
+            raise
+    try:
+        return Client(scheduler, timeout=DASK_CONNECT_TIMEOUT), None
+    except (Exception, MemoryError) as e:  # noqa: BLE001 - see the docstring
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e)
+        raise ParameterError(f"--scheduler {short(scheduler)}: cannot connect to a dask scheduler there "
+                             f"({_one_line(reason)})") from None
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class DaskExecutor:
     def __init__(self, spec, workers: int | None, scheduler: str | None, max_memory: int, device: str):
-        if workers is not None and scheduler:
-            raise ParameterError("--workers and --scheduler: give one (a local cluster, or an existing one)")
-        if workers is not None and workers < 1:
-            raise ParameterError(f"--workers: {workers} is not a positive number of worker processes")
-        from distributed import Client, LocalCluster
-
         self.spec = spec
-        self.cluster = None
         self.gpu = device.startswith("cuda")
-        self.threads = None
-        try:
-            if scheduler:
-                self.client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT)
-            else:
-                self.threads = max(1, (os.cpu_count() or 1) // workers)
-                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                            dashboard_address=":0", scheduler_kwargs={"dashboard": False},
-                                            memory_limit=max_memory + DASK_WORKER_OVERHEAD,
-                                            resources={"GPU": 1} if self.gpu else None,
-                                            silence_logs=logging.ERROR)
-                self.client = Client(self.cluster)
-        except OSError as e:
-            self.close()
-            raise ParameterError(f"--scheduler {scheduler}: cannot connect ({e})") from None
+        self.threads = None if scheduler else max(1, (os.cpu_count() or 1) // max(1, workers or 1))
+        self.client, self.cluster = connect(workers, scheduler, self.gpu, max_memory + DASK_WORKER_OVERHEAD)
         self.resources = {"GPU": 1} if self.gpu else None
 
     def close(self) -> None:

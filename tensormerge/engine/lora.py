@@ -31,7 +31,7 @@ import torch
 
 from tensormerge import constants as C
 from tensormerge.engine.plan import Block, MergePlan, _chunks
-from tensormerge.engine.safetensors_format import element_size
+from tensormerge.engine.safetensors_format import element_size, load_json
 from tensormerge.engine.sources import Checkpoint, TensorInfo, confined, open_checkpoint
 from tensormerge.errors import BudgetError, InputError, ParameterError, short
 from tensormerge.methods.base import Method
@@ -92,10 +92,11 @@ def read_config(ck: Checkpoint) -> dict | None:
     try:
         if os.path.getsize(path) > C.MAX_HEADER_BYTES:
             raise InputError(f"{path}: larger than {C.MAX_HEADER_BYTES} bytes")
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
         raise InputError(f"{path}: unreadable ({e.__class__.__name__})") from None
+    cfg = load_json(path, raw, CONFIG)
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: not a JSON object")
     return cfg
@@ -158,6 +159,10 @@ def detect(inputs: list[Checkpoint]) -> list[Adapter] | None:
     kinds = {str(c.get("peft_type", "")).upper() for c in cfgs}
     if len(kinds) > 1:
         raise InputError(f"inputs are adapters of different PEFT types ({', '.join(sorted(kinds))})")
+    fans = {bool(c.get("fan_in_fan_out")) for c in cfgs}
+    if len(fans) > 1:  # their updates are stored transposed to one another: concat or factors would mix them
+        which = ", ".join(f"{ck.spec}: {str(bool(c.get('fan_in_fan_out'))).lower()}" for ck, c in zip(inputs, cfgs))
+        raise InputError(f"inputs are adapters with different fan_in_fan_out ({which})")
     bases = {c.get("base_model_name_or_path") for c in cfgs} - {None, ""}
     if len(bases) > 1 and len({_base_identity(b) for b in bases}) > 1:
         raise InputError(f"inputs are adapters of different base models ({', '.join(sorted(map(str, bases)))})")

@@ -18,7 +18,6 @@ the others.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import time
@@ -26,7 +25,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from tensormerge.constants import DASK_CONNECT_TIMEOUT, PARTIAL_SUFFIX
+from tensormerge.constants import PARTIAL_SUFFIX
 from tensormerge.engine import faults
 from tensormerge.errors import OutputError, ParameterError
 
@@ -87,25 +86,10 @@ def _fold(total: dict | None, part: dict) -> dict:
 
 class _Cluster:
     def __init__(self, workers: int | None, scheduler: str | None, device: str):
-        if workers is not None and scheduler:
-            raise ParameterError("--workers and --scheduler: give one (a local cluster, or an existing one)")
-        if workers is not None and workers < 1:
-            raise ParameterError(f"--workers: {workers} is not a positive number of worker processes")
-        from distributed import Client, LocalCluster
+        from tensormerge.engine.distributed import connect
 
-        self.cluster = None
         self.resources = {"GPU": 1} if device.startswith("cuda") else None
-        try:
-            if scheduler:
-                self.client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT)
-            else:
-                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                            dashboard_address=":0", scheduler_kwargs={"dashboard": False},
-                                            resources=self.resources, silence_logs=logging.ERROR)
-                self.client = Client(self.cluster)
-        except OSError as e:
-            self.close()
-            raise ParameterError(f"--scheduler {scheduler}: cannot connect ({e})") from None
+        self.client, self.cluster = connect(workers, scheduler, self.resources is not None)
 
     def close(self) -> None:
         for x in (getattr(self, "client", None), self.cluster):

@@ -172,3 +172,47 @@ def test_a_sweep_on_the_cluster_reports_the_pass_bytes_of_a_local_sweep(fam, clu
         passes[where] = found
     assert len(passes["local"]) == 2 and passes["local"][0][0][0] == "ties_sample" and passes["local"][0][0][1] > 0
     assert passes["dask"] == passes["local"]
+
+
+def _http_server():
+    """Something that answers on a port, but is no dask scheduler."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(30)
+
+    def serve():
+        try:
+            while True:
+                c, _ = srv.accept()
+                c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 4)
+                c.close()
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_a_scheduler_address_that_is_no_dask_scheduler_is_one_line(fam, tmp_path):
+    """A web server's reply was read as a frame length (an allocation of 3 EiB: MemoryError), a
+    tls:// address without certificates a TypeError: both surfaced as internal errors."""
+    srv = _http_server()
+    try:
+        for address in (f"tcp://127.0.0.1:{srv.getsockname()[1]}", "tls://127.0.0.1:1"):
+            out = tmp_path / "out"
+            res = H.run_cli(["run", "-m", "average", "-i", ",".join(fam["inputs"]), "-o", str(out), "--scheduler", address],
+                            timeout=90)
+            line = H.assert_clean_error(res, "--scheduler", "cannot connect to a dask scheduler", out_dir=out)
+            assert res.returncode == 2, line
+    finally:
+        srv.close()
+
+
+def test_more_local_workers_than_the_machine_can_hold_are_refused_at_once(fam, tmp_path):
+    out = tmp_path / "out"
+    res = H.run_cli(["run", "-m", "average", "-i", ",".join(fam["inputs"]), "-o", str(out), "--workers", "1000"], timeout=30)
+    H.assert_clean_error(res, "--workers", "1000", out_dir=out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -540,3 +541,26 @@ def test_adapter_recipe_replays_byte_for_byte_and_card_names_the_library(zoo, tm
     assert H.tree_digest(again, skip=("tensormerge.json", "README.md")) == H.tree_digest(
         out, skip=("tensormerge.json", "README.md"))
     assert not Path(str(again) + ".lora-dense").exists()
+
+
+def test_adapters_stored_transposed_to_one_another_are_refused(zoo, tmp_path):
+    """fan_in_fan_out = true stores B·A transposed (Conv1D): concatenated with a plain LoRA's
+    factors, one update was merged transposed, with exit 0."""
+    fan = tmp_path / "fan"
+    shutil.copytree(zoo["equal"][1], fan)
+    conf = json.loads((fan / "adapter_config.json").read_text())
+    conf["fan_in_fan_out"] = True
+    (fan / "adapter_config.json").write_text(json.dumps(conf))
+    out = tmp_path / "out"
+    res = H.run_cli(["run", "-m", "average", "-i", f"{zoo['equal'][0]},{fan}", "-o", str(out)])
+    H.assert_clean_error(res, "fan_in_fan_out", str(fan), out_dir=out)
+
+
+def test_a_deeply_nested_adapter_config_is_refused_in_one_line(zoo, tmp_path):
+    bad = tmp_path / "nested"
+    shutil.copytree(zoo["equal"][1], bad)
+    (bad / "adapter_config.json").write_text("[" * 100000 + "]" * 100000)
+    out = tmp_path / "out"
+    for cmd in (["run", "-m", "average", "-o", str(out)], ["plan", "-m", "ties", "-b", zoo["base"], "--lora", "full"]):
+        res = H.run_cli(cmd + ["-i", f"{zoo['equal'][0]},{bad}"])
+        H.assert_clean_error(res, str(bad / "adapter_config.json"), "RecursionError", out_dir=out)

@@ -191,6 +191,15 @@ def test_names_the_sweep_directory_uses_are_refused(name):
         grid.from_yaml("task_arithmetic", [{"name": name, "params": {"lambda": 0.5}}, {"lambda": 0.3}], "c.yaml")
 
 
+def test_a_name_too_long_for_its_lock_file_is_refused_before_any_work():
+    """Before: a 300-character name passed, then failed at its lock file (File name too long),
+    leaving DIR/sweep.json behind and quoting all 300 characters."""
+    grid.from_yaml("task_arithmetic", [{"name": "x" * grid.MAX_NAME, "params": {"lambda": 0.5}}], "c.yaml")
+    with pytest.raises(ParameterError, match=f"301 characters, more than {grid.MAX_NAME}") as e:
+        grid.from_yaml("task_arithmetic", [{"name": "x" * 301, "params": {"lambda": 0.5}}], "c.yaml")
+    assert len(str(e.value)) < 400
+
+
 def test_generated_names_never_take_a_given_name():
     """Before: the third candidate was renamed `lambda=0.3-2`, the first one's given name: two
     candidates, one directory (the second failed on its own lock)."""
