@@ -40,3 +40,12 @@ def short(value) -> str:
     terminal control codes, so the error stays one plain line)."""
     text = repr(value)
     return text if len(text) <= SHORT_CHARS else text[: SHORT_CHARS - 3] + "..."
+
+
+def one_line(text, limit: int) -> str:
+    """Printable, one line, at most `limit` characters: for quoting what something outside
+    tensormerge said (a scheduler's reply, a user's evaluation command, an exception from a
+    library), which may hold anything, terminal escape codes and megabytes included."""
+    clean = "".join(ch if ch.isprintable() else " " for ch in str(text))
+    clean = " ".join(clean.split())
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."

@@ -46,7 +46,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from tensormerge.durable import fsync_dir
-from tensormerge.errors import InputError, OutputError, ParameterError
+from tensormerge.errors import InputError, OutputError, ParameterError, one_line
 
 SWEEP_JSON = "sweep.json"
 STATE_FORMAT = 1
@@ -100,7 +100,7 @@ def load_state(sweep_dir: str) -> dict:
         with open(path, "rb") as f:
             doc = json.loads(f.read())
     except (OSError, ValueError) as e:
-        raise InputError(f"{path}: is not a readable sweep record ({_one_line(str(e), 120)}); "
+        raise InputError(f"{path}: is not a readable sweep record ({one_line(str(e), 120)}); "
                          f"move it away to start the record afresh") from None
     if not isinstance(doc, dict) or "tensormerge_sweep" not in doc:
         raise InputError(f"{path}: is not a tensormerge sweep record (no 'tensormerge_sweep' key); move it away")
@@ -277,7 +277,7 @@ def resolve_python(spec: str) -> Callable:
         raise
     except Exception as e:  # the user's module failed to import: say how, in one line
         raise ParameterError(f"--eval-python {spec!r}: cannot import {module!r}: "
-                             f"{_one_line(f'{type(e).__name__}: {e}', ERROR_CHARS)}") from None
+                             f"{one_line(f'{type(e).__name__}: {e}', ERROR_CHARS)}") from None
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise ParameterError(f"--eval-python {spec!r}: {module!r} has no function {name!r}")
@@ -290,12 +290,12 @@ def _call_python(fn: Callable, spec: str, c: Candidate) -> tuple[dict | None, st
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the sweep's table, kept clean
             result = fn(c.output, **kwargs)
     except (Exception, SystemExit) as e:
-        return None, _one_line(f"{spec} raised {type(e).__name__}: {e}", ERROR_CHARS)
+        return None, one_line(f"{spec} raised {type(e).__name__}: {e}", ERROR_CHARS)
     if not isinstance(result, dict):
         return None, f"{spec} returned {type(result).__name__}, not a dict of metrics"
     bad = next((k for k in result if not isinstance(k, str)), None)
     if bad is not None:
-        return None, _one_line(f"{spec} returned a metric named {bad!r}, not a string", ERROR_CHARS)
+        return None, one_line(f"{spec} returned a metric named {bad!r}, not a string", ERROR_CHARS)
     try:  # what sweep.json can hold and read back: a command's metrics are bounded by STDOUT_TAIL too
         metrics = _metrics(result)
         size = len(json.dumps(metrics))
@@ -391,7 +391,7 @@ def _run_command(template: str, c: Candidate, timeout: float | None,
         p = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env, start_new_session=True)
     except OSError as e:
-        return None, _one_line(f"cannot start the evaluation: {e}", ERROR_CHARS), time.perf_counter() - t0
+        return None, one_line(f"cannot start the evaluation: {e}", ERROR_CHARS), time.perf_counter() - t0
     if not running.add(p):
         _kill_group(p, signal.SIGKILL)
     out, err = _Tail(p.stdout, STDOUT_TAIL), _Tail(p.stderr, STDERR_TAIL)
@@ -407,7 +407,7 @@ def _run_command(template: str, c: Candidate, timeout: float | None,
     stdout, stderr = out.text(), err.text()
     tail = _stderr_tail(stderr)
     if timed_out:
-        return None, _one_line(f"timed out after {timeout:g} s" + (f": {tail}" if tail else ""), ERROR_CHARS), seconds
+        return None, one_line(f"timed out after {timeout:g} s" + (f": {tail}" if tail else ""), ERROR_CHARS), seconds
     if p.returncode != 0:
         if p.returncode < 0:
             try:
@@ -419,11 +419,11 @@ def _run_command(template: str, c: Candidate, timeout: float | None,
             with contextlib.suppress(ValueError):  # the shell's report of a command killed by a signal
                 if p.returncode > 128:
                     why += f" ({signal.Signals(p.returncode - 128).name})"
-        return None, _one_line(why + (f": {tail}" if tail else ""), ERROR_CHARS), seconds
+        return None, one_line(why + (f": {tail}" if tail else ""), ERROR_CHARS), seconds
     metrics, error = _parse_metrics(stdout, out.dropped)
     if error is not None and tail:
         error = f"{error}; stderr: {tail}"
-    return metrics, (_one_line(error, ERROR_CHARS) if error else None), seconds
+    return metrics, (one_line(error, ERROR_CHARS) if error else None), seconds
 
 
 def _parse_metrics(stdout: str, dropped: bool) -> tuple[dict | None, str | None]:
@@ -436,9 +436,9 @@ def _parse_metrics(stdout: str, dropped: bool) -> tuple[dict | None, str | None]
     try:
         doc = json.loads(last)
     except ValueError:
-        return None, f"its last line of stdout is not JSON: {_one_line(last, 80)}"
+        return None, f"its last line of stdout is not JSON: {one_line(last, 80)}"
     if not isinstance(doc, dict):
-        return None, f"its last line of stdout is JSON but not an object: {_one_line(last, 80)}"
+        return None, f"its last line of stdout is JSON but not an object: {one_line(last, 80)}"
     return _metrics(doc), None
 
 
@@ -669,7 +669,7 @@ def table(cands: list[Candidate], select_spec: str | None = None) -> str:
         cells = ["*" if c.selected else "", c.name] + ([c.method] if methods else [])
         cells += [_fmt(c.swept[p]) if p in c.swept else "" for p in params]
         cells += [_fmt(c.metrics[m]) if isinstance(c.metrics, dict) and m in c.metrics else "-" for m in metrics]
-        cells += [_secs(c.merge_seconds), _secs(c.eval_seconds), _one_line(note, 60) if note else ""]
+        cells += [_secs(c.merge_seconds), _secs(c.eval_seconds), one_line(note, 60) if note else ""]
         body.append(cells)
     numeric = [bool(vals) and all(_is_num_text(v) for v in vals)
                for vals in ([r[i] for r in body if r[i] not in ("", "-")] for i in range(len(head)))]
@@ -837,17 +837,9 @@ def _fmt(v) -> str:
     if isinstance(v, float):  # as typed when short (1.0, 0.9375), else 6 significant digits
         return repr(v) if len(repr(v)) <= 8 else f"{v:.6g}"
     if isinstance(v, str):
-        return _one_line(v, 24)
-    return _one_line(json.dumps(v, separators=(",", ":"), default=str), 24)
+        return one_line(v, 24)
+    return one_line(json.dumps(v, separators=(",", ":"), default=str), 24)
 
 
 def _secs(v) -> str:
     return f"{v:.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
-
-
-def _one_line(text: str, limit: int) -> str:
-    """Printable, one line, at most `limit` characters (what a user's command printed may hold
-    anything, terminal escape codes included)."""
-    clean = "".join(ch if ch.isprintable() else " " for ch in str(text))
-    clean = " ".join(clean.split())
-    return clean if len(clean) <= limit else clean[: limit - 3] + "..."

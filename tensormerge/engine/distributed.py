@@ -29,7 +29,7 @@ from tensormerge.constants import (
     DASK_WORKER_OVERHEAD,
 )
 from tensormerge.engine.plan import Block
-from tensormerge.errors import InputError, ParameterError, short
+from tensormerge.errors import InputError, ParameterError, one_line, short
 
 # ------------------------------------------------------------------ worker side
 _OPEN: dict[str, tuple] = {}  # merge -> (stack, runner, writer): one merge per worker process at a time
@@ -242,12 +242,7 @@ def connect(workers: int | None, scheduler: str | None, gpu: bool, memory_limit:
     except (Exception, MemoryError) as e:  # noqa: BLE001 - see the docstring
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e)
         raise ParameterError(f"--scheduler {short(scheduler)}: cannot connect to a dask scheduler there "
-                             f"({_one_line(reason)})") from None
-
-
-def _one_line(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+                             f"({one_line(reason, 160)})") from None
 
 
 class DaskExecutor:

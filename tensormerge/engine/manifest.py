@@ -41,6 +41,10 @@ from tensormerge.errors import OutputError
 
 LOG = "manifest.jsonl"
 FORMAT = 2
+KEY = "tensormerge_manifest"  # the first line's key: {KEY: FORMAT, "fingerprint": ...}
+# How that line begins on disk (`_append` writes compact JSON): what tells a run's own partial
+# output from a user's directory that happens to hold a `.tensormerge-resume/` (engine/outdir.py).
+HEAD = f'{{"{KEY}":'.encode()
 STATE_KEY = "tensormerge_state"  # the blob's safetensors metadata entry holding the tagged JSON
 
 
@@ -154,7 +158,7 @@ class Manifest:
         with m._writing(m.path):
             os.makedirs(m.dir, exist_ok=True)
             m._fd = os.open(m.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        m._append({"tensormerge_manifest": FORMAT, "fingerprint": fingerprint})
+        m._append({KEY: FORMAT, "fingerprint": fingerprint})
         return m
 
     @contextlib.contextmanager
@@ -202,11 +206,10 @@ class Manifest:
         except ValueError:
             rec = None
         if number == 1:
-            if isinstance(rec, dict) and rec.get("tensormerge_manifest") != FORMAT \
-                    and type(rec.get("tensormerge_manifest")) is int:
-                raise OutputError(f"{where}: a manifest of format {rec['tensormerge_manifest']} (an earlier "
+            if isinstance(rec, dict) and rec.get(KEY) != FORMAT and type(rec.get(KEY)) is int:
+                raise OutputError(f"{where}: a manifest of format {rec[KEY]} (an earlier "
                                   f"tensormerge; its state is not read); {fix}")
-            if not _fits(rec, {"tensormerge_manifest": int, "fingerprint": str}):
+            if not _fits(rec, {KEY: int, "fingerprint": str}):
                 raise OutputError(f"{where}: not a tensormerge resume manifest; {fix}")
             self.fingerprint = rec["fingerprint"]
         elif _fits(rec, {"pass": int, "name": str, "blob": str, "sha256": str}):

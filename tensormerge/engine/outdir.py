@@ -56,7 +56,6 @@ REPLACED = ".tensormerge-replaced"  # the previous OUT, inside OUT.partial (then
 WRITTEN = "files"  # tensormerge.json: every file the merge wrote into its output (writer.finish_files)
 OURS_SUBDIRS = {C.RESUME_DIR, REPLACED}  # the only directories a merge output ever holds
 STATS_RESUME_DIR = ".resume"  # stats_compute/collect.RESUME_DIR: `stats compute`'s checkpoint, inside OUT.partial
-MANIFEST_HEAD = b'{"tensormerge_manifest":'  # how engine/manifest.py's log begins
 MAX_MARKER_BYTES = 64 * 1024 * 1024  # a tensormerge.json / zarr.json larger than this is not ours
 
 
@@ -185,17 +184,17 @@ def is_our_partial(partial: str) -> bool:
 def _holds_manifest(partial: str) -> bool:
     """A merge's resume directory with its manifest in it: an empty `.tensormerge-resume`
     beside someone's files is no sign that a run made them (they would be deleted)."""
-    from tensormerge.engine.manifest import LOG
+    from tensormerge.engine.manifest import HEAD, LOG
 
     path = os.path.join(partial, C.RESUME_DIR, LOG)
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return False
         with open(path, "rb") as f:
-            head = f.read(len(MANIFEST_HEAD))
+            head = f.read(len(HEAD))
     except OSError:
         return False
-    return MANIFEST_HEAD.startswith(head)  # empty: killed between creating it and its first line
+    return HEAD.startswith(head)  # empty: killed between creating it and its first line
 
 
 def _listing(path: str) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tensormerge import __version__
-from tensormerge.constants import PASS_SUB_FACTOR, PROVENANCE, ROW_KINDS
+from tensormerge.constants import PASS_SUB_FACTOR, PROVENANCE
 from tensormerge.engine import card, faults
 from tensormerge.engine.alloc import keep_freed_buffers
 from tensormerge.engine.cast import store_checked
@@ -27,6 +27,8 @@ from tensormerge.engine.manifest import Manifest
 from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.outdir import remove_replaced
 from tensormerge.engine.plan import Block, MergePlan
+from tensormerge.engine.progress import Overall, Progress
+from tensormerge.engine.reading import ChunkReader
 from tensormerge.engine.provenance import FILL_BYTES, ContentHashes
 from tensormerge.engine.provenance import describe as describe_input
 from tensormerge.engine.summary import describe
@@ -34,7 +36,6 @@ from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError, OutputError
 from tensormerge.kernels import dispatch
 from tensormerge.methods.base import BlockData
-from tensormerge.stats.bind import check_gram
 
 
 def _sub_chunks(data: BlockData, rows: int):
@@ -108,7 +109,7 @@ class Runner:
         self.opts = opts
         self.device = torch.device(opts.device)
         self.ops = dispatch.select(opts.kernels, self.device)
-        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.reader = ChunkReader(plan, self.ops, self.device)
         keep_freed_buffers()
         # On CPU, sub-chunks run on a pool of single-threaded workers: torch's intra-op threads
         # gain little on cache-sized element-wise ops, and single-threaded ops such as bincount
@@ -124,7 +125,7 @@ class Runner:
         self.resumed_passes = 0
         self.cluster = None  # a DaskExecutor when the merge runs on a dask cluster
         self.fingerprint = ""
-        self.overall: _Overall | None = None  # the whole run's bytes, for the bars' estimate of time left
+        self.progress = Progress(plan.method.passes(plan.params), opts.quiet)
         self.content = ContentHashes()  # crc32s of the input rows the merge pass reads
         self.content_reread = 0  # bytes read after the merge to complete them
         self.extras: Any = None  # the method's extras, folded in plan order as chunks are merged
@@ -151,96 +152,12 @@ class Runner:
     def _read(self, task: Task, inputs_too: bool = True, content: bool = False) -> BlockData:
         b, r0, r1, _, first = task.key
         t0 = time.perf_counter()
-        inputs, base = self.read_rows(b, r0, r1, inputs_too, content)
-        data = self.block_data(b, inputs, base, r0, r1, first, inputs_too)
+        inputs, base = self.reader.read_rows(b, r0, r1, inputs_too, self.content if content else None)
+        data = self.reader.block_data(b, inputs, base, r0, r1, first, inputs_too)
         self.stats[b.name].seconds += time.perf_counter() - t0
         if self.device.type == "cuda":
-            self._to_device(data)
+            self.reader.to_device(data)
         return data
-
-    def reads_base(self, b: Block) -> bool:
-        plan = self.plan
-        return plan.base is not None and (plan.method.requires_base(plan.params) or b.kind == "copy")
-
-    def read_rows(self, b: Block, r0: int, r1: int, inputs_too: bool = True, content: bool = False,
-                  base_too: bool | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The rows of every input (and of the base, when the method reads it) as stored."""
-        plan = self.plan
-        if not inputs_too or b.kind == "derived":  # derived: computed by b.produce, from its own reads
-            return [], None
-        n = len(plan.inputs)
-        cks = plan.checkpoints
-        inputs = [cks[i].read(b.reads[i], r0, r1) for i in range(n)]
-        base = None
-        if self.reads_base(b) if base_too is None else base_too:
-            base = plan.base.read(b.reads[n], r0, r1)
-        if content:  # before the bytes are transposed or sent to a device
-            for i, x in enumerate(inputs + ([] if base is None else [base])):
-                self.content.add(i, b.reads[i], r0, r1, x)
-        return inputs, base
-
-    def block_data(self, b: Block, inputs: list[torch.Tensor], base: torch.Tensor | None, r0: int, r1: int,
-                   first: bool, inputs_too: bool = True, cache: dict | None = None) -> BlockData:
-        """A chunk's BlockData from its rows: statistics (from `cache` when another candidate of a
-        sweep read them), the extra checkpoints' rows, a Conv1D weight's transpose."""
-        plan = self.plan
-        data = BlockData(b.name, list(inputs), base, b.shape, r0, ops=self.ops)
-        if plan.stats is not None:
-            self._read_stats(b, data, r0, r1, first, cache)
-        if inputs_too and b.kind != "derived":
-            data.extra = {role: plan.extras[role].read(name, r0, r1) for role, name in b.extra_reads.items()}
-        if b.transposed:
-            _transpose(data)
-        return data
-
-    def _to_device(self, data: BlockData) -> None:
-        """On the reader thread: pinned copies sent on a side stream, so host-to-device copies
-        of the next chunk overlap the kernels of this one; compute waits on the chunk's event."""
-        compute_stream = torch.cuda.current_stream(self.device)
-
-        def move(x: torch.Tensor) -> torch.Tensor:
-            if x.device == self.device:  # a sweep's rows, moved once for every candidate
-                return x
-            y = x.pin_memory().to(self.device, non_blocking=True)
-            y.record_stream(compute_stream)  # freed after compute used it, not after the copy
-            return y
-
-        with torch.cuda.stream(self.copy_stream):
-            data.inputs = [move(x) for x in data.inputs]
-            data.base = None if data.base is None else move(data.base)
-            data.stats = {k: [move(x) for x in v] for k, v in data.stats.items()}
-            data.base_stats = {k: move(v) for k, v in data.base_stats.items()}
-            data.extra = {k: move(v) for k, v in data.extra.items()}
-            data.ready = torch.cuda.Event()
-            data.ready.record(self.copy_stream)
-
-    def _wait(self, data: BlockData) -> None:
-        if data.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(data.ready)
-
-    def _read_stats(self, b: Block, data: BlockData, r0: int, r1: int, first: bool, cache: dict | None = None) -> None:
-        """Row statistics with every chunk; matrices once, with the block's first chunk."""
-        binding = self.plan.stats
-
-        def read(store, kind, key, rows=None, check=True):
-            get = _read_checked if check else (lambda s, k, n, r: s.read(k, n, *(r or ())))
-            if cache is None:
-                return get(store, kind, key, rows)
-            at = (store.path, kind, key, rows)
-            if at not in cache:
-                cache[at] = get(store, kind, key, rows)
-            return cache[at]
-
-        for kind, keys in b.stats.items():
-            if kind in ROW_KINDS:
-                data.stats[kind] = [read(s, kind, k, (r0, r1)) for s, k in zip(binding.stores, keys)]
-            elif first:
-                data.stats[kind] = [read(s, kind, k) for s, k in zip(binding.stores, keys)]
-        for kind, key in b.base_stats.items():
-            if kind in ROW_KINDS:
-                data.base_stats[kind] = read(binding.base, kind, key, (r0, r1), check=False)
-            elif first:
-                data.base_stats[kind] = read(binding.base, kind, key, check=False)
 
     def _copy(self, b: Block, data: BlockData) -> torch.Tensor:
         ref = data.base if data.base is not None else data.inputs[0]
@@ -275,10 +192,11 @@ class Runner:
         """A global pass's map over `blocks`, handing each chunk's partials to `take` in plan
         order (here reduced; on a dask worker folded per block for the client to reduce)."""
         tasks = list(self._tasks(blocks, False, gpass.sample))
-        bar = self._bar(self._stage(gpass.name, gpass.label), sum(t.read_bytes for t in tasks), len(blocks))
+        bar = self.progress.bar(self.progress.stage(gpass.name, gpass.label), sum(t.read_bytes for t in tasks),
+                                len(blocks))
 
         def compute(task: Task, data: BlockData):
-            self._wait(data)
+            self.reader.wait(data)
             if not gpass.needs_inputs:
                 return [gpass.map(data, state)]
             parts = list(_sub_chunks(data, task.key[0].sub_rows * PASS_SUB_FACTOR))
@@ -287,13 +205,13 @@ class Runner:
         def collect(task: Task, partials) -> None:
             b, _, _, last, _ = task.key
             take(b, partials, last)
-            self._advance(bar, task, last)
+            self.progress.advance(bar, task, last)
             faults.hit("pass")
 
         try:
             self.executor.run(tasks, lambda t: self._read(t, gpass.needs_inputs), compute, collect=collect)
         finally:
-            self._close(bar)
+            self.progress.close(bar)
         return sum(t.read_bytes for t in tasks)
 
     def record(self, b: Block, r0: int, r1: int, crc: int, nbytes: int, chunk_extras: list) -> None:
@@ -306,7 +224,8 @@ class Runner:
         self.extras = self.plan.method.start_extras(self.plan.params)
         whole = blocks is None
         blocks = self.plan.blocks if whole else blocks
-        bar = self._bar(self._stage("merge", "merge"), sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
+        bar = self.progress.bar(self.progress.stage("merge", "merge"),
+                                sum(b.read_bytes_per_row * b.rows for b in blocks), len(blocks))
         if whole:
             self.extras = self._replay(self.extras, bar)
 
@@ -317,7 +236,7 @@ class Runner:
         def write(task: Task, result: tuple[torch.Tensor, list]) -> None:
             b, r0, r1, last, _ = task.key
             self.write_chunk(writer, b, r0, r1, last, task.read_bytes, *result)
-            self._advance(bar, task, last)
+            self.progress.advance(bar, task, last)
             faults.hit("chunk")
             if last and r1 == b.rows and writer.last_in_file(b.out_names[-1]):
                 faults.hit("shard")
@@ -326,7 +245,7 @@ class Runner:
             self.executor.run(self._tasks(blocks, True, skip=self.done), lambda t: self._read(t, content=True),
                               compute, write=write)
         finally:
-            self._close(bar)
+            self.progress.close(bar)
         return self.extras
 
     def merge_chunk(self, b: Block, r0: int, r1: int, first: bool, last: bool, data: BlockData, state: dict,
@@ -336,7 +255,7 @@ class Runner:
         results for this candidate, computed with others (Method.merge_many), sub-chunk by sub-chunk."""
         method, params = self.plan.method, self.plan.params
         t0 = time.perf_counter()
-        self._wait(data)
+        self.reader.wait(data)
         shape = b.merge_shape if b.transposed else (r1 - r0,) + b.shape[1:] if b.shape else ()
         chunk_extras: list = []
         if b.kind == "copy":
@@ -436,15 +355,11 @@ class Runner:
         method = self.plan.method
         for b in self.plan.blocks:
             skipped = [(r0, r1) for r0, r1 in b.chunks if (b.name, r0, r1) in self.done]
-            for r0, r1 in skipped:
+            for i, (r0, r1) in enumerate(skipped):
                 for extra in self.done[(b.name, r0, r1)]:
                     extras = method.add_extra(extras, extra)
-                if bar is not None:
-                    bar.update((r1 - r0) * b.read_bytes_per_row)
-                if self.overall is not None:
-                    self.overall.total -= (r1 - r0) * b.read_bytes_per_row  # no time spent on it here
-            if bar is not None and skipped and len(skipped) == len(b.chunks):
-                bar.blocks_done += 1
+                whole = i == len(skipped) - 1 and len(skipped) == len(b.chunks)
+                self.progress.skip(bar, (r1 - r0) * b.read_bytes_per_row, whole)
         return extras
 
     def _open_output(self, writer: ShardedWriter, fingerprint: str) -> bool:
@@ -482,11 +397,11 @@ class Runner:
 
     def _passes(self, state: dict) -> None:
         passes = self.plan.method.passes(self.plan.params)
-        self.overall = _Overall(sum(map(self._pass_bytes, passes)) + self.plan.bytes_read_merge)
+        self.progress.overall = Overall(sum(map(self._pass_bytes, passes)) + self.plan.bytes_read_merge)
         for i, gpass in enumerate(passes):
             saved = self.manifest.pass_state(i, gpass.name)
             if saved is not None or gpass.skip(state):
-                self.overall.total -= self._pass_bytes(gpass)  # read by no bar
+                self.progress.overall.total -= self._pass_bytes(gpass)  # read by no bar
             if saved is not None:
                 state.clear()
                 state.update(saved)
@@ -501,48 +416,6 @@ class Runner:
             else:
                 self.run_pass(gpass, state)
             self.manifest.record_pass(i, gpass.name, state)
-
-    # ------------------------------------------------------------------ progress
-    def _stage(self, name: str, label: str) -> str:
-        """A bar's description: what the pass does and where it stands among the run's passes
-        (a pass found not needed is skipped without a bar, so the count may jump)."""
-        passes = self.plan.method.passes(self.plan.params)
-        names = [p.name for p in passes] + ["merge"]
-        wide = max([len(p.label or p.name) for p in passes] + [len("merge")])
-        return f"{names.index(name) + 1}/{len(names)} {label or name:<{wide}}"
-
-    def _bar(self, desc: str, total: int, blocks: int):
-        if self.opts.quiet:
-            return None
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=f"{desc:<10}", unit="B", unit_scale=True, unit_divisor=1024, leave=True,
-                   dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                   "[{elapsed}, {rate_fmt}{postfix}]")
-        bar.blocks_total = blocks
-        bar.blocks_done = 0
-        bar.note = ""
-        bar.overall = self.overall
-        bar.set_postfix_str(f"blocks 0/{blocks}")
-        return bar
-
-    @staticmethod
-    def _advance(bar, task: Task, last: bool) -> None:
-        if bar is None:
-            return
-        if bar.overall is not None:
-            bar.overall.done += task.read_bytes
-        if last:
-            bar.blocks_done += 1
-            note = f", {bar.note}" if bar.note else ""
-            left = bar.overall.left() if bar.overall is not None else ""
-            bar.set_postfix_str(f"blocks {bar.blocks_done}/{bar.blocks_total}{note}{left}", refresh=False)
-        bar.update(task.read_bytes)
-
-    @staticmethod
-    def _close(bar) -> None:
-        if bar is not None:
-            bar.close()
 
     # ------------------------------------------------------------------ whole run
     def make_writer(self) -> ShardedWriter:
@@ -753,49 +626,6 @@ class Runner:
         content, reread = self.content.digest(ck, which, piece)
         self.content_reread += reread
         return content
-
-
-@dataclass
-class _Overall:
-    """Bytes the run's bars will read in all, and read so far: the whole run's time left,
-    estimated from its pace so far (a method's passes read about as fast as its merge)."""
-
-    total: int
-    done: int = 0
-    t0: float = field(default_factory=time.perf_counter)
-
-    def left(self) -> str:
-        if self.done <= 0 or self.done >= self.total:
-            return ""
-        seconds = int((time.perf_counter() - self.t0) * (self.total - self.done) / self.done)
-        return f", run ~{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left"
-
-
-def _transpose(data: BlockData) -> None:
-    """A whole Conv1D weight [in, out] (and its per-element statistics) as [out, in], the layout
-    its Grams describe, so the methods merge it as they merge a Linear weight."""
-    def t(x):
-        return None if x is None else x.t().contiguous()
-
-    data.inputs = [t(x) for x in data.inputs]
-    data.base = t(data.base)
-    data.full_shape = data.full_shape[::-1]
-    data.stats = {k: ([t(x) for x in v] if k in ROW_KINDS else v) for k, v in data.stats.items()}
-    data.base_stats = {k: (t(v) if k in ROW_KINDS else v) for k, v in data.base_stats.items()}
-    data.extra = {k: t(v) for k, v in data.extra.items()}
-
-
-def _read_checked(store, kind: str, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
-    """A statistic as read, checked: Fishers non-negative, matrices symmetric with a non-negative
-    diagonal (the read itself verifies the chunks' crc32s)."""
-    if rows is not None:
-        f = store.read(kind, key, *rows)
-        if f.numel() and float(f.min()) < 0:
-            raise InputError(f"{store.path}: {kind}/{key} has negative values (a Fisher is >= 0)")
-        return f
-    g = store.read(kind, key)
-    check_gram(store, kind, key, g)
-    return g
 
 
 def _complete(out_dir: str, fingerprint: str) -> bool:

@@ -193,9 +193,10 @@ class SweepGroup:
         i, r0, r1, last, first, who = task.key
         sb = self.blocks[i]
         lead_block = sb.members[0]
-        base_too = any(m.runner.reads_base(sb.members[self._pos(m)]) for m in who)
+        base_too = any(m.runner.reader.reads_base(sb.members[self._pos(m)]) for m in who)
         t0 = time.perf_counter()
-        inputs, base = self.lead.read_rows(lead_block, r0, r1, inputs_too, content, base_too=base_too)
+        inputs, base = self.lead.reader.read_rows(lead_block, r0, r1, inputs_too, self.lead.content if content else None,
+                                                  base_too=base_too)
         if self.lead.device.type == "cuda":
             inputs, base = self._to_device(inputs, base)
         cache: dict = {}
@@ -205,10 +206,10 @@ class SweepGroup:
             if m.failed is not None:
                 continue
             try:
-                data = m.runner.block_data(b, inputs, base if m.runner.reads_base(b) else None, r0, r1, first,
+                data = m.runner.reader.block_data(b, inputs, base if m.runner.reader.reads_base(b) else None, r0, r1, first,
                                            inputs_too, cache)
                 if m.runner.device.type == "cuda":
-                    m.runner._to_device(data)
+                    m.runner.reader.to_device(data)
             except TensorMergeError as e:  # this candidate's statistics; the others go on
                 self._fail(m, e)
                 continue
@@ -219,7 +220,7 @@ class SweepGroup:
     def _to_device(self, inputs, base):
         data = type("Rows", (), {})()
         data.inputs, data.base, data.stats, data.base_stats, data.extra = inputs, base, {}, {}, {}
-        self.lead._to_device(data)
+        self.lead.reader.to_device(data)
         return data.inputs, data.base
 
     def _pos(self, m: _Member) -> int:
@@ -237,7 +238,7 @@ class SweepGroup:
         return out
 
     def _bar(self, label: str, tasks: list[Task]):
-        return self.lead._bar(label, sum(t.read_bytes for t in tasks), len(self.blocks))
+        return self.lead.progress.bar(label, sum(t.read_bytes for t in tasks), len(self.blocks))
 
     # ------------------------------------------------------------------ passes
     def run_passes(self) -> None:
@@ -332,7 +333,7 @@ class SweepGroup:
                 lead = group[0]
                 gpass = passes[lead.index]
                 data = datas[lead.index]
-                lead.runner._wait(data)
+                lead.runner.reader.wait(data)
                 if not gpass.needs_inputs:
                     partials.update({m.index: [passes[m.index].map(datas[m.index], m.state)] for m in group})
                     continue
@@ -362,13 +363,13 @@ class SweepGroup:
             for m in who:
                 if m.index in partials and m.failed is None:
                     take(m, self.blocks[i], partials[m.index], last)
-            self.lead._advance(bar, task, last)
+            self.lead.progress.advance(bar, task, last)
             faults.hit("pass")
 
         try:
             self.executor.run(tasks, lambda t: self._read(t, needs_inputs), compute, collect=collect)
         finally:
-            self.lead._close(bar)
+            self.lead.progress.close(bar)
         return sum(t.read_bytes for t in tasks)
 
     # ------------------------------------------------------------------ merge
@@ -428,13 +429,13 @@ class SweepGroup:
                 b = sb.members[pos[m.index]]
                 m.runner.write_chunk(m.runner.writer, b, r0, r1, last, (r1 - r0) * b.read_bytes_per_row,
                                      *results[m.index])
-            self.lead._advance(bar, task, last)
+            self.lead.progress.advance(bar, task, last)
             faults.hit("chunk")
 
         try:
             self.executor.run(tasks, lambda t: self._read(t, content=True), compute, write=write)
         finally:
-            self.lead._close(bar)
+            self.lead.progress.close(bar)
 
     def _fused(self, group: list[_Member], sb: SweepBlock, pos: dict, r0: int, r1: int, first: bool, last: bool,
                datas: dict, bar) -> dict[int, tuple]:

@@ -467,12 +467,12 @@ def test_candidate_dropped_mid_pass_leaves_the_others_exact(fam, tmp_path, monke
     """A TIES candidate that fails part-way through the threshold pass is dropped; the one left
     keeps the sweep's kind of partials (full histograms through map_group, not a run's windows
     through map), so its thresholds, and bytes, are its run's."""
-    from tensormerge.engine import run as R
+    from tensormerge.engine.reading import ChunkReader
     from tensormerge.errors import InputError
     from tensormerge.methods import ties
 
     seen = {"grouped": 0, "failed": False}
-    real_group, real_data = ties._HighPass.map_group, R.Runner.block_data
+    real_group, real_data = ties._HighPass.map_group, ChunkReader.block_data
 
     def group(self, *a):
         seen["grouped"] += 1
@@ -484,7 +484,7 @@ def test_candidate_dropped_mid_pass_leaves_the_others_exact(fam, tmp_path, monke
             raise InputError("simulated: this candidate's input failed")
         return real_data(self, b, *a, **kw)
     monkeypatch.setattr(ties._HighPass, "map_group", group)
-    monkeypatch.setattr(R.Runner, "block_data", block_data)
+    monkeypatch.setattr(ChunkReader, "block_data", block_data)
     cands, res = _sweep(fam, tmp_path / "sw", "ties", {"k": "0.2,0.5"}, max_memory="150KiB")
     assert seen["failed"] and [c["status"] for c in res["candidates"]][0] == "merged"
     assert res["candidates"][1]["status"] != "merged"

@@ -631,6 +631,21 @@ def test_an_empty_resume_folder_does_not_make_a_partial_ours(fam, tmp_path, log)
     assert (partial / "important.txt").read_text() == "mine"
 
 
+def test_a_new_manifest_begins_as_the_partial_check_expects(tmp_path):
+    """What `outdir` looks for at the head of a manifest is what `Manifest.create` writes: a
+    drift between the two would make every killed run's partial output look like a stranger's."""
+    from tensormerge.constants import RESUME_DIR
+    from tensormerge.engine.manifest import HEAD, LOG, Manifest
+    from tensormerge.engine.outdir import _holds_manifest
+
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    Manifest.create(str(partial), "f" * 64).close()
+    first = (partial / RESUME_DIR / LOG).read_bytes().splitlines()[0]
+    assert first.startswith(b'{"tensormerge_manifest":') and first.startswith(HEAD)
+    assert _holds_manifest(str(partial))
+
+
 @pytest.mark.parametrize("inputs", ["{0},,{1}", "{0},{1},", ",{0},{1}", "{0}, ,{1}"])
 def test_an_empty_item_in_a_list_is_refused_not_dropped(fam, tmp_path, inputs):
     out = tmp_path / "out"
