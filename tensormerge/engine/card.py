@@ -228,9 +228,43 @@ def is_adapter(ck) -> bool:
         ck.config_dir is not None and os.path.isfile(os.path.join(ck.config_dir, "adapter_config.json")))
 
 
-def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+def _visible(text: str) -> str:
+    """Control characters (a newline, a carriage return, a terminal escape in a path) shown
+    escaped, as `\\n`: the card names the path the merge read, not one that looks like it."""
+    return "".join(repr(c)[1:-1] if (ord(c) < 32 or ord(c) == 127) else c for c in str(text))
+
+
+def _code(text: str) -> str:
+    """Any text as one inline code span of a Markdown table cell: Markdown and HTML inside a code
+    span are shown, never rendered (a path or a parameter value may hold `<img onerror=...>`);
+    the fence is longer than any run of backticks in the text, so none can close it early."""
+    text = _visible(text).replace("|", "\\|")
+    runs = [len(r) for r in re.findall("`+", text)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or (text.startswith(" ") and text.endswith(" ")) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _plain(text: str) -> str:
+    """Text outside a code span with the marks that start Markdown emphasis, links, code or HTML
+    backslash-escaped (CommonMark lets any punctuation be): none of it is rendered."""
+    return "".join("\\" + c if c in _PUNCTUATION else c for c in _visible(text))
+
+
+_PUNCTUATION = set("\\`*_[]<>&!|~")
+
+
+def _revision(commit: str | None) -> str:
+    if not commit:
+        return "local files"
+    return commit if re.fullmatch("[0-9a-f]{7,64}", commit) else _code(commit)  # a hub ref's file may hold anything
+
+
+def _fenced(body: str, info: str) -> list[str]:
+    """A fenced code block whose fence no line of `body` can close."""
+    runs = [len(r) for r in re.findall("`{3,}", body)]
+    fence = "`" * max(3, max(runs, default=0) + 1)
+    return [fence + info, body, fence]
 
 
 def _value(v: Any) -> str:
@@ -269,35 +303,35 @@ def card_text(plan, settings: dict, out_dir: str, written: torch.dtype | None) -
     rec = recipe(plan, settings)
     dtype_choice = rec["dtype"]
     lines = ["---", _yaml(front).rstrip("\n"), "---", "",
-             f"# {os.path.basename(os.path.normpath(out_dir))}", "",
+             f"# {_plain(os.path.basename(os.path.normpath(out_dir)))}", "",
              f"A merge of {len(plan.inputs)} model(s) made with tensormerge {__version__}.", "",
              "## Method", "", f"`{method.name}`: {method.summary}.", ""]
     if getattr(method, "citation", ""):
         lines += [f"Paper: {method.citation}", ""]
     lines += ["## Parameters", "", "| parameter | value |", "| --- | --- |"]
     for key, value in plan.params.as_dict().items():
-        shown = "(default)" if value is None else _cell(_value(value))
+        shown = "(default)" if value is None else _code(_value(value))
         lines.append(f"| `{key}` | {shown} |")
     written_name = dtype_name(written) if written is not None else "none (no floating-point tensors)"
     auto = " (auto: each tensor in the base's dtype, the first input's without a base)" if dtype_choice == "auto" else ""
     lines += ["", f"Output dtype: `{written_name}` (`--dtype {dtype_choice}`{auto}); `config.json` states it.", "",
               "## Models", "", "| role | model | revision |", "| --- | --- | --- |"]
     for role, r in refs + extras:
-        lines.append(f"| {role} | `{_cell(r['name'])}` | {r['commit'] or 'local files'} |")
+        lines.append(f"| {role} | {_code(r['name'])} | {_revision(r['commit'])} |")
     lines += ["", "## Statistics", ""]
     stats = rec.get("stats") or []
     if stats:
         lines += ["| model | statistics store |", "| --- | --- |"]
-        lines += [f"| input {i + 1} | `{_cell(s)}` |" for i, s in enumerate(stats)]
+        lines += [f"| input {i + 1} | {_code(s)} |" for i, s in enumerate(stats)]
         if rec.get("base_stats"):
-            lines.append(f"| base | `{_cell(rec['base_stats'])}` |")
+            lines.append(f"| base | {_code(rec['base_stats'])} |")
     else:
         lines.append("None: this method uses the weights alone.")
     lines += ["", "## Reproduce", "",
               f"`{RECIPE}` in this directory holds the recipe; with the same models and tensormerge {__version__}",
               "it writes the same weights, byte for byte:", "", "```bash",
-              f"tensormerge run --config {RECIPE} --output merged", "```", "", "```yaml",
-              _yaml(rec).rstrip("\n"), "```", "",
+              f"tensormerge run --config {RECIPE} --output merged", "```", "",
+              *_fenced(_yaml(rec).rstrip("\n"), "yaml"), "",
               f"`{C.PROVENANCE}` records each model's fingerprint, the versions used, and a crc32 per tensor.", ""]
     return "\n".join(lines)
 

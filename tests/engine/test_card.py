@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import sys
 
 import pytest
@@ -65,7 +66,7 @@ def test_card_front_matter_and_body(fam, tmp_path):
     assert 'Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models"' in text
     for key, value in (("k", "0.5"), ("lambda", "0.8"), ("sign", "mass"), ("merge", "dis-mean"),
                        ("scope", "global"), ("k_rule", "reference")):
-        assert f"| `{key}` | {value} |" in text, key
+        assert f"| `{key}` | `{value}` |" in text, key
     assert f"tensormerge {__version__}" in text
     assert "Output dtype: `bfloat16`" in text
     for s in ft_specs + [base_spec]:
@@ -350,3 +351,35 @@ def test_recipe_pins_a_checkpoint_parameter(fam, tmp_path, monkeypatch):
                                    "--quiet"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert H.shard_digests(tmp_path / "again") == H.shard_digests(out)
+
+
+def test_card_renders_hostile_names_and_values_as_text(tmp_path):
+    """A path or a parameter value holding Markdown, HTML, backticks or control characters is shown
+    as written, never rendered: a Hub page renders the card's HTML (an `<img onerror>` would run)."""
+    markdown_it = pytest.importorskip("markdown_it")
+    _, fts = H.make_family(2, seed=4)
+    evil = "x`<img src=x onerror=alert(1)>`\n[click](javascript:alert(2)) **bold**"
+    a = H.save_safetensors_dir(tmp_path / evil, fts[0])
+    b = H.save_safetensors_dir(tmp_path / "b", fts[1])
+    out = tmp_path / "<b>out_*x*_"
+    rule = [{"filter": "zz<img src=y onerror=alert(3)> [c](javascript:x) ``` **b**", "value": 0.3}, {"value": 0.5}]
+    api.merge(api.MergeSpec(method="average", inputs=[str(a), str(b)], output=str(out), quiet=True,
+                            params={"weights": [rule, 0.5]}))
+    text = (out / "README.md").read_text()
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(text.split("---\n", 2)[2])
+    for tag in ("<img", "<a ", "<strong", "<b>", "<em"):
+        assert tag not in html, (tag, html)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "&lt;img src=y onerror=alert(3)&gt;" in html
+    assert "\\n[click]" in html  # the newline shown, not a line break that makes the path look otherwise
+    tables = html.split("<table>")[1:]
+    assert len(tables) == 2  # parameters, models
+    for table in tables:  # no cell broken open: every row has its table's columns
+        rows = re.findall(r"<tr>(.*?)</tr>", table.split("</table>")[0], re.S)
+        assert len({len(re.findall(r"<t[dh][ >]", r)) for r in rows}) == 1, table
+    assert len(re.findall(r"<tr>", tables[1])) == 3  # header, two inputs
+    assert "<h1>&lt;b&gt;out_*x*_</h1>" in html
+    front = front_matter(text)
+    assert front["base_model"][0] == str(a)  # the front matter keeps the exact string
+    in_card = yaml.safe_load(text.split("````yaml\n", 1)[1].split("\n````", 1)[0]) if "````yaml" in text else \
+        yaml.safe_load(text.split("```yaml\n", 1)[1].split("\n```", 1)[0])
+    assert in_card == yaml.safe_load((out / "tensormerge-recipe.yaml").read_text())
