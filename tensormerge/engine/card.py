@@ -325,6 +325,10 @@ def card_text(plan, settings: dict, out_dir: str, written: torch.dtype | None) -
         lines += [f"| input {i + 1} | {_code(s)} |" for i, s in enumerate(stats)]
         if rec.get("base_stats"):
             lines.append(f"| base | {_code(rec['base_stats'])} |")
+        merged, fallback = plan.merge_blocks, plan.fallback_blocks
+        lines += ["", f"{sum(1 for b in merged if b.stats)} of the {len(merged)} merged tensors were merged with their "
+                  f"statistics; {len(fallback)} had none in the stores and were {plan.method.fallback_label} "
+                  f"(`{C.PROVENANCE}`: `fallback_blocks`)."]
     else:
         lines.append("None: this method uses the weights alone.")
     lines += ["", "## Reproduce", "",

@@ -166,13 +166,13 @@ class MergePlan:
         for name, why in list(fallback.items())[:5]:
             lines.append(f"  {label} {name}: {why}")
         if len(fallback) > 5:
-            lines.append(f"  ... {len(fallback) - 5} more (the report lists all)")
+            lines.append(f"  ... {len(fallback) - 5} more (`run --report FILE` lists all)")
         missing = self.base_stats_missing
         if missing:
             lines.append(f"  {len(missing)} without base statistics, taken as zero")
             lines += [f"  base statistics {name}: {why}" for name, why in list(missing.items())[:5]]
             if len(missing) > 5:
-                lines.append(f"  ... {len(missing) - 5} more (the report lists all)")
+                lines.append(f"  ... {len(missing) - 5} more (`run --report FILE` lists all)")
         return lines
 
     @property

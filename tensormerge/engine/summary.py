@@ -59,6 +59,11 @@ def run_warnings(plan, notes: dict[str, dict]) -> list[str]:
     if plan.base is not None and not plan.method.requires_base(plan.params):
         out.append(f"--base: method {plan.method.name!r} with these parameters does not use the base's values "
                    f"(the output only takes its tensor names, order, dtypes and side files)")
+    merged = plan.merge_blocks
+    if plan.stats is not None and merged and not any(b.stats for b in merged):
+        out.append(f"--stats: no tensor found the statistics {plan.method.name!r} reads in the stores, so all "
+                   f"{len(merged)} were {plan.method.fallback_label} instead (stores of another --kind? "
+                   f"`tensormerge inspect STORE` lists what one holds)")
     from tensormerge.methods.rules import unmatched_filters
 
     names = list(getattr(plan.params, "per_block", None) or {})

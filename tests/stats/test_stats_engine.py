@@ -110,6 +110,30 @@ def test_plan_and_report_list_statistics_and_fallbacks(stats_family, tmp_path):
     assert [s["path"] for s in prov["statistics"]["stores"]] == [stores[0], partial, stores[2]]
 
 
+def test_stores_of_the_wrong_kind_warn_even_when_quiet_and_the_card_counts_the_fallbacks(stats_family, tmp_path):
+    """Fisher merging given stores that hold Grams only: every block is averaged. That is almost
+    surely a mistake (a store of another --kind), so it is a warning (printed under -q too), and
+    the card says how many tensors were merged with statistics, not only which stores it read."""
+    base, fts, stores, _ = stats_family
+    grams = [write_store(tmp_path / f"g{i}.zarr", {"gram_in": {"big.w": _spd(8, i)}}) for i in range(3)]
+    out = tmp_path / "out"
+    res = run_cli(["run", "--method", "fisher", "--inputs", ",".join(fts), "--stats", ",".join(grams),
+                     "--output", str(out), "-q"])
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: --stats")]
+    assert len(warned) == 1 and "'fisher'" in warned[0] and "averaged" in warned[0], res.stderr
+    card = (out / "README.md").read_text()
+    n = len(json.load(open(out / "tensormerge.json"))["fallback_blocks"])
+    assert n > 0 and f"0 of the {n} merged tensors were merged with their statistics" in card
+    # stores that serve: no warning, and the card counts them
+    good = tmp_path / "good"
+    res = run_cli(["run", "--method", "fisher", "--inputs", ",".join(fts), "--stats", ",".join(stores),
+                     "--output", str(good), "-q"])
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    assert f"{n} of the {n} merged tensors were merged with their statistics; 0 had none" in \
+        (good / "README.md").read_text()
+
+
 def test_store_reads_rows_and_urls(tmp_path):
     f = torch.rand(5000, 300)
     path = write_store(tmp_path / "s.zarr", {"fisher": {"w": f, "s": torch.tensor(2.0)}}, count=7)
