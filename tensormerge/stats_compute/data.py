@@ -124,6 +124,8 @@ def is_saved_dataset(path: str) -> bool:
 def read_records(path: str, max_examples: int | None, split: str | None = None) -> list[tuple[str, dict]]:
     if not os.path.exists(path):
         raise InputError(f"{path}: no such data file")
+    if not os.path.isdir(path):
+        _regular(path)
     it = _disk_records(path, split) if os.path.isdir(path) else _jsonl_records(path)
     out = []
     for where, rec in it:
@@ -135,12 +137,21 @@ def read_records(path: str, max_examples: int | None, split: str | None = None) 
     return out
 
 
+def _regular(path: str) -> None:
+    """A FIFO, socket or device would block the read (or never end): refused before it is opened."""
+    import stat
+
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise InputError(f"{path}: is not a regular file (a pipe, socket or device); give the data as a file")
+
+
 def data_fingerprint(path: str) -> str:
     """Content hash of the data (every file under a dataset directory): what --resume compares."""
     h = hashlib.sha256()
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
     for p in files:
+        _regular(p)
         h.update(os.path.relpath(p, path).encode() if p != path else b"")
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -5,6 +5,7 @@ pre-tokenized equivalent, and stores that feed `tensormerge run` for regmean, fi
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -89,6 +90,17 @@ def test_bad_data_is_one_line_error_and_no_store(llama_dir, tmp_path, case):
     out = tmp_path / "S.zarr"
     res = _compute(["--model", model, "--data", data, "--kind", "all", "--output", out, "--max-length", 4])
     assert_clean_error(res, *needles, out_dir=out)
+
+
+def test_data_that_is_a_pipe_is_refused_not_read_forever(llama_dir, tmp_path):
+    _, _, with_tok = llama_dir
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    out = tmp_path / "S.zarr"
+    res = run_cli(["stats", "compute", "--model", with_tok, "--data", str(fifo), "--kind", "fisher", "--output",
+                   str(out)], timeout=120)
+    assert_clean_error(res, str(fifo), "not a regular file", out_dir=out)
+    assert not os.path.exists(str(out) + ".partial.lock") and not os.path.exists(str(out) + ".partial")
 
 
 def test_interrupted_run_resumes_to_the_same_store(llama_dir, tmp_path):
