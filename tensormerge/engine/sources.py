@@ -13,6 +13,7 @@ import math
 import os
 import re
 import threading
+import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -196,7 +197,7 @@ class BinCheckpoint(Checkpoint):
             try:
                 # torch's zip format is memory-mapped; the legacy (pre-1.6) format cannot be, and
                 # is small enough in practice to be read whole (still weights_only).
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+                sd = safe_load(path)
             except Exception as e:  # torch raises many types; all mean "not a safe weights file"
                 raise InputError(f"{path}: cannot load with weights_only=True ({_load_failure(e)})") from None
             if not isinstance(sd, dict):
@@ -209,6 +210,18 @@ class BinCheckpoint(Checkpoint):
         if t.dim() == 0:
             return t.clone()
         return t[row_start:row_end].clone(memory_format=torch.contiguous_format)
+
+
+_WARNINGS_LOCK = threading.Lock()  # warnings.catch_warnings swaps process-wide filters
+
+
+def safe_load(path: str):
+    """torch.load with weights_only=True (torch's zip format memory-mapped; the legacy one read
+    whole). torch warns about a file's pickle protocol before it refuses or reads it; that is not
+    the user's concern (what it decides is), so it does not reach their terminal, --quiet or not."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def _check_bin_entry(path: str, name, t) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,10 +83,10 @@ def _unwrap(path: str, obj) -> tuple[dict, list[str]]:
 
 
 def _torch_entries(path: str, stack: contextlib.ExitStack) -> tuple[list[Entry], list[str]]:
-    from tensormerge.engine.sources import _load_failure
+    from tensormerge.engine.sources import _load_failure, safe_load
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        obj = safe_load(path)
     except Exception as e:  # torch raises many types; all mean "not plain tensors"
         raise InputError(f"{path}: cannot load with weights_only=True ({_load_failure(e)}); "
                          f"a statistics file must hold only tensors") from None

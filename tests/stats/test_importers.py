@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -208,6 +209,25 @@ def test_pickle_code_refused(tmp_path):
     torch.save({"w": torch.rand(2), "args": argparse.Namespace(lr=1e-3)}, src)
     res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", out], cwd=tmp_path)
     refused(res, out, str(src), "weights_only")
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running_it_or_torch_warnings(tmp_path):
+    """A legacy (not zip) pickle of protocol 4 whose object runs a command when unpickled: refused
+    by weights_only, nothing run, and torch's protocol warning does not reach the user (-q)."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    src, out = tmp_path / "evil.pt", tmp_path / "S.zarr"
+    src.write_bytes(pickle.dumps({"w": Evil()}, protocol=4))
+    res = H.run_cli(["stats", "import", src, "--kind", "fisher", "-o", out, "-q"], cwd=tmp_path)
+    refused(res, out, str(src), "weights_only")
+    assert "Warning" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not marker.exists()
 
 
 def test_nested_dict_without_obvious_level_refused(tmp_path):
