@@ -1142,7 +1142,8 @@ def gta_fused(inputs: list[torch.Tensor], base: torch.Tensor, sparsify: list[tup
     if "zero_mul" in modes:  # × 0 keeps a NaN, as the torch code's mask does: rare, left to it
         return None
     divisor = sum(weights)
-    divisor = np.float32(1.0 if abs(divisor) < 1e-8 else divisor)
+    with np.errstate(over="ignore"):  # weights near float32's limit may sum past it: inf, as torch's cast gives
+        divisor = np.float32(1.0 if abs(divisor) < 1e-8 else divisor)
     out = torch.empty(numel, dtype=torch.float32)
     kernel = _gta_kernel(xs[0].dtype, b.dtype, tuple(modes), consensus)
     w = np.array(weights, np.float32)

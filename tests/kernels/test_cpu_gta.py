@@ -152,3 +152,19 @@ def test_fused_gta_on_several_threads_gives_the_torch_bits(monkeypatch):
         monkeypatch.setattr(threads, "workers", lambda: 1)
         _same(_merge(method, params, fts, base, shape, C, state), want)
         monkeypatch.setattr(threads, "workers", lambda: 4)
+
+
+@pytest.mark.parametrize("normalize", ["true", "false"])
+def test_weights_summing_past_float32_give_the_torch_bits_without_a_warning(normalize):
+    """Two weights near float32's limit sum past it: the divisor is inf in float32 on both paths
+    (torch casts the scalar the same way), and numpy's overflow warning does not leak."""
+    import warnings
+
+    shape = (64, 48)
+    fts, base = _family(shape, 3, torch.bfloat16, torch.bfloat16, seed=11)
+    params = {"weights": "3e38,3e38,1", "normalize": normalize}
+    want = _merge("gta", params, fts, base, shape, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _merge("gta", params, fts, base, shape, C)
+    _same(got, want)
