@@ -178,9 +178,14 @@ def _convert(method: str, key: str, text: Any, tp: Any, choices: tuple | None) -
                     for x in items]
         value = _scalar(tp, text)
     except (TypeError, ValueError):
-        several = isinstance(text, str) and ("," in text or "|" in text)
-        raise ParameterError(f"{where}: cannot read {short(text)} as {getattr(tp, '__name__', tp)}"
-                             + (" (several values to try: `tensormerge sweep`)" if several else "")) from None
+        listed = typing.get_origin(tp) is list
+        what = f"a list of {typing.get_args(tp)[0].__name__}" if listed else getattr(tp, "__name__", tp)
+        hint = ""
+        if isinstance(text, str) and text.strip().startswith("["):
+            hint = f" (a list is its values separated by commas, without brackets: {key}=1,2)"
+        elif isinstance(text, str) and ("|" in text or ("," in text and not listed)):
+            hint = " (several values to try: `tensormerge sweep`)"
+        raise ParameterError(f"{where}: cannot read {short(text)} as {what}{hint}") from None
     if choices and value not in choices:
         raise ParameterError(f"{where}: {short(value)} is not one of {', '.join(map(str, choices))}")
     return value
@@ -195,6 +200,8 @@ def _scalar(tp: Any, text: Any) -> Any:
             return True
         if low in ("0", "false", "no", "off"):
             return False
+        raise ValueError(text)
+    if tp in (float, int) and isinstance(text, bool):  # YAML's `true` is no number (float(True) would be 1.0)
         raise ValueError(text)
     if tp is float:
         return float(text)

@@ -106,6 +106,10 @@ def test_dare_p0_is_task_arithmetic():
     ("ties", {"k": "0"}, "'k'"),
     ("ties", {"sign": "bogus"}, "not one of"),
     ("task_arithmetic", {"lambda": "abc"}, "cannot read"),
+    ("task_arithmetic", {"lambda": True}, "cannot read True as float"),  # YAML's `lambda: true`
+    ("average", {"weights": [True, 1, 1]}, "cannot read .* as a list of float"),  # YAML `[true, 1, 1]`
+    ("average", {"weights": "[1,2,3]"}, r"without brackets: weights=1,2\)$"),
+    ("task_arithmetic", {"lambda": "0.3,0.5"}, "several values to try"),
 ])
 def test_bad_parameters(method, raw, msg):
     m = get_method(method)
