@@ -201,11 +201,41 @@ class Tokenize:
                                  + (f" [{last.__class__.__name__}]" if last else "")) from None
         return self._tok
 
-    def __call__(self, where: str, rec: dict, name: str, special: bool = True) -> list[int]:
+    def __call__(self, where: str, rec: dict, name: str, special: bool = True, keep: int | None = None,
+                 side: str = "head") -> Ids:
+        """The field's token ids. With `keep`, only the `keep` tokens at that side are needed:
+        a text far longer than they can span is cut first (tokenizers hold ~100 bytes per token
+        of the whole text, so one 12 MB line took 2 GB) to a piece that still gives more than
+        `keep` + TOKEN_MARGIN tokens, whose `keep` tokens at that side are the whole text's (a
+        tokenizer's choices reach only a few tokens past a cut). The caller takes its `keep`."""
         v = rec[name]
         if not isinstance(v, str):
             raise InputError(f"{where}: field '{name}' must be a string, not {type(v).__name__}")
-        return list(self.tokenizer(name)(v, add_special_tokens=special)["input_ids"])
+        tk = self.tokenizer(name)
+        chars = None if keep is None else max(CHARS_PER_TOKEN * (keep + TOKEN_MARGIN), MIN_CUT_CHARS)
+        while chars is not None and len(v) > chars:
+            ids = Ids(tk(v[:chars] if side == "head" else v[-chars:], add_special_tokens=special)["input_ids"])
+            if len(ids) > keep + TOKEN_MARGIN:
+                ids.cut = True
+                return ids
+            chars *= 4  # long tokens (runs of one character): a longer piece
+        return Ids(tk(v, add_special_tokens=special)["input_ids"])
+
+
+class Ids(list):
+    """Token ids; `cut`: of a piece of the text (Tokenize with `keep`), so more than `keep` but
+    not the whole text's count."""
+
+    cut = False
+
+    def shown(self) -> str:
+        """The count for a message: "N", or "over N" for a piece."""
+        return f"over {len(self)}" if self.cut else str(len(self))
+
+
+CHARS_PER_TOKEN = 16  # a piece of 16 characters per token wanted; longer when the text's tokens are longer
+TOKEN_MARGIN = 64  # tokens beyond `keep` that a cut piece must still give
+MIN_CUT_CHARS = 1 << 16  # texts shorter than this are tokenized whole
 
 
 def _strip_mask(where: str, rec: dict, ids: list[int]) -> list[int]:
@@ -234,20 +264,22 @@ def _fit_causal(where: str, ids: list[int], labels: list[int], max_length: int,
 def _prompt_answer(where: str, rec: dict, task: str, tok: Tokenize, max_length: int, prompt_name: str,
                    answer_name: str, answer: str | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a prompt and its answer (the record's `answer_name`, or the text `answer`)."""
+    answers = {answer_name: answer} if answer is not None else rec
     if task == "seq2seq":
-        ids = tok(where, rec, prompt_name)
-        labels = tok(where, {answer_name: answer} if answer is not None else rec, answer_name)
+        ids = tok(where, rec, prompt_name, keep=max_length)
+        labels = tok(where, answers, answer_name, keep=max_length)
         if len(labels) > max_length:
-            raise InputError(f"{where}: field '{answer_name}' has {len(labels)} tokens, more than --max-length "
+            raise InputError(f"{where}: field '{answer_name}' has {labels.shown()} tokens, more than --max-length "
                              f"{max_length}")
-        return ids[:max_length], labels
-    prompt = tok(where, rec, prompt_name)
-    ans = tok(where, {answer_name: answer} if answer is not None else rec, answer_name, special=False)
+        return ids[:max_length], list(labels)
+    prompt = tok(where, rec, prompt_name, keep=max_length, side="tail")  # its end, as much as fits
+    ans = tok(where, answers, answer_name, special=False, keep=max_length)
     eos = getattr(tok.tokenizer(answer_name), "eos_token_id", None)
-    if eos is not None and (not ans or ans[-1] != eos):
-        ans = ans + [eos]
+    if eos is not None and not ans.cut and (not ans or ans[-1] != eos):
+        ans = Ids(ans + [eos])
     if len(ans) > max_length:
-        raise InputError(f"{where}: field '{answer_name}' has {len(ans)} tokens, more than --max-length {max_length}")
+        raise InputError(f"{where}: field '{answer_name}' has {ans.shown()} tokens, more than --max-length "
+                         f"{max_length}")
     prompt = prompt[max(0, len(prompt) + len(ans) - max_length):]
     return prompt + ans, [IGNORE] * len(prompt) + ans
 
@@ -270,7 +302,7 @@ def make_example(where: str, rec: dict, task: str, tok: Tokenize, max_length: in
                                  f"model is a sequence classifier")
             name = f.text if f.text in rec else f.input
             _require(where, rec, (name,), f"the text to classify: '{f.text}' or '{f.input}', or 'input_ids'")
-            ids = tok(where, rec, name)
+            ids = tok(where, rec, name, keep=max_length)
         key = f.label if f.label in rec or "label" in f.given else "labels" if "labels" in rec else f.label
         _require(where, rec, (key,), f"the class: '{f.label}'")
         lab = rec[key]
@@ -297,9 +329,11 @@ def make_example(where: str, rec: dict, task: str, tok: Tokenize, max_length: in
             labels = _ids(where, rec, "labels", vocab)
         else:
             _require(where, rec, (f.input, f.target), f"a seq2seq example needs '{f.input}' and '{f.target}'")
-            ids, labels = tok(where, rec, f.input), tok(where, rec, f.target)
+            ids, labels = tok(where, rec, f.input, keep=max_length), tok(where, rec, f.target, keep=max_length)
         if len(labels) > max_length:
-            raise InputError(f"{where}: field 'labels' has {len(labels)} tokens, more than --max-length {max_length}")
+            count = labels.shown() if isinstance(labels, Ids) else len(labels)
+            raise InputError(f"{where}: field 'labels' has {count} tokens, more than --max-length {max_length}")
+        labels = list(labels)
         if not any(x != IGNORE for x in labels):
             raise InputError(f"{where}: field 'labels' has no token to score (all -100 or empty)")
         return Example(ids[:max_length], labels, where)
@@ -324,7 +358,7 @@ def make_example(where: str, rec: dict, task: str, tok: Tokenize, max_length: in
                              f"field '{f.messages}' (add a chat_template, or give input_ids/labels)")
         ids, labels = _fit_causal(where, *textdata.chat_tokens(tk, where, rec, f.messages), max_length, f.messages)
     elif f.text in rec and f.target not in rec:
-        ids = tok(where, rec, f.text)[:max_length]
+        ids = tok(where, rec, f.text, keep=max_length)[:max_length]
         labels = list(ids)
     else:
         _require(where, rec, (f.input, f.target), f"a prompt/answer example needs '{f.input}' and '{f.target}'; "
