@@ -60,6 +60,9 @@ def run_warnings(plan, notes: dict[str, dict]) -> list[str]:
         out.append(f"--base: method {plan.method.name!r} with these parameters does not use the base's values "
                    f"(the output only takes its tensor names, order, dtypes and side files)")
     merged = plan.merge_blocks
+    for path in plan.stats.unidentified() if plan.stats is not None else []:
+        out.append(f"--stats {path}: records no model (imported without --model?), so only its tensor names "
+                   f"and shapes were checked against the model it was given for")
     if plan.stats is not None and merged and not any(b.stats for b in merged):
         out.append(f"--stats: no tensor found the statistics {plan.method.name!r} reads in the stores, so all "
                    f"{len(merged)} were {plan.method.fallback_label} instead (stores of another --kind? "

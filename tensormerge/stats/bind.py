@@ -63,6 +63,11 @@ class StatsBinding:
         """Stores without chunk checksums (format 1): their reads cannot be verified."""
         return [s.path for s in [*self.stores, self.base] if s is not None and not s.verified]
 
+    def unidentified(self) -> list[str]:
+        """Stores that record no model (`stats import` without --model): only their tensor
+        names and shapes could be checked against the model they were given for."""
+        return [s.path for s in [*self.stores, self.base] if s is not None and not _recorded(s)]
+
 
 def bind_stats(paths: list[str], base_path: str | None, inputs: list[Checkpoint],
                base: Checkpoint | None, method: str) -> StatsBinding:

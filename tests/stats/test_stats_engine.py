@@ -118,9 +118,9 @@ def test_stores_of_the_wrong_kind_warn_even_when_quiet_and_the_card_counts_the_f
     grams = [write_store(tmp_path / f"g{i}.zarr", {"gram_in": {"big.w": _spd(8, i)}}) for i in range(3)]
     out = tmp_path / "out"
     res = run_cli(["run", "--method", "fisher", "--inputs", ",".join(fts), "--stats", ",".join(grams),
-                     "--output", str(out), "-q"])
+                   "--output", str(out), "-q"])
     assert res.returncode == 0, res.stderr
-    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: --stats")]
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: --stats: no tensor")]
     assert len(warned) == 1 and "'fisher'" in warned[0] and "averaged" in warned[0], res.stderr
     card = (out / "README.md").read_text()
     n = len(json.load(open(out / "tensormerge.json"))["fallback_blocks"])
@@ -128,10 +128,25 @@ def test_stores_of_the_wrong_kind_warn_even_when_quiet_and_the_card_counts_the_f
     # stores that serve: no warning, and the card counts them
     good = tmp_path / "good"
     res = run_cli(["run", "--method", "fisher", "--inputs", ",".join(fts), "--stats", ",".join(stores),
-                     "--output", str(good), "-q"])
-    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+                   "--output", str(good), "-q"])
+    assert res.returncode == 0 and "warning: --stats: no tensor" not in res.stderr, res.stderr
+    # these stores record no model (written without one, as `stats import` without --model): said
+    unidentified = [line for line in res.stderr.splitlines() if "records no model" in line]
+    assert [line.split()[2] for line in unidentified] == [s + ":" for s in stores], res.stderr
     assert f"{n} of the {n} merged tensors were merged with their statistics; 0 had none" in \
         (good / "README.md").read_text()
+
+
+def test_a_store_that_records_its_model_is_not_warned_about(stats_family, tmp_path):
+    from tensormerge.stats.bind import bind_stats
+
+    _, fts, _, _ = stats_family
+    cks = [open_checkpoint(f) for f in fts]
+    made = [write_store(tmp_path / f"m{i}.zarr", {"fisher": {"mid.b": torch.ones(cks[i].tensors["mid.b"].shape)}},
+                        model={"spec": f, "identity": ck.identity()}) for i, (f, ck) in enumerate(zip(fts, cks))]
+    bare = write_store(tmp_path / "bare.zarr", {"fisher": {"mid.b": torch.ones(cks[2].tensors["mid.b"].shape)}})
+    assert bind_stats(made, None, cks, None, "fisher").unidentified() == []
+    assert bind_stats(made[:2] + [bare], None, cks, None, "fisher").unidentified() == [bare]
 
 
 def test_store_reads_rows_and_urls(tmp_path):
