@@ -132,8 +132,12 @@ def _load_yaml(path: str, option: str = "--config"):
         data = yaml.load(text, Loader=_recipe_loader())  # noqa: S506 (a SafeLoader, without aliases)
     except _RecipeRefused as e:
         raise ParameterError(f"{option} {path}: {e}") from None
+    except RecursionError:
+        raise ParameterError(f"{option} {path}: not valid YAML (nested too deeply)") from None
     except Exception as e:
-        raise ParameterError(f"{option} {path}: not valid YAML ({e.__class__.__name__})") from None
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ParameterError(f"{option} {path}: not valid YAML ({where}{problem or e.__class__.__name__})") from None
     return data
 
 

@@ -257,6 +257,13 @@ def test_config_recipe(fam, tmp_path):
         H.assert_close(merged2[n], e, base[n].dtype, n)
 
 
+def test_config_recipe_that_is_not_yaml_says_where(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: average\nparams: {weights: [1, 2\ninputs: [a, b]\n")
+    res = H.run_cli(["run", "--config", recipe], cwd=tmp_path)
+    H.assert_clean_error(res, str(recipe), "not valid YAML (line 3, column")
+
+
 def test_config_recipe_unknown_key(fam, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: average\nlamda: 3\n")

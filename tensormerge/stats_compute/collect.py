@@ -44,7 +44,8 @@ from tensormerge import __version__
 from tensormerge.constants import PARTIAL_SUFFIX
 from tensormerge.engine import outdir
 from tensormerge.errors import BudgetError, InputError, OutputError, ParameterError
-from tensormerge.stats_compute.data import Tokenize, batches, data_fingerprint, load_examples, read_records
+from tensormerge.stats_compute.data import (MIN_LENGTH, Tokenize, batches, data_fingerprint, load_examples,
+                                           read_records)
 from tensormerge.stats_compute.grads import PerExampleGrads, batch_grad, frozen
 from tensormerge.stats_compute.hooks import GramHooks
 from tensormerge.stats_compute.losses import Inputs, scored_tokens, token_nll
@@ -110,10 +111,11 @@ class ComputeOptions:
     def check(self) -> None:
         if self.kind not in KINDS:
             raise ParameterError(f"--kind {self.kind!r}: expected one of {', '.join(KINDS)}")
-        for opt, v in (("--batch-size", self.batch_size), ("--max-length", self.max_length),
-                       ("--checkpoint-every", self.checkpoint_every), ("--shard-examples", self.shard_examples)):
-            if v < 1:
-                raise ParameterError(f"{opt} {v}: must be at least 1")
+        for opt, v, least in (("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, MIN_LENGTH),
+                              ("--checkpoint-every", self.checkpoint_every, 1),
+                              ("--shard-examples", self.shard_examples, 1)):
+            if v < least:
+                raise ParameterError(f"{opt} {v}: must be at least {least}")
         if self.max_memory < MIN_MEMORY:
             raise ParameterError(f"--max-memory {self.max_memory} bytes: must be at least 1MiB (the Gram row blocks "
                                  f"and gradient chunks are sized from it)")

@@ -74,7 +74,7 @@ def _jsonl_records(path: str):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.rstrip("\r\n"))  # a column past the line's end, not "line 2 column 1"
                 json.dumps(rec, ensure_ascii=False).encode("utf-8")
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
@@ -233,6 +233,7 @@ class Ids(list):
         return f"over {len(self)}" if self.cut else str(len(self))
 
 
+MIN_LENGTH = 2  # --max-length: a causal LM scores the tokens after the first
 CHARS_PER_TOKEN = 16  # a piece of 16 characters per token wanted; longer when the text's tokens are longer
 TOKEN_MARGIN = 64  # tokens beyond `keep` that a cut piece must still give
 MIN_CUT_CHARS = 1 << 16  # texts shorter than this are tokenized whole
@@ -373,8 +374,8 @@ def load_examples(path: str, task: str, tok: Tokenize, *, max_length: int, max_e
                   vocab: int | None, label2id: dict | None = None, num_labels: int | None = None,
                   split: str | None = None, fields=None, records: list | None = None) -> list[Example]:
     """`records`: those read_records returned, when the caller checked them before loading the model."""
-    if max_length < 2:
-        raise InputError(f"--max-length {max_length}: must be at least 2")
+    if max_length < MIN_LENGTH:
+        raise InputError(f"--max-length {max_length}: must be at least {MIN_LENGTH}")
     if records is None:
         records = read_records(path, max_examples, split)
     return [make_example(where, rec, task, tok, max_length, vocab, label2id, num_labels, fields)

@@ -536,8 +536,11 @@ def render(p: dict) -> str:
 
 
 def check_sizes(batch_size: int, max_length: int, gpu_tflops: float | None, measure_batches: int) -> None:
-    for opt, v in (("--batch-size", batch_size), ("--max-length", max_length), ("--measure-batches", measure_batches)):
-        if v < 1:
-            raise ParameterError(f"{opt} {v}: must be at least 1")
+    from tensormerge.stats_compute.data import MIN_LENGTH
+
+    for opt, v, least in (("--batch-size", batch_size, 1), ("--max-length", max_length, MIN_LENGTH),
+                          ("--measure-batches", measure_batches, 1)):
+        if v < least:
+            raise ParameterError(f"{opt} {v}: must be at least {least}")
     if gpu_tflops is not None and not (gpu_tflops > 0 and math.isfinite(gpu_tflops)):
         raise ParameterError(f"--gpu-tflops {gpu_tflops}: must be a positive number (the rate your GPU sustains)")

@@ -74,6 +74,7 @@ BAD = {
     "invalid-json": ('{"input_ids": [3, 4, 5]}\n{"input_ids": [3, 4]}\n{"input_ids": [3,\n',
                      ["data.jsonl:3", "invalid JSON"]),
     "empty": ("", ["data.jsonl", "empty"]),
+    "unterminated": ('{"input_ids": [3, 4, 5]}\n{"input_ids": [3, 4\n', ["data.jsonl:2", "at column 20"]),
     "labels-too-long": ('{"input_ids": [3, 4, 5, 6, 7, 8], "labels": [3, 4, 5, 6, 7, 8]}\n',
                         ["data.jsonl:1", "'labels'", "--max-length 4"]),
     "text-without-tokenizer": ('{"text": "w1 w2 w3"}\n', ["llama", "no tokenizer", "'text'"]),
@@ -90,6 +91,14 @@ def test_bad_data_is_one_line_error_and_no_store(llama_dir, tmp_path, case):
     out = tmp_path / "S.zarr"
     res = _compute(["--model", model, "--data", data, "--kind", "all", "--output", out, "--max-length", 4])
     assert_clean_error(res, *needles, out_dir=out)
+
+
+def test_max_length_below_two_names_the_real_minimum(llama_dir, tmp_path):
+    _, _, with_tok = llama_dir
+    data = cm.write_jsonl(tmp_path / "d.jsonl", cm.causal_records(2, seed=1))
+    res = _compute(["--model", with_tok, "--data", data, "--kind", "fisher", "--output", tmp_path / "S.zarr",
+                    "--max-length", 1])
+    assert_clean_error(res, "--max-length 1", "at least 2", out_dir=tmp_path / "S.zarr")
 
 
 def test_data_that_is_a_pipe_is_refused_not_read_forever(llama_dir, tmp_path):
