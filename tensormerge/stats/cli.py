@@ -165,7 +165,9 @@ _NOT_PLANNED = ("output", "resume", "overwrite", "checkpoint_every", "quiet")
               help="with --model: real batches timed (after one warm-up) to extrapolate the run's time")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback: bool, **kw) -> None:
-    """What `stats compute` with these options will need (memory, store size, time); writes nothing."""
+    """What `stats compute` with these options will need (memory, store size, time); writes nothing.
+
+    Exits 4 (after printing the plan) when `stats compute` would refuse the run."""
     from tensormerge.errors import ParameterError
     from tensormerge.sizes import parse_size
     from tensormerge.stats_compute import planning
@@ -200,6 +202,10 @@ def plan_cmd(arch, config_path, gpu_tflops, measure_batches, as_json, traceback:
                                   kw.get("max_examples"), gpu_tflops, bool(kw.get("gram_per_weight")),
                                   parse_size(kw["max_memory"], "--max-memory"), kw.get("grad_mode") or "auto")
     click.echo(json.dumps(plan, indent=2) if as_json else planning.render(plan))
+    if plan.get("refused"):  # the plan is printed for the numbers; the status says it would not run
+        from tensormerge.errors import BudgetError
+
+        raise BudgetError(f"stats compute would refuse this run: {plan['refused']}")
 
 
 def _plan_params() -> list:

@@ -30,6 +30,7 @@ with a fingerprint of model, data and options, so `--resume` continues exactly t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -395,10 +396,15 @@ def save_state(path: str, fingerprint: str, state: dict) -> None:
     durably; each writer has its own temporary, as a rerun of a lost task may race the first."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save({"fingerprint": fingerprint, **state}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save({"fingerprint": fingerprint, **state}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk mid-write: the last whole checkpoint stays, alone
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_state(path: str, fingerprint: str, output: str, what: str) -> dict | None:

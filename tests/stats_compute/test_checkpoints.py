@@ -29,3 +29,23 @@ def test_a_foreign_file_is_refused_naming_it(tmp_path, content):
         path.write_bytes(b"\x00not a torch file")
     with pytest.raises(OutputError, match=str(path)):
         load_state(str(path), "run-a", str(tmp_path / "S.zarr"), "shard")
+
+
+def test_a_save_interrupted_mid_write_leaves_the_last_whole_checkpoint_alone(tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) while a checkpoint is written: the previous one stays and no
+    temporary is left beside it."""
+    from tensormerge.stats_compute import collect
+
+    path = str(tmp_path / "S.zarr.partial" / ".resume" / "state.pt")
+    save_state(path, "run-a", {"seen": 3})
+    real = torch.save
+
+    def interrupted(obj, f, *a, **kw):
+        real(obj, f, *a, **kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(collect.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_state(path, "run-a", {"seen": 9})
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "S.zarr.partial" / ".resume").iterdir()) == ["state.pt"]
+    assert load_state(path, "run-a", str(tmp_path / "S.zarr"), "checkpoint")["seen"] == 3

@@ -38,9 +38,13 @@ def tiny(tmp_path_factory):
 
 
 def _plan(args) -> dict:
+    """The plan as JSON; it exits 4 exactly when it says stats compute would refuse the run."""
     res = cli(["stats", "plan", *map(str, args), "--json"])
-    assert res.returncode == 0, res
-    return json.loads(res.stdout)
+    plan = json.loads(res.stdout)
+    refused = "refused" in plan
+    assert res.returncode == (4 if refused else 0), res
+    assert ("error: stats compute would refuse this run" in res.stderr) == refused, res
+    return plan
 
 
 def _store_arrays(path) -> list[tuple[str, str, tuple]]:
