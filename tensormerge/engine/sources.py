@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tensormerge import constants as C
+from tensormerge.engine import direct
 from tensormerge.engine.safetensors_format import (
     TensorEntry,
     element_size,
@@ -136,6 +137,8 @@ class SafetensorsCheckpoint(Checkpoint):
         order = sorted(self.entries.values(), key=lambda e: (files.index(e.path), e.begin, e.name))
         self.tensors = {e.name: TensorInfo(e.name, e.dtype, e.shape) for e in order}
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int | None] = {}
+        self._direct: bool | None = None  # engine/direct.py: decided when first read
         self._lock = threading.Lock()
 
     def _fd(self, path: str) -> int:
@@ -148,22 +151,41 @@ class SafetensorsCheckpoint(Checkpoint):
                     raise InputError(f"{path}: cannot open ({e.strerror})") from None
             return fd
 
+    def _direct_fd(self, path: str) -> int | None:
+        """An O_DIRECT descriptor when this checkpoint is read past the page cache, else None."""
+        with self._lock:
+            if self._direct is None:
+                self._direct = direct.wanted(self.files)
+            if not self._direct:
+                return None
+            if path not in self._direct_fds:
+                self._direct_fds[path] = direct.open_direct(path)
+            return self._direct_fds[path]
+
     def read(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
         e = self.entries[name]
         rows = e.shape[0] if e.shape else 1
         row_end = rows if row_end is None else row_end
         nbytes = (row_end - row_start) * e.row_bytes
+        shape = ((row_end - row_start),) + e.shape[1:] if e.shape else ()
+        fd = self._direct_fd(e.path) if nbytes else None
+        if fd is not None:
+            buf = direct.read(fd, e.path, e.name, e.begin + row_start * e.row_bytes, nbytes)
+            if buf.storage_offset() % e.dtype.itemsize:  # a tensor at an odd offset of its file
+                buf = buf.clone()
+            return buf.view(e.dtype).reshape(shape)
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             read_into(self._fd(e.path), e, buf, row_start * e.row_bytes, nbytes)
-        shape = ((row_end - row_start),) + e.shape[1:] if e.shape else ()
         return buf.view(e.dtype).reshape(shape)
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for fd in [*self._fds.values(), *self._direct_fds.values()]:
+                if fd is not None:
+                    os.close(fd)
             self._fds.clear()
+            self._direct_fds.clear()
 
 
 class BinCheckpoint(Checkpoint):

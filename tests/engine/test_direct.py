@@ -1,0 +1,129 @@
+"""Reads past the page cache (engine/direct.py): the same bytes as a buffered read at any offset,
+length, part split and file end; the merge's bytes the same read either way; auto reads a cold
+checkpoint directly and a warm one through the cache; a truncated file and a bad setting are
+one-line errors."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from tensormerge.engine import direct
+from tensormerge.engine.sources import open_checkpoint
+from tensormerge.errors import InputError
+from tests import helpers as H
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+
+
+@pytest.fixture
+def blob(tmp_path):
+    data = random.Random(0).randbytes(3 * direct.ALIGN * 7 + 123)  # ends off a block boundary
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    fd = direct.open_direct(str(path))
+    if fd is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    yield str(path), fd, data
+    os.close(fd)
+
+
+def test_any_range_reads_the_files_bytes(blob, monkeypatch):
+    path, fd, data = blob
+    monkeypatch.setattr(direct, "PART", 2 * direct.ALIGN)  # spans of several parts, read at once
+    rng = random.Random(1)
+    ranges = [(0, len(data)), (1, 1), (direct.ALIGN - 1, 2), (len(data) - 5, 5), (len(data), 0)]
+    ranges += [(p, rng.randint(0, len(data) - p)) for p in (rng.randint(0, len(data)) for _ in range(200))]
+    for pos, n in ranges:
+        got = direct.read(fd, path, "t", pos, n)
+        assert got.dtype == torch.uint8 and got.numel() == n
+        assert bytes(got.numpy()) == data[pos:pos + n], (pos, n)
+
+
+def test_a_range_past_the_end_is_a_truncated_shard(blob):
+    path, fd, data = blob
+    with pytest.raises(InputError, match="tensor 'w': file ended early"):
+        direct.read(fd, path, "w", len(data) - 10, 11)
+
+
+def _family(tmp_path):
+    """A model whose tensors include one at an odd offset of its file (after a 3-byte bool)."""
+    base, fts = H.make_family(3, seed=2)
+    for sd in [base, *fts]:
+        sd["a.flag"] = torch.tensor([True, False, True])
+        sd["b.w"] = sd["b.w"] if "b.w" in sd else torch.randn(64, 33)
+    base_dir = H.save_safetensors_dir(tmp_path / "base", base)
+    return str(base_dir), [str(H.save_safetensors_dir(tmp_path / f"ft{i}", sd)) for i, sd in enumerate(fts)]
+
+
+@pytest.mark.parametrize("method,params", [("average", []), ("ties", ["-p", "k=0.3"]), ("dare", ["-p", "p=0.4"])])
+def test_a_merge_read_directly_writes_the_same_bytes(tmp_path, method, params):
+    base, fts = _family(tmp_path)
+    outs = {}
+    for io in ("buffered", "direct"):
+        out = tmp_path / io
+        res = H.run_cli(["run", "-m", method, "-i", ",".join(fts), "-b", base, "-o", out, "-q",
+                         "--max-memory", "64KiB", *params], env={direct.ENV: io})
+        assert res.returncode == 0, res
+        outs[io] = H.shard_digests(out)
+    assert outs["direct"] == outs["buffered"]
+
+
+def test_auto_reads_a_cold_checkpoint_directly_and_a_warm_one_through_the_cache(tmp_path, monkeypatch):
+    base, _ = _family(tmp_path)
+    monkeypatch.delenv(direct.ENV, raising=False)
+    ck, want, warm = open_checkpoint(base), open_checkpoint(base), open_checkpoint(base)
+    files = ck.files
+    for f in files:
+        with open(f, "rb") as fh:
+            fh.read()
+    assert direct.resident_fraction(files) == 1.0
+    assert not direct.wanted(files)
+    warm.read(next(iter(warm.tensors)))
+    assert warm._direct is False
+    for f in files:  # evicted as benchmarks/cold.py does it (no root needed), after the headers were read
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    share = direct.resident_fraction(files)
+    if share is None or share >= direct.RESIDENT:
+        pytest.skip("this kernel keeps the pages (no eviction without root here)")
+    assert direct.wanted(files)
+    want._direct = False
+    for name in ck.tensors:
+        assert torch.equal(ck.read(name).view(torch.uint8), want.read(name).view(torch.uint8))
+    assert ck._direct is True
+
+
+def test_a_bad_setting_is_one_line(tmp_path):
+    base, fts = _family(tmp_path)
+    out = tmp_path / "out"
+    res = H.run_cli(["run", "-m", "average", "-i", ",".join(fts), "-o", out], env={direct.ENV: "fast"})
+    H.assert_clean_error(res, "TENSORMERGE_IO='fast'", "buffered", out_dir=out)
+
+
+def test_a_tensor_at_an_odd_offset_of_its_file_reads_the_same(tmp_path, monkeypatch):
+    """safetensors does not align its tensors: a float32 tensor 3 bytes into the data is read
+    directly into a view at an odd offset, which is copied to its own buffer, not viewed."""
+    import json
+    import struct
+
+    w = torch.arange(40, dtype=torch.float32).reshape(8, 5)
+    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "w": {"dtype": "F32", "shape": [8, 5], "data_offsets": [3, 3 + w.numel() * 4]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    d = tmp_path / "odd"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x01\x02\x03"
+                                          + w.numpy().tobytes())
+    monkeypatch.setenv(direct.ENV, "direct")
+    ck = open_checkpoint(str(d))
+    if direct.open_direct(ck.files[0]) is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    assert torch.equal(ck.read("w"), w) and torch.equal(ck.read("w", 2, 5), w[2:5])
+    assert ck.read("a").tolist() == [1, 2, 3] and ck._direct is True
