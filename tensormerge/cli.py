@@ -432,6 +432,7 @@ def inspect(path: str, as_json: bool, traceback: bool) -> None:
         click.echo(inspect_store(path, as_json))
         return
     from tensormerge.engine.sources import open_checkpoint
+    from tensormerge.errors import printable
     from tensormerge.sizes import format_size
 
     ck = open_checkpoint(path)
@@ -443,12 +444,12 @@ def inspect(path: str, as_json: bool, traceback: bool) -> None:
                             for n, t in ck.tensors.items()}}, indent=2))
             return
         total = sum(t.nbytes for n, t in ck.tensors.items() if n not in ck.aliases)
-        click.echo(f"{path}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), {format_size(total)}")
+        click.echo(f"{printable(path)}: {len(ck.tensors)} tensors in {len(ck.files)} file(s), {format_size(total)}")
         for f in ck.files:
-            click.echo(f"  file {os.path.relpath(f, ck.root)}")
+            click.echo(f"  file {printable(os.path.relpath(f, ck.root))}")
         for n, t in ck.tensors.items():
-            tied = f"  (tied to {ck.aliases[n]})" if n in ck.aliases else ""
-            click.echo(f"  {n:<64} {str(t.dtype).replace('torch.', ''):<9} {list(t.shape)}{tied}")
+            tied = f"  (tied to {printable(ck.aliases[n])})" if n in ck.aliases else ""
+            click.echo(f"  {printable(n):<64} {str(t.dtype).replace('torch.', ''):<9} {list(t.shape)}{tied}")
     finally:
         ck.close()
 

@@ -49,3 +49,9 @@ def one_line(text, limit: int) -> str:
     clean = "".join(ch if ch.isprintable() else " " for ch in str(text))
     clean = " ".join(clean.split())
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+def printable(name: str) -> str:
+    """A name from a file as a listing shows it: as it is where every character prints, else with
+    the others escaped (a tensor named "a\\rb" must not rewrite the listing's line on a terminal)."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")

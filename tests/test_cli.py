@@ -554,3 +554,12 @@ def test_recipe_with_a_huge_list_is_refused_quickly(small, tmp_path):
     res = H.run_cli(["run", "--config", recipe, "-o", out])
     H.assert_clean_error(res, str(recipe), "YAML values", out_dir=out)
     assert time.perf_counter() - t0 < 15
+
+
+def test_inspect_escapes_a_path_that_would_rewrite_the_terminal(tmp_path):
+    """A directory named with a carriage return or an escape code is listed escaped (tensor names
+    holding them are refused when the header is read)."""
+    d = H.save_safetensors_dir(tmp_path / "m\rfake\x1b[2J", {"a.weight": torch.ones(2)}, side_files=False)
+    out = ok(H.run_cli(["inspect", d], cwd=tmp_path)).stdout
+    assert "\r" not in out and "\x1b" not in out
+    assert out.splitlines()[0].startswith(str(tmp_path) + "/m\\rfake\\x1b[2J: 1 tensors"), out

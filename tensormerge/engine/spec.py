@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from tensormerge import constants as C
-from tensormerge.engine import lora
+from tensormerge.engine import direct, lora
 from tensormerge.engine.plan import MergePlan, build_plan
 from tensormerge.engine.run import RunOptions
 from tensormerge.engine.sources import open_checkpoint
@@ -118,6 +118,7 @@ def checked(spec: MergeSpec) -> MergeSpec:
         mode, _ = lora.parse_mode(_typed(spec.lora, str, "--lora", "concat, full, svd:R or factors"))
         if mode == "svd" and (spec.workers is not None or spec.scheduler):
             raise ParameterError("--lora svd:R runs locally (no --workers or --scheduler)")
+    direct.policy()  # TENSORMERGE_IO, refused here rather than at the first read
     return dataclasses.replace(
         spec, inputs=_paths(spec.inputs, "--inputs"), stats=_paths(spec.stats, "--stats"),
         output=_path(spec.output, "--output"), base=_path(spec.base, "--base"),

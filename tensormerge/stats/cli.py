@@ -128,6 +128,7 @@ def compute_cmd(traceback: bool, max_memory: str, **kw) -> None:
 
 def inspect_store(path: str, as_json: bool) -> str:
     """A store's root attributes and arrays, for `tensormerge inspect S.zarr`."""
+    from tensormerge.errors import printable
     from tensormerge.stats.store import StatsStore
 
     store = StatsStore(path)
@@ -140,13 +141,13 @@ def inspect_store(path: str, as_json: bool) -> str:
     if as_json:
         return json.dumps({"path": path, "attrs": store.attrs, "format": store.format, "verified": store.verified,
                            "digest": store.digest, "arrays": arrays}, indent=2)
-    lines = [f"{path}: statistics store (format {store.format}, {check}), "
+    lines = [f"{printable(path)}: statistics store (format {store.format}, {check}), "
              f"{sum(len(a) for a in arrays.values())} arrays"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in store.attrs.items() if k != "aliases"]
     for kind, group in arrays.items():
         shared = sum("alias_of" in a for a in group.values())
         lines.append(f"  {kind} ({len(group)}" + (f", {shared} of them aliases of a shared array)" if shared else ")"))
-        lines += [f"    {name:<64} {a['shape']!s:<16} " + (f"-> {a['alias_of']}" if "alias_of" in a
+        lines += [f"    {printable(name):<64} {a['shape']!s:<16} " + (f"-> {printable(a['alias_of'])}" if "alias_of" in a
                                                              else f"count={a['count']}") for name, a in group.items()]
     return "\n".join(lines)
 

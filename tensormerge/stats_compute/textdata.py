@@ -68,6 +68,9 @@ def check_fields(records: list[tuple[str, dict]], fields: Fields) -> None:
             continue
         known = (fields.messages, fields.choices, fields.prompt, fields.input, fields.text)
         if not any(rec.get(n) is not None for n in known):
+            null = next((n for n in known if n in rec), None)
+            if null is not None:
+                raise InputError(f"{where}: field '{null}' is null")
             have = ", ".join(repr(k) for k in list(rec)[:6]) or "none"
             raise InputError(f"{where}: missing field '{fields.input}' (no known format: expected input_ids, "
                              f"'{fields.messages}', '{fields.prompt}'+'{fields.completion}', "

@@ -386,6 +386,7 @@ BAD = {
     "mapped-input": ('{"q": "w1", "target": "w2"}\n{"question": "w1", "target": "w2"}\n', ["--input-field", "q"],
                      ["data.jsonl:2", "'q'"]),
     "no-known-field": ('{"question": "w1", "answer": "w2"}\n', [], ["data.jsonl:1", "'input'", "'question'"]),
+    "null-text": ('{"text": "w1"}\n{"text": null}\n', [], ["data.jsonl:2", "field 'text' is null"]),
 }
 
 
