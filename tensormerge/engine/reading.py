@@ -7,6 +7,9 @@ read, for a run's own chunks and, shared, for every candidate of a sweep.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from tensormerge.constants import ROW_KINDS
@@ -15,6 +18,9 @@ from tensormerge.engine.provenance import ContentHashes
 from tensormerge.errors import InputError
 from tensormerge.methods.base import BlockData
 from tensormerge.stats.bind import check_gram
+
+
+READERS = 8  # models of one chunk read directly at once
 
 
 class ChunkReader:
@@ -36,11 +42,14 @@ class ChunkReader:
         if not inputs_too or b.kind == "derived":  # derived: computed by b.produce, from its own reads
             return [], None
         n = len(plan.inputs)
-        cks = plan.checkpoints
-        inputs = [cks[i].read(b.reads[i], r0, r1) for i in range(n)]
-        base = None
+        jobs = [(plan.checkpoints[i], b.reads[i]) for i in range(n)]
         if self.reads_base(b) if base_too is None else base_too:
-            base = plan.base.read(b.reads[n], r0, r1)
+            jobs.append((plan.base, b.reads[n]))
+        if len(jobs) > 1 and all(ck.reads_directly for ck, _ in jobs):
+            rows = list(_readers().map(lambda job: job[0].read(job[1], r0, r1), jobs))
+        else:
+            rows = [ck.read(name, r0, r1) for ck, name in jobs]
+        inputs, base = rows[:n], (rows[n] if len(rows) > n else None)
         if content is not None:  # before the bytes are transposed or sent to a device
             for i, x in enumerate(inputs + ([] if base is None else [base])):
                 content.add(i, b.reads[i], r0, r1, x)
@@ -109,6 +118,20 @@ class ChunkReader:
                 data.base_stats[kind] = read(binding.base, kind, key, (r0, r1), check=False)
             elif first:
                 data.base_stats[kind] = read(binding.base, kind, key, check=False)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _readers() -> ThreadPoolExecutor:
+    """Threads that wait on direct reads, a chunk's models at once (their parts go to
+    engine/direct.py's own pool, so a waiting read never holds a thread its parts need)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(READERS, thread_name_prefix="tensormerge-reader")
+        return _pool
 
 
 def _transpose(data: BlockData) -> None:

@@ -111,6 +111,12 @@ class Checkpoint(ABC):
         self.__dict__["_identity"] = h.hexdigest()
         return self.__dict__["_identity"]
 
+    @property
+    def reads_directly(self) -> bool:
+        """Whether reads go past the page cache (engine/direct.py): each then waits on the disk
+        alone, with no readahead behind it, so a chunk's reads of several models go out at once."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - most checkpoints hold nothing to release
         """Release open files (those that keep any)."""
 
@@ -150,6 +156,10 @@ class SafetensorsCheckpoint(Checkpoint):
                 except OSError as e:
                     raise InputError(f"{path}: cannot open ({e.strerror})") from None
             return fd
+
+    @property
+    def reads_directly(self) -> bool:
+        return bool(self._direct)
 
     def _direct_fd(self, path: str) -> int | None:
         """An O_DIRECT descriptor when this checkpoint is read past the page cache, else None."""
