@@ -23,7 +23,6 @@ import mmap
 import os
 import resource
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,25 +48,6 @@ def _measure(name: str, paths: list[Path], read) -> dict:
     u1, s1 = _cpu()
     return {"way": name, "bytes": nbytes, "s": seconds, "GBps": nbytes / 1e9 / seconds,
             "user_s": u1 - u0, "sys_s": s1 - s0, "resident_before": resident}
-
-
-def _direct(chunk: int, threads: int):
-    def read(paths: list[Path]) -> int:
-        local = threading.local()
-        fds = {p: os.open(p, os.O_RDONLY | os.O_DIRECT) for p in paths}
-        jobs = [(p, off) for p in paths for off in range(0, p.stat().st_size, chunk)]
-
-        def one(job) -> int:
-            if not hasattr(local, "buf"):
-                local.buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs; one per thread
-            return os.preadv(fds[job[0]], [local.buf], job[1])
-        try:
-            with ThreadPoolExecutor(threads) as ex:
-                return sum(ex.map(one, jobs))
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-    return read
 
 
 def _direct_interleaved(chunk: int, part: int):
@@ -99,8 +79,8 @@ def main() -> None:
     models = sorted(d for d in args.data.iterdir() if d.is_dir() and any(d.glob("*.safetensors")))
     paths = [p for d in models for p in sorted(d.glob("*.safetensors"))]
     ways = [("buffered (the cold read floor)", cold.read_all),
-            ("direct x1", _direct(16 * MiB, 1)), ("direct x4", _direct(16 * MiB, 4)),
-            ("direct x2, 64 MiB", _direct(64 * MiB, 2)),
+            ("direct x1", cold.direct_reader(16 * MiB, 1)), ("direct x4", cold.direct_reader(16 * MiB, 4)),
+            ("direct x2, 64 MiB", cold.direct_reader(64 * MiB, 2)),
             ("direct interleaved, 24 MiB in 8 MiB parts", _direct_interleaved(24 * MiB, 8 * MiB))]
     rows = []
     for r in range(args.repeats):

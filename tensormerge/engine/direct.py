@@ -30,7 +30,7 @@ from tensormerge.errors import InputError, ParameterError
 
 ALIGN = 4096  # the largest logical block size of common disks; a multiple of the others
 PART = 8 * 1024 * 1024  # one request of a direct read; parts of one read are in flight together
-THREADS = 4
+THREADS = 16  # parts in flight, over every read at once (a chunk's models, READ_AHEAD chunks)
 RESIDENT = 0.5  # auto: below this share of a checkpoint's bytes in the page cache, read it directly
 ENV = "TENSORMERGE_IO"
 POLICIES = ("auto", "buffered", "direct")

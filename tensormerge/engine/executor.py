@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -56,25 +57,31 @@ class LocalExecutor:
 
     def run(self, tasks: Iterable[Task], read: Callable[[Task], Any], compute: Callable[[Task, Any], Any],
             write: Callable[[Task, Any], None] | None = None,
-            collect: Callable[[Task, Any], None] | None = None) -> None:
-        """read -> compute -> (write on the writer thread | collect on this thread), in task order."""
+            collect: Callable[[Task, Any], None] | None = None, depth: int = 1) -> None:
+        """read -> compute -> (write on the writer thread | collect on this thread), in task order.
+        `depth` > 1: that many chunks read at once, on threads of their own (reads that wait on
+        a disk alone, with no kernel readahead behind them, need several in flight); each is
+        reserved from the budget before its read starts, and computed in order."""
         stop = threading.Event()
         errors: list[BaseException] = []
-        inbox: queue.Queue = queue.Queue(maxsize=1)
+        inbox: queue.Queue = queue.Queue(maxsize=depth)
         outbox: queue.Queue = queue.Queue(maxsize=1)
 
         def reader() -> None:
+            pool = ThreadPoolExecutor(depth, thread_name_prefix="tensormerge-read") if depth > 1 else None
             try:
                 for task in tasks:
                     if stop.is_set():
                         return
                     self.budget.acquire(task.read_bytes + task.work_bytes + task.out_bytes, stop)
-                    data = read(task)
+                    data = read(task) if pool is None else pool.submit(read, task)
                     _put(inbox, (task, data), stop)
             except BaseException as e:  # handed to the main thread, re-raised there
                 errors.append(e)
                 stop.set()
             finally:
+                if pool is not None:  # no read outlives the run (its files are closed after)
+                    pool.shutdown(wait=True, cancel_futures=stop.is_set())
                 _put(inbox, _DONE, stop, force=True)
 
         def writer() -> None:
@@ -104,6 +111,8 @@ class LocalExecutor:
                 if item is _DONE or stop.is_set():
                     break
                 task, data = item
+                if isinstance(data, Future):
+                    data = data.result()
                 result = compute(task, data)
                 del data
                 self.budget.release(task.read_bytes + task.work_bytes)

@@ -21,6 +21,7 @@ from tensormerge.stats.bind import check_gram
 
 
 READERS = 8  # models of one chunk read directly at once
+READ_AHEAD = 3  # chunks read at once when the inputs are read directly (executor `depth`)
 
 
 class ChunkReader:
@@ -29,6 +30,12 @@ class ChunkReader:
         self.ops = ops  # the kernels the chunk's BlockData carries to the method
         self.device = device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def read_depth(self) -> int:
+        """How many chunks the executor reads at once: one through the page cache (the kernel
+        reads ahead), READ_AHEAD where the inputs are read directly (here the reads themselves
+        must keep the disk busy: one chunk's reads alone left it idle between chunks)."""
+        return READ_AHEAD if any(ck.reads_directly for ck in self.plan.checkpoints) else 1
 
     def reads_base(self, b: Block) -> bool:
         plan = self.plan
@@ -130,7 +137,7 @@ def _readers() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(READERS, thread_name_prefix="tensormerge-reader")
+            _pool = ThreadPoolExecutor(READERS, thread_name_prefix="tensormerge-models")
         return _pool
 
 

@@ -159,14 +159,19 @@ class SafetensorsCheckpoint(Checkpoint):
 
     @property
     def reads_directly(self) -> bool:
-        return bool(self._direct)
+        with self._lock:
+            return self._decide_direct()
+
+    def _decide_direct(self) -> bool:
+        """Once, at the first read (or the first question): where this checkpoint's bytes are."""
+        if self._direct is None:
+            self._direct = direct.wanted(self.files)
+        return self._direct
 
     def _direct_fd(self, path: str) -> int | None:
         """An O_DIRECT descriptor when this checkpoint is read past the page cache, else None."""
         with self._lock:
-            if self._direct is None:
-                self._direct = direct.wanted(self.files)
-            if not self._direct:
+            if not self._decide_direct():
                 return None
             if path not in self._direct_fds:
                 self._direct_fds[path] = direct.open_direct(path)

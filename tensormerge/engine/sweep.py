@@ -367,7 +367,8 @@ class SweepGroup:
             faults.hit("pass")
 
         try:
-            self.executor.run(tasks, lambda t: self._read(t, needs_inputs), compute, collect=collect)
+            self.executor.run(tasks, lambda t: self._read(t, needs_inputs), compute, collect=collect,
+                              depth=self.lead.reader.read_depth())
         finally:
             self.lead.progress.close(bar)
         return sum(t.read_bytes for t in tasks)
@@ -433,7 +434,8 @@ class SweepGroup:
             faults.hit("chunk")
 
         try:
-            self.executor.run(tasks, lambda t: self._read(t, content=True), compute, write=write)
+            self.executor.run(tasks, lambda t: self._read(t, content=True), compute, write=write,
+                              depth=self.lead.reader.read_depth())
         finally:
             self.lead.progress.close(bar)
 
