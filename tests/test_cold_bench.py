@@ -71,6 +71,8 @@ def test_run_bench_cold_on_tiny(tmp_path):
     assert len(c["floors"]) == 1 and c["floors"][0]["resident_before"] == 0.0
     assert c["floors"][0]["bytes"] == c["input_bytes"] == sum(
         p.stat().st_size for d in ("base", "ft1", "ft2", "ft3") for p in (tmp_path / "data" / d).glob("*.safetensors"))
+    (direct,) = c["direct_floors"]  # the disk read past the page cache, where O_DIRECT is allowed
+    assert direct is None or (direct["bytes"] == c["input_bytes"] and direct["resident_before"] == 0.0)
     for method in ("task_arithmetic", "ties"):
         (run,) = c["methods"][method]
         assert run["returncode"] == 0 and run["inputs_resident_before"] == 0.0
