@@ -31,6 +31,7 @@ from tensormerge.errors import InputError, ParameterError
 ALIGN = 4096  # the largest logical block size of common disks; a multiple of the others
 PART = 8 * 1024 * 1024  # one request of a direct read; parts of one read are in flight together
 THREADS = 16  # parts in flight, over every read at once (a chunk's models, READ_AHEAD chunks)
+SIZE_CLASS = 1024 * 1024
 RESIDENT = 0.5  # auto: below this share of a checkpoint's bytes in the page cache, read it directly
 ENV = "TENSORMERGE_IO"
 POLICIES = ("auto", "buffered", "direct")
@@ -71,7 +72,7 @@ def read(fd: int, path: str, name: str, pos: int, nbytes: int) -> torch.Tensor:
     2 * ALIGN larger than asked)."""
     a0 = pos - pos % ALIGN
     span = -(-(pos + nbytes - a0) // ALIGN) * ALIGN
-    raw = torch.empty(span + ALIGN, dtype=torch.uint8)
+    raw = torch.empty(_size_class(span + ALIGN), dtype=torch.uint8)
     shift = -raw.data_ptr() % ALIGN
     view = memoryview(raw[shift:shift + span].numpy()).cast("B")
     parts = [(s, min(s + PART, span)) for s in range(0, span, PART)]
@@ -92,6 +93,13 @@ def read(fd: int, path: str, name: str, pos: int, nbytes: int) -> torch.Tensor:
         raise InputError(f"{path}: tensor {name!r}: file ended early (truncated shard)")
     start = shift + pos - a0
     return raw[start:start + nbytes]
+
+
+def _size_class(n: int) -> int:
+    """Buffers rounded up to a multiple of SIZE_CLASS: a direct read's span depends on where its
+    rows lie against block boundaries, and a heap kept for reuse (engine/alloc.py) holding buffers
+    of many nearby sizes fits few of them again; rounded, a chunk's buffers are reused."""
+    return n if n <= SIZE_CLASS else -(-n // SIZE_CLASS) * SIZE_CLASS
 
 
 def _threads() -> ThreadPoolExecutor:

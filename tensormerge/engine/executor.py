@@ -19,6 +19,9 @@ from typing import Any, Callable, Iterable
 _DONE = object()
 
 
+AHEAD_THREADS = 8  # chunks read at once at most, however small (`ahead`)
+
+
 class ByteBudget:
     def __init__(self, cap: int):
         self.cap = cap
@@ -32,6 +35,27 @@ class ByteBudget:
                 self._cv.wait(0.1)
             self.used += n
             self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+class _Pending:
+    """Bytes read ahead and not yet computed: the reader waits while they reach the cap (one
+    chunk is always allowed)."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.used = 0
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> None:
+        with self._cv:
+            while self.used > 0 and self.used + n > self.cap and not stop.is_set():
+                self._cv.wait(0.1)
+            self.used += n
 
     def release(self, n: int) -> None:
         with self._cv:
@@ -57,24 +81,30 @@ class LocalExecutor:
 
     def run(self, tasks: Iterable[Task], read: Callable[[Task], Any], compute: Callable[[Task, Any], Any],
             write: Callable[[Task, Any], None] | None = None,
-            collect: Callable[[Task, Any], None] | None = None, depth: int = 1) -> None:
+            collect: Callable[[Task, Any], None] | None = None, ahead: int = 0) -> None:
         """read -> compute -> (write on the writer thread | collect on this thread), in task order.
-        `depth` > 1: that many chunks read at once, on threads of their own (reads that wait on
-        a disk alone, with no kernel readahead behind them, need several in flight); each is
-        reserved from the budget before its read starts, and computed in order."""
+        `ahead` > 0: chunks read at once on threads of their own, as long as the reads not yet
+        computed hold less than `ahead` bytes (reads that wait on a disk alone, with no kernel
+        readahead behind them, need that many bytes in flight); each chunk is reserved from the
+        budget before its read starts, and computed in order. 0: one chunk read at a time."""
         stop = threading.Event()
         errors: list[BaseException] = []
-        inbox: queue.Queue = queue.Queue(maxsize=depth)
+        inbox: queue.Queue = queue.Queue(maxsize=1 if not ahead else 0)  # ahead: bounded by bytes
         outbox: queue.Queue = queue.Queue(maxsize=1)
+        pending = _Pending(ahead)
 
         def reader() -> None:
-            pool = ThreadPoolExecutor(depth, thread_name_prefix="tensormerge-read") if depth > 1 else None
+            pool = ThreadPoolExecutor(AHEAD_THREADS, thread_name_prefix="tensormerge-read") if ahead else None
             try:
                 for task in tasks:
                     if stop.is_set():
                         return
                     self.budget.acquire(task.read_bytes + task.work_bytes + task.out_bytes, stop)
-                    data = read(task) if pool is None else pool.submit(read, task)
+                    if pool is None:
+                        data = read(task)
+                    else:
+                        pending.acquire(task.read_bytes, stop)
+                        data = pool.submit(read, task)
                     _put(inbox, (task, data), stop)
             except BaseException as e:  # handed to the main thread, re-raised there
                 errors.append(e)
@@ -112,7 +142,10 @@ class LocalExecutor:
                     break
                 task, data = item
                 if isinstance(data, Future):
-                    data = data.result()
+                    try:
+                        data = data.result()
+                    finally:
+                        pending.release(task.read_bytes)
                 result = compute(task, data)
                 del data
                 self.budget.release(task.read_bytes + task.work_bytes)

@@ -21,7 +21,7 @@ from tensormerge.stats.bind import check_gram
 
 
 READERS = 8  # models of one chunk read directly at once
-READ_AHEAD = 3  # chunks read at once when the inputs are read directly (executor `depth`)
+READ_AHEAD = 256 * 1024 * 1024  # bytes read at once when the inputs are read directly (executor `ahead`)
 
 
 class ChunkReader:
@@ -31,11 +31,12 @@ class ChunkReader:
         self.device = device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def read_depth(self) -> int:
-        """How many chunks the executor reads at once: one through the page cache (the kernel
-        reads ahead), READ_AHEAD where the inputs are read directly (here the reads themselves
-        must keep the disk busy: one chunk's reads alone left it idle between chunks)."""
-        return READ_AHEAD if any(ck.reads_directly for ck in self.plan.checkpoints) else 1
+    def read_ahead(self) -> int:
+        """Bytes the executor reads ahead at once: none beyond a chunk through the page cache (the
+        kernel reads ahead), READ_AHEAD where the inputs are read directly (here the reads
+        themselves must keep the disk busy: a sequential direct read here ran at 0.9 GB/s with
+        32-128 MiB in flight and 1.4-1.8 GB/s with 256-512 MiB)."""
+        return READ_AHEAD if any(ck.reads_directly for ck in self.plan.checkpoints) else 0
 
     def reads_base(self, b: Block) -> bool:
         plan = self.plan

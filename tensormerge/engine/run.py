@@ -210,7 +210,7 @@ class Runner:
 
         try:
             self.executor.run(tasks, lambda t: self._read(t, gpass.needs_inputs), compute, collect=collect,
-                              depth=self.reader.read_depth())
+                              ahead=self.reader.read_ahead())
         finally:
             self.progress.close(bar)
         return sum(t.read_bytes for t in tasks)
@@ -244,7 +244,7 @@ class Runner:
 
         try:
             self.executor.run(self._tasks(blocks, True, skip=self.done), lambda t: self._read(t, content=True),
-                              compute, write=write, depth=self.reader.read_depth())
+                              compute, write=write, ahead=self.reader.read_ahead())
         finally:
             self.progress.close(bar)
         return self.extras

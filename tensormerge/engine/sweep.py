@@ -368,7 +368,7 @@ class SweepGroup:
 
         try:
             self.executor.run(tasks, lambda t: self._read(t, needs_inputs), compute, collect=collect,
-                              depth=self.lead.reader.read_depth())
+                              ahead=self.lead.reader.read_ahead())
         finally:
             self.lead.progress.close(bar)
         return sum(t.read_bytes for t in tasks)
@@ -435,7 +435,7 @@ class SweepGroup:
 
         try:
             self.executor.run(tasks, lambda t: self._read(t, content=True), compute, write=write,
-                              depth=self.lead.reader.read_depth())
+                              ahead=self.lead.reader.read_ahead())
         finally:
             self.lead.progress.close(bar)
 

@@ -1,6 +1,7 @@
-"""The local executor's pipeline: chunks computed and written in order whatever the read depth,
-the byte budget never passed, several chunks read at once where asked (direct reads), and an
-error in any stage raised, with no read still running after the run returns."""
+"""The local executor's pipeline: chunks computed and written in order however far it reads
+ahead, the byte budget and the read-ahead cap never passed, several chunks read at once where
+asked (direct reads), and an error in any stage raised, with no read still running after the
+run returns."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from tensormerge.engine import executor
 from tensormerge.engine.executor import LocalExecutor, Task
 
 
@@ -44,16 +46,16 @@ class _Reads:
                 self.now -= 1
 
 
-@pytest.mark.parametrize("depth", [1, 3])
-def test_chunks_are_computed_and_written_in_order_at_any_depth(depth):
+@pytest.mark.parametrize("ahead", [0, 35, 1000])
+def test_chunks_are_computed_and_written_in_order_at_any_depth(ahead):
     reads, computed, written = _Reads(), [], []
     ex = LocalExecutor(max_memory=1000)
     ex.run(_tasks(30), reads, lambda t, d: (computed.append((t.key, d)), d + 1)[1],
-           write=lambda t, r: written.append((t.key, r)), depth=depth)
+           write=lambda t, r: written.append((t.key, r)), ahead=ahead)
     assert computed == [(i, 2 * i) for i in range(30)]
     assert written == [(i, 2 * i + 1) for i in range(30)]
     assert ex.budget.used == 0
-    assert reads.most == 1 if depth == 1 else reads.most > 1
+    assert reads.most == {0: 1, 35: 3, 1000: executor.AHEAD_THREADS}[ahead]  # 35 bytes: three 10-byte reads
 
 
 def test_reads_at_depth_stay_within_the_budget():
@@ -61,17 +63,17 @@ def test_reads_at_depth_stay_within_the_budget():
     more than two are held, however deep the read-ahead."""
     reads = _Reads()
     ex = LocalExecutor(max_memory=45)  # a chunk holds 20 (read 10 + out 10)
-    ex.run(_tasks(20), reads, lambda t, d: d, write=lambda t, r: time.sleep(0.005), depth=4)
+    ex.run(_tasks(20), reads, lambda t, d: d, write=lambda t, r: time.sleep(0.005), ahead=1000)
     assert ex.budget.peak <= 45 and ex.budget.used == 0
     assert reads.most <= 2
 
 
-@pytest.mark.parametrize("depth", [1, 3])
-def test_a_failed_read_is_raised_and_no_read_outlives_the_run(depth):
+@pytest.mark.parametrize("ahead", [0, 30])
+def test_a_failed_read_is_raised_and_no_read_outlives_the_run(ahead):
     reads, computed = _Reads(fail_at=7), []
     ex = LocalExecutor(max_memory=1000)
     with pytest.raises(OSError, match="chunk 7: read failed"):
-        ex.run(_tasks(40), reads, lambda t, d: computed.append(t.key), depth=depth)
+        ex.run(_tasks(40), reads, lambda t, d: computed.append(t.key), ahead=ahead)
     assert computed == list(range(7))  # in order, up to the failed chunk
     assert reads.now == 0  # every read had finished (or never started) when run returned
     assert not _readers()
@@ -86,6 +88,6 @@ def test_a_failed_compute_stops_the_reads():
         return data
 
     with pytest.raises(ValueError, match="chunk 5"):
-        LocalExecutor(max_memory=1000).run(_tasks(200), reads, compute, depth=3)
+        LocalExecutor(max_memory=1000).run(_tasks(200), reads, compute, ahead=30)
     assert reads.now == 0
     assert not _readers()
