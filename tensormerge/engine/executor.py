@@ -106,6 +106,7 @@ class LocalExecutor:
                         pending.acquire(task.read_bytes, stop)
                         data = pool.submit(read, task)
                     _put(inbox, (task, data), stop)
+                    del data  # (a Future keeps its result) the next chunk may wait on the budget
             except BaseException as e:  # handed to the main thread, re-raised there
                 errors.append(e)
                 stop.set()
@@ -121,8 +122,10 @@ class LocalExecutor:
                     if item is _DONE:
                         return
                     task, result = item
+                    del item
                     if not stop.is_set():
                         write(task, result)
+                    del result  # released below: not held while the next chunk is awaited
                     self.budget.release(task.out_bytes)
             except BaseException as e:
                 errors.append(e)
@@ -141,6 +144,7 @@ class LocalExecutor:
                 if item is _DONE or stop.is_set():
                     break
                 task, data = item
+                del item  # a Future keeps its result: the chunk's buffers, past their compute
                 if isinstance(data, Future):
                     try:
                         data = data.result()
@@ -155,6 +159,7 @@ class LocalExecutor:
                     self.budget.release(task.out_bytes)
                     if collect is not None:
                         collect(task, result)
+                del result  # the writer's now: not held here while the next chunk is awaited
         except BaseException:
             stop.set()
             raise

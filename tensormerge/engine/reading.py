@@ -7,9 +7,6 @@ read, for a run's own chunks and, shared, for every candidate of a sweep.
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from tensormerge.constants import ROW_KINDS
@@ -20,8 +17,13 @@ from tensormerge.methods.base import BlockData
 from tensormerge.stats.bind import check_gram
 
 
-READERS = 8  # models of one chunk read directly at once
-READ_AHEAD = 256 * 1024 * 1024  # bytes read at once when the inputs are read directly (executor `ahead`)
+# Bytes the executor reads ahead on threads of its own when the inputs are read directly (its
+# `ahead`). 0: off. On this VM's disk a direct read ran at 0.9 GB/s with 32-128 MiB in flight and
+# 1.4-1.8 GB/s with 256-512 MiB, and 256 MiB ahead (with a chunk's models read at once) made cold
+# task arithmetic 10-25% faster; but buffers allocated on several threads at once held the process
+# at 2.3-3.6 GB of anonymous memory under --max-memory 1GiB (mT5-XL, DARE), against 0.8-0.9 GB
+# read one after another. The budget comes first: off until the reads' buffers come from one place.
+READ_AHEAD = 0
 
 
 class ChunkReader:
@@ -53,10 +55,7 @@ class ChunkReader:
         jobs = [(plan.checkpoints[i], b.reads[i]) for i in range(n)]
         if self.reads_base(b) if base_too is None else base_too:
             jobs.append((plan.base, b.reads[n]))
-        if len(jobs) > 1 and all(ck.reads_directly for ck, _ in jobs):
-            rows = list(_readers().map(lambda job: job[0].read(job[1], r0, r1), jobs))
-        else:
-            rows = [ck.read(name, r0, r1) for ck, name in jobs]
+        rows = [ck.read(name, r0, r1) for ck, name in jobs]  # one after another: see READ_AHEAD
         inputs, base = rows[:n], (rows[n] if len(rows) > n else None)
         if content is not None:  # before the bytes are transposed or sent to a device
             for i, x in enumerate(inputs + ([] if base is None else [base])):
@@ -126,20 +125,6 @@ class ChunkReader:
                 data.base_stats[kind] = read(binding.base, kind, key, (r0, r1), check=False)
             elif first:
                 data.base_stats[kind] = read(binding.base, kind, key, check=False)
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _readers() -> ThreadPoolExecutor:
-    """Threads that wait on direct reads, a chunk's models at once (their parts go to
-    engine/direct.py's own pool, so a waiting read never holds a thread its parts need)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(READERS, thread_name_prefix="tensormerge-models")
-        return _pool
 
 
 def _transpose(data: BlockData) -> None:

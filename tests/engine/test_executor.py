@@ -91,3 +91,42 @@ def test_a_failed_compute_stops_the_reads():
         LocalExecutor(max_memory=1000).run(_tasks(200), reads, compute, ahead=30)
     assert reads.now == 0
     assert not _readers()
+
+
+class _Buf:
+    """A chunk's data or output, weakly referenced by the test."""
+
+
+@pytest.mark.parametrize("ahead", [0, 30])
+def test_a_chunk_is_not_held_past_its_compute(ahead):
+    """The budget releases a chunk's bytes once it is computed, and the reader then reserves
+    and allocates the next: nothing in the pipeline may keep the computed chunk alive while
+    the next is awaited (a Future keeps its result; a loop variable keeps the last item), or
+    memory passes the budget. Each read checks, by weak reference, that the last computed
+    chunk's data is gone."""
+    import weakref
+
+    datas: dict[int, weakref.ref] = {}
+    finished: list[int] = []
+    held: list[int] = []
+
+    def read(task):
+        if finished:
+            c = finished[-1]
+            deadline = time.monotonic() + 0.2  # the main thread drops it right after compute returns
+            while datas[c]() is not None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if datas[c]() is not None:
+                held.append(c)
+        time.sleep(0.005)
+        b = _Buf()
+        datas[task.key] = weakref.ref(b)
+        return b
+
+    def compute(task, data):
+        finished.append(task.key)
+        return _Buf()
+
+    # room for two chunks: the reader waits for a compute to release one, then reads at once
+    LocalExecutor(max_memory=40).run(_tasks(25), read, compute, write=lambda t, r: None, ahead=ahead)
+    assert len(finished) == 25 and not held, f"computed chunks {held} still held while the next was read"
