@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from tensormerge.constants import ROW_KINDS
+from tensormerge.engine import direct
 from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.provenance import ContentHashes
 from tensormerge.errors import InputError
@@ -18,12 +19,11 @@ from tensormerge.stats.bind import check_gram
 
 
 # Bytes the executor reads ahead on threads of its own when the inputs are read directly (its
-# `ahead`). 0: off. On this VM's disk a direct read ran at 0.9 GB/s with 32-128 MiB in flight and
-# 1.4-1.8 GB/s with 256-512 MiB, and 256 MiB ahead (with a chunk's models read at once) made cold
-# task arithmetic 10-25% faster; but buffers allocated on several threads at once held the process
-# at 2.3-3.6 GB of anonymous memory under --max-memory 1GiB (mT5-XL, DARE), against 0.8-0.9 GB
-# read one after another. The budget comes first: off until the reads' buffers come from one place.
-READ_AHEAD = 0
+# `ahead`); 0 turns it off. On this VM's disk a direct read ran at 0.9 GB/s with 32-128 MiB in
+# flight and 1.4-1.8 GB/s with 256-512 MiB. Every chunk read ahead is reserved from the budget
+# first, and its buffers are mappings of their own (engine/direct.py's Slabs): allocated by malloc
+# on several threads at once they fragmented its arena to 2.3-3.6 GB under --max-memory 1GiB.
+READ_AHEAD = 256 * 1024 * 1024
 
 
 class ChunkReader:
@@ -32,13 +32,15 @@ class ChunkReader:
         self.ops = ops  # the kernels the chunk's BlockData carries to the method
         self.device = device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # what direct reads read ahead and keep for reuse, beside the budget, is a share of it
+        self.ahead = min(READ_AHEAD, plan.max_memory // 4)
+        direct.slabs().keep = min(direct.KEEP, plan.max_memory // 4)
 
     def read_ahead(self) -> int:
         """Bytes the executor reads ahead at once: none beyond a chunk through the page cache (the
-        kernel reads ahead), READ_AHEAD where the inputs are read directly (here the reads
-        themselves must keep the disk busy: a sequential direct read here ran at 0.9 GB/s with
-        32-128 MiB in flight and 1.4-1.8 GB/s with 256-512 MiB)."""
-        return READ_AHEAD if any(ck.reads_directly for ck in self.plan.checkpoints) else 0
+        kernel reads ahead), READ_AHEAD (at most a quarter of the budget) where the inputs are
+        read directly: then the reads themselves must keep the disk busy."""
+        return self.ahead if any(ck.reads_directly for ck in self.plan.checkpoints) else 0
 
     def reads_base(self, b: Block) -> bool:
         plan = self.plan
@@ -55,7 +57,7 @@ class ChunkReader:
         jobs = [(plan.checkpoints[i], b.reads[i]) for i in range(n)]
         if self.reads_base(b) if base_too is None else base_too:
             jobs.append((plan.base, b.reads[n]))
-        rows = [ck.read(name, r0, r1) for ck, name in jobs]  # one after another: see READ_AHEAD
+        rows = [ck.read(name, r0, r1) for ck, name in jobs]
         inputs, base = rows[:n], (rows[n] if len(rows) > n else None)
         if content is not None:  # before the bytes are transposed or sent to a device
             for i, x in enumerate(inputs + ([] if base is None else [base])):

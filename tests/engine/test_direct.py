@@ -59,14 +59,15 @@ def _family(tmp_path):
     return str(base_dir), [str(H.save_safetensors_dir(tmp_path / f"ft{i}", sd)) for i, sd in enumerate(fts)]
 
 
+@pytest.mark.parametrize("memory", ["64KiB", "8MiB"])  # a chunk at a time; many chunks read ahead
 @pytest.mark.parametrize("method,params", [("average", []), ("ties", ["-p", "k=0.3"]), ("dare", ["-p", "p=0.4"])])
-def test_a_merge_read_directly_writes_the_same_bytes(tmp_path, method, params):
+def test_a_merge_read_directly_writes_the_same_bytes(tmp_path, method, params, memory):
     base, fts = _family(tmp_path)
     outs = {}
     for io in ("buffered", "direct"):
         out = tmp_path / io
         res = H.run_cli(["run", "-m", method, "-i", ",".join(fts), "-b", base, "-o", out, "-q",
-                         "--max-memory", "64KiB", *params], env={direct.ENV: io})
+                         "--max-memory", memory, *params], env={direct.ENV: io})
         assert res.returncode == 0, res
         outs[io] = H.shard_digests(out)
     assert outs["direct"] == outs["buffered"]
@@ -127,3 +128,51 @@ def test_a_tensor_at_an_odd_offset_of_its_file_reads_the_same(tmp_path, monkeypa
         pytest.skip("this file system refuses O_DIRECT")
     assert torch.equal(ck.read("w"), w) and torch.equal(ck.read("w", 2, 5), w[2:5])
     assert ck.read("a").tolist() == [1, 2, 3] and ck._direct is True
+
+
+# ------------------------------------------------------------------ Slabs: the reads' buffers
+def test_a_buffer_is_page_aligned_and_reused_for_its_size_class_once_every_view_is_gone():
+    slabs = direct.Slabs(keep=8 * direct.SIZE_CLASS)
+    a = slabs.take(3 * direct.SIZE_CLASS + 5)
+    assert a.numel() == 3 * direct.SIZE_CLASS + 5 and a.data_ptr() % direct.ALIGN == 0
+    ptr = a.data_ptr()
+    view = a[10:20].view(torch.int16)  # a view outlives the tensor it was cut from
+    del a
+    b = slabs.take(3 * direct.SIZE_CLASS + 5)
+    assert b.data_ptr() != ptr and slabs.mapped == 2 * 4 * direct.SIZE_CLASS
+    view.fill_(7)
+    b.fill_(1)
+    assert view.tolist() == [7] * 5  # the view's buffer was not handed out again
+    del view, b
+    assert slabs.free_bytes == 2 * 4 * direct.SIZE_CLASS
+    c = slabs.take(4 * direct.SIZE_CLASS)  # the same size class: one of the two kept, no new mapping
+    assert c.data_ptr() % direct.ALIGN == 0
+    assert slabs.mapped == 2 * 4 * direct.SIZE_CLASS and slabs.free_bytes == 4 * direct.SIZE_CLASS
+
+
+def test_free_buffers_past_keep_are_unmapped_oldest_first():
+    mb = direct.SIZE_CLASS
+    slabs = direct.Slabs(keep=5 * mb)
+    held = [slabs.take(k * mb) for k in (1, 2, 3, 4)]
+    assert slabs.mapped == 10 * mb
+    while held:  # freed in the order taken: 1, 2, 3 and 4 MiB
+        held.pop(0)
+    assert slabs.free_bytes == 4 * mb and slabs.mapped == 4 * mb  # 1+2+3+4 > 5: kept only the newest
+    assert list(slabs.free) == [4 * mb] and slabs.peak == 10 * mb
+
+
+def test_buffers_taken_and_freed_on_many_threads_stay_within_what_is_held_plus_keep():
+    from concurrent.futures import ThreadPoolExecutor
+    mb = direct.SIZE_CLASS
+    slabs = direct.Slabs(keep=16 * mb)
+    sizes = [(i * 7919) % (6 * mb) + 2 for i in range(400)]
+
+    def one(n):
+        t = slabs.take(n)
+        t[0], t[-1] = 1, 2  # touched: every page a real page
+        return int(t[0]) + int(t[-1])
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(one, sizes)) == 3 * len(sizes)
+    assert slabs.free_bytes <= 16 * mb and slabs.mapped == slabs.free_bytes
+    assert slabs.peak <= 8 * 6 * mb + 16 * mb + 6 * mb  # eight held at once, keep, one in passing
