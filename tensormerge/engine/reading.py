@@ -7,6 +7,9 @@ read, for a run's own chunks and, shared, for every candidate of a sweep.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from tensormerge.constants import ROW_KINDS
@@ -24,6 +27,7 @@ from tensormerge.stats.bind import check_gram
 # first, and its buffers are mappings of their own (engine/direct.py's Slabs): allocated by malloc
 # on several threads at once they fragmented its arena to 2.3-3.6 GB under --max-memory 1GiB.
 READ_AHEAD = 256 * 1024 * 1024
+READERS = 8  # models of one chunk read directly at once: more requests in flight, same bytes
 
 
 class ChunkReader:
@@ -57,7 +61,10 @@ class ChunkReader:
         jobs = [(plan.checkpoints[i], b.reads[i]) for i in range(n)]
         if self.reads_base(b) if base_too is None else base_too:
             jobs.append((plan.base, b.reads[n]))
-        rows = [ck.read(name, r0, r1) for ck, name in jobs]
+        if len(jobs) > 1 and all(ck.reads_directly for ck, _ in jobs):
+            rows = list(_readers().map(lambda job: job[0].read(job[1], r0, r1), jobs))
+        else:
+            rows = [ck.read(name, r0, r1) for ck, name in jobs]
         inputs, base = rows[:n], (rows[n] if len(rows) > n else None)
         if content is not None:  # before the bytes are transposed or sent to a device
             for i, x in enumerate(inputs + ([] if base is None else [base])):
@@ -127,6 +134,20 @@ class ChunkReader:
                 data.base_stats[kind] = read(binding.base, kind, key, (r0, r1), check=False)
             elif first:
                 data.base_stats[kind] = read(binding.base, kind, key, check=False)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _readers() -> ThreadPoolExecutor:
+    """Threads that wait on direct reads, a chunk's models at once (their parts go to
+    engine/direct.py's own pool, so a waiting read never holds a thread its parts need)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(READERS, thread_name_prefix="tensormerge-models")
+        return _pool
 
 
 def _transpose(data: BlockData) -> None:

@@ -176,3 +176,15 @@ def test_buffers_taken_and_freed_on_many_threads_stay_within_what_is_held_plus_k
         assert sum(pool.map(one, sizes)) == 3 * len(sizes)
     assert slabs.free_bytes <= 16 * mb and slabs.mapped == slabs.free_bytes
     assert slabs.peak <= 8 * 6 * mb + 16 * mb + 6 * mb  # eight held at once, keep, one in passing
+
+
+def test_a_sweep_read_directly_and_ahead_writes_each_candidate_as_its_run(tmp_path):
+    base, fts = _family(tmp_path)
+    args = ["--method", "ties", "--base", base, "--inputs", ",".join(fts), "-p", "k=0.2,0.6", "-q"]
+    res = H.run_cli(["sweep", *args, "--output", tmp_path / "sw", "--max-memory", "8MiB"], env={direct.ENV: "direct"})
+    assert res.returncode == 0, res
+    for k in ("0.2", "0.6"):
+        one = ["--method", "ties", "--base", base, "--inputs", ",".join(fts), "-p", f"k={k}", "-q"]
+        run = H.run_cli(["run", *one, "--output", tmp_path / f"run{k}"], env={direct.ENV: "buffered"})
+        assert run.returncode == 0, run
+        assert H.shard_digests(tmp_path / "sw" / f"k={k}") == H.shard_digests(tmp_path / f"run{k}")
