@@ -29,7 +29,7 @@ import mmap
 import os
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -127,10 +127,14 @@ class Slabs:
         self.mapped = 0  # bytes of mappings alive: in use or free
         self.peak = 0
         self._lock = threading.Lock()
+        # mappings handed back, not yet filed: a finalizer runs on any thread, even inside a
+        # collection that an allocation under the lock started, so it only appends here
+        self._returned: deque[tuple[mmap.mmap, int]] = deque()
 
     def take(self, n: int) -> torch.Tensor:
         size = _size_class(n)
         with self._lock:
+            self._drain()
             kept = self.free.get(size)
             if kept:
                 m = kept.pop()
@@ -150,13 +154,24 @@ class Slabs:
         return torch.from_numpy(arr)[:n]
 
     def _give(self, m: mmap.mmap, size: int) -> None:
-        with self._lock:
+        self._returned.append((m, size))
+        while self._returned and self._lock.acquire(blocking=False):  # else its holder files it
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        """Under the lock: the mappings handed back, filed by size class, the oldest unmapped past
+        `keep` (its last reference dropped: unmapped once the array that held it is gone)."""
+        while self._returned:
+            m, size = self._returned.popleft()
             self.free.setdefault(size, []).append(m)
             self.free.move_to_end(size)
             self.free_bytes += size
             while self.free_bytes > self.keep:
                 oldest, kept = next(iter(self.free.items()))
-                kept.pop(0)  # its last reference: unmapped once the array that held it is gone
+                kept.pop(0)
                 self.free_bytes -= oldest
                 self.mapped -= oldest
                 if not kept:

@@ -8,7 +8,7 @@ read, for a run's own chunks and, shared, for every candidate of a sweep.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -62,7 +62,10 @@ class ChunkReader:
         if self.reads_base(b) if base_too is None else base_too:
             jobs.append((plan.base, b.reads[n]))
         if len(jobs) > 1 and all(ck.reads_directly for ck, _ in jobs):
-            rows = list(_readers().map(lambda job: job[0].read(job[1], r0, r1), jobs))
+            # every read waited for, even past a failed one: none outlives the run's open files
+            reads = [_readers().submit(ck.read, name, r0, r1) for ck, name in jobs]
+            wait(reads)
+            rows = [f.result() for f in reads]
         else:
             rows = [ck.read(name, r0, r1) for ck, name in jobs]
         inputs, base = rows[:n], (rows[n] if len(rows) > n else None)

@@ -188,3 +188,80 @@ def test_a_sweep_read_directly_and_ahead_writes_each_candidate_as_its_run(tmp_pa
         run = H.run_cli(["run", *one, "--output", tmp_path / f"run{k}"], env={direct.ENV: "buffered"})
         assert run.returncode == 0, run
         assert H.shard_digests(tmp_path / "sw" / f"k={k}") == H.shard_digests(tmp_path / f"run{k}")
+
+
+def test_buffers_freed_by_the_garbage_collector_inside_the_pool_neither_hang_nor_fail():
+    """A buffer reachable only through a reference cycle is freed by a collection, which an
+    allocation inside the pool's own critical section can start: its finalizer must not wait on
+    the lock its thread holds (it hung), nor change the free lists under the code filing them."""
+    import gc
+    import threading
+
+    slabs = direct.Slabs(keep=0)
+    errors: list = []
+    hook = lambda args: errors.append(args)  # noqa: E731  (finalizer errors are only printed)
+    old_hook, threading.excepthook = threading.excepthook, hook
+
+    class Holder:
+        pass
+
+    def churn():
+        for i in range(3000):
+            h = Holder()
+            h.me, h.buf = h, slabs.take((i % 3 + 1) * direct.SIZE_CLASS)
+            del h  # left to the collector
+
+    old_threshold = gc.get_threshold()
+    gc.set_threshold(5)  # collections start inside the pool's own allocations
+    try:
+        with _no_unraisable() as unraisable:
+            threads = [threading.Thread(target=churn) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), "a finalizer deadlocked the pool"
+            gc.collect()
+            slabs.take(1)  # files what was handed back while another thread held the lock
+        assert not unraisable and not errors
+    finally:
+        gc.set_threshold(*old_threshold)
+        threading.excepthook = old_hook
+    assert slabs.free_bytes == 0 and slabs.mapped == 0 and not getattr(slabs, "_returned", ())
+
+
+class _no_unraisable:
+    """Exceptions raised in finalizers (printed as 'Exception ignored in'), collected."""
+
+    def __enter__(self):
+        import sys
+        self.seen, self._old = [], sys.unraisablehook
+        sys.unraisablehook = lambda u: self.seen.append(u.exc_value)
+        return self.seen
+
+    def __exit__(self, *exc):
+        import sys
+        sys.unraisablehook = self._old
+        return False
+
+
+def test_a_buffer_freed_on_a_thread_that_holds_the_pool_lock_is_filed_without_waiting():
+    """The collector can free a buffer inside the pool's own critical section (an allocation
+    there starts a collection): its finalizer then runs on the thread that holds the lock. It
+    must not wait for that lock (it did: the merge hung), and the buffer is filed at the next
+    take."""
+    import threading
+
+    slabs = direct.Slabs(keep=8 * direct.SIZE_CLASS)
+    held = [slabs.take(direct.SIZE_CLASS)]
+
+    def free_under_the_lock():
+        with slabs._lock:
+            held.clear()  # the last reference: the finalizer runs here, on this thread
+
+    t = threading.Thread(target=free_under_the_lock, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the finalizer waited on a lock its own thread holds"
+    again = slabs.take(direct.SIZE_CLASS)  # filed now, and reused: no second mapping
+    assert slabs.mapped == direct.SIZE_CLASS and again.numel() == direct.SIZE_CLASS
