@@ -80,3 +80,23 @@ def test_run_bench_cold_on_tiny(tmp_path):
     assert "| method | best s | x cold read floor (best) |" in res.stdout
     assert "| task_arithmetic |" in res.stdout and "| ties |" in res.stdout
     assert not (tmp_path / "data" / "bench-out").exists()  # outputs removed
+
+
+def test_cold_ab_alternates_commits_on_tiny(tmp_path):
+    """benchmarks/cold_ab.py: each commit from a worktree of its own, taking turns, every run cold;
+    the worktrees are gone after."""
+    if _on_tmpfs(tmp_path):
+        pytest.skip("tmp_path is on tmpfs")
+    import cold_ab
+
+    synth.generate("tiny", tmp_path / "data", 2, "bf16", log=lambda *a: None)
+    r = cold_ab.main(["--data", str(tmp_path / "data"), "--method", "dare", "--max-memory", "1MiB",
+                      "--commits", "HEAD,HEAD~0", "--repeats", "2", "--io", "direct",
+                      "--out-dir", str(tmp_path), "--json", str(tmp_path / "ab.json")])
+    assert [(run["commit"], run["repeat"]) for run in r["runs"]] == [("HEAD", 0), ("HEAD~0", 0), ("HEAD", 1), ("HEAD~0", 1)]
+    assert all(run["returncode"] == 0 and run["seconds"] > 0 and run["peak_anon_bytes"] > 0 for run in r["runs"])
+    assert len({run["sha"] for run in r["runs"]}) == 1
+    assert json.loads((tmp_path / "ab.json").read_text())["runs"] == json.loads(json.dumps(r["runs"]))
+    listed = subprocess.run(["git", "-C", str(BENCH.parent), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "cold-ab-" not in listed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ab.json", "data"]  # outputs removed
