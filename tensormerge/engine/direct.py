@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import threading
@@ -48,6 +49,11 @@ POLICIES = ("auto", "buffered", "direct")
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+class Refused(Exception):
+    """A file system that opened a file with O_DIRECT but refuses its reads (EINVAL: alignment it
+    does not take): the caller reads that file through the page cache instead."""
 
 
 def policy() -> str:
@@ -96,7 +102,12 @@ def read(fd: int, path: str, name: str, pos: int, nbytes: int) -> torch.Tensor:
             done += n
         return done
 
-    got = [one(parts[0])] if len(parts) == 1 else list(_threads().map(one, parts))
+    try:
+        got = [one(parts[0])] if len(parts) == 1 else list(_threads().map(one, parts))
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # opened with O_DIRECT, but its reads refused: read it buffered
+            raise Refused(path) from None
+        raise InputError(f"{path}: tensor {name!r}: cannot read ({e.strerror or e})") from None
     need = pos + nbytes - a0
     if any(s + n < min(e, need) for (s, e), n in zip(parts, got) if s < need):
         raise InputError(f"{path}: tensor {name!r}: file ended early (truncated shard)")

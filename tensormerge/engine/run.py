@@ -507,6 +507,8 @@ class Runner:
         """After the merge pass: patches, the output's side files (provenance, card), recorded as
         finished in the manifest."""
         plan, opts, writer = self.plan, self.opts, self.writer
+        for ck in [*plan.checkpoints, *plan.extras.values()]:
+            ck.check_unchanged()  # before anything records what was read
         self.block_notes = plan.method.block_report(extras)
         self.t_patch = time.perf_counter()
         self.patched = self._apply_patches(writer, state, extras)

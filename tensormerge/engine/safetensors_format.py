@@ -111,8 +111,24 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+FileIdentity = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+
+
+def identity(st: os.stat_result) -> FileIdentity:
+    """Which file, at which size and modification: what the data reads are checked against, so
+    bytes are never read through a header that another file (renamed over it) or a later write
+    made wrong."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], list[tuple[str, str]]]:
-    """Parse and validate a safetensors header.
+    """Parse and validate a safetensors header (see read_header_and_identity)."""
+    return read_header_and_identity(path)[:3]
+
+
+def read_header_and_identity(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], list[tuple[str, str]],
+                                                 FileIdentity]:
+    """Parse and validate a safetensors header; also the identity of the file it was read from.
 
     Returns (entries, metadata, aliases) where aliases lists (alias, canonical) pairs for names
     whose data range is identical to an earlier name's (a tied tensor written twice by offset).
@@ -128,6 +144,7 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], list
             if not stat.S_ISREG(st.st_mode):
                 raise InputError(f"{path}: not a regular file")
             size = st.st_size
+            ident = identity(st)
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header)")
@@ -151,7 +168,7 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str], list
     for name, info in header.items():
         entries[name] = _entry(path, name, info, data_start, data_len)
     aliases = _check_overlaps(path, entries, data_start, data_len)
-    return entries, metadata, aliases
+    return entries, metadata, aliases, ident
 
 
 def _metadata(path: str, metadata) -> dict[str, str]:
@@ -231,7 +248,10 @@ def read_into(fd: int, entry: TensorEntry, buf: torch.Tensor, offset: int, nbyte
     done = 0
     pos = entry.begin + offset
     while done < nbytes:
-        n = os.preadv(fd, [view[done:nbytes]], pos + done)
+        try:
+            n = os.preadv(fd, [view[done:nbytes]], pos + done)
+        except OSError as e:
+            raise InputError(f"{entry.path}: tensor {entry.name!r}: cannot read ({e.strerror or e})") from None
         if n <= 0:
             raise InputError(f"{entry.path}: tensor {entry.name!r}: file ended early (truncated shard)")
         done += n

@@ -23,11 +23,13 @@ import torch
 from tensormerge import constants as C
 from tensormerge.engine import direct
 from tensormerge.engine.safetensors_format import (
+    FileIdentity,
     TensorEntry,
     element_size,
+    identity,
     load_json,
     quote,
-    read_header,
+    read_header_and_identity,
     read_into,
     unprintable,
 )
@@ -117,6 +119,9 @@ class Checkpoint(ABC):
         alone, with no readahead behind it, so a chunk's reads of several models go out at once."""
         return False
 
+    def check_unchanged(self) -> None:  # noqa: B027 - where files are not read by offset
+        """Raise InputError if a file read was replaced or written to since it was opened."""
+
     def close(self) -> None:  # noqa: B027 - most checkpoints hold nothing to release
         """Release open files (those that keep any)."""
 
@@ -125,8 +130,9 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, spec: str, root: str, files: list[str], weight_map: dict[str, str] | None = None):
         super().__init__(spec, root, files)
         self.entries: dict[str, TensorEntry] = {}
+        self._file_ids: dict[str, FileIdentity] = {}  # each file as its header was read
         for path in files:
-            entries, _, aliases = read_header(path)
+            entries, _, aliases, self._file_ids[path] = read_header_and_identity(path)
             for name, entry in entries.items():
                 if name in self.entries:
                     raise InputError(f"{path}: tensor {name!r} also appears in {self.entries[name].path}")
@@ -145,6 +151,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[str, int | None] = {}
         self._direct: bool | None = None  # engine/direct.py: decided when first read
+        self._refused: list[int] = []  # O_DIRECT descriptors whose reads were refused
         self._lock = threading.Lock()
 
     def _fd(self, path: str) -> int:
@@ -152,10 +159,31 @@ class SafetensorsCheckpoint(Checkpoint):
             fd = self._fds.get(path)
             if fd is None:
                 try:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                    fd = os.open(path, os.O_RDONLY)
                 except OSError as e:
                     raise InputError(f"{path}: cannot open ({e.strerror})") from None
+                fd = self._fds[path] = self._same_file(path, fd)
             return fd
+
+    def _same_file(self, path: str, fd: int) -> int:
+        """`fd`, if it is the file whose header was read (not another renamed over it, not
+        rewritten since): else closed, and an error naming the file."""
+        if identity(os.fstat(fd)) != self._file_ids[path]:
+            os.close(fd)
+            raise InputError(f"{path}: changed since its header was read (replaced or rewritten while "
+                             "the merge ran); run again")
+        return fd
+
+    def check_unchanged(self) -> None:
+        """Every file still the one read, at its size and modification time: a file written to
+        or replaced during the run would leave a merge of bytes nobody can name."""
+        for path, ident in self._file_ids.items():
+            try:
+                now = identity(os.stat(path))
+            except OSError as e:
+                raise InputError(f"{path}: gone while the merge ran ({e.strerror})") from None
+            if now != ident:
+                raise InputError(f"{path}: changed while the merge ran (written to or replaced); run again")
 
     @property
     def reads_directly(self) -> bool:
@@ -174,7 +202,8 @@ class SafetensorsCheckpoint(Checkpoint):
             if not self._decide_direct():
                 return None
             if path not in self._direct_fds:
-                self._direct_fds[path] = direct.open_direct(path)
+                fd = direct.open_direct(path)
+                self._direct_fds[path] = None if fd is None else self._same_file(path, fd)
             return self._direct_fds[path]
 
     def read(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
@@ -185,22 +214,36 @@ class SafetensorsCheckpoint(Checkpoint):
         shape = ((row_end - row_start),) + e.shape[1:] if e.shape else ()
         fd = self._direct_fd(e.path) if nbytes else None
         if fd is not None:
-            buf = direct.read(fd, e.path, e.name, e.begin + row_start * e.row_bytes, nbytes)
-            if buf.storage_offset() % e.dtype.itemsize:  # a tensor at an odd offset of its file
-                buf = buf.clone()
-            return buf.view(e.dtype).reshape(shape)
+            try:
+                buf = direct.read(fd, e.path, e.name, e.begin + row_start * e.row_bytes, nbytes)
+            except direct.Refused:
+                self._read_buffered_from_now(e.path)
+            else:
+                if buf.storage_offset() % e.dtype.itemsize:  # a tensor at an odd offset of its file
+                    buf = buf.clone()
+                return buf.view(e.dtype).reshape(shape)
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             read_into(self._fd(e.path), e, buf, row_start * e.row_bytes, nbytes)
         return buf.view(e.dtype).reshape(shape)
 
+    def _read_buffered_from_now(self, path: str) -> None:
+        """A file whose direct reads the file system refused: read through the page cache (its
+        O_DIRECT descriptor stays open, unused, until close: another thread may be reading)."""
+        with self._lock:
+            fd = self._direct_fds.get(path)
+            if fd is not None:
+                self._refused.append(fd)
+            self._direct_fds[path] = None
+
     def close(self) -> None:
         with self._lock:
-            for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            for fd in [*self._fds.values(), *self._direct_fds.values(), *self._refused]:
                 if fd is not None:
                     os.close(fd)
             self._fds.clear()
             self._direct_fds.clear()
+            self._refused.clear()
 
 
 class BinCheckpoint(Checkpoint):
