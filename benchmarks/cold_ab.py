@@ -41,8 +41,8 @@ def _peak(pid: int, peaks: dict, done: threading.Event) -> None:
                 key = fields.get(line.split(":")[0] + ":")
                 if key:
                     peaks[key] = max(peaks.get(key, 0), int(line.split()[1]) * 1024)
-        except OSError:
-            pass
+        except OSError:  # the child has exited: its status is gone
+            return
         done.wait(0.05)
 
 

@@ -84,8 +84,9 @@ def open_direct(path: str) -> int | None:
 
 
 def read(fd: int, path: str, name: str, pos: int, nbytes: int) -> torch.Tensor:
-    """`nbytes` bytes of the file at `pos`, as a uint8 view into an aligned buffer (at most
-    2 * ALIGN larger than asked)."""
+    """`nbytes` bytes of the file at `pos`, as a uint8 view into a Slabs buffer holding the aligned
+    span around them (rounded to its size class). Refused where the file system refuses
+    the read itself (EINVAL), an InputError naming the file and tensor for any other error."""
     a0 = pos - pos % ALIGN
     span = -(-(pos + nbytes - a0) // ALIGN) * ALIGN
     raw = slabs().take(span)

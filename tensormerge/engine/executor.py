@@ -42,27 +42,6 @@ class ByteBudget:
             self._cv.notify_all()
 
 
-class _Pending:
-    """Bytes read ahead and not yet computed: the reader waits while they reach the cap (one
-    chunk is always allowed)."""
-
-    def __init__(self, cap: int):
-        self.cap = cap
-        self.used = 0
-        self._cv = threading.Condition()
-
-    def acquire(self, n: int, stop: threading.Event) -> None:
-        with self._cv:
-            while self.used > 0 and self.used + n > self.cap and not stop.is_set():
-                self._cv.wait(0.1)
-            self.used += n
-
-    def release(self, n: int) -> None:
-        with self._cv:
-            self.used -= n
-            self._cv.notify_all()
-
-
 @dataclass
 class Task:
     """One chunk: what to read, and the bytes each stage holds for it."""
@@ -91,7 +70,7 @@ class LocalExecutor:
         errors: list[BaseException] = []
         inbox: queue.Queue = queue.Queue(maxsize=1 if not ahead else 0)  # ahead: bounded by bytes
         outbox: queue.Queue = queue.Queue(maxsize=1)
-        pending = _Pending(ahead)
+        pending = ByteBudget(ahead)  # bytes read ahead, not yet computed (one chunk always may)
 
         def reader() -> None:
             pool = ThreadPoolExecutor(AHEAD_THREADS, thread_name_prefix="tensormerge-read") if ahead else None
