@@ -229,20 +229,37 @@ def connect(workers: int | None, scheduler: str | None, gpu: bool, memory_limit:
     from distributed import Client, LocalCluster
 
     if not scheduler:
+        # CRITICAL: a task's error is tensormerge's one line, raised again here from the task;
+        # dask's worker logged it first with its traceback at ERROR
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                scheduler_kwargs={"dashboard": False}, memory_limit=memory_limit,
-                               resources={"GPU": 1} if gpu else None, silence_logs=logging.ERROR)
+                               resources={"GPU": 1} if gpu else None, silence_logs=logging.CRITICAL)
         try:
-            return Client(cluster), cluster
+            return _quiet(Client(cluster)), cluster
         except BaseException:
             cluster.close()
             raise
     try:
-        return Client(scheduler, timeout=DASK_CONNECT_TIMEOUT), None
+        return _quiet(Client(scheduler, timeout=DASK_CONNECT_TIMEOUT)), None
     except (Exception, MemoryError) as e:  # noqa: BLE001 - see the docstring
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e)
         raise ParameterError(f"--scheduler {short(scheduler)}: cannot connect to a dask scheduler there "
                              f"({one_line(reason, 160)})") from None
+
+
+def _quiet(client):
+    """The client, its event loop no longer printing "Task exception was never retrieved" for
+    the waits a gather leaves behind when Ctrl-C or a failed task stops it (dask's AllExit,
+    its internal signal to stop waiting): the user gets tensormerge's one line."""
+    from distributed.client import AllExit
+
+    def handler(loop, context):
+        if not isinstance(context.get("exception"), AllExit):
+            loop.default_exception_handler(context)
+
+    with contextlib.suppress(AttributeError):  # the loop's attribute is dask's, not a promise
+        client.loop.asyncio_loop.set_exception_handler(handler)
+    return client
 
 
 class DaskExecutor:

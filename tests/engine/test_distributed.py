@@ -216,3 +216,50 @@ def test_more_local_workers_than_the_machine_can_hold_are_refused_at_once(fam, t
     out = tmp_path / "out"
     res = H.run_cli(["run", "-m", "average", "-i", ",".join(fam["inputs"]), "-o", str(out), "--workers", "1000"], timeout=30)
     H.assert_clean_error(res, "--workers", "1000", out_dir=out)
+
+
+def test_a_task_failing_on_a_worker_is_one_line_not_the_workers_log(tmp_path):
+    """A worker's error comes back as tensormerge's one line; dask's worker log of it (with its
+    traceback) and the client's "Task exception was never retrieved" are not printed."""
+    base = H.make_base(seed=1)
+    bad = H.make_finetune(base, seed=2)
+    name = next(n for n, t in bad.items() if t.is_floating_point() and t.ndim == 2)
+    bad[name].view(-1)[3] = float("nan")
+    b = H.save(tmp_path / "base", base)
+    ins = [H.save(tmp_path / "a", H.make_finetune(base, seed=3)), H.save(tmp_path / "b", bad)]
+    out = tmp_path / "out"
+    res = H.run_cli(["run", "--method", "task_arithmetic", "--inputs", ",".join(ins), "--base", b,
+                     "--output", str(out), "-q", "--workers", "2"], timeout=300)
+    H.assert_clean_error(res, name, "NaN", out_dir=out)
+
+
+def test_the_clients_loop_drops_only_dasks_stop_signal():
+    import asyncio
+    import logging
+
+    from distributed.client import AllExit
+
+    from tensormerge.engine.distributed import _quiet
+
+    loop = asyncio.new_event_loop()
+    seen: list[str] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    class Client:  # the attribute path _quiet reaches for
+        class loop:  # noqa: N801
+            asyncio_loop = loop
+
+    h = Handler()
+    logging.getLogger("asyncio").addHandler(h)
+    try:
+        _quiet(Client())
+        loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": AllExit()})
+        assert seen == []
+        loop.call_exception_handler({"message": "something else", "exception": ValueError("x")})
+        assert seen == ["something else"]
+    finally:
+        logging.getLogger("asyncio").removeHandler(h)
+        loop.close()
