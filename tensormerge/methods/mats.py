@@ -24,6 +24,9 @@ from tensormerge.methods.base import BlockData, Method, Params, param, register
 
 OBJECTIVES = ("kfac", "regmean", "fisher", "blockwise", "average")
 INITS = ("task_arithmetic", "average", "base", "zeros")
+# The research code runs 10-100; CG that has not met `tol` in 100,000 matvecs will not, and a
+# typo'd 1e9 with tol=0 would hold a block for days rather than fail.
+MAX_ITERATIONS = 100_000
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -32,7 +35,7 @@ class MatsParams(Params):
     objective: str = param("kfac", "curvature C_i: kfac (gram_in, gram_out), regmean (gram_in), fisher (fisher), "
                                    "blockwise (fisher_block, vectors), average", choices=OBJECTIVES)
     alpha: float = param(1.0, "off-diagonal scale of every factor (Grams, Fisher blocks)")
-    iterations: int = param(100, "most CG iterations per block")
+    iterations: int = param(100, f"most CG iterations per block (at most {MAX_ITERATIONS:,})")
     tol: float = param(1e-5, "stop when ‖b − Aθ‖ ≤ tol ‖b‖ (scipy's rule; ‖A θ_init‖ when b = 0)")
     init: str = param("task_arithmetic", "start: task_arithmetic, average, base, zeros, or a merged checkpoint path")
     init_lambda: float = param(0.3, "λ of the task_arithmetic start")
@@ -43,8 +46,9 @@ class MatsParams(Params):
         super().validate(method, n_models)
         if not 0.0 <= self.alpha <= 1.0:
             raise ParameterError(f"{method}: parameter 'alpha' must be in [0, 1], not {self.alpha}")
-        if self.iterations < 1:
-            raise ParameterError(f"{method}: parameter 'iterations' must be >= 1, not {self.iterations}")
+        if not 1 <= self.iterations <= MAX_ITERATIONS:
+            raise ParameterError(f"{method}: parameter 'iterations' must be in [1, {MAX_ITERATIONS}], not "
+                                 f"{self.iterations} (each is a pass over every model's statistics of a block)")
         if not (self.tol >= 0 and math.isfinite(self.tol)):
             raise ParameterError(f"{method}: parameter 'tol' must be a finite number >= 0, not {self.tol}")
 

@@ -110,6 +110,8 @@ def test_dare_p0_is_task_arithmetic():
     ("average", {"weights": [True, 1, 1]}, "cannot read .* as a list of float"),  # YAML `[true, 1, 1]`
     ("average", {"weights": "[1,2,3]"}, r"without brackets: weights=1,2\)$"),
     ("task_arithmetic", {"lambda": "0.3,0.5"}, "several values to try"),
+    ("mats", {"iterations": "0"}, r"'iterations' must be in \[1, 100000\], not 0"),
+    ("mats", {"iterations": "1000000000"}, r"'iterations' must be in \[1, 100000\]"),  # with tol=0: days per block
 ])
 def test_bad_parameters(method, raw, msg):
     m = get_method(method)
