@@ -22,11 +22,15 @@ import hashlib
 import os
 import re
 import threading
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from tensormerge.engine.crc import crc32, crc32_combine
 from tensormerge.engine.sources import Checkpoint
+
+if TYPE_CHECKING:
+    from tensormerge.engine.run import Runner
 
 ALGORITHM = "sha256 over sorted lines 'name dtype shape crc32' (crc32: of the tensor's stored bytes) and 'name -> tied'"
 FILL_BYTES = 64 << 20  # rows read after the merge, at most this many bytes at a time
@@ -128,3 +132,45 @@ def describe(ck: Checkpoint, content: dict) -> dict:
     """An input's record in `tensormerge.json`: spec, file sizes, tensor count, `fingerprint`,
     `content`, and for a hub snapshot `repo`, `revision` and `hub_files`."""
     return {**ck.fingerprint(), "content": content, **(hub_snapshot(ck) or {})}
+
+
+def describe_inputs(plan, content_of: Callable[[int, Checkpoint], dict]) -> dict:
+    """The inputs and base as the user named them: for adapters (engine.lora) the adapter and
+    base files, not the virtual checkpoints the engine reads. `content_of(which, ck)` digests a
+    checkpoint (`which`: its index among the plan's checkpoints, or negative for one the merge
+    did not read itself, which is then digested whole)."""
+    inputs, base = (plan.inputs, plan.base) if plan.lora is None else plan.lora.user_checkpoints(plan)
+
+    def which(k: int, ck) -> int:
+        return next((j for j, c in enumerate(plan.checkpoints) if c is ck), -1 - k)
+    return {"inputs": [describe(ck, content_of(which(k, ck), ck)) for k, ck in enumerate(inputs)],
+            "base": describe(base, content_of(which(len(inputs), base), base)) if base is not None else None}
+
+
+def record(runner: Runner, inputs: dict, seconds: float, patched: int, notes: dict[str, dict],
+           fingerprint: str) -> dict:
+    """`tensormerge.json`: what was merged from what, how, and each block's checksum; written
+    into the output before it is renamed into place, so an output never lacks it."""
+    import safetensors
+
+    from tensormerge import __version__
+
+    plan, stats = runner.plan, runner.stats
+    return {
+        "tensormerge": __version__,
+        "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__},
+        "method": plan.method.name,
+        "params": plan.params.as_dict(),
+        "fingerprint": fingerprint,
+        **inputs,
+        "statistics": plan.stats.describe() if plan.stats is not None else None,
+        "fallback_blocks": plan.fallback_blocks,
+        "base_stats_missing": plan.base_stats_missing,
+        "settings": runner.opts.settings,
+        **({"lora": plan.lora.report()} if plan.lora is not None else {}),
+        "seconds": round(seconds, 3),
+        "patched_entries": patched,
+        "blocks": {b.name: {"crc32": f"{stats[b.name].crc32:08x}", "chunks": len(b.chunks),
+                            "seconds": round(stats[b.name].seconds, 4), **notes.get(b.name, {})}
+                   for b in plan.blocks},
+    }

@@ -29,9 +29,9 @@ from tensormerge.engine.outdir import remove_replaced
 from tensormerge.engine.plan import Block, MergePlan
 from tensormerge.engine.progress import Overall, Progress
 from tensormerge.engine.reading import ChunkReader
-from tensormerge.engine.provenance import FILL_BYTES, ContentHashes
-from tensormerge.engine.provenance import describe as describe_input
-from tensormerge.engine.summary import describe
+from tensormerge.engine.provenance import FILL_BYTES, ContentHashes, describe_inputs
+from tensormerge.engine.provenance import record as provenance_record
+from tensormerge.engine.summary import run_report
 from tensormerge.engine.writer import ShardedWriter
 from tensormerge.errors import InputError, OutputError
 from tensormerge.kernels import dispatch
@@ -254,7 +254,7 @@ class Runner:
         """One chunk's merged rows in the output dtype (checked after the cast), and the extras the
         method returned for it (folded into `self.extras` in plan order). `fused`: a sweep's
         results for this candidate, computed with others (Method.merge_many), sub-chunk by sub-chunk."""
-        method, params = self.plan.method, self.plan.params
+        method = self.plan.method
         t0 = time.perf_counter()
         self.reader.wait(data)
         shape = b.merge_shape if b.transposed else (r1 - r0,) + b.shape[1:] if b.shape else ()
@@ -443,7 +443,7 @@ class Runner:
                 self.merge_seconds = time.perf_counter() - t_merge
                 self.finish(state, extras, t_start)
             self.publish()
-        return self.report(mem, t_start)
+        return run_report(self, mem, t_start)
 
     def begin(self) -> dict | None:
         """The writer and fingerprint; the output opened (afresh, or continued by --resume). A
@@ -513,7 +513,8 @@ class Runner:
         self.t_patch = time.perf_counter()
         self.patched = self._apply_patches(writer, state, extras)
         self.t_finish = time.perf_counter()
-        provenance = self._provenance(self.t_finish - t_start, self.patched, self.block_notes, self.fingerprint)
+        provenance = provenance_record(self, describe_inputs(self.plan, self._content), self.t_finish - t_start,
+                                       self.patched, self.block_notes, self.fingerprint)
         writer.finish_files(plan.side_dir or plan.ref.config_dir, provenance, functools.partial(
             card.generated_files, plan, opts.settings, writer.out_dir, warn_fn=None if opts.quiet else card.warn))
         self.manifest.record_finished()
@@ -526,44 +527,6 @@ class Runner:
         self.writer.rename_into_place(self.opts.overwrite)
         Manifest.remove(self.writer.out_dir)
         self.finish_seconds = time.perf_counter() - self.t_finish
-
-    def report(self, mem: MemoryMonitor, t_start: float) -> dict:
-        plan, writer, block_notes = self.plan, self.writer, self.block_notes
-        report = {
-            "output": writer.out_dir,
-            "method": plan.method.name,
-            "params": plan.params.as_dict(),
-            "kernels": self.ops.__name__.rsplit(".", 1)[-1],
-            "seconds": time.perf_counter() - t_start,
-            "merge_seconds": self.merge_seconds,
-            "patch_seconds": self.t_finish - self.t_patch,
-            "finish_seconds": self.finish_seconds,
-            "passes": self.passes_report,
-            "peak_rss_bytes": mem.peak_rss,
-            "peak_anon_bytes": mem.peak_anon,
-            "peak_budgeted_bytes": self.executor.budget.peak,
-            "max_memory": plan.max_memory,
-            "bytes_read": plan.bytes_read_merge + sum(p["bytes_read"] for p in self.passes_report),
-            "bytes_written": plan.bytes_written,
-            "shards": writer.files,
-            "patched_entries": self.patched,
-            "content_bytes_reread": self.content_reread,
-            "resumed": {"passes": self.resumed_passes, "chunks": len(self.done), "finished": self.finished},
-            "statistics": plan.stats.describe() if plan.stats is not None else None,
-            "fallback_blocks": plan.fallback_blocks,
-            "base_stats_missing": plan.base_stats_missing,
-            **({"lora": plan.lora.report()} if plan.lora is not None else {}),
-            "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": self.stats[b.name].chunks,
-                        "seconds": self.stats[b.name].seconds,
-                        "bytes": self.stats[b.name].bytes_read + self.stats[b.name].bytes_written,
-                        "crc32": f"{self.stats[b.name].crc32:08x}",
-                        **({"statistics": sorted(b.stats)} if b.stats else {}),
-                        **({"fallback": b.fallback} if b.fallback else {}),
-                        **({"base_stats_missing": b.base_missing} if b.base_missing else {}),
-                        **block_notes.get(b.name, {})} for b in plan.blocks],
-        }
-        report.update(describe(plan, block_notes, report))  # "summary" and "warnings", in words
-        return report
 
     def _apply_patches(self, writer: ShardedWriter, state: dict, extras: Any) -> int:
         grouped: dict[str, list] = {}
@@ -583,43 +546,6 @@ class Runner:
         for name in grouped:
             self.stats[name].patched_crc32 = writer.crc32(name)
         return count
-
-    def _provenance(self, seconds: float, patched: int, notes: dict[str, dict], fingerprint: str) -> dict:
-        import safetensors
-
-        plan = self.plan
-        return {
-            "tensormerge": __version__,
-            "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__},
-            "method": plan.method.name,
-            "params": plan.params.as_dict(),
-            "fingerprint": fingerprint,
-            **self._describe_inputs(),
-            "statistics": plan.stats.describe() if plan.stats is not None else None,
-            "fallback_blocks": plan.fallback_blocks,
-            "base_stats_missing": plan.base_stats_missing,
-            "settings": self.opts.settings,
-            **({"lora": plan.lora.report()} if plan.lora is not None else {}),
-            "seconds": round(seconds, 3),
-            "patched_entries": patched,
-            "blocks": {b.name: {"crc32": f"{self.stats[b.name].crc32:08x}", "chunks": len(b.chunks),
-                                "seconds": round(self.stats[b.name].seconds, 4), **notes.get(b.name, {})}
-                       for b in plan.blocks},
-        }
-
-
-    def _describe_inputs(self) -> dict:
-        """The inputs and base as the user named them: for adapters (engine.lora) the adapter and
-        base files, not the virtual checkpoints the engine reads; a checkpoint the merge did not
-        read itself is digested whole by the re-read after it."""
-        plan = self.plan
-        inputs, base = (plan.inputs, plan.base) if plan.lora is None else plan.lora.user_checkpoints(plan)
-
-        def which(k: int, ck) -> int:
-            return next((j for j, c in enumerate(plan.checkpoints) if c is ck), -1 - k)
-        return {"inputs": [describe_input(ck, self._content(which(k, ck), ck)) for k, ck in enumerate(inputs)],
-                "base": describe_input(base, self._content(which(len(inputs), base), base)) if base is not None
-                else None}
 
     def _content(self, which: int, ck=None) -> dict:
         """The content digest of `plan.checkpoints[which]` (or of `ck`, recorded as `which`); rows

@@ -7,9 +7,14 @@ stored in it ("summary", "warnings"), so the JSON holds exactly what the user re
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from tensormerge.sizes import format_size
+
+if TYPE_CHECKING:
+    from tensormerge.engine.memory import MemoryMonitor
+    from tensormerge.engine.run import Runner
 
 SHOWN = 5  # blocks named one by one before "... N more"
 
@@ -74,3 +79,44 @@ def run_warnings(plan, notes: dict[str, dict]) -> list[str]:
         for f in unmatched_filters(value, names):
             out.append(f"-p {key}: filter {f!r} matches no tensor of the model, so its value was never used")
     return out + plan.method.run_warnings(plan.params, notes)
+
+
+def run_report(runner: Runner, mem: MemoryMonitor, t_start: float) -> dict:
+    """The JSON `--report` writes (and a sweep keeps per candidate): times, bytes, memory, what
+    resumed, and a line per block; its "summary" and "warnings" are the lines `run` prints."""
+    plan, writer, block_notes = runner.plan, runner.writer, runner.block_notes
+    report = {
+        "output": writer.out_dir,
+        "method": plan.method.name,
+        "params": plan.params.as_dict(),
+        "kernels": runner.ops.__name__.rsplit(".", 1)[-1],
+        "seconds": time.perf_counter() - t_start,
+        "merge_seconds": runner.merge_seconds,
+        "patch_seconds": runner.t_finish - runner.t_patch,
+        "finish_seconds": runner.finish_seconds,
+        "passes": runner.passes_report,
+        "peak_rss_bytes": mem.peak_rss,
+        "peak_anon_bytes": mem.peak_anon,
+        "peak_budgeted_bytes": runner.executor.budget.peak,
+        "max_memory": plan.max_memory,
+        "bytes_read": plan.bytes_read_merge + sum(p["bytes_read"] for p in runner.passes_report),
+        "bytes_written": plan.bytes_written,
+        "shards": writer.files,
+        "patched_entries": runner.patched,
+        "content_bytes_reread": runner.content_reread,
+        "resumed": {"passes": runner.resumed_passes, "chunks": len(runner.done), "finished": runner.finished},
+        "statistics": plan.stats.describe() if plan.stats is not None else None,
+        "fallback_blocks": plan.fallback_blocks,
+        "base_stats_missing": plan.base_stats_missing,
+        **({"lora": plan.lora.report()} if plan.lora is not None else {}),
+        "blocks": [{"name": b.name, "kind": b.kind, "shape": list(b.shape), "chunks": runner.stats[b.name].chunks,
+                    "seconds": runner.stats[b.name].seconds,
+                    "bytes": runner.stats[b.name].bytes_read + runner.stats[b.name].bytes_written,
+                    "crc32": f"{runner.stats[b.name].crc32:08x}",
+                    **({"statistics": sorted(b.stats)} if b.stats else {}),
+                    **({"fallback": b.fallback} if b.fallback else {}),
+                    **({"base_stats_missing": b.base_missing} if b.base_missing else {}),
+                    **block_notes.get(b.name, {})} for b in plan.blocks],
+    }
+    report.update(describe(plan, block_notes, report))  # "summary" and "warnings", in words
+    return report

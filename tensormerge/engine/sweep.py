@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from tensormerge.constants import PASS_SUB_FACTOR
 from tensormerge.engine import faults
@@ -39,6 +38,7 @@ from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.plan import Block, MergePlan, _chunks
 from tensormerge.engine.provenance import ContentHashes
+from tensormerge.engine.summary import run_report
 from tensormerge.engine.run import Runner, _sub_chunks
 from tensormerge.engine.safetensors_format import element_size
 from tensormerge.errors import BudgetError, InputError, TensorMergeError
@@ -474,7 +474,6 @@ def run_sweep(runners: list[Runner], max_memory: int, quiet: bool, log=None,
     or the error that dropped it. `cluster`: a DaskExecutor whose workers read and merge."""
     plans = [r.plan for r in runners]
     results: list[dict | BaseException | None] = [None] * len(runners)
-    t_start = time.perf_counter()
     for r in runners:
         early = r.begin()
         if early is not None:
@@ -525,7 +524,7 @@ def run_sweep(runners: list[Runner], max_memory: int, quiet: bool, log=None,
                 for m in group.members:
                     m.runner.pool = None
         for m in group.members:
-            results[m.index] = m.failed if m.failed is not None else m.runner.report(mem, t0)
+            results[m.index] = m.failed if m.failed is not None else run_report(m.runner, mem, t0)
     return results  # type: ignore[return-value]
 
 
