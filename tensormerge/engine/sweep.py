@@ -258,7 +258,7 @@ class SweepGroup:
                     m.state.update(saved)
                     r.resumed_passes += 1
                     r.passes_report.append({"name": gpass.name, "seconds": 0.0, "bytes_read": 0, "resumed": True})
-                elif gpass.skip(m.state):
+                elif gpass.skip(m.state) or gpass.skip_in_sweep():
                     gpass.finish(gpass.start(m.state), m.state)
                     r.passes_report.append({"name": gpass.name, "seconds": 0.0, "bytes_read": 0, "skipped": True})
                     r.manifest.record_pass(stage, gpass.name, m.state)

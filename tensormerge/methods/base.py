@@ -234,6 +234,11 @@ class GlobalPass(ABC):
         calls `finish(start(state), state)`."""
         return False
 
+    def skip_in_sweep(self) -> bool:
+        """True when a sweep's shared maps of the later passes (`map_group`) never use this
+        pass's result: a sweep then skips it as it would for `skip`."""
+        return False
+
     @abstractmethod
     def map(self, data: BlockData, state: dict) -> Any:
         """A small partial from one chunk (histograms, sums), computed off the main thread."""

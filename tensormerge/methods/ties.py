@@ -132,6 +132,9 @@ class _SamplePass(_HistogramPass):
     def group_key(self):
         return (self.name,)  # the histograms do not depend on k: one for a sweep's every k
 
+    def skip_in_sweep(self) -> bool:
+        return not self.params.needs_norms  # pass A's map_group then counts whole bins, not windows
+
     def map_group(self, datas, passes, states):
         return [self.map(datas[0], states[0])] * len(datas)
 

@@ -147,12 +147,13 @@ def test_the_report_counts_the_bytes_each_pass_read_as_the_local_executor_does(f
 
 
 def test_a_sweep_on_the_cluster_reports_the_pass_bytes_of_a_local_sweep(fam, cluster, tmp_path):
-    """The same count for a sweep's shared pass reads (TIES's 1/64 sample rounded up per chunk)."""
+    """The same count for a sweep's shared pass reads (TIES's 1/64 sample rounded up per chunk;
+    a sweep samples only for the norm-based signs, whose windows it counts)."""
     passes = {}
     for where, extra in (("local", ()), ("dask", ("--scheduler", cluster))):
         report = tmp_path / f"{where}.json"
         res = H.run_cli(["sweep", "-q", "-m", "ties", "-i", ",".join(fam["inputs"]), "-b", fam["base"],
-                         "-o", str(tmp_path / where), "--max-memory", "200KiB", "-p", "k=0.1,0.3",
+                         "-o", str(tmp_path / where), "--max-memory", "200KiB", "-p", "k=0.1,0.3", "-p", "sign=normfrac",
                          "--report", str(report), *extra], timeout=300)
         assert res.returncode == 0, res
         text = json.loads(report.read_text())

@@ -87,11 +87,18 @@ def test_grid_reads_every_input_chunk_once_for_all_candidates(fam, tmp_path, mon
 
 
 def test_ties_k_sweep_runs_each_pass_once_for_every_k(fam, tmp_path, monkeypatch):
+    from tensormerge.methods.ties import _HighPass, _SamplePass
+
     seen = _count_reads(monkeypatch)
+    sampled = []
+    real_sample = _SamplePass.map_group
+    monkeypatch.setattr(_SamplePass, "map_group", lambda self, *a: sampled.append(1) or real_sample(self, *a))
     _sweep(fam, tmp_path / "sw", "ties", {"k": "0.1,0.2,0.5"}, max_memory="150KiB")
     # A run reads a 1/64 sample, the full rows for its threshold pass (each k's window of bins),
     # its vote pass and the merge. Three candidates read one pass more, not three runs: one
-    # histogram pass for every k, one pass for every k's exact bins, votes, merge.
+    # histogram pass for every k, one pass for every k's exact bins, votes, merge. The sample
+    # only places windows, which the sweep's whole-bin histograms do not use: it is skipped.
+    assert not sampled
     seen_sweep = dict(seen)
     seen.clear()
     _run(fam, tmp_path / "one", "ties", {"k": "0.1"}, max_memory="150KiB")
@@ -99,7 +106,6 @@ def test_ties_k_sweep_runs_each_pass_once_for_every_k(fam, tmp_path, monkeypatch
     # content digest rereads included in both; the 1/64 sample's rows are rounded up per chunk,
     # and the sweep's common chunks are not the run's: a few rows more or less
     assert total(seen_sweep) <= total(seen) * 4 / 3 * 1.01
-    from tensormerge.methods.ties import _HighPass, _SamplePass
 
     calls = {"map": 0, "group": 0}
     real_map, real_group = _HighPass.map, _HighPass.map_group
@@ -119,6 +125,7 @@ def test_ties_k_sweep_runs_each_pass_once_for_every_k(fam, tmp_path, monkeypatch
     calls.update(map=0, group=0)
     _sweep(fam, tmp_path / "sw3", "ties", {"k": "0.1,0.2,0.5", "sign": "normfrac"}, max_memory="150KiB")
     assert calls["group"] > 0 and calls["map"] == 0  # norms: one histogram with moments per chunk for every k
+    assert sampled  # and the windows of each k, which the sample places
     assert _SamplePass.group_key(_SamplePass(None)) == _SamplePass(None).group_key()
 
 
