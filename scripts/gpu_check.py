@@ -30,12 +30,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_TESTS = "tests/kernels/test_triton_gpu.py"
 
-# Run first: is CUDA usable from this environment's torch? Prints one JSON line.
+# What the steps import (the package, its tests and benchmarks); a machine's own Python may lack
+# some (scripts/gpu-wheels fetches them for one that cannot reach the registries).
+MODULES = ("safetensors", "huggingface_hub", "zarr", "numcodecs", "dask", "distributed", "click", "tqdm", "numpy",
+           "yaml", "numba", "triton", "transformers", "pytest", "hypothesis", "psutil", "scipy")
+
+# Run first: is CUDA usable from this environment's torch, and does everything else import?
+# Prints one JSON line.
 PROBE = r"""
-import json, subprocess, sys
+import importlib, json, subprocess, sys
 import torch
 info = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available()}
+        "cuda_available": torch.cuda.is_available(), "missing": []}
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        info["missing"].append(f"{name} ({type(exc).__name__}: {exc})"[:200])
 try:
     import triton
     info["triton"] = triton.__version__
@@ -84,7 +95,7 @@ def plan(py: str, work: Path, smoke: bool) -> list[Step]:
     device = "cpu" if smoke else "cuda"
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"] + (["--collect-only"] if smoke else [])
     steps = [
-        Step("environment: torch sees the GPU", [py, "-c", PROBE], 90, required=True),
+        Step("environment: torch sees the GPU", [py, "-c", PROBE, *MODULES], 90, required=True),
         Step("GPU tests (" + ", ".join(gpu_test_files()) + ")",
              pytest + [f"--junitxml={work / 'junit-gpu.xml'}", *gpu_test_files()], 150, junit=work / "junit-gpu.xml"),
         Step("Triton kernels against the reference on the device (compiled, bitwise)",
@@ -119,13 +130,20 @@ def junit_counts(path: Path) -> dict:
     return counts
 
 
+def step_env() -> dict:
+    """The repository first on the path, before what the caller put there (the scratch site
+    of TENSORMERGE_WHEELS), so the steps import this checkout without installing it."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
 def run_step(step: Step, limit: float, smoke: bool) -> dict:
     res: dict = {"name": step.name, "cmd": step.cmd, "limit_s": round(limit)}
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
         try:
             proc = subprocess.run(step.cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                  timeout=limit, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                  timeout=limit, env=step_env())
             res["returncode"] = proc.returncode
         except subprocess.TimeoutExpired:
             res["returncode"] = None
@@ -155,7 +173,10 @@ def run_step(step: Step, limit: float, smoke: bool) -> dict:
         except (ValueError, IndexError):
             status = "failed: the probe printed no JSON"
         else:
-            if not smoke and not res["environment"].get("cuda_available"):
+            if res["environment"].get("missing"):
+                status = ("failed: cannot import " + "; ".join(res["environment"]["missing"]) + " (a Python of "
+                          "the machine's own: fetch them with scripts/gpu-wheels, give TENSORMERGE_WHEELS)")
+            elif not smoke and not res["environment"].get("cuda_available"):
                 env = res["environment"]
                 status = (f"failed: torch {env.get('torch')} (CUDA build: {env.get('torch_cuda')}) cannot use the "
                           f"GPU; a CPU build of torch is installed in this environment, or the driver is too old")
@@ -215,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, s in enumerate(steps, 1):
             total += s.limit_s
             print(f"step {i} {s.name} (limit {s.limit_s} s{', required' if s.required else ''})")
-            print("        " + " ".join(s.cmd if s.cmd[1] != "-c" else s.cmd[:2] + ["<probe>"]))
+            print("        " + " ".join(s.cmd if s.cmd[1] != "-c" else s.cmd[:2] + ["<probe>", *s.cmd[3:]]))
         print(f"budget {args.budget:.0f} s for all steps (limits add up to {total} s; each is cut to what is left)")
         print(f"results -> {out}; scratch data -> {work} (removed)")
         return 0
@@ -224,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.budget
     results = {"date": stamp, "budget_s": args.budget, "cpu_smoke": args.cpu_smoke, "python": py,
                "loadavg_before": [round(x, 2) for x in os.getloadavg()], "steps": []}
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    results["git_commit"] = git.stdout.strip() or None
+    try:  # a copy of the tree without .git, or a machine without git, records none
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        results["git_commit"] = git.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        results["git_commit"] = None
     stop = None
     try:
         for s in steps:

@@ -92,3 +92,48 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     assert r["summary"][0].startswith("gpu-check") and "PASSED" in r["summary"][0]
     assert len(r["summary"]) == 7 and "results:" in res.stdout
     assert not (tmp_path / "work" / "llama").exists() and not (tmp_path / "work" / "mt5").exists()
+
+
+def test_dry_run_with_the_machines_own_python_and_offline_wheels(tmp_path):
+    """A GPU machine without the registries (this workplace's): its own python3 as it is, and the
+    wheels scripts/gpu-wheels fetched, installed offline before the steps."""
+    (tmp_path / "tmp").mkdir()
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "zarr-3.1.6-py3-none-any.whl").write_bytes(b"")
+    env = {**_env(tmp_path), "TENSORMERGE_PYTHON": "python3", "TENSORMERGE_WHEELS": str(wheels)}
+    res = subprocess.run([str(SCRIPT), "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "the interpreter python3 as it is" in res.stdout and "env.sh" not in res.stdout
+    assert f"--no-index --no-deps --target {tmp_path / 'tmp'}/tensormerge-gpu-site {wheels}/*.whl" in res.stdout
+    commands = [line.split()[0] for line in res.stdout.splitlines() if line.startswith("        python")]
+    assert commands and set(commands) == {"python3"}  # every step on that interpreter
+
+
+def test_a_wheel_directory_without_wheels_is_refused_before_anything(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    env = {**_env(tmp_path), "TENSORMERGE_PYTHON": "python3", "TENSORMERGE_WHEELS": str(tmp_path / "none")}
+    res = subprocess.run([str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert res.returncode == 2 and res.stdout == ""
+    assert "TENSORMERGE_WHEELS" in res.stderr and "holds no wheels" in res.stderr and "nothing was run" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"] and not list((tmp_path / "tmp").iterdir())
+
+
+def test_a_module_that_does_not_import_fails_the_first_step_by_name(tmp_path):
+    """The probe imports what the steps need, through the caller's PYTHONPATH (where the offline
+    wheels are): a missing one fails the environment step by name and nothing else runs."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "zarr.py").write_text("raise ImportError('no zarr on this machine')\n")
+    out = tmp_path / "res.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
+                          "--work", str(tmp_path / "work")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, check=False, env={**os.environ, "PYTHONPATH": str(shim)})
+    assert res.returncode == 1, res.stdout + res.stderr
+    r = json.loads(out.read_text())
+    first, *rest = r["steps"]
+    assert first["status"].startswith("failed: cannot import zarr (ImportError: no zarr on this machine)")
+    assert "scripts/gpu-wheels" in first["status"]
+    assert all(s["status"].startswith("not run") for s in rest) and len(rest) == 5
