@@ -543,13 +543,18 @@ def finish_plan(lp: LoraPlan, plan: MergePlan) -> MergePlan:
         plan.weights_name = C.ADAPTER_SAFE
         plan.json_files = {CONFIG: lp.output_config()}
         plan.side_dir = lp.adapters[0].ck.config_dir
-    else:
-        # tensors no adapter updates are the base's: copied, and left out of global passes (TIES' trim)
+    elif not plan.method.passes(plan.params):
+        # tensors no adapter updates are the base's in every fine-tune W + ΔW_i: their merge is the
+        # base (τ_i = 0), copied. A method with global passes merges them all the same: the
+        # fine-tunes' zeros count there (TIES' global top-k keeps k of every entry of the model),
+        # and "full" is the merge of those fine-tunes, exactly
         targets = lp.full_targets()
         for b in plan.blocks:
             if b.kind == "merge" and b.name not in targets:
                 b.kind, b.stats, b.fallback, b.base_stats, b.work_bytes_per_row = "copy", {}, None, {}, 0
         _count_virtual_reads(plan, targets)
+    else:
+        _count_virtual_reads(plan, lp.full_targets())
     return plan
 
 

@@ -197,9 +197,13 @@ def _merged_dense(zoo, method, ads, on_base: bool, stores_tag: str):
     ds = with_zeros(ds, shapes)
     names = list(ds[0])
     if method == "ties":
-        b = {n: (base[n].double() if on_base else torch.zeros(shapes[n], dtype=torch.float64)) for n in names}
-        fts = [{n: (b[n].float().double() + d[n]).float() for n in names} for d in ds]
-        merged = reference_ties({n: b[n].float() for n in names}, fts, k=0.2, lam=1.0)
+        # on the base (full): the fine-tunes W + ΔW_i whole, every tensor no adapter updates a zero
+        # task vector that TIES' global top-k counts; on a zero base (svd): the updates alone
+        every = [n for n, t in base.items() if t.is_floating_point()] if on_base else names
+        ds = [{n: d.get(n, torch.zeros(base[n].shape, dtype=torch.float64)) for n in every} for d in ds]
+        b = {n: (base[n].double() if on_base else torch.zeros(shapes[n], dtype=torch.float64)) for n in every}
+        fts = [{n: (b[n].float().double() + d[n]).float() for n in every} for d in ds]
+        merged = reference_ties({n: b[n].float() for n in every}, fts, k=0.2, lam=1.0)
         return {n: merged[n] - b[n].float().double() for n in names}, {}
     g = torch.Generator().manual_seed(7)
     fishers = [{n: torch.rand(shapes[n], generator=g) + 0.05 for n in names} for _ in ads]
