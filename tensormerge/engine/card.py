@@ -46,8 +46,8 @@ def written_dtype(blocks) -> torch.dtype | None:
     tensors counted once), the first such dtype in output order on a tie; None without any
     floating-point tensor. Under --dtype X every floating-point tensor is X, so this is X."""
     counts: dict[torch.dtype, int] = {}
-    for b in blocks:
-        if b.kind == "merge" and b.out_dtype.is_floating_point:
+    for b in blocks:  # merged, computed (LoRA factors) or copied (tensors no adapter updates)
+        if b.out_dtype.is_floating_point:
             counts[b.out_dtype] = counts.get(b.out_dtype, 0) + b.numel
     if not counts:
         return None
@@ -314,7 +314,8 @@ def card_text(plan, settings: dict, out_dir: str, written: torch.dtype | None) -
         lines.append(f"| `{key}` | {shown} |")
     written_name = dtype_name(written) if written is not None else "none (no floating-point tensors)"
     auto = " (auto: each tensor in the base's dtype, the first input's without a base)" if dtype_choice == "auto" else ""
-    lines += ["", f"Output dtype: `{written_name}` (`--dtype {dtype_choice}`{auto}); `config.json` states it.", "",
+    states = "" if adapter else "; `config.json` states it"  # an adapter's config names no dtype
+    lines += ["", f"Output dtype: `{written_name}` (`--dtype {dtype_choice}`{auto}){states}.", "",
               "## Models", "", "| role | model | revision |", "| --- | --- | --- |"]
     for role, r in refs + extras:
         lines.append(f"| {role} | {_code(r['name'])} | {_revision(r['commit'])} |")

@@ -317,6 +317,29 @@ class LoraPlan:
         values are read (full, or an adapter base of factors)."""
         return [ad.ck for ad in self.adapters], (self.user_base if plan.base is self.user_base else None)
 
+    def warnings(self, plan: MergePlan) -> list[str]:
+        """A --base the merge never reads, or one that is not the base the adapters record."""
+        base = self.user_base
+        if base is None:
+            return []
+        if self.user_checkpoints(plan)[1] is None:
+            how = (f"LoRA adapters with --lora {self.mode} never reads the base's values (a LoRA's origin is the "
+                   f"zero update)" if self.kind == "LORA" else f"{self.kind} adapters never reads the base's values")
+            return [f"--base {base.spec}: merging {how}; the output is an adapter"]
+        out = []
+        for recorded in sorted({str(ad.config.get("base_model_name_or_path") or "") for ad in self.adapters} - {""}):
+            if os.path.isdir(recorded):  # a local model: compared by its weights, wherever it lies
+                differs = _base_identity(recorded) != base.identity()
+            else:  # a hub name: compared with the repository of a cache snapshot, where --base is one
+                from tensormerge.engine.provenance import hub_snapshot
+
+                snap = hub_snapshot(base)
+                differs = snap is not None and snap["repo"].lower() != recorded.lower()
+            if differs:
+                out.append(f"--base {base.spec}: the adapters record another base model ({recorded!r}), so the "
+                           f"output is their updates applied to a model they were not trained on")
+        return out
+
     def stats_hint(self) -> str:
         """Why a statistics store keyed by LoRA factors does not bind to the dense updates."""
         if self.mode not in ("full", "svd"):

@@ -39,7 +39,12 @@ def summary_lines(plan, notes: dict[str, dict], report: dict[str, Any]) -> list[
     derived = sum(1 for b in blocks if b["kind"] == "derived")  # LoRA factors engine.lora computes
     if derived:
         line += f", {derived} LoRA factors computed (--lora)"
-    line += f", {len(blocks) - merged - derived} copied (not floating point)"
+    floats = sum(1 for b in plan.blocks if b.kind == "copy" and b.out_dtype.is_floating_point)
+    if floats:  # --lora full: tensors no adapter updates are the base's
+        line += f", {floats} copied from the base (no adapter updates them)"
+    others = len(blocks) - merged - derived - floats
+    if others or not floats:
+        line += f", {others} copied (not floating point)"
     if report.get("patched_entries"):
         line += f"; {report['patched_entries']} entries patched after the merge pass"
     lines.append(line)
@@ -60,8 +65,8 @@ def summary_lines(plan, notes: dict[str, dict], report: dict[str, Any]) -> list[
 def run_warnings(plan, notes: dict[str, dict]) -> list[str]:
     """Results the user likely did not mean: a base the method never reads, the method's own
     (weights that do not sum to 1 verbatim, CG short of tol)."""
-    out = []
-    if plan.base is not None and not plan.method.requires_base(plan.params):
+    out = plan.lora.warnings(plan) if plan.lora is not None else []
+    if plan.base is not None and plan.lora is None and not plan.method.requires_base(plan.params):
         out.append(f"--base: method {plan.method.name!r} with these parameters does not use the base's values "
                    f"(the output only takes its tensor names, order, dtypes and side files)")
     merged = plan.merge_blocks

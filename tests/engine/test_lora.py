@@ -568,3 +568,28 @@ def test_a_deeply_nested_adapter_config_is_refused_in_one_line(zoo, tmp_path):
     for cmd in (["run", "-m", "average", "-o", str(out)], ["plan", "-m", "ties", "-b", zoo["base"], "--lora", "full"]):
         res = H.run_cli(cmd + ["-i", f"{zoo['equal'][0]},{bad}"])
         H.assert_clean_error(res, str(bad / "adapter_config.json"), "RecursionError", out_dir=out)
+
+
+# ------------------------------------------------------------------ what the run says of the base
+def test_a_base_the_adapters_do_not_record_is_warned(zoo, tmp_path):
+    """--lora full on another model than the adapters' base runs (applying adapters to a merged or
+    further-trained model is a choice), with a warning naming the base they record."""
+    other = tmp_path / "other"
+    cm.save(cm.llama(seed=5), other)
+    _, report = run(zoo, "full-other-base", "task_arithmetic", zoo["equal"], base=str(other), lora="full")
+    assert any("the adapters record another base model" in w and str(other) in w for w in report["warnings"])
+    _, report = run(zoo, "full-own-base", "task_arithmetic", zoo["equal"], base=zoo["base"], lora="full")
+    assert not any("--base" in w for w in report["warnings"]), report["warnings"]
+    copied = [line for line in report["summary"] if line.startswith("blocks:")][0]
+    assert "copied from the base (no adapter updates them)" in copied and "not floating point" not in copied
+
+
+@pytest.mark.parametrize("which,lora", [("equal", "concat"), ("ia3", None)])
+def test_a_base_an_adapter_merge_never_reads_is_warned(zoo, which, lora):
+    out, report = run(zoo, f"unread-base-{which}", "average", zoo[which], base=zoo["base"],
+                      **({"lora": lora} if lora else {}))
+    assert any("never reads the base's values" in w for w in report["warnings"]), report["warnings"]
+    assert json.loads((Path(out) / "tensormerge.json").read_text())["base"] is None
+    card = (Path(out) / "README.md").read_text()
+    line = next(x for x in card.splitlines() if x.startswith("Output dtype:"))
+    assert line.startswith("Output dtype: `float32`") and "config.json" not in line, line
