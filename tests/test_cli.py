@@ -465,6 +465,20 @@ def test_base_a_method_ignores_warns(small, tmp_path):
     assert res.stderr == ""
 
 
+def test_an_input_named_twice_or_the_base_as_an_input_warns(small, tmp_path):
+    """However the path is spelled (mergekit refuses a model listed twice; a run merges it and
+    says so); a method that reads no base is not told its base is an input."""
+    _, base_spec, ft_specs, _, _ = small
+    again = os.path.join(os.path.dirname(ft_specs[0]), ".", os.path.basename(ft_specs[0])) + os.sep
+    res = ok(H.run_cli(run_args("average", [ft_specs[0], again], None, tmp_path / "o1"), cwd=tmp_path))
+    assert res.stderr.startswith("warning: --inputs: input 2 (") and "same files as input 1" in res.stderr, res.stderr
+    res = ok(H.run_cli(run_args("task_arithmetic", [ft_specs[0], ft_specs[1]], ft_specs[0], tmp_path / "o2"),
+                       cwd=tmp_path))
+    assert res.stderr.startswith(f"warning: --base {ft_specs[0]} is also input 1: its task vector is zero"), res.stderr
+    res = ok(H.run_cli(run_args("task_arithmetic", ft_specs, base_spec, tmp_path / "o3"), cwd=tmp_path))
+    assert res.stderr == ""
+
+
 def test_mats_stopping_early_says_so(tmp_path):
     """A MaTS run whose CG stops before tol prints the summary line and a warning."""
     g = torch.Generator().manual_seed(3)

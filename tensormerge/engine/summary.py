@@ -7,6 +7,7 @@ stored in it ("summary", "warnings"), so the JSON holds exactly what the user re
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,7 @@ def run_warnings(plan, notes: dict[str, dict]) -> list[str]:
     """Results the user likely did not mean: a base the method never reads, the method's own
     (weights that do not sum to 1 verbatim, CG short of tol)."""
     out = plan.lora.warnings(plan) if plan.lora is not None else []
+    out += _repeated_inputs(plan)
     if plan.base is not None and plan.lora is None and not plan.method.requires_base(plan.params):
         out.append(f"--base: method {plan.method.name!r} with these parameters does not use the base's values "
                    f"(the output only takes its tensor names, order, dtypes and side files)")
@@ -125,3 +127,28 @@ def run_report(runner: Runner, mem: MemoryMonitor, t_start: float) -> dict:
     }
     report.update(describe(plan, block_notes, report))  # "summary" and "warnings", in words
     return report
+
+
+def _repeated_inputs(plan) -> list[str]:
+    """An input named twice, or the base named as an input too (by the files they read, however
+    the paths were spelled): a merge with itself, or a zero task vector, is rarely what was meant.
+    mergekit refuses a recipe that lists a model twice; tensormerge merges it and says so."""
+    if plan.lora is not None:
+        inputs, base = plan.lora.user_checkpoints(plan)
+        base = plan.lora.user_base
+    else:
+        inputs, base = plan.inputs, plan.base
+
+    def files(ck) -> tuple:
+        return tuple(sorted(os.path.realpath(f) for f in ck.files))
+    first: dict[tuple, int] = {}
+    out = []
+    for i, ck in enumerate(inputs):
+        key = files(ck)
+        if key in first:
+            out.append(f"--inputs: input {i + 1} ({ck.spec}) reads the same files as input {first[key] + 1}: "
+                       f"the model is merged with itself")
+        first.setdefault(key, i)
+    if base is not None and files(base) in first and plan.method.requires_base(plan.params):
+        out.append(f"--base {base.spec} is also input {first[files(base)] + 1}: its task vector is zero")
+    return out
