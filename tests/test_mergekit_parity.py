@@ -204,7 +204,9 @@ merge_method: linear
 dtype: float32
 """),
     # bf16 checkpoints, normalize off, weight gradients and filters, per-model rules that fall
-    # back to the top-level parameters (mergekit's precedence)
+    # back to the top-level parameters (mergekit's precedence); ft2's gradient reaches the
+    # tensors after the layers (norm, lm_head), which mergekit 0.1.5 reads at t = 0 (older
+    # releases at t = 1)
     "linear_gradients": ("average", """
 models:
   - model: ft1_bf16
