@@ -84,7 +84,7 @@ def run_warnings(plan, notes: dict[str, dict]) -> list[str]:
     names = list(getattr(plan.params, "per_block", None) or {})
     for key, value in (getattr(plan.params, "rules", None) or {}).items():
         for f in unmatched_filters(value, names):
-            out.append(f"-p {key}: filter {f!r} matches no tensor of the model, so its value was never used")
+            out.append(f"parameter {key!r}: filter {f!r} matches no tensor of the model, so its value was never used")
     return out + plan.method.run_warnings(plan.params, notes)
 
 

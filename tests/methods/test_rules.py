@@ -199,7 +199,7 @@ def test_a_filter_matching_no_tensor_is_warned(family, tmp_path):
                                    {"filter": "mlp", "value": 0.3}, {"value": 0.5}]})
     res = H.run_cli(["run", "--config", recipe, "-o", tmp_path / "out", "-q"])
     assert res.returncode == 0, str(res)
-    assert "warning: -p t: filter 'self_attn' matches no tensor" in res.stderr, res.stderr
+    assert "warning: parameter 't': filter 'self_attn' matches no tensor" in res.stderr, res.stderr  # a recipe's, not -p
     assert "'mlp'" not in res.stderr
     from tensormerge.methods.rules import unmatched_filters
 
