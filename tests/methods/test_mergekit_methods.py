@@ -276,6 +276,11 @@ def test_magnitude_exact_ties_go_by_index():
     got = run("breadcrumbs", [x], base, density=0.5, gamma=0.1)
     order = sorted(range(12), key=lambda j: (abs(float(x[j])), j))[5:11]
     assert torch.equal(got != 0, torch.tensor([j in order for j in range(12)]))
+    # gamma 0.05 on 12 entries: int(0.6) = 0 outliers, so the 6 largest (mergekit's [n_bot:-0]
+    # would be empty and drop them all)
+    got = run("breadcrumbs", [x], base, density=0.5, gamma=0.05)
+    largest = sorted(range(12), key=lambda j: (abs(float(x[j])), j))[6:]
+    assert torch.equal(got != 0, torch.tensor([j in largest for j in range(12)]))
 
 
 @pytest.mark.parametrize("method", ["gta", *sorted(PRESETS)])
