@@ -566,11 +566,11 @@ def finish_plan(lp: LoraPlan, plan: MergePlan) -> MergePlan:
         plan.weights_name = C.ADAPTER_SAFE
         plan.json_files = {CONFIG: lp.output_config()}
         plan.side_dir = lp.adapters[0].ck.config_dir
-    elif not plan.method.passes(plan.params):
+    elif not plan.method.counts_unchanged_tensors(plan.params):
         # tensors no adapter updates are the base's in every fine-tune W + ΔW_i: their merge is the
-        # base (τ_i = 0), copied. A method with global passes merges them all the same: the
-        # fine-tunes' zeros count there (TIES' global top-k keeps k of every entry of the model),
-        # and "full" is the merge of those fine-tunes, exactly
+        # base (τ_i = 0), copied. TIES' global top-k merges them all the same: their zeros count
+        # there (it keeps k of every entry of the model), so "full" stays the merge of those
+        # fine-tunes
         targets = lp.full_targets()
         for b in plan.blocks:
             if b.kind == "merge" and b.name not in targets:

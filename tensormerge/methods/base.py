@@ -359,6 +359,12 @@ class Method(ABC):
     def passes(self, params: Params) -> list[GlobalPass]:
         return []
 
+    def counts_unchanged_tensors(self, params: Params) -> bool:
+        """True when a tensor's merge depends on tensors that no model changed (TIES' global
+        top-k counts their zero task vectors): `--lora full` then merges the tensors no adapter
+        targets instead of copying the base's."""
+        return False
+
     @abstractmethod
     def merge(self, data: BlockData, params: Params, state: dict) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Merged rows (float32 or wider), optionally with an extra for `patches`."""

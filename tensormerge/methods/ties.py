@@ -662,6 +662,9 @@ class Ties(Method):
     def passes(self, params: TiesParams) -> list[GlobalPass]:
         return [_SamplePass(params), _HighPass(params), _HighMissPass(params), _LowPass(params), _VotePass(params)]
 
+    def counts_unchanged_tensors(self, params: TiesParams) -> bool:
+        return params.scope == "global"
+
     def merge(self, data: BlockData, params: TiesParams, state: dict):
         key = _key(params, data.name)
         trim = state[_LowPass.name][key]

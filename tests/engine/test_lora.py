@@ -593,3 +593,26 @@ def test_a_base_an_adapter_merge_never_reads_is_warned(zoo, which, lora):
     card = (Path(out) / "README.md").read_text()
     line = next(x for x in card.splitlines() if x.startswith("Output dtype:"))
     assert line.startswith("Output dtype: `float32`") and "config.json" not in line, line
+
+
+@pytest.mark.parametrize("method,params", [("model_stock", {}), ("fisher", {"normalize": "true"}),
+                                           ("ties", {"scope": "tensor"})])
+def test_full_copies_what_no_adapter_targets_unless_ties_counts_it(zoo, method, params):
+    """Only global TIES reads the tensors no adapter updates (their zero task vectors count in its
+    top-k); other methods with passes copy them: model_stock's angle of two zero task vectors is
+    undefined, and a weighted mean of equal values need not round to them."""
+    kw = {}
+    if method == "fisher":
+        base = base_sd(zoo)
+        names = union([deltas(a) for a in zoo["equal"]])
+        kw["stats"] = [H.write_store(zoo["root"] / f"copy-{method}-f{i}.zarr",
+                                     {"fisher": {n: torch.rand(base[n].shape) + 0.1 for n in names}})
+                       for i in range(len(zoo["equal"]))]
+    out, report = run(zoo, f"full-copies-{method}", method, zoo["equal"], base=zoo["base"], lora="full",
+                      params=params, **kw)
+    targets = set(union([deltas(a) for a in zoo["equal"]]))
+    kinds = {b["name"]: b["kind"] for b in report["blocks"]}
+    assert {n for n, k in kinds.items() if k == "merge"} == targets
+    got, base = load_file(str(Path(out) / "model.safetensors")), base_sd(zoo)
+    assert all(torch.equal(got[n], base[n]) for n in base if n not in targets)
+    assert not report["fallback_blocks"]
