@@ -80,9 +80,14 @@ class _Align:
         self.row_align = row_align
 
 
+class _Apart(Exception):
+    """Candidates that read a tensor differently (one copies what another merges: `--lora full`
+    copies what no adapter targets, except under global TIES): each group reads it one way."""
+
+
 def sweep_blocks(plans: list[MergePlan], max_memory: int) -> list[SweepBlock]:
     """The common chunking of `plans` (one group) under `max_memory`; BudgetError when one chunk
-    for all of them cannot fit."""
+    for all of them cannot fit, _Apart when they do not treat every tensor alike."""
     first = plans[0]
     names = [b.name for b in first.blocks]
     for p in plans[1:]:
@@ -95,6 +100,8 @@ def sweep_blocks(plans: list[MergePlan], max_memory: int) -> list[SweepBlock]:
     out = []
     for i, b0 in enumerate(first.blocks):
         members = [p.blocks[i] for p in plans]
+        if len({b.kind for b in members}) > 1:
+            raise _Apart(b0.name)
         shared = [_shared_row(p, b) for p, b in zip(plans, members)]
         sb = SweepBlock(b0.name, b0.rows, members, max(shared),
                         [b.read_bytes_per_row - s for b, s in zip(members, shared)],
@@ -127,7 +134,7 @@ def groups(plans: list[MergePlan], max_memory: int) -> list[list[int]]:
         for g in out:
             try:
                 sweep_blocks([plans[j] for j in sorted(g + [i])], max_memory)
-            except BudgetError:
+            except (BudgetError, _Apart):
                 continue
             g.append(i)
             break
