@@ -79,12 +79,20 @@ def spd_factor(s: torch.Tensor) -> SPDSolver:
     n = sl.shape[0]
     if n == 0:
         return SPDSolver(live, "empty")
-    # Statistics are stored in float32, so S is known to about 2^-24 of its largest entries:
-    # directions with eigenvalues below that are noise, and solving along them would amplify it.
+    # Statistics are stored in float32, so each entry is known to about 2^-24 of itself, and of
+    # sqrt(S_ii S_jj) at most (S is PSD). With the diagonal scaled to one (C = D^-1/2 S D^-1/2,
+    # Jacobi), every entry is known to 2^-24 of the largest: directions of C with eigenvalues
+    # below that are noise, and solving along them would amplify it. Scaled, an input channel
+    # 2000x the others (an LLM's massive activation) no longer sends the rest below the cutoff;
+    # unscaled, it did, and RegMean averaged directions every Gram determined.
     noise = noise_level(n)
-    chol, info = torch.linalg.cholesky_ex(sl)
-    if int(info) == 0 and _smallest_eigenvalue(sl, chol) > noise * float(sl.diagonal().max()):
-        return SPDSolver(live, "cholesky", chol=chol)
+    d = sl.diagonal().sqrt()
+    c = sl / d.unsqueeze(1) / d.unsqueeze(0)
+    chol_c, info = torch.linalg.cholesky_ex(c)
+    if int(info) == 0 and _smallest_eigenvalue(c, chol_c) > noise:
+        return SPDSolver(live, "cholesky", chol=chol_c * d.unsqueeze(1))  # S = (D^1/2 L)(D^1/2 L)^T
+    # Not determined along some direction: the eigendecomposition of S itself, whose pseudo-
+    # inverse drops what lies below the noise of its largest entries (the minimum-norm solution)
     evals, evecs = torch.linalg.eigh(sl)
     top = float(evals.max())
     if float(evals.min()) < -INDEFINITE * top:

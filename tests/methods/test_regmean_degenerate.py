@@ -252,3 +252,27 @@ def test_regmean_indefinite_gram_beside_a_large_one_is_refused(tmp_path, kind):
     with pytest.raises(InputError, match=r"tensor 'w': gram_in of input 1 .*not a Gram matrix.*indefinite"):
         run(tmp_path, "regmean", [{"w": x} for x in ws], [{"gram_in": {"w": g}} for g in (bad, 10 * torch.eye(2))])
     assert not (tmp_path / "out").exists()
+
+
+def test_regmean_solves_every_direction_of_inputs_with_a_massive_channel(tmp_path):
+    """One input channel ~2000x the others (an LLM's massive activation): Σ Ĝ spans 6.5 orders of
+    magnitude, yet every entry is stored to 2^-24 of itself and every direction is determined.
+    The merge is the exact (Σ W_i Ĝ_i)(Σ Ĝ_i)^-1, not the average along the small directions (a
+    cutoff against λ_max dropped them: 0.7 off)."""
+    grams, ws = [], finetunes(7, delta=0.3)
+    for i in range(N):
+        x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(50 + i), dtype=F64)
+        x[:, 0] *= 2000.0
+        grams.append((x.T @ x / 256).float())
+    s = sum(g.double() for g in grams) / N
+    d = s.diagonal().sqrt()
+    scaled = torch.linalg.eigvalsh(s / d[:, None] / d[None, :])
+    lam = torch.linalg.eigvalsh(s)
+    assert float(lam.min()) < math.sqrt(D_IN) * U32 * float(lam.max())  # below the unscaled cutoff
+    assert float(scaled.min()) > 100 * math.sqrt(D_IN) * U32  # yet well determined
+    want = sum(w.double() @ g.double() for w, g in zip(ws, grams)) @ torch.linalg.inv(sum(g.double() for g in grams))
+    got, _ = run(tmp_path, "regmean", [{"w": x} for x in ws], [{"gram_in": {"w": g}} for g in grams], tag="mc")
+    scale = float(want.abs().max())
+    assert float((got["w"].double() - want).abs().max()) < 1e-4 * scale
+    wbar = sum(w.double() for w in ws) / N
+    assert float((wbar - want).abs().max()) > 1e-2 * scale  # the average is far from it: the test can fail
