@@ -118,13 +118,12 @@ class ChunkReader:
         """Row statistics with every chunk; matrices once, with the block's first chunk."""
         binding = self.plan.stats
 
-        def read(store, kind, key, rows=None, check=True):
-            get = _read_checked if check else (lambda s, k, n, r: s.read(k, n, *(r or ())))
+        def read(store, kind, key, rows=None):
             if cache is None:
-                return get(store, kind, key, rows)
+                return _read_checked(store, kind, key, rows)
             at = (store.path, kind, key, rows)
             if at not in cache:
-                cache[at] = get(store, kind, key, rows)
+                cache[at] = _read_checked(store, kind, key, rows)
             return cache[at]
 
         for kind, keys in b.stats.items():
@@ -132,11 +131,11 @@ class ChunkReader:
                 data.stats[kind] = [read(s, kind, k, (r0, r1)) for s, k in zip(binding.stores, keys)]
             elif first:
                 data.stats[kind] = [read(s, kind, k) for s, k in zip(binding.stores, keys)]
-        for kind, key in b.base_stats.items():
+        for kind, key in b.base_stats.items():  # checked as the models' are (UBGM's H₀ is a Fisher)
             if kind in ROW_KINDS:
-                data.base_stats[kind] = read(binding.base, kind, key, (r0, r1), check=False)
+                data.base_stats[kind] = read(binding.base, kind, key, (r0, r1))
             elif first:
-                data.base_stats[kind] = read(binding.base, kind, key, check=False)
+                data.base_stats[kind] = read(binding.base, kind, key)
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -538,3 +538,20 @@ def test_mats_no_information_only_when_the_statistics_are_zero(tmp_path):
     assert rep["blocks"][0]["cg_no_information"] is True
     line = cg_summary(rep["blocks"], 1e-5)
     assert line.startswith("mats: 1 block solved by CG,") and "1 carried no information" in line
+
+
+def test_ubgm_refuses_a_negative_base_fisher_as_it_does_a_models(tmp_path):
+    """H₀ is a Fisher too: a negative entry in --base-stats made every (H_t + H₀)/H̄ weight
+    negative (a red team: tasks subtracted, exit 0); it is refused as a model store's is."""
+
+
+    from tensormerge.errors import InputError
+
+    base = {"w": torch.zeros(2, 3)}
+    models = [{"w": torch.full((2, 3), v)} for v in (1.0, 3.0)]
+    stats = [{"fisher": {"w": torch.ones(2, 3)}} for _ in models]
+    with pytest.raises(InputError, match=r"base\.zarr: fisher/w has negative values"):
+        run(tmp_path, "ubgm", models, stats, base=base, base_stats={"fisher": {"w": torch.full((2, 3), -1.5)}})
+    got, _ = run(tmp_path, "ubgm", models, stats, base=base, base_stats={"fisher": {"w": torch.full((2, 3), 0.5)}},
+                 tag="ok")
+    assert torch.isfinite(got["w"]).all()
