@@ -268,6 +268,7 @@ class CGResult:
     # relative to ‖A x0‖, the part of the start the system can see; 0 when that is zero too
     residual: float
     no_information: bool = False  # b = 0 and A x0 = 0: the system says nothing, x is the start
+    start_residual: float = 0.0  # the same of the start x0: a final one above it lost ground
 
 
 _DOT_ROW = 1 << 15  # elements summed by one thread (TensorIterator's grain): rows, never split
@@ -337,10 +338,11 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
             return {k: CGResult(x.clone(), 0, 0.0, no_information=True) for k in wanted}
         return CGResult(x, 0, 0.0, no_information=True)
     found: dict[int, CGResult] = {}
+    start = math.sqrt(rr) / scale
 
     def result(final: bool) -> CGResult:
         res = b - apply(x)
-        return CGResult(x if final else x.clone(), k, math.sqrt(_dot(res, res)) / scale)
+        return CGResult(x if final else x.clone(), k, math.sqrt(_dot(res, res)) / scale, start_residual=start)
 
     if 0 in wanted:
         found[0] = result(False)
