@@ -287,6 +287,8 @@ class StatsWriter:
             for kind in self.added:
                 if kind in self.root:
                     del self.root[kind]
+                if self.local:  # the root's view is its consolidated metadata, which never listed it
+                    shutil.rmtree(os.path.join(_local_path(self.path), kind), ignore_errors=True)
             return
         if self.local and os.path.exists(self.build):
             shutil.rmtree(self.build, ignore_errors=True)
@@ -345,6 +347,15 @@ class StatsStore:
         unknown += [k for k in self.root.array_keys()]
         if unknown:
             raise InputError(f"{path}: unknown entry {unknown[0]!r} (a store holds {', '.join(STATS_KINDS)})")
+        if self._files is not None:
+            # an array on disk that the consolidated metadata does not list would be read as absent
+            # (its tensor averaged): metadata older than the arrays, or edited
+            for rel in sorted(self._files):
+                parts = rel.split("/")
+                if len(parts) == 3 and parts[2] == "zarr.json" and parts[0] in STATS_KINDS \
+                        and parts[1] not in self.arrays[parts[0]]:
+                    raise InputError(f"{path}: {parts[0]}/{parts[1]} is on disk but the store's metadata does not "
+                                     f"list it (metadata written before the array, or edited?)")
         self._open_aliases(attrs.get("aliases"))
 
     def _open_aliases(self, aliases: Any) -> None:
