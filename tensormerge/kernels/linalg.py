@@ -268,7 +268,9 @@ class CGResult:
     # relative to ‖A x0‖, the part of the start the system can see; 0 when that is zero too
     residual: float
     no_information: bool = False  # b = 0 and A x0 = 0: the system says nothing, x is the start
-    start_residual: float = 0.0  # the same of the start x0: a final one above it lost ground
+    # the lowest residual CG's recurrence reached on the way, relative as above: far below the
+    # final one, rounding over many iterations led CG away from where it had been
+    lowest_residual: float = 0.0
 
 
 _DOT_ROW = 1 << 15  # elements summed by one thread (TensorIterator's grain): rows, never split
@@ -338,11 +340,12 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
             return {k: CGResult(x.clone(), 0, 0.0, no_information=True) for k in wanted}
         return CGResult(x, 0, 0.0, no_information=True)
     found: dict[int, CGResult] = {}
-    start = math.sqrt(rr) / scale
+    lowest = rr
 
     def result(final: bool) -> CGResult:
         res = b - apply(x)
-        return CGResult(x if final else x.clone(), k, math.sqrt(_dot(res, res)) / scale, start_residual=start)
+        return CGResult(x if final else x.clone(), k, math.sqrt(_dot(res, res)) / scale,
+                        lowest_residual=math.sqrt(lowest) / scale)
 
     if 0 in wanted:
         found[0] = result(False)
@@ -360,6 +363,7 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
         k += 1
         p.mul_(rr_new / rr).add_(r)
         rr = rr_new
+        lowest = min(lowest, rr)
         if k in wanted and k < wanted[-1]:
             found[k] = result(False)
     if not wanted:
