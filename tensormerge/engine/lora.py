@@ -31,6 +31,7 @@ import torch
 
 from tensormerge import constants as C
 from tensormerge.engine.plan import Block, MergePlan, _chunks
+from tensormerge.engine.provenance import hub_snapshot
 from tensormerge.engine.safetensors_format import element_size, load_json
 from tensormerge.engine.sources import Checkpoint, TensorInfo, confined, open_checkpoint
 from tensormerge.errors import BudgetError, InputError, ParameterError, short
@@ -331,8 +332,6 @@ class LoraPlan:
             if os.path.isdir(recorded):  # a local model: compared by its weights, wherever it lies
                 differs = _base_identity(recorded) != base.identity()
             else:  # a hub name: compared with the repository of a cache snapshot, where --base is one
-                from tensormerge.engine.provenance import hub_snapshot
-
                 snap = hub_snapshot(base)
                 differs = snap is not None and snap["repo"].lower() != recorded.lower()
             if differs:
@@ -566,18 +565,17 @@ def finish_plan(lp: LoraPlan, plan: MergePlan) -> MergePlan:
         plan.weights_name = C.ADAPTER_SAFE
         plan.json_files = {CONFIG: lp.output_config()}
         plan.side_dir = lp.adapters[0].ck.config_dir
-    elif not plan.method.counts_unchanged_tensors(plan.params):
+    else:
+        targets = lp.full_targets()
         # tensors no adapter updates are the base's in every fine-tune W + ΔW_i: their merge is the
         # base (τ_i = 0), copied. TIES' global top-k merges them all the same: their zeros count
         # there (it keeps k of every entry of the model), so "full" stays the merge of those
         # fine-tunes
-        targets = lp.full_targets()
-        for b in plan.blocks:
-            if b.kind == "merge" and b.name not in targets:
-                b.kind, b.stats, b.fallback, b.base_stats, b.work_bytes_per_row = "copy", {}, None, {}, 0
+        if not plan.method.counts_unchanged_tensors(plan.params):
+            for b in plan.blocks:
+                if b.kind == "merge" and b.name not in targets:
+                    b.kind, b.stats, b.fallback, b.base_stats, b.work_bytes_per_row = "copy", {}, None, {}, 0
         _count_virtual_reads(plan, targets)
-    else:
-        _count_virtual_reads(plan, lp.full_targets())
     return plan
 
 

@@ -133,9 +133,8 @@ def _repeated_inputs(plan) -> list[str]:
     """An input named twice, or the base named as an input too (by the files they read, however
     the paths were spelled): a merge with itself, or a zero task vector, is rarely what was meant.
     mergekit refuses a recipe that lists a model twice; tensormerge merges it and says so."""
-    if plan.lora is not None:
-        inputs, base = plan.lora.user_checkpoints(plan)
-        base = plan.lora.user_base
+    if plan.lora is not None:  # the adapters and --base as given, whether or not it is read
+        inputs, base = plan.lora.user_checkpoints(plan)[0], plan.lora.user_base
     else:
         inputs, base = plan.inputs, plan.base
 
@@ -149,6 +148,7 @@ def _repeated_inputs(plan) -> list[str]:
             out.append(f"--inputs: input {i + 1} ({ck.spec}) reads the same files as input {first[key] + 1}: "
                        f"the model is merged with itself")
         first.setdefault(key, i)
-    if base is not None and files(base) in first and plan.method.requires_base(plan.params):
-        out.append(f"--base {base.spec} is also input {first[files(base)] + 1}: its task vector is zero")
+    same = first.get(files(base)) if base is not None else None
+    if same is not None and plan.method.requires_base(plan.params):
+        out.append(f"--base {base.spec} is also input {same + 1}: its task vector is zero")
     return out

@@ -31,16 +31,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from tensormerge.constants import PASS_SUB_FACTOR
 from tensormerge.engine import faults
 from tensormerge.engine.executor import LocalExecutor, Task
 from tensormerge.engine.memory import MemoryMonitor
 from tensormerge.engine.plan import Block, MergePlan, _chunks
 from tensormerge.engine.provenance import ContentHashes
-from tensormerge.engine.summary import run_report
 from tensormerge.engine.run import Runner, _sub_chunks
 from tensormerge.engine.safetensors_format import element_size
+from tensormerge.engine.summary import run_report
 from tensormerge.errors import BudgetError, InputError, TensorMergeError
 from tensormerge.sizes import format_size
 

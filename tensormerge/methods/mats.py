@@ -150,9 +150,8 @@ class Mats(Method):
 
     def run_warnings(self, params: MatsParams, notes: dict[str, dict]) -> list[str]:
         cg = [b for b in notes.values() if "cg_iterations" in b]
-        # CG's recurrence can drift from the true residual over many iterations in float
-        # arithmetic: a block that ends farther from the solution than it started lost ground,
-        # and more iterations would not help it
+        # rounding over many iterations can lead CG away from where it had been (`_lost`): more
+        # iterations would not help such a block, so it is not told to raise them
         lost = [b for b in cg if b.get("cg_lost_ground")]
         short = [b for b in cg if not b["cg_residual"] <= params.tol and b not in lost]
         out = []
